@@ -1,0 +1,245 @@
+"""LyCORIS LoKr adapters: build from a ``lycoris_config.json``, report what matched, save and load.
+
+Everything goes through the ``lycoris`` package so that the file written here loads with the
+recipe SimpleTuner users already have::
+
+    wrapper, _ = create_lycoris_from_weights(scale, "pytorch_lora_weights.safetensors", pipe.transformer)
+    wrapper.merge_to()
+
+Two traps handled here:
+
+* ``LycorisNetwork.apply_preset`` writes *class-level* state (target modules, algo maps, the key
+  prefix). Building one adapter would otherwise change every adapter built after it in the same
+  process, and a changed ``LORA_PREFIX`` would make saved files unloadable. :func:`build_adapter`
+  snapshots that state and restores it afterwards.
+* Presets name module *classes*, and LyCORIS matches class names exactly. A family maps the
+  names users write (``FeedForward`` in the OmniGen seed) to diffusers' class names
+  (``OmniGenFeedForward``) through its ``module_aliases``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from lycoris import LycorisNetwork, create_lycoris, create_lycoris_from_weights
+
+from raytuner.config import LycorisConfig
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_FILENAME = "pytorch_lora_weights.safetensors"
+
+
+class AdapterError(ValueError):
+    """A problem with an adapter file or an adapter spec, stated in one line."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdapterReport:
+    """How an adapter build went: modules per preset target, parameters, warnings."""
+
+    modules_per_target: dict[str, int]
+    total_modules: int
+    trainable_parameters: int
+    algo_counts: dict[str, int]
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        per_target = ", ".join(f"{name}: {count}" for name, count in self.modules_per_target.items())
+        return (
+            f"LyCORIS adapter: {self.total_modules} modules ({per_target or 'no preset targets'}), "
+            f"{self.trainable_parameters:,} trainable parameters"
+        )
+
+
+@contextmanager
+def preserved_lycoris_class_state() -> Iterator[None]:
+    """Restore ``LycorisNetwork``'s class-level preset state when the block ends."""
+    saved = {name: copy.deepcopy(value) for name, value in vars(LycorisNetwork).items() if name.isupper()}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(LycorisNetwork, name, value)
+
+
+def expand_preset_aliases(
+    preset: Mapping[str, Any],
+    module_aliases: Mapping[str, Sequence[str]],
+    present_class_names: Sequence[str],
+) -> dict[str, Any]:
+    """A copy of ``preset`` naming the model's own classes for each name the user wrote.
+
+    A name maps to itself and its aliases, keeping those the model has; a name with none present
+    is kept as written, so LyCORIS and :func:`build_adapter` still report it as unmatched.
+    """
+    expanded = copy.deepcopy(dict(preset))
+    present = set(present_class_names)
+
+    def with_aliases(names: Sequence[str]) -> list[str]:
+        result: list[str] = []
+        for name in names:
+            candidates = [c for c in (name, *module_aliases.get(name, ())) if c in present] or [name]
+            result.extend(c for c in candidates if c not in result)
+        return result
+
+    if "target_module" in expanded:
+        expanded["target_module"] = with_aliases(expanded["target_module"])
+    if "module_algo_map" in expanded:
+        algo_map: dict[str, Any] = {}
+        for name, settings in expanded["module_algo_map"].items():
+            for candidate in with_aliases([name]):
+                algo_map.setdefault(candidate, copy.deepcopy(settings))
+        expanded["module_algo_map"] = algo_map
+    return expanded
+
+
+def _module_class_names(model: torch.nn.Module) -> list[str]:
+    return sorted({type(module).__name__ for module in model.modules()})
+
+
+def _count_modules_per_target(
+    model: torch.nn.Module,
+    network: LycorisNetwork,
+    targets: Sequence[str],
+    module_aliases: Mapping[str, Sequence[str]],
+) -> dict[str, int]:
+    lora_names = [lora.lora_name for lora in network.loras]
+    counts: dict[str, int] = {}
+    for target in targets:
+        class_names = {target, *module_aliases.get(target, ())}
+        prefixes = [
+            f"{LycorisNetwork.LORA_PREFIX}_{name}".replace(".", "_") + "_"
+            for name, module in model.named_modules()
+            if type(module).__name__ in class_names
+        ]
+        counts[target] = sum(1 for lora_name in lora_names if any(lora_name.startswith(p) for p in prefixes))
+    return counts
+
+
+def build_adapter(
+    model: torch.nn.Module,
+    spec: LycorisConfig,
+    *,
+    module_aliases: Mapping[str, Sequence[str]] | None = None,
+) -> tuple[LycorisNetwork, AdapterReport]:
+    """Wrap ``model`` with a LyCORIS network built from a loaded ``lycoris_config.json``.
+
+    The base model is frozen; only the adapter's parameters require gradients afterwards.
+    """
+    aliases = module_aliases or {}
+    kwargs = spec.create_kwargs()
+    multiplier = float(kwargs.pop("multiplier"))
+    linear_dim = int(kwargs.pop("linear_dim"))
+    linear_alpha = float(kwargs.pop("linear_alpha"))
+    user_preset = spec.apply_preset.to_dict() if spec.apply_preset else {}
+    preset = expand_preset_aliases(user_preset, aliases, _module_class_names(model))
+
+    model.requires_grad_(False)
+    with preserved_lycoris_class_state():
+        if preset:
+            LycorisNetwork.apply_preset(preset)
+        network = create_lycoris(model, multiplier, linear_dim, linear_alpha, **kwargs)
+        network.apply_to()
+        # The prefix names the saved keys; read it while the preset's class state is in force.
+        lora_prefix = LycorisNetwork.LORA_PREFIX
+    network.requires_grad_(True)
+
+    targets = list(user_preset.get("target_module", []))
+    for name in user_preset.get("module_algo_map", {}):
+        if name not in targets:
+            targets.append(name)
+    with preserved_lycoris_class_state():
+        LycorisNetwork.LORA_PREFIX = lora_prefix
+        counts = _count_modules_per_target(model, network, targets, aliases)
+
+    warnings: list[str] = []
+    unmatched = [target for target, count in counts.items() if count == 0]
+    if unmatched:
+        warnings.append(
+            f"lycoris_config apply_preset target(s) {', '.join(unmatched)} matched no module of "
+            f"{type(model).__name__}; its module classes are: {', '.join(_module_class_names(model))}"
+        )
+    if not network.loras:
+        warnings.append(f"the LyCORIS network has no modules: nothing in {type(model).__name__} will train")
+
+    algo_counts: dict[str, int] = {}
+    for lora in network.loras:
+        algo_counts[type(lora).__name__] = algo_counts.get(type(lora).__name__, 0) + 1
+    report = AdapterReport(
+        modules_per_target=counts,
+        total_modules=len(network.loras),
+        trainable_parameters=sum(p.numel() for p in network.parameters() if p.requires_grad),
+        algo_counts=algo_counts,
+        warnings=warnings,
+    )
+    logger.info(report.summary())
+    for warning in warnings:
+        logger.warning(warning)
+    return network, report
+
+
+def save_adapter(
+    network: LycorisNetwork,
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the adapter as safetensors (``pytorch_lora_weights.safetensors`` when given a folder).
+
+    Written to a temporary name and renamed, so a crash never leaves a truncated adapter behind.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path / ADAPTER_FILENAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    string_metadata = {
+        key: value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        for key, value in (metadata or {}).items()
+    }
+    partial = path.with_name(path.name + ".partial")
+    network.save_weights(str(partial), dtype, string_metadata)
+    partial.replace(path)
+    return path
+
+
+def load_adapter(
+    path: str | Path,
+    model: torch.nn.Module,
+    *,
+    scale: float = 1.0,
+    merge: bool = True,
+) -> LycorisNetwork:
+    """Load an adapter into ``model`` the way the seeds' inference example does.
+
+    ``merge=True`` folds the weights into the model (``wrapper.merge_to()``); otherwise the
+    modules are applied as hooks and can be removed again with ``restore()``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"adapter file {path} does not exist")
+    try:
+        network, _ = create_lycoris_from_weights(scale, str(path), model)
+    except Exception as error:  # safetensors raises its own error types for a damaged file
+        raise AdapterError(
+            f"adapter file {path} could not be read as a LyCORIS safetensors file ({type(error).__name__}: {error})"
+        ) from error
+    if not network.loras:
+        raise AdapterError(
+            f"adapter file {path} matches no module of {type(model).__name__}: "
+            "was it trained for another model family?"
+        )
+    if merge:
+        network.merge_to()
+    else:
+        network.apply_to()
+    return network

@@ -1,0 +1,83 @@
+"""The ``raytuner`` command.
+
+Each subcommand is a thin shim over a module function that returns an exit code; expected
+problems (bad configs, missing files) are printed as one ``error:`` line with exit code 2, never
+as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+EXIT_USAGE = 2
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from raytuner.config.check import check_config_main
+
+    return check_config_main(args.config, strict=args.strict)
+
+
+def _tiny_model(args: argparse.Namespace) -> int:
+    from raytuner.models.tiny import tiny_model_main
+
+    return tiny_model_main(args.family, args.out, seed=args.seed)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from raytuner.demo import demo_main
+
+    return demo_main(out_dir=args.out, steps=args.steps, families=args.family)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raytuner",
+        description="LyCORIS LoKr fine-tuning of flow-matching image transformers on Ray, from SimpleTuner configs.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    check = commands.add_parser("check-config", help="load a SimpleTuner config.json and print it resolved")
+    check.add_argument("--config", required=True, help="path to config.json")
+    check.add_argument("--strict", action="store_true", help="make 'accepted, not yet supported' keys errors")
+    check.set_defaults(handler=_check_config)
+
+    tiny = commands.add_parser("tiny-model", help="write a tiny random-weight diffusers checkpoint (offline)")
+    tiny.add_argument("--family", required=True, help="model family, e.g. cosmos2image or omnigen")
+    tiny.add_argument("--out", required=True, help="folder to write the checkpoint to")
+    tiny.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    tiny.set_defaults(handler=_tiny_model)
+
+    demo = commands.add_parser(
+        "demo",
+        help="offline demo: tiny checkpoints, synthetic images, LoKr training, adapter, validation images",
+    )
+    demo.add_argument("--out", default="output/demo", help="output folder (default output/demo)")
+    demo.add_argument("--steps", type=int, default=30, help="LoKr training steps per family (default 30)")
+    demo.add_argument(
+        "--family", action="append", help="family to run (repeatable; default: every family)", default=None
+    )
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    # No command ever downloads from a hub unless the user points it at one on purpose.
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Datasets: discovery, captions, buckets, and the synthetic images the offline demo draws."""

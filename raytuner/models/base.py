@@ -1,0 +1,170 @@
+"""The small interface every model family answers.
+
+A family knows where its parts come from, how its diffusers pipeline expects latents and
+conditioning, how the pipeline calls the transformer at inference time, and which module class
+names its LoKr presets may target. The training loop only ever talks to this interface.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from diffusers import DiffusionPipeline
+
+from raytuner import flow
+
+# One prompt's conditioning as cached (tensors without batch padding), and a collated batch of it.
+PromptConditioning = dict[str, torch.Tensor]
+ConditioningBatch = dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossOutput:
+    """What one training forward pass produced; ``loss`` is a float32 scalar."""
+
+    loss: torch.Tensor
+    sigmas: torch.Tensor
+    timesteps: torch.Tensor
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelFamily(ABC):
+    """One model family: components, latent and prompt encoding, the training step's inputs."""
+
+    name: ClassVar[str]
+    # flavour -> default hub id; a local path given as pretrained_model_name_or_path always wins.
+    flavours: ClassVar[Mapping[str, str]]
+    default_flavour: ClassVar[str]
+    pipeline_class: ClassVar[type[DiffusionPipeline]]
+    # LyCORIS preset names as users write them -> the diffusers class names they mean.
+    module_aliases: ClassVar[Mapping[str, Sequence[str]]] = {}
+    # +1: the transformer predicts noise - x0; -1: it predicts x0 - noise.
+    target_direction: ClassVar[float] = 1.0
+    # Whether flow_schedule_shift / flow_schedule_auto_shift mean anything for this family.
+    applies_flow_shift: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        revision: str | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.model_path = str(model_path)
+        self.revision = revision
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    # ---- where the parts come from -------------------------------------------------------------
+
+    @classmethod
+    def resolve_model_path(cls, flavour: str | None, pretrained_model_name_or_path: str | None) -> str:
+        """The folder or hub id to load: an explicit path/id wins, else the flavour's hub id."""
+        if pretrained_model_name_or_path:
+            return pretrained_model_name_or_path
+        chosen = flavour or cls.default_flavour
+        if chosen not in cls.flavours:
+            known = ", ".join(sorted(cls.flavours))
+            raise ValueError(f"model_flavour {chosen!r} is not a flavour of {cls.name} (known: {known})")
+        return cls.flavours[chosen]
+
+    def _load_kwargs(self) -> dict[str, Any]:
+        return {"revision": self.revision} if self.revision else {}
+
+    @abstractmethod
+    def load_transformer(self) -> torch.nn.Module:
+        """The frozen base transformer, on ``self.device`` in ``self.dtype``."""
+
+    @abstractmethod
+    def load_vae(self) -> torch.nn.Module:
+        """The VAE, on ``self.device``."""
+
+    # ---- encoding (the cache step) -------------------------------------------------------------
+
+    @abstractmethod
+    def encode_images(
+        self, pixels: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Pixels ``[B, 3, H, W]`` in ``[-1, 1]`` -> normalised latents, as the pipeline expects them back."""
+
+    @abstractmethod
+    def encode_prompts(self, prompts: Sequence[str]) -> list[PromptConditioning]:
+        """One conditioning dict per prompt, without batch padding (it is rebuilt per batch)."""
+
+    @abstractmethod
+    def collate_conditioning(self, items: Sequence[PromptConditioning]) -> ConditioningBatch:
+        """Stack per-prompt conditioning into what :meth:`predict` takes for a batch."""
+
+    # ---- the training step ---------------------------------------------------------------------
+
+    @abstractmethod
+    def image_seq_len(self, latents: torch.Tensor) -> int:
+        """Number of image tokens the transformer sees for these latents (drives auto-shift)."""
+
+    @abstractmethod
+    def timesteps_from_sigmas(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """The ``timestep`` the transformer receives for noise fraction ``sigmas``."""
+
+    @abstractmethod
+    def predict(
+        self,
+        transformer: torch.nn.Module,
+        noisy_latents: torch.Tensor,
+        sigmas: torch.Tensor,
+        conditioning: ConditioningBatch,
+    ) -> torch.Tensor:
+        """Call the transformer exactly as the family's pipeline does at inference time."""
+
+    def sample_sigmas(
+        self,
+        latents: torch.Tensor,
+        schedule: flow.FlowSchedule,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Training sigmas for this batch (a family with its own scheme overrides this)."""
+        return flow.sample_training_sigmas(
+            latents.shape[0],
+            schedule,
+            image_seq_len=self.image_seq_len(latents),
+            generator=generator,
+            device=latents.device,
+        )
+
+    def training_loss(
+        self,
+        transformer: torch.nn.Module,
+        latents: torch.Tensor,
+        conditioning: ConditioningBatch,
+        schedule: flow.FlowSchedule,
+        *,
+        generator: torch.Generator | None = None,
+        loss_weights: torch.Tensor | None = None,
+    ) -> LossOutput:
+        """Noise the latents, run the transformer, and score it against the flow target (fp32)."""
+        latents = latents.to(self.device, torch.float32)
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=torch.float32)
+        sigmas = self.sample_sigmas(latents, schedule, generator=generator)
+        noisy_latents = flow.add_noise(latents, noise, sigmas)
+        prediction = self.predict(transformer, noisy_latents, sigmas, conditioning)
+        target = flow.velocity_target(latents, noise, direction=self.target_direction)
+        loss = flow.flow_matching_loss(prediction, target, loss_weights)
+        return LossOutput(loss=loss, sigmas=sigmas, timesteps=self.timesteps_from_sigmas(sigmas))
+
+    # ---- inference -----------------------------------------------------------------------------
+
+    @abstractmethod
+    def build_pipeline(
+        self, transformer: torch.nn.Module | None = None, **components: Any
+    ) -> DiffusionPipeline:
+        """The family's diffusers pipeline from ``model_path``, around ``transformer`` when given."""
+
+    @abstractmethod
+    def default_validation_kwargs(self) -> dict[str, Any]:
+        """Pipeline call arguments the family needs beyond prompt/size/steps/guidance."""

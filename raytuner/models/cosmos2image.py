@@ -1,0 +1,203 @@
+"""NVIDIA Cosmos2 Predict (Image): ``cosmos2image``, flavours ``2b`` and ``14b``.
+
+Upstream conventions followed (diffusers 0.42, ``pipelines/cosmos/pipeline_cosmos2_text2image.py``):
+
+* **Latents.** The Wan VAE encodes a one-frame video ``[B, 3, 1, H, W]``; latents are normalised as
+  ``(z - latents_mean) / latents_std * sigma_data`` — the inverse of the decode step in
+  ``__call__`` (``latents / latents_std / sigma_data + latents_mean`` with ``latents_std`` stored
+  inverted) and the same as ``pipeline_cosmos2_video2world.py::prepare_latents``. They keep the
+  frame dimension: ``[B, 16, 1, H/8, W/8]``. The cache stores the posterior mean so that an entry
+  is a pure function of its content key.
+* **Text.** ``_get_t5_prompt_embeds``: T5 tokens padded to ``max_sequence_length`` (512), the
+  encoder run with the attention mask, and every position past the prompt's length zeroed. The
+  cache keeps only the first ``length`` rows; :meth:`collate_conditioning` re-pads with zeros to
+  512 because the transformer's cross-attention takes no text mask, so the zero rows take part in
+  attention exactly as they do at inference.
+* **Timesteps.** The denoising loop feeds ``latents * c_in`` with ``c_in = 1 - t`` and
+  ``t = sigma / (sigma + 1)`` for the scheduler's EDM sigma, and turns the output into
+  ``x0 = c_skip * latents + c_out * v`` with ``c_skip = 1 - t``, ``c_out = -t``. Writing
+  ``z_t = (1 - t) * x0 + t * noise`` that is ``x0 = z_t - t * v``: a rectified-flow model with
+  noise fraction ``t`` and velocity ``v = noise - x0``. So training noises with flow sigma ``t``,
+  passes ``timestep = t`` (shape ``[B]``, not scaled by 1000) and regresses ``noise - x0``.
+  Sigmas are clamped to the range the pipeline ever evaluates, ``[0.002 / 1.002, 80 / 81]``.
+  (SimpleTuner trains Cosmos2 with EDM log-normal sigmas and no shift; raytuner uses flow-matching
+  sampling so that ``flow_schedule_shift`` and ``flow_schedule_auto_shift`` do what the seed says.)
+* **Padding mask.** ``padding_mask = zeros(1, 1, height, width)`` in pixels, which the transformer
+  resizes to the latent grid and concatenates as an extra channel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from diffusers import (
+    AutoencoderKLWan,
+    Cosmos2TextToImagePipeline,
+    CosmosTransformer3DModel,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+)
+from transformers import AutoTokenizer, T5EncoderModel
+
+from raytuner.models.base import ConditioningBatch, ModelFamily, PromptConditioning
+from raytuner.models.registry import register_family
+
+# Cosmos2TextToImagePipeline.__init__ registers these on its scheduler config.
+SIGMA_MAX = 80.0
+SIGMA_MIN = 0.002
+SIGMA_DATA = 1.0
+MAX_SEQUENCE_LENGTH = 512  # __call__'s max_sequence_length default
+
+
+@register_family
+class Cosmos2Image(ModelFamily):
+    name: ClassVar[str] = "cosmos2image"
+    flavours: ClassVar[dict[str, str]] = {
+        "2b": "nvidia/Cosmos-Predict2-2B-Text2Image",
+        "14b": "nvidia/Cosmos-Predict2-14B-Text2Image",
+    }
+    default_flavour: ClassVar[str] = "2b"
+    pipeline_class = Cosmos2TextToImagePipeline
+    # diffusers subclasses Attention as CosmosAttention; LyCORIS matches exact class names.
+    module_aliases: ClassVar[dict[str, tuple[str, ...]]] = {
+        "Attention": ("CosmosAttention",),
+        "FeedForward": ("FeedForward",),
+        "TransformerBlock": ("CosmosTransformerBlock",),
+    }
+    target_direction: ClassVar[float] = 1.0
+    applies_flow_shift: ClassVar[bool] = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._vae: AutoencoderKLWan | None = None
+        self._tokenizer: Any = None
+        self._text_encoder: T5EncoderModel | None = None
+        self._scheduler_config: dict[str, Any] | None = None
+
+    # ---- parts ---------------------------------------------------------------------------------
+
+    def load_transformer(self) -> CosmosTransformer3DModel:
+        transformer = CosmosTransformer3DModel.from_pretrained(
+            self.model_path, subfolder="transformer", dtype=self.dtype, **self._load_kwargs()
+        )
+        return transformer.to(self.device)
+
+    def load_vae(self) -> AutoencoderKLWan:
+        if self._vae is None:
+            vae = AutoencoderKLWan.from_pretrained(
+                self.model_path, subfolder="vae", dtype=torch.float32, **self._load_kwargs()
+            )
+            self._vae = vae.to(self.device).eval().requires_grad_(False)
+        return self._vae
+
+    def _load_text_side(self) -> tuple[Any, T5EncoderModel]:
+        if self._text_encoder is None:
+            self._tokenizer = AutoTokenizer.from_pretrained(
+                self.model_path, subfolder="tokenizer", **self._load_kwargs()
+            )
+            encoder = T5EncoderModel.from_pretrained(
+                self.model_path, subfolder="text_encoder", dtype=self.dtype, **self._load_kwargs()
+            )
+            self._text_encoder = encoder.to(self.device).eval().requires_grad_(False)
+        return self._tokenizer, self._text_encoder
+
+    def scheduler_config(self) -> dict[str, Any]:
+        if self._scheduler_config is None:
+            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
+                self.model_path, subfolder="scheduler", **self._load_kwargs()
+            )
+            self._scheduler_config = dict(scheduler.config)
+        return self._scheduler_config
+
+    # ---- encoding ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_images(
+        self, pixels: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        vae = self.load_vae()
+        video = pixels.to(self.device, vae.dtype).unsqueeze(2)  # [B, 3, 1, H, W]: one frame
+        posterior = vae.encode(video).latent_dist
+        latents = posterior.mode().to(torch.float32)
+        z_dim = vae.config.z_dim
+        mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32, device=latents.device)
+        std = torch.tensor(vae.config.latents_std, dtype=torch.float32, device=latents.device)
+        return (latents - mean.view(1, z_dim, 1, 1, 1)) / std.view(1, z_dim, 1, 1, 1) * SIGMA_DATA
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> list[PromptConditioning]:
+        tokenizer, text_encoder = self._load_text_side()
+        tokens = tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=MAX_SEQUENCE_LENGTH,
+            truncation=True,
+            return_tensors="pt",
+        )
+        attention_mask = tokens.attention_mask.bool().to(self.device)
+        hidden = text_encoder(
+            tokens.input_ids.to(self.device), attention_mask=attention_mask
+        ).last_hidden_state
+        lengths = attention_mask.sum(dim=1).tolist()
+        return [
+            {"prompt_embeds": hidden[i, :length].to(torch.float32).cpu()} for i, length in enumerate(lengths)
+        ]
+
+    def collate_conditioning(self, items: Sequence[PromptConditioning]) -> ConditioningBatch:
+        first = items[0]["prompt_embeds"]
+        batch = torch.zeros(len(items), MAX_SEQUENCE_LENGTH, first.shape[-1], dtype=torch.float32)
+        for row, item in enumerate(items):
+            embeds = item["prompt_embeds"][:MAX_SEQUENCE_LENGTH]
+            batch[row, : embeds.shape[0]] = embeds
+        return {"prompt_embeds": batch}
+
+    # ---- training step -------------------------------------------------------------------------
+
+    def image_seq_len(self, latents: torch.Tensor) -> int:
+        _, _, frames, height, width = latents.shape
+        # transformer patch_size is (1, 2, 2) in every released Cosmos2 checkpoint
+        return frames * (height // 2) * (width // 2)
+
+    def sample_sigmas(self, latents, schedule, *, generator=None):  # type: ignore[no-untyped-def]
+        sigmas = super().sample_sigmas(latents, schedule, generator=generator)
+        return sigmas.clamp(SIGMA_MIN / (SIGMA_MIN + 1), SIGMA_MAX / (SIGMA_MAX + 1))
+
+    def timesteps_from_sigmas(self, sigmas: torch.Tensor) -> torch.Tensor:
+        return sigmas
+
+    def predict(
+        self,
+        transformer: torch.nn.Module,
+        noisy_latents: torch.Tensor,
+        sigmas: torch.Tensor,
+        conditioning: ConditioningBatch,
+    ) -> torch.Tensor:
+        dtype = transformer.dtype
+        _, _, _, latent_height, latent_width = noisy_latents.shape
+        scale = 8  # Wan VAE: 2 ** len(temperal_downsample) pixels per latent
+        padding_mask = noisy_latents.new_zeros(1, 1, latent_height * scale, latent_width * scale, dtype=dtype)
+        velocity = transformer(
+            hidden_states=noisy_latents.to(dtype),
+            timestep=self.timesteps_from_sigmas(sigmas).to(dtype),
+            encoder_hidden_states=conditioning["prompt_embeds"].to(noisy_latents.device, dtype),
+            padding_mask=padding_mask,
+            return_dict=False,
+        )[0]
+        return velocity.to(torch.float32)
+
+    # ---- inference -----------------------------------------------------------------------------
+
+    def build_pipeline(
+        self, transformer: torch.nn.Module | None = None, **components: Any
+    ) -> DiffusionPipeline:
+        if transformer is not None:
+            components["transformer"] = transformer
+        pipeline = Cosmos2TextToImagePipeline.from_pretrained(
+            self.model_path, dtype=self.dtype, **self._load_kwargs(), **components
+        )
+        return pipeline.to(self.device)
+
+    def default_validation_kwargs(self) -> dict[str, Any]:
+        return {}

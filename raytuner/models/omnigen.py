@@ -1,0 +1,185 @@
+"""OmniGen v1: ``omnigen``, flavour ``v1``.
+
+Upstream conventions followed (diffusers 0.42, ``pipelines/omnigen/pipeline_omnigen.py`` and
+``processor_omnigen.py``):
+
+* **Latents.** SDXL-style ``AutoencoderKL``; the pipeline encodes input images as
+  ``latent_dist.sample() * scaling_factor`` (``encode_input_images``) and decodes with
+  ``latents / scaling_factor`` — no shift factor either way, so none is applied here. The cache
+  stores the posterior mean so that an entry is a pure function of its content key.
+* **Text.** There is no text encoder: the transformer embeds token ids itself.
+  ``OmniGenMultiModalProcessor.process_multi_modal_prompt`` wraps the prompt in OmniGen's chat
+  template (``add_prefix_instruction``) and tokenizes it; that id list is what is cached. Left
+  padding, the attention mask (causal over text, bidirectional over the image) and the position
+  ids depend on the batch and the image size, so :meth:`predict` builds them per batch with the
+  pipeline's own ``OmniGenCollator.process_mllm_input``, as ``OmniGenMultiModalProcessor.__call__``
+  does at inference (there the batch also holds the negative prompt rows; masks make the padding
+  irrelevant to each row's result).
+* **Timesteps.** The pipeline's scheduler is ``FlowMatchEulerDiscreteScheduler(invert_sigmas=True,
+  num_train_timesteps=1)`` (``scripts/convert_omnigen_to_diffusers.py``): inference integrates
+  from noise at ``t = 0`` to data at ``t = 1`` and passes ``timestep = t`` in ``[0, 1]``. So with
+  noise fraction ``sigma`` the transformer gets ``timestep = 1 - sigma`` and predicts
+  ``x0 - noise`` (target direction -1). Training ``t`` is drawn as ``sigmoid(N(0, 1))``, OmniGen's
+  own scheme (as SimpleTuner's ``OmniGen.sample_flow_sigmas``): no schedule shift applies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, OmniGenPipeline, OmniGenTransformer2DModel
+from diffusers.pipelines.omnigen.processor_omnigen import OmniGenCollator, OmniGenMultiModalProcessor
+from transformers import AutoTokenizer
+
+from raytuner import flow
+from raytuner.models.base import ConditioningBatch, ModelFamily, PromptConditioning
+from raytuner.models.registry import register_family
+
+PIXELS_PER_LATENT = 8  # the processor hard-codes 16 pixels per token: VAE x8 times patch 2
+
+
+@register_family
+class OmniGen(ModelFamily):
+    name: ClassVar[str] = "omnigen"
+    flavours: ClassVar[dict[str, str]] = {"v1": "Shitao/OmniGen-v1-diffusers"}
+    default_flavour: ClassVar[str] = "v1"
+    pipeline_class = OmniGenPipeline
+    # The OmniGen seed preset says FeedForward; diffusers names the class OmniGenFeedForward.
+    module_aliases: ClassVar[dict[str, tuple[str, ...]]] = {
+        "Attention": ("Attention",),
+        "FeedForward": ("OmniGenFeedForward",),
+        "TransformerBlock": ("OmniGenBlock",),
+    }
+    target_direction: ClassVar[float] = -1.0
+    applies_flow_shift: ClassVar[bool] = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._vae: AutoencoderKL | None = None
+        self._processor: OmniGenMultiModalProcessor | None = None
+        self._collator = OmniGenCollator()  # the pipeline's processor builds its collator with defaults
+
+    # ---- parts ---------------------------------------------------------------------------------
+
+    def load_transformer(self) -> OmniGenTransformer2DModel:
+        transformer = OmniGenTransformer2DModel.from_pretrained(
+            self.model_path, subfolder="transformer", dtype=self.dtype, **self._load_kwargs()
+        )
+        return transformer.to(self.device)
+
+    def load_vae(self) -> AutoencoderKL:
+        if self._vae is None:
+            vae = AutoencoderKL.from_pretrained(
+                self.model_path, subfolder="vae", dtype=torch.float32, **self._load_kwargs()
+            )
+            self._vae = vae.to(self.device).eval().requires_grad_(False)
+        return self._vae
+
+    def processor(self) -> OmniGenMultiModalProcessor:
+        if self._processor is None:
+            tokenizer = AutoTokenizer.from_pretrained(
+                self.model_path, subfolder="tokenizer", **self._load_kwargs()
+            )
+            self._processor = OmniGenMultiModalProcessor(tokenizer, max_image_size=1024)
+        return self._processor
+
+    # ---- encoding ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_images(
+        self, pixels: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        vae = self.load_vae()
+        posterior = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
+        return posterior.mode().to(torch.float32) * vae.config.scaling_factor
+
+    def encode_prompts(self, prompts: Sequence[str]) -> list[PromptConditioning]:
+        processor = self.processor()
+        return [
+            {"input_ids": torch.tensor(processor.process_multi_modal_prompt(prompt, None)["input_ids"])}
+            for prompt in prompts
+        ]
+
+    def collate_conditioning(self, items: Sequence[PromptConditioning]) -> ConditioningBatch:
+        return {"input_ids": [item["input_ids"].tolist() for item in items]}
+
+    # ---- training step -------------------------------------------------------------------------
+
+    def image_seq_len(self, latents: torch.Tensor) -> int:
+        _, _, height, width = latents.shape
+        return (height // 2) * (width // 2)
+
+    def sample_sigmas(
+        self,
+        latents: torch.Tensor,
+        schedule: flow.FlowSchedule,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        # OmniGen's own scheme: t = sigmoid(N(0, 1)); no shift, whatever the schedule says.
+        data_fraction = flow.sample_sigmas(
+            latents.shape[0], flow.SigmaSampling(), generator=generator, device=latents.device
+        )
+        return 1.0 - data_fraction
+
+    def timesteps_from_sigmas(self, sigmas: torch.Tensor) -> torch.Tensor:
+        return 1.0 - sigmas
+
+    def build_model_inputs(
+        self, input_ids: Sequence[Sequence[int]], height: int, width: int
+    ) -> dict[str, Any]:
+        """Padded ids, attention mask and position ids for a batch of images of one pixel size."""
+        mllm_inputs = [
+            {"input_ids": list(ids), "pixel_values": None, "image_sizes": None} for ids in input_ids
+        ]
+        padded_ids, position_ids, attention_mask, _, _, image_sizes = self._collator.process_mllm_input(
+            mllm_inputs, [[height, width]] * len(mllm_inputs)
+        )
+        return {
+            "input_ids": padded_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "input_image_sizes": image_sizes,
+        }
+
+    def predict(
+        self,
+        transformer: torch.nn.Module,
+        noisy_latents: torch.Tensor,
+        sigmas: torch.Tensor,
+        conditioning: ConditioningBatch,
+    ) -> torch.Tensor:
+        dtype = transformer.dtype
+        device = noisy_latents.device
+        _, _, latent_height, latent_width = noisy_latents.shape
+        inputs = self.build_model_inputs(
+            conditioning["input_ids"], latent_height * PIXELS_PER_LATENT, latent_width * PIXELS_PER_LATENT
+        )
+        prediction = transformer(
+            hidden_states=noisy_latents.to(dtype),
+            timestep=self.timesteps_from_sigmas(sigmas).to(device, dtype),
+            input_ids=inputs["input_ids"].to(device),
+            input_img_latents=[],
+            input_image_sizes=inputs["input_image_sizes"],
+            attention_mask=inputs["attention_mask"].to(device),
+            position_ids=inputs["position_ids"].to(device),
+            return_dict=False,
+        )[0]
+        return prediction.to(torch.float32)
+
+    # ---- inference -----------------------------------------------------------------------------
+
+    def build_pipeline(
+        self, transformer: torch.nn.Module | None = None, **components: Any
+    ) -> DiffusionPipeline:
+        if transformer is not None:
+            components["transformer"] = transformer
+        pipeline = OmniGenPipeline.from_pretrained(
+            self.model_path, dtype=self.dtype, **self._load_kwargs(), **components
+        )
+        return pipeline.to(self.device)
+
+    def default_validation_kwargs(self) -> dict[str, Any]:
+        return {}

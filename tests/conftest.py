@@ -1,0 +1,26 @@
+"""Session-wide fixtures: the tiny checkpoints are built once per test session and shared."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random-weight diffusers checkpoints of both families, built offline once per session."""
+    from raytuner.models.tiny import build_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny-checkpoints")
+    return {family: build_tiny_checkpoint(family, root / family) for family in ("cosmos2image", "omnigen")}
+
+
+@pytest.fixture(scope="session")
+def tiny_cosmos_dir(tiny_checkpoints: dict[str, Path]) -> Path:
+    return tiny_checkpoints["cosmos2image"]
+
+
+@pytest.fixture(scope="session")
+def tiny_omnigen_dir(tiny_checkpoints: dict[str, Path]) -> Path:
+    return tiny_checkpoints["omnigen"]
