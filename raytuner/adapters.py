@@ -206,7 +206,8 @@ def save_adapter(
         key: value if isinstance(value, str) else json.dumps(value, sort_keys=True)
         for key, value in (metadata or {}).items()
     }
-    partial = path.with_name(path.name + ".partial")
+    # lycoris picks the format from the suffix, so the temporary name keeps ".safetensors".
+    partial = path.with_name(f".{path.stem}.partial.safetensors")
     network.save_weights(str(partial), dtype, string_metadata)
     partial.replace(path)
     return path
