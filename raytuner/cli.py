@@ -31,7 +31,7 @@ def _tiny_model(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from raytuner.demo import demo_main
 
-    return demo_main(out_dir=args.out, steps=args.steps, families=args.family)
+    return demo_main(configs=args.configs, steps=args.steps, families=args.family)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,8 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="offline demo: tiny checkpoints, synthetic images, LoKr training, adapter, validation images",
     )
-    demo.add_argument("--out", default="output/demo", help="output folder (default output/demo)")
-    demo.add_argument("--steps", type=int, default=30, help="LoKr training steps per family (default 30)")
+    demo.add_argument(
+        "--configs",
+        default="configs/demo",
+        help="folder with one config folder per family (default configs/demo)",
+    )
+    demo.add_argument("--steps", type=int, default=None, help="override max_train_steps of the demo configs")
     demo.add_argument(
         "--family", action="append", help="family to run (repeatable; default: every family)", default=None
     )

@@ -1,0 +1,38 @@
+# The README's two set-up commands: `make demo` (the offline demo) and `make test` (the test suite).
+# Both work on a fresh machine with only Python 3.11 or 3.12: they create .venv and install the
+# tested versions from constraints.txt.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint format clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/raytuner demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# pytest exits 5 when it collects nothing: that is a broken suite, never a pass.
+test: lint
+	@HF_HUB_OFFLINE=1 $(BIN)/pytest --durations=15; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "pytest collected no tests: failing"; fi; \
+	exit $$status
+
+clean:
+	rm -rf $(VENV) output .pytest_cache .ruff_cache

@@ -1,0 +1,74 @@
+"""``raytuner check-config``: load a config, run the pre-flight checks, print the outcome.
+
+``check_config_main`` loads the files, prints what was resolved (credentials
+redacted) and the warnings, or the errors, one ``error: …`` line each on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from raytuner.config.errors import ConfigError
+from raytuner.config.loader import load_config
+from raytuner.config.paths import display
+from raytuner.config.preflight import check_run
+from raytuner.config.run import RunConfig
+
+EXIT_OK = 0
+EXIT_BAD_CONFIG = 2
+
+
+def format_run(run: RunConfig) -> str:
+    """The resolved files, warnings, notes and config (credentials redacted), for people."""
+    lines = ["files:"]
+    width = max(len(role) for role in run.sources)
+    lines += [f"  {role:<{width}}  {path}" for role, path in run.sources.items()]
+    if run.warnings:
+        lines.append("warnings:")
+        lines += [f"  warning: {message}" for message in run.warnings]
+    if run.notes:
+        lines.append("notes:")
+        lines += [f"  note: {message}" for message in run.notes]
+    resolved = run.to_dict(redact=True)
+    for key in ("sources", "warnings", "notes"):
+        resolved.pop(key)
+    lines.append("resolved config:")
+    lines.append(json.dumps(resolved, indent=2))
+    return "\n".join(lines)
+
+
+def check_config_main(config_path: str, *, strict: bool = False) -> int:
+    """Load and check a config; print the result. 0 when usable, 2 when not."""
+    try:
+        run = load_config(config_path, strict=strict)
+    except ConfigError as error:
+        for line in error.problems:
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    print(format_run(run))
+    errors = check_run(run)
+    for line in errors:
+        print(f"error: {line}", file=sys.stderr)
+    if errors:
+        return EXIT_BAD_CONFIG
+    print(f"ok: {display(run.sources['config'])}")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="raytuner check-config", description="Check a SimpleTuner config.json and the files it names."
+    )
+    parser.add_argument("--config", required=True, help="path to config.json")
+    parser.add_argument(
+        "--strict", action="store_true", help="treat unknown and not-yet-supported keys as errors"
+    )
+    arguments = parser.parse_args(argv)
+    return check_config_main(arguments.config, strict=arguments.strict)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""``DatasetConfig``: one entry of SimpleTuner's ``multidatabackend.json``, and the list rules."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raytuner.config.fields import build, field_names, problem, rule
+from raytuner.config.surface import dataset_keys, did_you_mean
+
+BACKEND_TYPES: tuple[str, ...] = ("local", "aws")
+DATASET_TYPES: tuple[str, ...] = ("image", "eval", "text_embeds")
+CAPTION_STRATEGIES: tuple[str, ...] = ("filename", "textfile", "instanceprompt")
+METADATA_BACKENDS: tuple[str, ...] = ("discovery",)
+# Values SimpleTuner accepts that raytuner does not handle yet: named in the error, not a typo.
+_LATER_BACKEND_TYPES = ("csv", "huggingface", "webshart")
+_LATER_DATASET_TYPES = (
+    "video",
+    "audio",
+    "conditioning",
+    "image_embeds",
+    "conditioning_image_embeds",
+    "distillation_cache",
+    "caption",
+    "grounding",
+)
+_LATER_CAPTION_STRATEGIES = ("parquet", "csv", "huggingface")
+_LATER_METADATA_BACKENDS = ("parquet", "json", "huggingface")
+
+# SimpleTuner reads both spellings of these keys; raytuner stores the first.
+KEY_SPELLINGS: dict[str, str] = {
+    "instance_data_root": "instance_data_dir",
+    "is_regularization_data": "is_regularisation_data",
+    "disable": "disabled",
+}
+
+
+@dataclass(kw_only=True)
+class DatasetConfig:
+    """One dataset entry, typed. Local paths are resolved by the loader."""
+
+    id: str
+    type: str = field(metadata=rule(choices=BACKEND_TYPES, not_yet_supported=_LATER_BACKEND_TYPES))
+    dataset_type: str = field(
+        default="image", metadata=rule(choices=DATASET_TYPES, not_yet_supported=_LATER_DATASET_TYPES)
+    )
+    default: bool = False
+    disabled: bool = False
+    instance_data_dir: Path | None = field(default=None, metadata=rule(path="input_dir"))
+    caption_strategy: str = field(
+        default="filename",
+        metadata=rule(choices=CAPTION_STRATEGIES, not_yet_supported=_LATER_CAPTION_STRATEGIES),
+    )
+    instance_prompt: str | None = None
+    metadata_backend: str = field(
+        default="discovery",
+        metadata=rule(choices=METADATA_BACKENDS, not_yet_supported=_LATER_METADATA_BACKENDS),
+    )
+    crop: bool = False
+    crop_aspect: str = field(
+        default="square", metadata=rule(choices=("square", "preserve", "random", "closest"))
+    )
+    crop_style: str = field(default="random", metadata=rule(choices=("center", "centre", "random", "corner")))
+    resolution: int | float | None = field(default=None, metadata=rule(gt=0))
+    resolution_type: str | None = field(default=None, metadata=rule(choices=("pixel", "area", "pixel_area")))
+    minimum_image_size: int | float | None = field(default=None, metadata=rule(ge=0))
+    maximum_image_size: int | float | None = field(default=None, metadata=rule(ge=0))
+    target_downsample_size: int | float | None = field(default=None, metadata=rule(ge=0))
+    # Cache locations are text: an absolute local path once loaded, or a URI / bucket prefix.
+    cache_dir_vae: str | None = None
+    cache_dir: str | None = None
+    skip_file_discovery: str = ""
+    repeats: int = field(default=0, metadata=rule(ge=0))
+    is_regularisation_data: bool = False
+    write_batch_size: int = field(default=128, metadata=rule(ge=1))
+    vae_cache_clear_each_epoch: bool = False
+    aws_bucket_name: str | None = None
+    aws_data_prefix: str = ""
+    aws_endpoint_url: str | None = None
+    aws_region_name: str | None = None
+    aws_access_key_id: str | None = field(default=None, repr=False)
+    aws_secret_access_key: str | None = field(default=None, repr=False)
+    aws_session_token: str | None = field(default=None, repr=False)
+
+    @property
+    def enabled(self) -> bool:
+        return not self.disabled
+
+    @property
+    def needs_images(self) -> bool:
+        """True for datasets whose images are read (image and eval), not text embed caches."""
+        return self.dataset_type != "text_embeds"
+
+
+@dataclass(kw_only=True)
+class ParsedDatasets:
+    datasets: list[DatasetConfig]
+    warnings: list[str]
+    notes: list[str]
+    problems: list[str]
+
+
+def parse_datasets(raw: Any, *, where: str, strict: bool) -> ParsedDatasets:
+    """Datasets from the decoded ``multidatabackend.json`` (paths not yet resolved)."""
+    result = ParsedDatasets(datasets=[], warnings=[], notes=[], problems=[])
+    if not isinstance(raw, list):
+        kind = type(raw).__name__ if not isinstance(raw, dict) else "an object"
+        result.problems.append(
+            f"{where}: expected a JSON list of dataset objects ([{{...}}, ...]), got {kind}; "
+            "wrap the dataset entries in [ ]"
+        )
+        return result
+    if not raw:
+        result.problems.append(
+            f"{where}: the dataset list is empty; add at least one image dataset and one text_embeds dataset"
+        )
+        return result
+    fields = field_names(DatasetConfig)
+    for index, entry in enumerate(raw):
+        label = f"{where}: dataset #{index + 1}"
+        if not isinstance(entry, dict):
+            result.problems.append(f'{label}: expected an object ({{"id": ..., "type": ...}}), got {entry!r}')
+            continue
+        dataset_id = entry.get("id")
+        if isinstance(dataset_id, str) and dataset_id:
+            label = f"{where}: dataset '{dataset_id}'"
+        values = _sort_keys(entry, label=label, fields=fields, strict=strict, result=result)
+        dataset = build(DatasetConfig, values, where=label, problems=result.problems)
+        if dataset is not None:
+            _check_dataset(dataset, label=label, problems=result.problems)
+            result.datasets.append(dataset)
+    if not result.problems:
+        _check_dataset_list(result, where=where)
+    return result
+
+
+def _sort_keys(
+    entry: dict[str, Any], *, label: str, fields: frozenset[str], strict: bool, result: ParsedDatasets
+) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key, value in entry.items():
+        name = KEY_SPELLINGS.get(key, key)
+        if name in fields:
+            if name in values:
+                result.problems.append(
+                    f"{label}: both '{name}' and its other spelling '{key}' are set; keep one"
+                )
+            values[name] = value
+        elif key in dataset_keys():
+            message = f"{label}: accepted, not yet supported: {key}"
+            (result.problems if strict else result.warnings).append(message)
+        else:
+            message = f"{label}: unknown key '{key}'{did_you_mean(key, fields | dataset_keys())}"
+            (result.problems if strict else result.warnings).append(message)
+    return values
+
+
+def _check_dataset(dataset: DatasetConfig, *, label: str, problems: list[str]) -> None:
+    if not dataset.id.strip():
+        problems.append(f"{label}: 'id' = '': expected a non-empty name; give each dataset a unique id")
+    if dataset.type == "local" and dataset.needs_images and dataset.instance_data_dir is None:
+        problems.append(
+            f"{label}: 'instance_data_dir' is required for a local {dataset.dataset_type} dataset; "
+            "set it to the folder holding the images"
+        )
+    if dataset.type == "aws" and not dataset.aws_bucket_name:
+        problems.append(f"{label}: 'aws_bucket_name' is required for a dataset of type aws")
+    if dataset.caption_strategy == "instanceprompt" and not dataset.instance_prompt:
+        problems.append(
+            problem(
+                label,
+                "instance_prompt",
+                dataset.instance_prompt,
+                "a prompt, because caption_strategy is instanceprompt",
+                'set "instance_prompt" to the caption every image should use',
+            )
+        )
+
+
+def _check_dataset_list(result: ParsedDatasets, *, where: str) -> None:
+    datasets = result.datasets
+    for dataset_id, count in Counter(dataset.id for dataset in datasets).items():
+        if count > 1:
+            result.problems.append(
+                f"{where}: dataset id '{dataset_id}' is used {count} times; every dataset needs a unique 'id'"
+            )
+    enabled = [dataset for dataset in datasets if dataset.enabled]
+    if not any(dataset.dataset_type == "image" for dataset in enabled):
+        result.problems.append(
+            f'{where}: no enabled image dataset; add an entry with "dataset_type": "image" (the default) '
+            'and "instance_data_dir" pointing at your images'
+        )
+    text_embeds = [dataset for dataset in enabled if dataset.dataset_type == "text_embeds"]
+    defaults = [dataset.id for dataset in text_embeds if dataset.default]
+    if len(defaults) > 1:
+        result.problems.append(
+            f"{where}: text_embeds datasets {', '.join(repr(d) for d in defaults)} are all marked "
+            '"default": true; only one text embed dataset can be the default'
+        )
+    elif text_embeds and not defaults:
+        text_embeds[0].default = True
+        result.notes.append(f"{where}: no text_embeds dataset is marked default; using '{text_embeds[0].id}'")
+
+
+def default_text_embeds(*, existing_ids: set[str], cache_dir: str) -> DatasetConfig:
+    """The text_embeds dataset SimpleTuner adds when a config has none."""
+    dataset_id, suffix = "text-embeds", 1
+    while dataset_id in existing_ids:
+        dataset_id, suffix = f"text-embeds-{suffix}", suffix + 1
+    return DatasetConfig(
+        id=dataset_id, type="local", dataset_type="text_embeds", default=True, cache_dir=cache_dir
+    )

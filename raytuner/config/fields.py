@@ -1,0 +1,248 @@
+"""Turning one JSON object into one config dataclass: coercion and per-field rules.
+
+Each dataclass field carries its rules in ``field(metadata=rule(...))``: allowed values,
+SimpleTuner value aliases, values SimpleTuner has but raytuner does not support yet, numeric
+bounds, and whether it names a path. The seeds write numbers and booleans as strings
+(``"4e-5"``, ``"true"``); values are coerced to the field's type here, once, so no later code
+sees a string-typed number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from raytuner.config.redact import show_value
+from raytuner.config.surface import did_you_mean
+
+T = TypeVar("T")
+
+PathKind = Literal["input_file", "input_dir", "output"]
+
+_TRUE_WORDS = frozenset({"true", "yes", "on", "1"})
+_FALSE_WORDS = frozenset({"false", "no", "off", "0"})
+
+
+def rule(
+    *,
+    choices: tuple[str, ...] | None = None,
+    value_aliases: Mapping[str, str] | None = None,
+    not_yet_supported: tuple[str, ...] = (),
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    path: PathKind | None = None,
+    example: str | None = None,
+) -> dict[str, Any]:
+    """Field metadata understood by :func:`build`."""
+    return {
+        "choices": choices,
+        "value_aliases": dict(value_aliases or {}),
+        "not_yet_supported": not_yet_supported,
+        "ge": ge,
+        "gt": gt,
+        "le": le,
+        "path": path,
+        "example": example,
+    }
+
+
+class CoercionError(Exception):
+    """A value that is not of the expected kind; ``expected`` says what is."""
+
+    def __init__(self, expected: str) -> None:
+        super().__init__(expected)
+        self.expected = expected
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS | _FALSE_WORDS:
+        return value.strip().lower() in _TRUE_WORDS
+    raise CoercionError("true or false")
+
+
+def _to_float(value: Any, example: str | None) -> float:
+    expected = f"a number (e.g. {example or '1e-4'})"
+    if isinstance(value, bool):
+        raise CoercionError(expected)
+    if isinstance(value, int | float):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise CoercionError(expected) from None
+    else:
+        raise CoercionError(expected)
+    if not math.isfinite(number):
+        raise CoercionError(expected)
+    return number
+
+
+def _to_int(value: Any, example: str | None) -> int:
+    expected = f"a whole number (e.g. {example or '1'})"
+    if isinstance(value, bool):
+        raise CoercionError(expected)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            try:
+                number = float(value.strip())
+            except ValueError:
+                raise CoercionError(expected) from None
+            if number.is_integer():
+                return int(number)
+    raise CoercionError(expected)
+
+
+def _to_number(value: Any, example: str | None) -> int | float:
+    """int when the value is whole (``1024``, ``"1024"``), float otherwise (``1.0`` megapixels)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    return _to_float(value, example)
+
+
+def _to_str(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    raise CoercionError("text")
+
+
+def coerce(value: Any, annotation: Any, *, example: str | None = None) -> Any:
+    """``value`` as ``annotation`` (bool, int, float, str, Path, list[str], dict, unions with None)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if value is None:
+            return None
+        if set(members) == {int, float}:
+            return _to_number(value, example)
+        if len(members) == 1:
+            return coerce(value, members[0], example=example)
+        raise TypeError(f"unsupported field type {annotation!r}")
+    if annotation is bool:
+        return _to_bool(value)
+    if annotation is int:
+        return _to_int(value, example)
+    if annotation is float:
+        return _to_float(value, example)
+    if annotation is str:
+        return _to_str(value)
+    if annotation is Path:
+        if isinstance(value, str) and value.strip():
+            return Path(value)
+        raise CoercionError("a path")
+    if origin is list:
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise CoercionError('a list of names (e.g. ["Attention"])')
+        return list(value)
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise CoercionError("an object")
+        return dict(value)
+    raise TypeError(f"unsupported field type {annotation!r}")
+
+
+def _bounds_text(meta: Mapping[str, Any]) -> str:
+    parts = []
+    if meta["gt"] is not None:
+        parts.append(f"> {meta['gt']:g}")
+    if meta["ge"] is not None:
+        parts.append(f">= {meta['ge']:g}")
+    if meta["le"] is not None:
+        parts.append(f"<= {meta['le']:g}")
+    return " and ".join(parts)
+
+
+def check_rules(value: Any, meta: Mapping[str, Any]) -> Any:
+    """Apply value aliases, choices and bounds; returns the (possibly aliased) value."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = meta["value_aliases"].get(value, value)
+        if value in meta["not_yet_supported"]:
+            supported = ", ".join(meta["choices"] or ())
+            raise CoercionError(
+                f"a value raytuner supports ('{value}' is not supported yet; use one of: {supported})"
+            )
+        if meta["choices"] is not None and value not in meta["choices"]:
+            hint = did_you_mean(value, meta["choices"])
+            raise CoercionError(f"one of: {', '.join(meta['choices'])}{hint}")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        low_ok = (meta["gt"] is None or value > meta["gt"]) and (meta["ge"] is None or value >= meta["ge"])
+        high_ok = meta["le"] is None or value <= meta["le"]
+        if not (low_ok and high_ok):
+            raise CoercionError(f"a number {_bounds_text(meta)}")
+    return value
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def field_names(cls: type) -> frozenset[str]:
+    return frozenset(field.name for field in dataclasses.fields(cls))
+
+
+def problem(where: str, key: str, value: Any, expected: str, fix: str = "") -> str:
+    """One self-contained error line: where, key, value, what was expected, how to fix."""
+    line = f"{where}: '{key}' = {show_value(key, value)}: expected {expected}"
+    return f"{line}; {fix}" if fix else line
+
+
+def build(cls: type[T], raw: Mapping[str, Any], *, where: str, problems: list[str]) -> T | None:
+    """An instance of the dataclass ``cls`` from the keys of ``raw`` that are its fields.
+
+    Keys that are not fields are ignored here (the caller has already sorted them). A problem
+    is appended for every bad value and missing required field; None is returned if any.
+    """
+    hints = field_types(cls)
+    kwargs: dict[str, Any] = {}
+    before = len(problems)
+    for field in dataclasses.fields(cls):
+        if field.name not in raw:
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                problems.append(f"{where}: '{field.name}' is required but not set")
+            continue
+        value = raw[field.name]
+        meta = field.metadata or rule()
+        if value is None and typing.get_origin(hints[field.name]) not in (typing.Union, types.UnionType):
+            continue  # JSON null on a non-optional field: keep the default, as SimpleTuner does
+        try:
+            kwargs[field.name] = check_rules(coerce(value, hints[field.name], example=meta["example"]), meta)
+        except CoercionError as error:
+            problems.append(problem(where, field.name, value, error.expected))
+    if len(problems) > before:
+        return None
+    return cls(**kwargs)
+
+
+def to_plain(value: Any) -> Any:
+    """Dataclasses, Paths and containers as JSON-ready values."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {field.name: to_plain(getattr(value, field.name)) for field in dataclasses.fields(value)}
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(key): to_plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_plain(item) for item in value]
+    return value

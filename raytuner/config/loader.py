@@ -1,0 +1,366 @@
+"""``load_config``: SimpleTuner's three files in, one typed ``RunConfig`` out.
+
+Nothing is silently dropped: every key is a field, a SimpleTuner alias (mapped, with a note),
+a SimpleTuner option raytuner does not implement yet (warning), or unknown (warning with the
+closest known key). ``strict=True`` turns the last two into errors. Problems are collected
+across all three files and raised together as one ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raytuner.config.datasets import DatasetConfig, default_text_embeds, parse_datasets
+from raytuner.config.errors import ConfigError
+from raytuner.config.fields import CoercionError, build, coerce, field_names, problem
+from raytuner.config.lycoris import LycorisConfig, parse_lycoris
+from raytuner.config.paths import (
+    display,
+    find_input_dir,
+    find_input_file,
+    has_scheme,
+    input_candidates,
+    output_path,
+)
+from raytuner.config.run import RunConfig
+from raytuner.config.seed import draw_seed, read_recorded_seed, seed_file
+from raytuner.config.surface import config_keys, did_you_mean, flavours, key_aliases, simpletuner_families
+from raytuner.config.training import FAMILY_ALIASES, SUPPORTED_FAMILIES, TrainingConfig
+
+logger = logging.getLogger(__name__)
+
+# SimpleTuner's OmniGen quickstarts set this key although SimpleTuner defines no such option.
+# It is a warning in every mode: users copy the quickstart as it is.
+QUICKSTART_ONLY_KEYS = frozenset({"validation_torch_compile"})
+
+
+@dataclass
+class _Findings:
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def doubtful_key(self, message: str, *, strict: bool) -> None:
+        (self.problems if strict else self.warnings).append(message)
+
+
+def read_json(path: Path) -> Any:
+    """The decoded file; a missing file and malformed JSON are different errors."""
+    shown = display(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{shown}: file not found (working directory: {Path.cwd()})") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{shown}: is a folder, expected a JSON file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{shown}: not UTF-8 text; save it as UTF-8 JSON") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(
+            f"{shown}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}; "
+            "fix the syntax there (a trailing comma or a missing quote is the usual cause)"
+        ) from None
+
+
+def load_config(path: str | Path, *, strict: bool = False) -> RunConfig:
+    """Load ``config.json`` and the files it names into a validated ``RunConfig``.
+
+    Never writes anything; see ``record_seed`` for the one file a run records.
+    """
+    config_path = Path(path).expanduser()
+    if not config_path.is_file():
+        read_json(config_path)  # raises the not-found / is-a-folder error
+    config_path = config_path.resolve()
+    where = display(config_path)
+    raw = read_json(config_path)
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f'{where}: expected a JSON object of options ({{"model_family": ...}}), got a list or value'
+        )
+
+    findings = _Findings()
+    values = _sort_config_keys(raw, where=where, strict=strict, findings=findings)
+    training = build(TrainingConfig, values, where=where, problems=findings.problems)
+    sources: dict[str, Path] = {"config": config_path}
+    datasets: list[DatasetConfig] = []
+    lycoris: LycorisConfig | None = None
+    if training is not None:
+        _check_model(training, explicit=set(values), where=where, findings=findings)
+        _check_training(training, where=where, findings=findings)
+        _resolve_training_paths(
+            training, config_path=config_path, where=where, sources=sources, findings=findings
+        )
+        if "data_backend_config" in sources:
+            datasets = _load_datasets(
+                training, sources["data_backend_config"], strict=strict, findings=findings
+            )
+        if "lycoris_config" in sources:
+            lycoris = _load_lycoris(sources["lycoris_config"], strict=strict, findings=findings)
+    if findings.problems:
+        raise ConfigError(findings.problems)
+    assert training is not None
+
+    seed_drawn = training.seed is None
+    if seed_drawn:
+        _choose_seed(training, sources=sources, findings=findings)
+
+    for message in findings.warnings:
+        logger.warning(message)
+    for message in findings.notes:
+        logger.info(message)
+    return RunConfig(
+        training=training,
+        datasets=datasets,
+        lycoris=lycoris,
+        sources=sources,
+        warnings=findings.warnings,
+        notes=findings.notes,
+        seed_drawn=seed_drawn,
+    )
+
+
+def _sort_config_keys(
+    raw: dict[str, Any], *, where: str, strict: bool, findings: _Findings
+) -> dict[str, Any]:
+    """config.json keys as TrainingConfig field values; everything else is noted, warned or refused."""
+    fields = field_names(TrainingConfig)
+    values: dict[str, Any] = {}
+    written_as: dict[str, str] = {}
+    aliased: list[tuple[str, str, Any]] = []
+    for written, value in raw.items():
+        key = written[2:] if written.startswith("--") else written
+        if key in written_as:
+            findings.problems.append(
+                f"{where}: '{key}' is set twice (as '{written_as[key]}' and '{written}'); keep one"
+            )
+            continue
+        written_as[key] = written
+        if key in key_aliases():
+            alias = key_aliases()[key]
+            if alias.maps_to is None:
+                findings.notes.append(f"{where}: '{key}' ignored, as SimpleTuner ignores it ({alias.reason})")
+                continue
+            if alias.inverted:
+                try:
+                    value = not coerce(value, bool)
+                except CoercionError as error:
+                    findings.problems.append(problem(where, key, value, error.expected))
+                    continue
+            aliased.append((key, alias.maps_to, value))
+        elif (
+            key == "validation_prompt_library"
+            and isinstance(value, str)
+            and value.lower() not in ("true", "false")
+        ):
+            # A path here is what SimpleTuner's user_prompt_library means; some quickstarts write it so.
+            findings.notes.append(
+                f"{where}: 'validation_prompt_library' names a file; read as 'user_prompt_library'"
+            )
+            aliased.append((key, "user_prompt_library", value))
+        elif key in fields:
+            values[key] = value
+        elif key in QUICKSTART_ONLY_KEYS:
+            findings.warnings.append(
+                f"{where}: ignored: '{key}' (used by SimpleTuner's quickstarts, not an option)"
+            )
+        elif key in config_keys():
+            findings.doubtful_key(f"{where}: accepted, not yet supported: {key}", strict=strict)
+        else:
+            hint = did_you_mean(key, fields | config_keys())
+            findings.doubtful_key(f"{where}: unknown key '{written}'{hint}", strict=strict)
+    for old, new, value in aliased:
+        if new in values or new in written_as:
+            findings.warnings.append(f"{where}: '{old}' and '{new}' are both set; using '{new}'")
+        elif new in fields:
+            values[new] = value
+            findings.notes.append(f"{where}: '{old}' read as '{new}' (SimpleTuner's older name)")
+        else:
+            findings.doubtful_key(
+                f"{where}: accepted, not yet supported: {new} (set as '{old}')", strict=strict
+            )
+    return values
+
+
+def _check_model(training: TrainingConfig, *, explicit: set[str], where: str, findings: _Findings) -> None:
+    family = training.model_family
+    if family in FAMILY_ALIASES:
+        training.model_family = FAMILY_ALIASES[family]
+        findings.notes.append(f"{where}: model_family '{family}' read as '{training.model_family}'")
+    elif family not in SUPPORTED_FAMILIES:
+        supported = ", ".join(SUPPORTED_FAMILIES)
+        if family in simpletuner_families():
+            findings.problems.append(
+                f"{where}: model_family '{family}' is not supported by raytuner (supported: {supported})"
+            )
+        else:
+            hint = did_you_mean(family, SUPPORTED_FAMILIES) or did_you_mean(family, simpletuner_families())
+            findings.problems.append(
+                f"{where}: 'model_family' = {family!r}: unknown model family{hint}; raytuner supports: {supported}"
+            )
+        return
+    valid = {flavour.name: flavour for flavour in flavours(training.model_family)}
+    if training.model_flavour is None:
+        training.model_flavour = next(name for name, flavour in valid.items() if flavour.default)
+    elif training.model_flavour.lower() in valid:
+        training.model_flavour = training.model_flavour.lower()
+    else:
+        findings.problems.append(
+            problem(
+                where,
+                "model_flavour",
+                training.model_flavour,
+                f"a {training.model_family} flavour: {', '.join(valid)}{did_you_mean(training.model_flavour, valid)}",
+            )
+        )
+    if training.model_type != "lora":
+        findings.problems.append(
+            problem(
+                where,
+                "model_type",
+                training.model_type,
+                "'lora'",
+                'raytuner trains LoKr adapters only; set "model_type": "lora"',
+            )
+        )
+    if training.lora_type != "lycoris":
+        shown = (
+            training.lora_type if "lora_type" in explicit else f"{training.lora_type} (SimpleTuner's default)"
+        )
+        findings.problems.append(
+            problem(
+                where,
+                "lora_type",
+                shown,
+                "'lycoris'",
+                'raytuner trains LyCORIS LoKr adapters; set "lora_type": "lycoris" and "lycoris_config"',
+            )
+        )
+
+
+def _check_training(training: TrainingConfig, *, where: str, findings: _Findings) -> None:
+    if not training.max_train_steps and training.num_train_epochs == 0:
+        findings.problems.append(
+            f"{where}: 'max_train_steps' and 'num_train_epochs' are both 0 or unset: expected one of them > 0; "
+            'set e.g. "max_train_steps": 10000'
+        )
+    if training.enable_group_offload and training.enable_model_cpu_offload:
+        findings.problems.append(
+            f"{where}: 'enable_group_offload' and 'enable_model_cpu_offload' are both true: expected at most one; "
+            "keep enable_group_offload"
+        )
+
+
+def _resolve_input_file(
+    training: TrainingConfig,
+    name: str,
+    *,
+    config_path: Path,
+    where: str,
+    sources: dict[str, Path],
+    findings: _Findings,
+) -> None:
+    value = getattr(training, name)
+    found = find_input_file(value, named_in=config_path)
+    if found is None:
+        tried = ", ".join(str(candidate) for candidate in input_candidates(value, named_in=config_path))
+        findings.problems.append(
+            problem(
+                where,
+                name,
+                str(value),
+                f"an existing file (looked at: {tried})",
+                "fix the path; relative paths are read from the working directory, then from the folder of config.json",
+            )
+        )
+        return
+    setattr(training, name, found)
+    sources[name] = found
+
+
+def _resolve_training_paths(
+    training: TrainingConfig, *, config_path: Path, where: str, sources: dict[str, Path], findings: _Findings
+) -> None:
+    common = {"config_path": config_path, "where": where, "sources": sources, "findings": findings}
+    _resolve_input_file(training, "data_backend_config", **common)
+    if training.lora_type == "lycoris":
+        if training.lycoris_config is None:
+            findings.problems.append(f"{where}: 'lycoris_config' is required when lora_type is lycoris")
+        else:
+            _resolve_input_file(training, "lycoris_config", **common)
+    if training.user_prompt_library is not None:
+        _resolve_input_file(training, "user_prompt_library", **common)
+    training.output_dir = output_path(training.output_dir)
+    if training.group_offload_to_disk_path is not None:
+        training.group_offload_to_disk_path = output_path(training.group_offload_to_disk_path)
+
+
+def _load_datasets(
+    training: TrainingConfig, path: Path, *, strict: bool, findings: _Findings
+) -> list[DatasetConfig]:
+    where = display(path)
+    try:
+        raw = read_json(path)
+    except ConfigError as error:
+        findings.problems.extend(error.problems)
+        return []
+    parsed = parse_datasets(raw, where=where, strict=strict)
+    findings.problems.extend(parsed.problems)
+    findings.warnings.extend(parsed.warnings)
+    findings.notes.extend(parsed.notes)
+    for dataset in parsed.datasets:
+        if dataset.needs_images:
+            # A dataset that leaves these unset uses config.json's values, as in SimpleTuner.
+            dataset.resolution = dataset.resolution or training.resolution
+            dataset.resolution_type = dataset.resolution_type or training.resolution_type
+            if dataset.minimum_image_size is None:
+                dataset.minimum_image_size = training.minimum_image_size
+        if dataset.instance_data_dir is not None and dataset.type == "local":
+            dataset.instance_data_dir = find_input_dir(dataset.instance_data_dir, named_in=path)
+        if dataset.type == "local":
+            for name in ("cache_dir_vae", "cache_dir"):
+                value = getattr(dataset, name)
+                if value and not has_scheme(value):
+                    setattr(dataset, name, str(output_path(value)))
+    if parsed.datasets and not parsed.problems:
+        enabled_text = [d for d in parsed.datasets if d.enabled and d.dataset_type == "text_embeds"]
+        if not enabled_text:
+            cache_dir = str(training.output_dir / "cache" / "text" / training.model_family)
+            added = default_text_embeds(existing_ids={d.id for d in parsed.datasets}, cache_dir=cache_dir)
+            parsed.datasets.append(added)
+            findings.warnings.append(
+                f"{where}: no text_embeds dataset; using '{added.id}' cached at {cache_dir}, as SimpleTuner does "
+                '(add {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds", "default": true, '
+                '"cache_dir": "cache/text"} to choose the place)'
+            )
+    return parsed.datasets
+
+
+def _load_lycoris(path: Path, *, strict: bool, findings: _Findings) -> LycorisConfig | None:
+    try:
+        raw = read_json(path)
+    except ConfigError as error:
+        findings.problems.extend(error.problems)
+        return None
+    parsed = parse_lycoris(raw, where=display(path), strict=strict)
+    findings.problems.extend(parsed.problems)
+    findings.warnings.extend(parsed.warnings)
+    return parsed.config
+
+
+def _choose_seed(training: TrainingConfig, *, sources: dict[str, Path], findings: _Findings) -> None:
+    recorded = read_recorded_seed(training.output_dir)
+    if recorded is not None:
+        training.seed = recorded
+        sources["seed"] = seed_file(training.output_dir)
+        findings.notes.append(f"seed not set; reusing {recorded} recorded in {display(sources['seed'])}")
+    else:
+        training.seed = draw_seed()
+        findings.notes.append(
+            f"seed not set; drew {training.seed} (recorded in {display(seed_file(training.output_dir))} when the run starts)"
+        )

@@ -1,0 +1,142 @@
+"""``TrainingConfig``: the options of SimpleTuner's ``config.json`` that raytuner reads.
+
+Field names are SimpleTuner's option names, so a user's key and the field are the same word.
+Defaults are SimpleTuner's (``raytuner/config/data/config_keys.tsv``); choices come from the
+same list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from raytuner.config.fields import rule
+from raytuner.config.surface import option_choices, value_aliases
+
+SUPPORTED_FAMILIES: tuple[str, ...] = ("cosmos2image", "omnigen")
+# SimpleTuner's metadata file names the Cosmos2 family "cosmos"; its model code registers
+# "cosmos2image", which the quickstarts use.
+FAMILY_ALIASES: dict[str, str] = {"cosmos": "cosmos2image"}
+
+
+def _choices(name: str) -> tuple[str, ...]:
+    return option_choices(name)
+
+
+@dataclass(kw_only=True)
+class TrainingConfig:
+    """Everything from ``config.json``, typed. Paths are resolved by the loader."""
+
+    # Model
+    model_family: str
+    model_flavour: str | None = None
+    model_type: str = field(default="lora", metadata=rule(choices=("lora", "full")))
+    lora_type: str = field(default="standard", metadata=rule(choices=_choices("lora_type")))
+    lycoris_config: Path | None = field(
+        default=Path("config/lycoris_config.json"), metadata=rule(path="input_file")
+    )
+    pretrained_model_name_or_path: str | None = None
+    pretrained_vae_model_name_or_path: str | None = None
+    revision: str | None = None
+    base_model_precision: str = field(
+        default="no_change", metadata=rule(choices=_choices("base_model_precision"))
+    )
+    quantize_via: str = field(default="accelerator", metadata=rule(choices=_choices("quantize_via")))
+
+    # Files and reproducibility
+    output_dir: Path = field(default=Path("simpletuner-results"), metadata=rule(path="output"))
+    data_backend_config: Path = field(metadata=rule(path="input_file"))
+    seed: int | None = field(default=None, metadata=rule(ge=0))
+
+    # Optimisation
+    learning_rate: float = field(default=4e-07, metadata=rule(gt=0, example="1e-4"))
+    lr_scheduler: str = field(
+        default="constant_with_warmup",
+        metadata=rule(choices=_choices("lr_scheduler"), value_aliases=value_aliases().get("lr_scheduler")),
+    )
+    lr_warmup_steps: int = field(default=0, metadata=rule(ge=0))
+    lr_num_cycles: int = field(default=1, metadata=rule(ge=1))
+    lr_power: float = field(default=0.8, metadata=rule(gt=0))
+    optimizer: str = field(default="adamw_bf16", metadata=rule(choices=_choices("optimizer")))
+    adam_beta1: float = field(default=0.9, metadata=rule(ge=0, le=1))
+    adam_beta2: float = field(default=0.999, metadata=rule(ge=0, le=1))
+    adam_epsilon: float = field(default=1e-08, metadata=rule(gt=0, example="1e-8"))
+    adam_weight_decay: float = field(default=1e-02, metadata=rule(ge=0))
+    mixed_precision: str = field(default="bf16", metadata=rule(choices=_choices("mixed_precision")))
+    train_batch_size: int = field(default=4, metadata=rule(ge=1))
+    gradient_accumulation_steps: int = field(default=1, metadata=rule(ge=1))
+    max_train_steps: int | None = field(default=None, metadata=rule(ge=0, example="10000"))
+    num_train_epochs: int = field(default=1, metadata=rule(ge=0))
+    gradient_checkpointing: bool = True
+    max_grad_norm: float = field(default=2.0, metadata=rule(ge=0))
+    grad_clip_method: str = field(default="value", metadata=rule(choices=_choices("grad_clip_method")))
+    caption_dropout_probability: float = field(default=0.1, metadata=rule(ge=0, le=1))
+
+    # Flow-matching schedule
+    flow_schedule_shift: float = field(default=3.0, metadata=rule(ge=0))
+    flow_schedule_auto_shift: bool = False
+    flow_sigmoid_scale: float = field(default=1.0, metadata=rule(gt=0))
+    flow_use_uniform_schedule: bool = False
+    flow_use_beta_schedule: bool = False
+    flow_beta_schedule_alpha: float = field(default=2.0, metadata=rule(gt=0))
+    flow_beta_schedule_beta: float = field(default=2.0, metadata=rule(gt=0))
+
+    # EMA
+    use_ema: bool = False
+    ema_decay: float = field(default=0.995, metadata=rule(gt=0, le=1))
+
+    # Checkpoints
+    checkpoint_step_interval: int | None = field(default=500, metadata=rule(ge=1))
+    checkpoints_total_limit: int | None = field(default=5, metadata=rule(ge=1))
+    resume_from_checkpoint: str | None = "latest"
+
+    # Validation and evaluation
+    validation_prompt: str | None = None
+    validation_negative_prompt: str = "blurry, cropped, ugly"
+    validation_resolution: str = "256"
+    validation_guidance: float = field(default=7.5, metadata=rule(ge=0))
+    validation_guidance_rescale: float = field(default=0.0, metadata=rule(ge=0, le=1))
+    validation_num_inference_steps: int = field(default=30, metadata=rule(ge=1))
+    validation_seed: int | None = field(default=None, metadata=rule(ge=0))
+    validation_step_interval: int | None = field(default=100, metadata=rule(ge=1))
+    validation_disable_unconditional: bool = False
+    validation_prompt_library: bool = False
+    user_prompt_library: Path | None = field(default=None, metadata=rule(path="input_file"))
+    num_eval_images: int = field(default=4, metadata=rule(ge=1))
+    eval_steps_interval: int | None = field(default=None, metadata=rule(ge=1))
+
+    # Tracking and publishing
+    report_to: str = field(default="none", metadata=rule(choices=_choices("report_to")))
+    tracker_project_name: str = "simpletuner"
+    tracker_run_name: str = "simpletuner-testing"
+    hub_model_id: str | None = None
+    push_to_hub: bool = False
+    push_checkpoints_to_hub: bool = False
+    hf_token: str | None = field(default=None, repr=False)
+
+    # Resolution and aspect buckets
+    resolution: int | float = field(default=1024, metadata=rule(gt=0))
+    resolution_type: str = field(default="pixel_area", metadata=rule(choices=_choices("resolution_type")))
+    minimum_image_size: int | float | None = field(default=None, metadata=rule(ge=0))
+    aspect_bucket_rounding: int | None = field(default=2, metadata=rule(ge=1, le=9))
+    aspect_bucket_alignment: int = field(default=64, metadata=rule(ge=1))
+    disable_bucket_pruning: bool = False
+
+    # VAE cache
+    vae_batch_size: int = field(default=4, metadata=rule(ge=1))
+    vae_cache_ondemand: bool = False
+
+    # Runtime and memory
+    disable_benchmark: bool = False
+    enable_group_offload: bool = False
+    group_offload_type: str = field(
+        default="block_level", metadata=rule(choices=("block_level", "leaf_level"))
+    )
+    group_offload_blocks_per_group: int = field(default=1, metadata=rule(ge=1))
+    group_offload_use_stream: bool = False
+    group_offload_to_disk_path: Path | None = field(default=None, metadata=rule(path="output"))
+    group_offload_text_encoder: bool = False
+    group_offload_vae: bool = False
+    enable_model_cpu_offload: bool = False
+    deepspeed_config: str | None = None
+    num_processes: int = field(default=1, metadata=rule(ge=1))

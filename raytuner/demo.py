@@ -1,0 +1,269 @@
+"""The offline demo: tiny checkpoints, synthetic images, LoKr training, an adapter and validation images.
+
+Everything runs on CPU without a network: for each family it builds a tiny random-weight
+checkpoint of the real diffusers architecture, draws a captioned synthetic dataset, loads the
+family's demo ``config.json`` exactly as a user's file is loaded, encodes latents and prompts,
+trains a LoKr adapter with flow matching, saves ``pytorch_lora_weights.safetensors`` and renders
+the validation prompt with the base model and with the adapter loaded by the seeds' recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from raytuner import flow
+from raytuner.adapters import build_adapter, load_adapter, save_adapter
+from raytuner.config import ConfigError, RunConfig, check_run, load_config
+from raytuner.data.synthetic import synthetic_images, to_pixels, write_dataset
+from raytuner.models.base import ModelFamily
+from raytuner.models.registry import get_family
+from raytuner.models.safety import PassThroughSafetyChecker, is_tiny_checkpoint
+from raytuner.models.tiny import build_tiny_checkpoint
+from raytuner.train.step import train_step
+
+logger = logging.getLogger(__name__)
+
+DEMO_CONFIGS = Path("configs/demo")
+DEMO_FAMILIES = ("cosmos2image", "omnigen")
+DEMO_IMAGES = 8
+# Optimisers the demo can run today; the Ray Train loop brings SimpleTuner's full list.
+DEMO_OPTIMIZERS = {"torch-adamw": torch.optim.AdamW}
+
+
+class DemoError(RuntimeError):
+    """A one-line reason the demo cannot run."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoResult:
+    family: str
+    steps: int
+    first_loss: float
+    last_loss: float
+    adapter: Path
+    validation_image: Path
+    loss_plot: Path
+
+
+def schedule_from_config(run: RunConfig) -> flow.FlowSchedule:
+    """The flow schedule config.json asks for, in SimpleTuner's terms."""
+    training = run.training
+    if training.flow_use_beta_schedule:
+        distribution: flow.SigmaDistribution = "beta"
+    elif training.flow_use_uniform_schedule:
+        distribution = "uniform"
+    else:
+        distribution = "logit_normal"
+    sampling = flow.SigmaSampling(
+        distribution=distribution,
+        sigmoid_scale=training.flow_sigmoid_scale,
+        beta_alpha=training.flow_beta_schedule_alpha,
+        beta_beta=training.flow_beta_schedule_beta,
+    )
+    return flow.FlowSchedule(
+        sampling=sampling, shift=training.flow_schedule_shift, auto_shift=training.flow_schedule_auto_shift
+    )
+
+
+def _validation_size(value: str) -> tuple[int, int]:
+    """The first ``WxH`` (or square ``N``) of SimpleTuner's ``validation_resolution``."""
+    first = value.split(",")[0].strip().lower()
+    width, _, height = first.partition("x")
+    return int(width), int(height or width)
+
+
+def _prepare_inputs(run: RunConfig, family_name: str) -> None:
+    """Build the tiny checkpoint and draw the dataset the demo config points at, when missing."""
+    model_path = Path(run.training.pretrained_model_name_or_path or "")
+    if not is_tiny_checkpoint(model_path):
+        build_tiny_checkpoint(family_name, model_path)
+    dataset = next(d for d in run.enabled_datasets if d.needs_images)
+    folder = dataset.instance_data_dir
+    assert folder is not None
+    if not folder.is_dir() or not any(folder.glob("*.png")):
+        size = int(dataset.resolution or 64)
+        write_dataset(folder, synthetic_images(DEMO_IMAGES, width=size, height=size, seed=run.seed))
+
+
+def _read_dataset(run: RunConfig) -> tuple[list[Image.Image], list[str]]:
+    dataset = next(d for d in run.enabled_datasets if d.needs_images)
+    assert dataset.instance_data_dir is not None
+    paths = sorted(dataset.instance_data_dir.glob("*.png"))
+    captions = [path.with_suffix(".txt").read_text(encoding="utf-8").strip() for path in paths]
+    return [Image.open(path).convert("RGB") for path in paths], captions
+
+
+def _save_loss_plot(losses: list[float], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5, 3))
+    axes.plot(range(1, len(losses) + 1), losses, marker=".")
+    axes.set(xlabel="step", ylabel="flow-matching loss", title=title)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def _side_by_side(images: list[Image.Image], labels: list[str], path: Path) -> Path:
+    from PIL import ImageDraw
+
+    width, height = images[0].size
+    canvas = Image.new("RGB", (width * len(images), height + 14), "white")
+    draw = ImageDraw.Draw(canvas)
+    for index, (image, label) in enumerate(zip(images, labels, strict=True)):
+        canvas.paste(image, (index * width, 14))
+        draw.text((index * width + 2, 1), label, fill="black")
+    canvas.save(path)
+    return path
+
+
+def _generate(family: ModelFamily, run: RunConfig, pipeline: object) -> Image.Image:
+    width, height = _validation_size(run.training.validation_resolution)
+    return pipeline(  # type: ignore[operator]
+        prompt=run.training.validation_prompt,
+        height=height,
+        width=width,
+        num_inference_steps=run.training.validation_num_inference_steps,
+        guidance_scale=run.training.validation_guidance,
+        generator=torch.Generator().manual_seed(run.training.validation_seed or run.seed),
+        **family.default_validation_kwargs(),
+    ).images[0]
+
+
+def run_family_demo(config_path: Path, steps: int | None = None) -> DemoResult:
+    run = load_config(config_path)
+    family_name = run.training.model_family
+    _prepare_inputs(run, family_name)
+    problems = check_run(run)
+    if problems:
+        raise DemoError(problems[0])
+    optimizer_class = DEMO_OPTIMIZERS.get(run.training.optimizer)
+    if optimizer_class is None:
+        raise DemoError(
+            f"{config_path}: 'optimizer' = {run.training.optimizer!r}: the demo runs "
+            f"{', '.join(DEMO_OPTIMIZERS)}; set one of those"
+        )
+
+    family = get_family(family_name)(run.training.pretrained_model_name_or_path or "")
+    output_dir = run.training.output_dir
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "raytuner_config.json").write_text(json.dumps(run.to_dict(), indent=2, default=str) + "\n")
+
+    images, captions = _read_dataset(run)
+    latents = family.encode_images(to_pixels(images))
+    prompt_conditioning = family.encode_prompts(captions)
+
+    transformer = family.load_transformer()
+    assert run.lycoris is not None
+    network, report = build_adapter(transformer, run.lycoris, module_aliases=family.module_aliases)
+    parameters = [p for p in network.parameters() if p.requires_grad]
+    optimizer = optimizer_class(parameters, lr=run.training.learning_rate)
+    schedule = schedule_from_config(run)
+    total_steps = steps if steps is not None else (run.training.max_train_steps or 30)
+    batch_size = min(run.training.train_batch_size, len(captions))
+
+    sampler = random.Random(run.seed)
+    generator = torch.Generator().manual_seed(run.seed)
+    losses: list[float] = []
+    progress = tqdm(range(total_steps), desc=f"{family_name} LoKr", unit="step")
+    for _ in progress:
+        indices = sampler.sample(range(len(captions)), batch_size)
+        result = train_step(
+            family,
+            transformer,
+            parameters,
+            optimizer,
+            latents[indices],
+            family.collate_conditioning([prompt_conditioning[i] for i in indices]),
+            schedule,
+            generator=generator,
+            max_grad_norm=run.training.max_grad_norm,
+            grad_clip_method=run.training.grad_clip_method,
+        )
+        losses.append(result.loss)
+        progress.set_postfix(loss=f"{result.loss:.4f}")
+
+    adapter = save_adapter(
+        network,
+        output_dir,
+        metadata={"raytuner_family": family_name, "lycoris_config": run.to_dict()["lycoris"]},
+    )
+    loss_plot = _save_loss_plot(losses, output_dir / "loss.png", f"{family_name}: LoKr on synthetic shapes")
+
+    extras = {"safety_checker": PassThroughSafetyChecker()} if family_name == "cosmos2image" else {}
+    pipeline = family.build_pipeline(**extras)
+    base_image = _generate(family, run, pipeline)
+    load_adapter(adapter, pipeline.transformer, scale=1.0, merge=True)
+    adapted_image = _generate(family, run, pipeline)
+    validation_dir = output_dir / "validation"
+    validation_dir.mkdir(exist_ok=True)
+    validation_image = _side_by_side(
+        [base_image, adapted_image], ["base", "LoKr"], validation_dir / f"step{total_steps:05d}.png"
+    )
+    logger.info("%s: %s", family_name, report.summary())
+    return DemoResult(
+        family=family_name,
+        steps=total_steps,
+        first_loss=losses[0],
+        last_loss=losses[-1],
+        adapter=adapter,
+        validation_image=validation_image,
+        loss_plot=loss_plot,
+    )
+
+
+def _summary_table(results: list[DemoResult]) -> str:
+    header = ("family", "steps", "first loss", "last loss", "adapter", "validation")
+    rows = [
+        (
+            r.family,
+            str(r.steps),
+            f"{r.first_loss:.4f}",
+            f"{r.last_loss:.4f}",
+            str(r.adapter),
+            str(r.validation_image),
+        )
+        for r in results
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        for row in [header, *rows]
+    ]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def demo_main(
+    *, configs: str = str(DEMO_CONFIGS), steps: int | None = None, families: list[str] | None = None
+) -> int:
+    configs_dir = Path(configs)
+    chosen = families or list(DEMO_FAMILIES)
+    results = []
+    try:
+        for family_name in chosen:
+            config_path = configs_dir / family_name / "config.json"
+            if not config_path.is_file():
+                raise DemoError(
+                    f"demo config {config_path} not found: run from the repository root or pass --configs DIR"
+                )
+            results.append(run_family_demo(config_path, steps))
+    except (ConfigError, DemoError) as error:
+        print(f"error: {error}")
+        return 2
+    print()
+    print(_summary_table(results))
+    return 0

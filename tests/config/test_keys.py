@@ -1,0 +1,232 @@
+"""How config.json keys are read: `--` prefixes, string values, aliases, unknown and later keys."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+from raytuner.config import ConfigError, load_config
+
+
+def test_keys_with_leading_dashes_and_string_values(write_run: Any) -> None:
+    run = load_config(
+        write_run(
+            config_updates={
+                "--learning_rate": "4e-5",
+                "--gradient_checkpointing": "false",
+                "validation_num_inference_steps": "20",
+                "validation_guidance_rescale": "0.0",
+                "train_batch_size": 2.0,
+                "--resolution": "512",
+            }
+        )
+    )
+    training = run.training
+    assert training.learning_rate == pytest.approx(4e-5) and isinstance(training.learning_rate, float)
+    assert training.gradient_checkpointing is False
+    assert training.validation_num_inference_steps == 20 and isinstance(
+        training.validation_num_inference_steps, int
+    )
+    assert training.validation_guidance_rescale == 0.0
+    assert training.train_batch_size == 2 and isinstance(training.train_batch_size, int)
+    assert training.resolution == 512 and isinstance(training.resolution, int)
+
+
+def test_dataset_and_lycoris_string_values_are_coerced(write_run: Any) -> None:
+    datasets = [
+        {
+            "id": "images",
+            "type": "local",
+            "instance_data_dir": "images",
+            "crop": "true",
+            "repeats": "3",
+            "resolution": "1.0",
+            "resolution_type": "area",
+        },
+        {"id": "text", "type": "local", "dataset_type": "text_embeds", "default": "true"},
+    ]
+    run = load_config(
+        write_run(datasets=datasets, lycoris={"algo": "LoKr", "factor": "8", "bypass_mode": "true"})
+    )
+    images = run.datasets[0]
+    assert images.crop is True and images.repeats == 3 and images.resolution == 1.0
+    assert (
+        run.lycoris is not None
+        and run.lycoris.algo == "lokr"
+        and run.lycoris.factor == 8
+        and run.lycoris.bypass_mode
+    )
+
+
+def test_the_same_key_twice_is_an_error(write_run: Any) -> None:
+    with pytest.raises(ConfigError, match="'seed' is set twice"):
+        load_config(write_run(config_updates={"--seed": 1}))
+
+
+def test_simpletuner_aliases_are_mapped_with_a_note(write_run: Any, caplog: pytest.LogCaptureFixture) -> None:
+    config_path = write_run(
+        config_updates={
+            "validation_steps": 250,
+            "checkpointing_steps": "300",
+            "save_total_limit": 2,
+            "vae_cache_preprocess": False,
+            "lr_scheduler": "cosine_with_warmup",
+            "model_family": "cosmos",
+            "__active_tab__": "model",
+            "repeats": 5,
+        }
+    )
+    with caplog.at_level(logging.INFO, logger="raytuner.config"):
+        run = load_config(config_path)
+    training = run.training
+    assert training.validation_step_interval == 250
+    assert training.checkpoint_step_interval == 300
+    assert training.checkpoints_total_limit == 2
+    assert training.vae_cache_ondemand is True  # vae_cache_preprocess false means on-demand
+    assert training.lr_scheduler == "cosine"
+    assert training.model_family == "cosmos2image"
+    notes = "\n".join(run.notes)
+    for name in (
+        "validation_steps",
+        "checkpointing_steps",
+        "save_total_limit",
+        "vae_cache_preprocess",
+        "__active_tab__",
+        "repeats",
+    ):
+        assert name in notes
+    assert not run.warnings
+    assert any(
+        "validation_steps" in record.getMessage() and record.levelno == logging.INFO
+        for record in caplog.records
+    )
+
+
+def test_canonical_key_wins_over_its_alias(write_run: Any) -> None:
+    run = load_config(write_run(config_updates={"validation_steps": 10, "validation_step_interval": 20}))
+    assert run.training.validation_step_interval == 20
+    assert any("'validation_steps' and 'validation_step_interval' are both set" in w for w in run.warnings)
+
+
+def test_validation_prompt_library_path_is_read_as_user_prompt_library(write_run: Any, tmp_path: Any) -> None:
+    (tmp_path / "prompts.json").write_text('{"cat": "a cat"}', encoding="utf-8")
+    run = load_config(write_run(config_updates={"validation_prompt_library": "prompts.json"}))
+    assert run.training.user_prompt_library == tmp_path / "prompts.json"
+    assert run.training.validation_prompt_library is False
+    assert run.sources["user_prompt_library"] == tmp_path / "prompts.json"
+
+
+def test_unknown_key_warns_with_the_closest_known_key(
+    write_run: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="raytuner.config"):
+        run = load_config(write_run(config_updates={"learning_rat": 1e-4, "--max_train_step": 5}))
+    assert "config.json: unknown key 'learning_rat' (did you mean 'learning_rate'?)" in run.warnings
+    assert "config.json: unknown key '--max_train_step' (did you mean 'max_train_steps'?)" in run.warnings
+    assert any("did you mean 'learning_rate'" in record.getMessage() for record in caplog.records)
+    assert run.training.learning_rate == pytest.approx(4e-7)  # the typo did not set anything
+
+
+def test_simpletuner_key_without_a_field_is_accepted_not_yet_supported(write_run: Any) -> None:
+    config_path = write_run(config_updates={"noise_offset": 0.1, "fused_qkv_projections": True})
+    run = load_config(config_path)
+    assert "config.json: accepted, not yet supported: noise_offset" in run.warnings
+    assert any("not yet supported: fuse_qkv_projections" in warning for warning in run.warnings)
+    with pytest.raises(ConfigError) as caught:
+        load_config(config_path, strict=True)
+    assert any("accepted, not yet supported: noise_offset" in line for line in caught.value.problems)
+
+
+def test_strict_refuses_unknown_keys_everywhere(write_run: Any) -> None:
+    datasets = [
+        {
+            "id": "images",
+            "type": "local",
+            "instance_data_dir": "images",
+            "crop_stlye": "center",
+            "probability": 0.5,
+        },
+        {"id": "text", "type": "local", "dataset_type": "text_embeds", "default": True},
+    ]
+    config_path = write_run(
+        config_updates={"learning_rat": 1e-4}, datasets=datasets, lycoris={"algo": "lokr", "factr": 2}
+    )
+    run = load_config(config_path)
+    assert any(
+        "dataset 'images': unknown key 'crop_stlye' (did you mean 'crop_style'?)" in w for w in run.warnings
+    )
+    assert any("dataset 'images': accepted, not yet supported: probability" in w for w in run.warnings)
+    assert any("lycoris_config.json: unknown key 'factr' (did you mean 'factor'?)" in w for w in run.warnings)
+    with pytest.raises(ConfigError) as caught:
+        load_config(config_path, strict=True)
+    assert len(caught.value.problems) == 4  # one line per doubtful key, across all three files
+    assert (
+        caught.value.problems[0] == "config.json: unknown key 'learning_rat' (did you mean 'learning_rate'?)"
+    )
+
+
+def test_quickstart_only_key_is_a_warning_even_when_strict(write_run: Any) -> None:
+    run = load_config(write_run(config_updates={"validation_torch_compile": "false"}), strict=True)
+    assert any("validation_torch_compile" in warning for warning in run.warnings)
+
+
+def test_dataset_paired_spellings_are_aliases(write_run: Any) -> None:
+    datasets = [
+        {"id": "images", "type": "local", "instance_data_root": "images", "is_regularization_data": True},
+        {"id": "old", "type": "local", "instance_data_dir": "images", "disable": True},
+        {"id": "text", "type": "local", "dataset_type": "text_embeds", "default": True},
+    ]
+    run = load_config(write_run(datasets=datasets))
+    images, old = run.datasets[0], run.datasets[1]
+    assert images.instance_data_dir is not None and images.instance_data_dir.name == "images"
+    assert images.is_regularisation_data is True
+    assert old.disabled and [d.id for d in run.enabled_datasets] == ["images", "text"]
+    assert not run.warnings
+
+
+def test_datasets_inherit_resolution_from_config(write_run: Any) -> None:
+    run = load_config(write_run(config_updates={"resolution": 512, "resolution_type": "pixel"}))
+    assert run.datasets[0].resolution == 512 and run.datasets[0].resolution_type == "pixel"
+
+
+def test_missing_text_embeds_dataset_is_added_as_simpletuner_does(write_run: Any, tmp_path: Any) -> None:
+    run = load_config(write_run(datasets=[{"id": "images", "type": "local", "instance_data_dir": "images"}]))
+    text = [dataset for dataset in run.datasets if dataset.dataset_type == "text_embeds"]
+    assert len(text) == 1 and text[0].default
+    assert text[0].cache_dir == str(tmp_path / "output" / "cache" / "text" / "cosmos2image")
+    assert any("no text_embeds dataset" in warning for warning in run.warnings)
+
+
+def test_single_text_embeds_dataset_becomes_the_default(write_run: Any) -> None:
+    datasets = [
+        {"id": "images", "type": "local", "instance_data_dir": "images"},
+        {"id": "text", "type": "local", "dataset_type": "text_embeds"},
+    ]
+    run = load_config(write_run(datasets=datasets))
+    assert run.datasets[1].default
+
+
+def test_other_lycoris_algos_warn_not_tested(write_run: Any) -> None:
+    run = load_config(write_run(lycoris={"algo": "loha", "linear_dim": 8}))
+    assert run.lycoris is not None and run.lycoris.algo == "loha"
+    assert any("not tested by raytuner" in warning for warning in run.warnings)
+
+
+def test_lycoris_kwargs_use_lycoris_spelling(write_run: Any) -> None:
+    run = load_config(
+        write_run(
+            lycoris={
+                "algo": "lokr",
+                "dora_wd": True,
+                "factor": 4,
+                "apply_preset": {"target_module": ["Attention"]},
+            }
+        )
+    )
+    assert run.lycoris is not None and run.lycoris.weight_decompose is True
+    kwargs = run.lycoris.create_kwargs()
+    assert kwargs["dora_wd"] is True and kwargs["algo"] == "lokr" and "apply_preset" not in kwargs
+    assert run.lycoris.apply_preset is not None
+    assert run.lycoris.apply_preset.to_dict() == {"target_module": ["Attention"]}

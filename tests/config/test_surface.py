@@ -1,0 +1,53 @@
+"""raytuner's config fields against SimpleTuner's lists: names, defaults and choices agree."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from raytuner.config import DatasetConfig, TrainingConfig
+from raytuner.config.surface import config_keys, dataset_keys, option_specs
+
+# Fields raytuner has that SimpleTuner's option registry does not list (the seeds' docs use them).
+RAYTUNER_ONLY_FIELDS = {"hf_token", "enable_model_cpu_offload"}
+
+
+def test_training_fields_are_simpletuner_option_names() -> None:
+    names = {field.name for field in dataclasses.fields(TrainingConfig)}
+    assert names - config_keys() == RAYTUNER_ONLY_FIELDS
+
+
+def test_dataset_fields_are_simpletuner_dataset_keys() -> None:
+    names = {field.name for field in dataclasses.fields(DatasetConfig)}
+    assert names <= dataset_keys()
+
+
+def test_defaults_match_simpletuner() -> None:
+    defaults = {field.name: field.default for field in dataclasses.fields(TrainingConfig)}
+    for name, spec in option_specs().items():
+        if name not in defaults or defaults[name] is dataclasses.MISSING:
+            continue
+        listed = spec.default.split(" [")[0].strip("'")
+        ours = defaults[name]
+        if listed == "None":
+            assert ours is None, name
+        elif name == "lycoris_config" or name == "output_dir":
+            assert str(ours) == listed, name
+        elif spec.type == "bool":
+            assert ours == (listed == "True"), name
+        elif spec.type in ("int", "float"):
+            assert ours == float(listed), name
+        else:
+            assert ours == listed, name
+
+
+def test_choices_come_from_simpletuner() -> None:
+    fields = {field.name: field for field in dataclasses.fields(TrainingConfig)}
+    for name in (
+        "lr_scheduler",
+        "optimizer",
+        "mixed_precision",
+        "base_model_precision",
+        "report_to",
+        "quantize_via",
+    ):
+        assert fields[name].metadata["choices"] == option_specs()[name].choices
