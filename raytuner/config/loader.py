@@ -93,6 +93,7 @@ def load_config(path: str | Path, *, strict: bool = False) -> RunConfig:
     if training is not None:
         _check_model(training, explicit=set(values), where=where, findings=findings)
         _check_training(training, where=where, findings=findings)
+        _check_flow_schedule(training, explicit=set(values), where=where, findings=findings)
         _resolve_training_paths(
             training, config_path=config_path, where=where, sources=sources, findings=findings
         )
@@ -253,6 +254,27 @@ def _check_training(training: TrainingConfig, *, where: str, findings: _Findings
         findings.problems.append(
             f"{where}: 'enable_group_offload' and 'enable_model_cpu_offload' are both true: expected at most one; "
             "keep enable_group_offload"
+        )
+
+
+def _check_flow_schedule(
+    training: TrainingConfig, *, explicit: set[str], where: str, findings: _Findings
+) -> None:
+    """Say when a schedule-shift setting will not do what it reads as."""
+    shift_set = "flow_schedule_shift" in explicit and (training.flow_schedule_shift or 0) > 0
+    auto_set = "flow_schedule_auto_shift" in explicit and training.flow_schedule_auto_shift
+    if training.model_family == "omnigen" and (shift_set or auto_set):
+        keys = " and ".join(
+            k for k, on in (("flow_schedule_shift", shift_set), ("flow_schedule_auto_shift", auto_set)) if on
+        )
+        findings.warnings.append(
+            f"{where}: {keys} set for omnigen: OmniGen trains with its own flow-matching schedule and "
+            "applies no shift, so this setting has no effect; remove it to silence this warning"
+        )
+    elif shift_set and training.flow_schedule_auto_shift:
+        findings.notes.append(
+            f"{where}: flow_schedule_shift {training.flow_schedule_shift} is not used because "
+            "flow_schedule_auto_shift is on (as in SimpleTuner, the resolution-dependent shift wins)"
         )
 
 

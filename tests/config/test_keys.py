@@ -230,3 +230,31 @@ def test_lycoris_kwargs_use_lycoris_spelling(write_run: Any) -> None:
     assert kwargs["dora_wd"] is True and kwargs["algo"] == "lokr" and "apply_preset" not in kwargs
     assert run.lycoris.apply_preset is not None
     assert run.lycoris.apply_preset.to_dict() == {"target_module": ["Attention"]}
+
+
+def test_a_shift_set_for_omnigen_is_a_warning(write_run: Any) -> None:
+    run = load_config(
+        write_run(
+            config_updates={
+                "model_family": "omnigen",
+                "flow_schedule_shift": 3.0,
+                "lycoris_config": "lycoris_config.json",
+            }
+        )
+    )
+    assert any(
+        "flow_schedule_shift set for omnigen" in warning and "applies no shift" in warning
+        for warning in run.warnings
+    )
+    quiet = load_config(write_run(config_updates={"model_family": "omnigen"}))
+    assert not any(
+        "applies no shift" in warning for warning in quiet.warnings
+    )  # SimpleTuner's default 3.0 is silent
+
+
+def test_auto_shift_wins_over_a_static_shift_with_a_note(write_run: Any) -> None:
+    run = load_config(
+        write_run(config_updates={"flow_schedule_shift": 2.0, "flow_schedule_auto_shift": True})
+    )
+    assert any("flow_schedule_auto_shift is on" in note for note in run.notes)
+    assert not any("applies no shift" in warning for warning in run.warnings)

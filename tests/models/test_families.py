@@ -156,3 +156,13 @@ def test_training_timesteps_follow_each_pipeline_convention(tiny_checkpoints: di
         generator=torch.Generator().manual_seed(0),
     )
     assert torch.equal(plain, shifted)
+
+
+@pytest.mark.parametrize("name", ["cosmos2image", "omnigen"])
+def test_family_flavours_agree_with_simpletuner_surface(name: str) -> None:
+    from raytuner.config.surface import flavours
+
+    surface = {flavour.name: flavour.hub_id for flavour in flavours(name)}
+    family = get_family(name)
+    assert surface == dict(family.flavours)
+    assert next(f.name for f in flavours(name) if f.default) == family.default_flavour

@@ -1,0 +1,77 @@
+"""The ``raytuner`` command as users run it: exit codes, one-line errors, the offline demo."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from raytuner.cli import main
+from raytuner.models.safety import is_tiny_checkpoint
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_check_config_reports_a_bad_file_in_one_line_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = tmp_path / "config.json"
+    broken.write_text('{"model_family": "cosmos2image",}', encoding="utf-8")
+    assert main(["check-config", "--config", str(broken)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert "invalid JSON at line 1" in errors[0]
+
+
+def test_check_config_prints_the_seed_config_resolved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for folder in ("datasets/pseudo-camera-10k", "datasets/dreambooth-subject"):
+        (tmp_path / folder).mkdir(parents=True)
+    assert main(["check-config", "--config", str(REPO_ROOT / "configs/cosmos2image/config.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "lycoris_config.json" in printed
+    assert "cosmos2image" in printed
+
+
+def test_tiny_model_command_writes_a_marked_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["tiny-model", "--family", "omnigen", "--out", str(tmp_path / "tiny")]) == 0
+    assert is_tiny_checkpoint(tmp_path / "tiny")
+    assert main(["tiny-model", "--family", "flux", "--out", str(tmp_path / "flux")]) == 2
+    assert "cosmos2image, omnigen" in capsys.readouterr().err
+
+
+def test_demo_outside_the_repository_says_where_to_run_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo"]) == 2
+    assert "run from the repository root or pass --configs DIR" in capsys.readouterr().out
+
+
+def test_offline_demo_runs_end_to_end(tmp_path: Path) -> None:
+    """`raytuner demo` as the README runs it, in a copy of the repository's configs."""
+    shutil.copytree(REPO_ROOT / "configs", tmp_path / "configs")
+    command = [str(Path(sys.executable).with_name("raytuner")), "demo", "--steps", "4"]
+    finished = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "first loss" in finished.stdout
+    for family in ("cosmos2image", "omnigen"):
+        output = tmp_path / "output/demo" / family
+        adapter = output / "pytorch_lora_weights.safetensors"
+        with safe_open(str(adapter), framework="pt") as handle:
+            assert any(key.startswith("lycoris_") for key in handle.keys())  # noqa: SIM118
+            assert handle.metadata()["raytuner_family"] == family
+        assert (output / "validation/step00004.png").is_file()
+        assert (output / "loss.png").is_file()
+        recorded = json.loads((output / "raytuner_config.json").read_text())
+        assert recorded["training"]["model_family"] == family
+    assert len(list((tmp_path / "output/demo/datasets/shapes").glob("*.png"))) == 8
