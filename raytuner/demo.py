@@ -25,7 +25,7 @@ from raytuner.config import ConfigError, RunConfig, check_run, load_config
 from raytuner.data.synthetic import synthetic_images, to_pixels, write_dataset
 from raytuner.models.base import ModelFamily
 from raytuner.models.registry import get_family
-from raytuner.models.safety import PassThroughSafetyChecker, is_tiny_checkpoint
+from raytuner.models.safety import is_tiny_checkpoint
 from raytuner.models.tiny import build_tiny_checkpoint
 from raytuner.train.step import train_step
 
@@ -139,7 +139,6 @@ def _generate(family: ModelFamily, run: RunConfig, pipeline: object) -> Image.Im
         num_inference_steps=run.training.validation_num_inference_steps,
         guidance_scale=run.training.validation_guidance,
         generator=torch.Generator().manual_seed(run.training.validation_seed or run.seed),
-        **family.default_validation_kwargs(),
     ).images[0]
 
 
@@ -203,8 +202,8 @@ def run_family_demo(config_path: Path, steps: int | None = None) -> DemoResult:
     )
     loss_plot = _save_loss_plot(losses, output_dir / "loss.png", f"{family_name}: LoKr on synthetic shapes")
 
-    extras = {"safety_checker": PassThroughSafetyChecker()} if family_name == "cosmos2image" else {}
-    pipeline = family.build_pipeline(**extras)
+    # Tiny random-weight models have nothing to screen; validation runs unscreened, logged once.
+    pipeline = family.build_pipeline(**family.pipeline_components(allow_unscreened=True))
     base_image = _generate(family, run, pipeline)
     load_adapter(adapter, pipeline.transformer, scale=1.0, merge=True)
     adapted_image = _generate(family, run, pipeline)

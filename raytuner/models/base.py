@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, ModelMixin
 
 from raytuner import flow
 
@@ -41,6 +41,8 @@ class ModelFamily(ABC):
     flavours: ClassVar[Mapping[str, str]]
     default_flavour: ClassVar[str]
     pipeline_class: ClassVar[type[DiffusionPipeline]]
+    transformer_class: ClassVar[type[ModelMixin]]
+    vae_class: ClassVar[type[ModelMixin]]
     # LyCORIS preset names as users write them -> the diffusers class names they mean.
     module_aliases: ClassVar[Mapping[str, Sequence[str]]] = {}
     # +1: the transformer predicts noise - x0; -1: it predicts x0 - noise.
@@ -60,6 +62,7 @@ class ModelFamily(ABC):
         self.revision = revision
         self.device = torch.device(device)
         self.dtype = dtype
+        self._vae: ModelMixin | None = None
 
     # ---- where the parts come from -------------------------------------------------------------
 
@@ -77,13 +80,21 @@ class ModelFamily(ABC):
     def _load_kwargs(self) -> dict[str, Any]:
         return {"revision": self.revision} if self.revision else {}
 
-    @abstractmethod
-    def load_transformer(self) -> torch.nn.Module:
-        """The frozen base transformer, on ``self.device`` in ``self.dtype``."""
+    def load_transformer(self) -> ModelMixin:
+        """A fresh copy of the base transformer, on ``self.device`` in ``self.dtype``."""
+        transformer = self.transformer_class.from_pretrained(
+            self.model_path, subfolder="transformer", dtype=self.dtype, **self._load_kwargs()
+        )
+        return transformer.to(self.device)
 
-    @abstractmethod
-    def load_vae(self) -> torch.nn.Module:
-        """The VAE, on ``self.device``."""
+    def load_vae(self) -> ModelMixin:
+        """The frozen VAE in float32 (loaded once), on ``self.device``."""
+        if self._vae is None:
+            vae = self.vae_class.from_pretrained(
+                self.model_path, subfolder="vae", dtype=torch.float32, **self._load_kwargs()
+            )
+            self._vae = vae.to(self.device).eval().requires_grad_(False)
+        return self._vae
 
     # ---- encoding (the cache step) -------------------------------------------------------------
 
@@ -159,12 +170,21 @@ class ModelFamily(ABC):
 
     # ---- inference -----------------------------------------------------------------------------
 
-    @abstractmethod
     def build_pipeline(
         self, transformer: torch.nn.Module | None = None, **components: Any
     ) -> DiffusionPipeline:
         """The family's diffusers pipeline from ``model_path``, around ``transformer`` when given."""
+        if transformer is not None:
+            components["transformer"] = transformer
+        pipeline = self.pipeline_class.from_pretrained(
+            self.model_path, dtype=self.dtype, **self._load_kwargs(), **components
+        )
+        return pipeline.to(self.device)
 
     @abstractmethod
-    def default_validation_kwargs(self) -> dict[str, Any]:
-        """Pipeline call arguments the family needs beyond prompt/size/steps/guidance."""
+    def pipeline_components(self, *, allow_unscreened: bool) -> dict[str, Any]:
+        """Extra components :meth:`build_pipeline` needs to run (Cosmos2: its safety checker).
+
+        ``allow_unscreened`` lets a family without its screening package installed run anyway
+        (validation inside training); it is never the default for user-facing generation.
+        """

@@ -36,13 +36,13 @@ from diffusers import (
     AutoencoderKLWan,
     Cosmos2TextToImagePipeline,
     CosmosTransformer3DModel,
-    DiffusionPipeline,
-    FlowMatchEulerDiscreteScheduler,
 )
 from transformers import AutoTokenizer, T5EncoderModel
 
+from raytuner import flow
 from raytuner.models.base import ConditioningBatch, ModelFamily, PromptConditioning
 from raytuner.models.registry import register_family
+from raytuner.models.safety import load_safety_checker
 
 # Cosmos2TextToImagePipeline.__init__ registers these on its scheduler config.
 SIGMA_MAX = 80.0
@@ -60,6 +60,8 @@ class Cosmos2Image(ModelFamily):
     }
     default_flavour: ClassVar[str] = "2b"
     pipeline_class = Cosmos2TextToImagePipeline
+    transformer_class = CosmosTransformer3DModel
+    vae_class = AutoencoderKLWan
     # diffusers subclasses Attention as CosmosAttention; LyCORIS matches exact class names.
     module_aliases: ClassVar[dict[str, tuple[str, ...]]] = {
         "Attention": ("CosmosAttention",),
@@ -71,26 +73,10 @@ class Cosmos2Image(ModelFamily):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._vae: AutoencoderKLWan | None = None
         self._tokenizer: Any = None
         self._text_encoder: T5EncoderModel | None = None
-        self._scheduler_config: dict[str, Any] | None = None
 
     # ---- parts ---------------------------------------------------------------------------------
-
-    def load_transformer(self) -> CosmosTransformer3DModel:
-        transformer = CosmosTransformer3DModel.from_pretrained(
-            self.model_path, subfolder="transformer", dtype=self.dtype, **self._load_kwargs()
-        )
-        return transformer.to(self.device)
-
-    def load_vae(self) -> AutoencoderKLWan:
-        if self._vae is None:
-            vae = AutoencoderKLWan.from_pretrained(
-                self.model_path, subfolder="vae", dtype=torch.float32, **self._load_kwargs()
-            )
-            self._vae = vae.to(self.device).eval().requires_grad_(False)
-        return self._vae
 
     def _load_text_side(self) -> tuple[Any, T5EncoderModel]:
         if self._text_encoder is None:
@@ -102,14 +88,6 @@ class Cosmos2Image(ModelFamily):
             )
             self._text_encoder = encoder.to(self.device).eval().requires_grad_(False)
         return self._tokenizer, self._text_encoder
-
-    def scheduler_config(self) -> dict[str, Any]:
-        if self._scheduler_config is None:
-            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
-                self.model_path, subfolder="scheduler", **self._load_kwargs()
-            )
-            self._scheduler_config = dict(scheduler.config)
-        return self._scheduler_config
 
     # ---- encoding ------------------------------------------------------------------------------
 
@@ -160,7 +138,13 @@ class Cosmos2Image(ModelFamily):
         # transformer patch_size is (1, 2, 2) in every released Cosmos2 checkpoint
         return frames * (height // 2) * (width // 2)
 
-    def sample_sigmas(self, latents, schedule, *, generator=None):  # type: ignore[no-untyped-def]
+    def sample_sigmas(
+        self,
+        latents: torch.Tensor,
+        schedule: flow.FlowSchedule,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         sigmas = super().sample_sigmas(latents, schedule, generator=generator)
         return sigmas.clamp(SIGMA_MIN / (SIGMA_MIN + 1), SIGMA_MAX / (SIGMA_MAX + 1))
 
@@ -189,15 +173,7 @@ class Cosmos2Image(ModelFamily):
 
     # ---- inference -----------------------------------------------------------------------------
 
-    def build_pipeline(
-        self, transformer: torch.nn.Module | None = None, **components: Any
-    ) -> DiffusionPipeline:
-        if transformer is not None:
-            components["transformer"] = transformer
-        pipeline = Cosmos2TextToImagePipeline.from_pretrained(
-            self.model_path, dtype=self.dtype, **self._load_kwargs(), **components
-        )
-        return pipeline.to(self.device)
-
-    def default_validation_kwargs(self) -> dict[str, Any]:
-        return {}
+    def pipeline_components(self, *, allow_unscreened: bool) -> dict[str, Any]:
+        # The pipeline refuses to run without a safety checker (the model licence asks for NVIDIA's
+        # guardrail); raytuner.models.safety holds the policy.
+        return {"safety_checker": load_safety_checker(allow_unscreened=allow_unscreened)}

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, OmniGenPipeline, OmniGenTransformer2DModel
+from diffusers import AutoencoderKL, OmniGenPipeline, OmniGenTransformer2DModel
 from diffusers.pipelines.omnigen.processor_omnigen import OmniGenCollator, OmniGenMultiModalProcessor
 from transformers import AutoTokenizer
 
@@ -46,6 +46,8 @@ class OmniGen(ModelFamily):
     flavours: ClassVar[dict[str, str]] = {"v1": "Shitao/OmniGen-v1-diffusers"}
     default_flavour: ClassVar[str] = "v1"
     pipeline_class = OmniGenPipeline
+    transformer_class = OmniGenTransformer2DModel
+    vae_class = AutoencoderKL
     # The OmniGen seed preset says FeedForward; diffusers names the class OmniGenFeedForward.
     module_aliases: ClassVar[dict[str, tuple[str, ...]]] = {
         "Attention": ("Attention",),
@@ -57,25 +59,10 @@ class OmniGen(ModelFamily):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._vae: AutoencoderKL | None = None
         self._processor: OmniGenMultiModalProcessor | None = None
         self._collator = OmniGenCollator()  # the pipeline's processor builds its collator with defaults
 
     # ---- parts ---------------------------------------------------------------------------------
-
-    def load_transformer(self) -> OmniGenTransformer2DModel:
-        transformer = OmniGenTransformer2DModel.from_pretrained(
-            self.model_path, subfolder="transformer", dtype=self.dtype, **self._load_kwargs()
-        )
-        return transformer.to(self.device)
-
-    def load_vae(self) -> AutoencoderKL:
-        if self._vae is None:
-            vae = AutoencoderKL.from_pretrained(
-                self.model_path, subfolder="vae", dtype=torch.float32, **self._load_kwargs()
-            )
-            self._vae = vae.to(self.device).eval().requires_grad_(False)
-        return self._vae
 
     def processor(self) -> OmniGenMultiModalProcessor:
         if self._processor is None:
@@ -171,15 +158,5 @@ class OmniGen(ModelFamily):
 
     # ---- inference -----------------------------------------------------------------------------
 
-    def build_pipeline(
-        self, transformer: torch.nn.Module | None = None, **components: Any
-    ) -> DiffusionPipeline:
-        if transformer is not None:
-            components["transformer"] = transformer
-        pipeline = OmniGenPipeline.from_pretrained(
-            self.model_path, dtype=self.dtype, **self._load_kwargs(), **components
-        )
-        return pipeline.to(self.device)
-
-    def default_validation_kwargs(self) -> dict[str, Any]:
+    def pipeline_components(self, *, allow_unscreened: bool) -> dict[str, Any]:
         return {}

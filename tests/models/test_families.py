@@ -166,3 +166,17 @@ def test_family_flavours_agree_with_simpletuner_surface(name: str) -> None:
     family = get_family(name)
     assert surface == dict(family.flavours)
     assert next(f.name for f in flavours(name) if f.default) == family.default_flavour
+
+
+def test_pipeline_components_follow_the_safety_policy(tiny_checkpoints: dict[str, Path]) -> None:
+    from raytuner.models.safety import is_guardrail_installed
+
+    cosmos = _family("cosmos2image", tiny_checkpoints["cosmos2image"])
+    omnigen = _family("omnigen", tiny_checkpoints["omnigen"])
+    assert omnigen.pipeline_components(allow_unscreened=False) == {}
+    if not is_guardrail_installed():
+        assert isinstance(
+            cosmos.pipeline_components(allow_unscreened=True)["safety_checker"], PassThroughSafetyChecker
+        )
+        with pytest.raises(RuntimeError, match="cosmos_guardrail"):
+            cosmos.pipeline_components(allow_unscreened=False)
