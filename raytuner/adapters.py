@@ -130,10 +130,13 @@ def build_adapter(
     spec: LycorisConfig,
     *,
     module_aliases: Mapping[str, Sequence[str]] | None = None,
+    seed: int | None = None,
 ) -> tuple[LycorisNetwork, AdapterReport]:
     """Wrap ``model`` with a LyCORIS network built from a loaded ``lycoris_config.json``.
 
     The base model is frozen; only the adapter's parameters require gradients afterwards.
+    LyCORIS initialises its weights from torch's global generator; with ``seed`` the
+    initialisation is reproducible and the caller's generator state is left as it was.
     """
     aliases = module_aliases or {}
     kwargs = spec.create_kwargs()
@@ -144,7 +147,9 @@ def build_adapter(
     preset = expand_preset_aliases(user_preset, aliases, _module_class_names(model))
 
     model.requires_grad_(False)
-    with preserved_lycoris_class_state():
+    with preserved_lycoris_class_state(), torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
         if preset:
             LycorisNetwork.apply_preset(preset)
         network = create_lycoris(model, multiplier, linear_dim, linear_alpha, **kwargs)

@@ -167,7 +167,9 @@ def run_family_demo(config_path: Path, steps: int | None = None) -> DemoResult:
 
     transformer = family.load_transformer()
     assert run.lycoris is not None
-    network, report = build_adapter(transformer, run.lycoris, module_aliases=family.module_aliases)
+    network, report = build_adapter(
+        transformer, run.lycoris, module_aliases=family.module_aliases, seed=run.seed
+    )
     parameters = [p for p in network.parameters() if p.requires_grad]
     optimizer = optimizer_class(parameters, lr=run.training.learning_rate)
     schedule = schedule_from_config(run)

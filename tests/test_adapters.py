@@ -222,3 +222,25 @@ def test_loading_a_damaged_or_foreign_adapter_is_a_clear_error(
     foreign_model = get_family(other)(tiny_checkpoints[other]).load_transformer()
     with pytest.raises(AdapterError, match="matches no module"):
         load_adapter(trained.adapter_file, foreign_model)
+
+
+def test_adapter_initialisation_is_seeded_and_leaves_the_global_generator_alone(
+    tiny_checkpoints: dict[str, Path],
+) -> None:
+    family = get_family("omnigen")(tiny_checkpoints["omnigen"])
+    spec = seed_lycoris_config("omnigen")
+
+    def initial_state(seed: int) -> dict[str, torch.Tensor]:
+        network, _ = build_adapter(
+            family.load_transformer(), spec, module_aliases=family.module_aliases, seed=seed
+        )
+        return {key: value.clone() for key, value in network.state_dict().items()}
+
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    first, again, other = initial_state(1), initial_state(1), initial_state(2)
+    assert torch.equal(torch.rand(1), expected_next)
+    assert first.keys() == again.keys() == other.keys()
+    assert all(torch.equal(first[key], again[key]) for key in first)
+    assert any(not torch.equal(first[key], other[key]) for key in first)
