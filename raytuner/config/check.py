@@ -6,10 +6,11 @@ redacted) and the warnings, or the errors, one ``error: …`` line each on stder
 
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from raytuner.config.errors import ConfigError
 from raytuner.config.loader import load_config
@@ -40,10 +41,23 @@ def format_run(run: RunConfig) -> str:
     return "\n".join(lines)
 
 
+@contextmanager
+def _quiet_config_logging() -> Iterator[None]:
+    # check-config prints the warnings in its report; logging them too would show each twice.
+    config_logger = logging.getLogger("raytuner.config")
+    previous = config_logger.level
+    config_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        config_logger.setLevel(previous)
+
+
 def check_config_main(config_path: str, *, strict: bool = False) -> int:
     """Load and check a config; print the result. 0 when usable, 2 when not."""
     try:
-        run = load_config(config_path, strict=strict)
+        with _quiet_config_logging():
+            run = load_config(config_path, strict=strict)
     except ConfigError as error:
         for line in error.problems:
             print(f"error: {line}", file=sys.stderr)
@@ -56,19 +70,3 @@ def check_config_main(config_path: str, *, strict: bool = False) -> int:
         return EXIT_BAD_CONFIG
     print(f"ok: {display(run.sources['config'])}")
     return EXIT_OK
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="raytuner check-config", description="Check a SimpleTuner config.json and the files it names."
-    )
-    parser.add_argument("--config", required=True, help="path to config.json")
-    parser.add_argument(
-        "--strict", action="store_true", help="treat unknown and not-yet-supported keys as errors"
-    )
-    arguments = parser.parse_args(argv)
-    return check_config_main(arguments.config, strict=arguments.strict)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -111,14 +110,17 @@ def test_check_config_names_missing_dataset_folder(
     assert check_run(run) == [line.removeprefix("error: ") for line in errors]
 
 
-def test_check_config_as_a_module(tmp_path: Path) -> None:
-    for folder in SEED_DATASET_DIRS:
-        (tmp_path / folder).mkdir(parents=True)
-    command = [sys.executable, "-m", "raytuner.config.check", "--config", str(SEED_CONFIGS[1])]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stderr
-    assert "resolved config:" in done.stdout
-    shutil.rmtree(tmp_path / "datasets")
+def test_check_config_console_script_exits_2_naming_the_missing_folder(tmp_path: Path) -> None:
+    # The installed `raytuner` entry point, as `ray job submit -- raytuner ...` runs it.
+    command = [
+        str(Path(sys.executable).with_name("raytuner")),
+        "check-config",
+        "--config",
+        str(SEED_CONFIGS[1]),
+    ]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=False)
     assert done.returncode == 2
-    assert "error: " in done.stderr and "pseudo-camera-10k" in done.stderr
+    assert "resolved config:" in done.stdout
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and "pseudo-camera-10k" in errors[0]
+    assert "Traceback" not in done.stderr
