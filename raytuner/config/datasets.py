@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raytuner.config.fields import build, field_names, problem, rule
-from raytuner.config.surface import dataset_keys, did_you_mean
+from raytuner.config.fields import build, field_names, key_without_field, problem, rule
+from raytuner.config.surface import dataset_keys
 
 BACKEND_TYPES: tuple[str, ...] = ("local", "aws")
 DATASET_TYPES: tuple[str, ...] = ("image", "eval", "text_embeds")
@@ -148,11 +148,8 @@ def _sort_keys(
                     f"{label}: both '{name}' and its other spelling '{key}' are set; keep one"
                 )
             values[name] = value
-        elif key in dataset_keys():
-            message = f"{label}: accepted, not yet supported: {key}"
-            (result.problems if strict else result.warnings).append(message)
         else:
-            message = f"{label}: unknown key '{key}'{did_you_mean(key, fields | dataset_keys())}"
+            message = key_without_field(label, key, fields=fields, known=dataset_keys())
             (result.problems if strict else result.warnings).append(message)
     return values
 

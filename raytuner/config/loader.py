@@ -16,7 +16,7 @@ from typing import Any
 
 from raytuner.config.datasets import DatasetConfig, default_text_embeds, parse_datasets
 from raytuner.config.errors import ConfigError
-from raytuner.config.fields import CoercionError, build, coerce, field_names, problem
+from raytuner.config.fields import CoercionError, build, coerce, field_names, key_without_field, problem
 from raytuner.config.lycoris import LycorisConfig, parse_lycoris
 from raytuner.config.paths import (
     display,
@@ -170,11 +170,9 @@ def _sort_config_keys(
             findings.warnings.append(
                 f"{where}: ignored: '{key}' (used by SimpleTuner's quickstarts, not an option)"
             )
-        elif key in config_keys():
-            findings.doubtful_key(f"{where}: accepted, not yet supported: {key}", strict=strict)
         else:
-            hint = did_you_mean(key, fields | config_keys())
-            findings.doubtful_key(f"{where}: unknown key '{written}'{hint}", strict=strict)
+            message = key_without_field(where, key, fields=fields, known=config_keys(), written=written)
+            findings.doubtful_key(message, strict=strict)
     for old, new, value in aliased:
         if new in values or new in written_as:
             findings.warnings.append(f"{where}: '{old}' and '{new}' are both set; using '{new}'")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from raytuner.config.fields import build, field_names, rule, to_plain
+from raytuner.config.fields import build, field_names, key_without_field, rule, to_plain
 from raytuner.config.surface import did_you_mean
 
 TESTED_ALGO = "lokr"
@@ -130,11 +130,8 @@ def parse_lycoris(raw: Any, *, where: str, strict: bool) -> ParsedLycoris:
         name = KEY_SPELLINGS.get(key, key)
         if name in fields:
             values[name] = value
-        elif key in known_lycoris_keys():
-            message = f"{where}: accepted, not yet supported: {key}"
-            (result.problems if strict else result.warnings).append(message)
         else:
-            message = f"{where}: unknown key '{key}'{did_you_mean(key, known_lycoris_keys())}"
+            message = key_without_field(where, key, fields=fields, known=known_lycoris_keys())
             (result.problems if strict else result.warnings).append(message)
 
     algo = values.get("algo", "lora")
