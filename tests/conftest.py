@@ -28,3 +28,15 @@ def tiny_cosmos_dir(tiny_checkpoints: dict[str, Path]) -> Path:
 @pytest.fixture(scope="session")
 def tiny_omnigen_dir(tiny_checkpoints: dict[str, Path]) -> Path:
     return tiny_checkpoints["omnigen"]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``gpu``-marked tests run only where CUDA is present (the lent accelerator); never instead of a CPU test."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip_without_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_without_cuda)
