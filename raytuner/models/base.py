@@ -47,8 +47,6 @@ class ModelFamily(ABC):
     module_aliases: ClassVar[Mapping[str, Sequence[str]]] = {}
     # +1: the transformer predicts noise - x0; -1: it predicts x0 - noise.
     target_direction: ClassVar[float] = 1.0
-    # Whether flow_schedule_shift / flow_schedule_auto_shift mean anything for this family.
-    applies_flow_shift: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -99,9 +97,7 @@ class ModelFamily(ABC):
     # ---- encoding (the cache step) -------------------------------------------------------------
 
     @abstractmethod
-    def encode_images(
-        self, pixels: torch.Tensor, *, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels ``[B, 3, H, W]`` in ``[-1, 1]`` -> normalised latents, as the pipeline expects them back."""
 
     @abstractmethod

@@ -62,14 +62,12 @@ class Cosmos2Image(ModelFamily):
     pipeline_class = Cosmos2TextToImagePipeline
     transformer_class = CosmosTransformer3DModel
     vae_class = AutoencoderKLWan
-    # diffusers subclasses Attention as CosmosAttention; LyCORIS matches exact class names.
+    # Cosmos2 blocks use diffusers' Attention; checkpoints with image context build their cross-attention
+    # as the CosmosAttention subclass, which LyCORIS (exact class-name match) would otherwise skip.
     module_aliases: ClassVar[dict[str, tuple[str, ...]]] = {
         "Attention": ("CosmosAttention",),
-        "FeedForward": ("FeedForward",),
-        "TransformerBlock": ("CosmosTransformerBlock",),
     }
     target_direction: ClassVar[float] = 1.0
-    applies_flow_shift: ClassVar[bool] = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -92,9 +90,7 @@ class Cosmos2Image(ModelFamily):
     # ---- encoding ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode_images(
-        self, pixels: torch.Tensor, *, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         vae = self.load_vae()
         video = pixels.to(self.device, vae.dtype).unsqueeze(2)  # [B, 3, 1, H, W]: one frame
         posterior = vae.encode(video).latent_dist

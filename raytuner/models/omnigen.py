@@ -50,12 +50,9 @@ class OmniGen(ModelFamily):
     vae_class = AutoencoderKL
     # The OmniGen seed preset says FeedForward; diffusers names the class OmniGenFeedForward.
     module_aliases: ClassVar[dict[str, tuple[str, ...]]] = {
-        "Attention": ("Attention",),
         "FeedForward": ("OmniGenFeedForward",),
-        "TransformerBlock": ("OmniGenBlock",),
     }
     target_direction: ClassVar[float] = -1.0
-    applies_flow_shift: ClassVar[bool] = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -75,9 +72,7 @@ class OmniGen(ModelFamily):
     # ---- encoding ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode_images(
-        self, pixels: torch.Tensor, *, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         vae = self.load_vae()
         posterior = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
         return posterior.mode().to(torch.float32) * vae.config.scaling_factor
