@@ -47,6 +47,8 @@ class ModelFamily(ABC):
     module_aliases: ClassVar[Mapping[str, Sequence[str]]] = {}
     # +1: the transformer predicts noise - x0; -1: it predicts x0 - noise.
     target_direction: ClassVar[float] = 1.0
+    # Training sigmas are clamped to the noise levels the family's pipeline ever evaluates.
+    sigma_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
 
     def __init__(
         self,
@@ -136,13 +138,14 @@ class ModelFamily(ABC):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Training sigmas for this batch (a family with its own scheme overrides this)."""
-        return flow.sample_training_sigmas(
+        sigmas = flow.sample_training_sigmas(
             latents.shape[0],
             schedule,
             image_seq_len=self.image_seq_len(latents),
             generator=generator,
             device=latents.device,
         )
+        return sigmas.clamp(*self.sigma_range)
 
     def training_loss(
         self,

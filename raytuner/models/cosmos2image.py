@@ -39,7 +39,6 @@ from diffusers import (
 )
 from transformers import AutoTokenizer, T5EncoderModel
 
-from raytuner import flow
 from raytuner.models.base import ConditioningBatch, ModelFamily, PromptConditioning
 from raytuner.models.registry import register_family
 from raytuner.models.safety import load_safety_checker
@@ -68,6 +67,8 @@ class Cosmos2Image(ModelFamily):
         "Attention": ("CosmosAttention",),
     }
     target_direction: ClassVar[float] = 1.0
+    # Training never evaluates t where the pipeline cannot: its EDM sigmas run from 0.002 to 80.
+    sigma_range: ClassVar[tuple[float, float]] = (SIGMA_MIN / (SIGMA_MIN + 1), SIGMA_MAX / (SIGMA_MAX + 1))
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -133,16 +134,6 @@ class Cosmos2Image(ModelFamily):
         _, _, frames, height, width = latents.shape
         # transformer patch_size is (1, 2, 2) in every released Cosmos2 checkpoint
         return frames * (height // 2) * (width // 2)
-
-    def sample_sigmas(
-        self,
-        latents: torch.Tensor,
-        schedule: flow.FlowSchedule,
-        *,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        sigmas = super().sample_sigmas(latents, schedule, generator=generator)
-        return sigmas.clamp(SIGMA_MIN / (SIGMA_MIN + 1), SIGMA_MAX / (SIGMA_MAX + 1))
 
     def timesteps_from_sigmas(self, sigmas: torch.Tensor) -> torch.Tensor:
         return sigmas
