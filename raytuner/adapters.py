@@ -111,13 +111,14 @@ def _count_modules_per_target(
     network: LycorisNetwork,
     targets: Sequence[str],
     module_aliases: Mapping[str, Sequence[str]],
+    lora_prefix: str,
 ) -> dict[str, int]:
     lora_names = [lora.lora_name for lora in network.loras]
     counts: dict[str, int] = {}
     for target in targets:
         class_names = {target, *module_aliases.get(target, ())}
         prefixes = [
-            f"{LycorisNetwork.LORA_PREFIX}_{name}".replace(".", "_") + "_"
+            f"{lora_prefix}_{name}".replace(".", "_") + "_"
             for name, module in model.named_modules()
             if type(module).__name__ in class_names
         ]
@@ -162,9 +163,7 @@ def build_adapter(
     for name in user_preset.get("module_algo_map", {}):
         if name not in targets:
             targets.append(name)
-    with preserved_lycoris_class_state():
-        LycorisNetwork.LORA_PREFIX = lora_prefix
-        counts = _count_modules_per_target(model, network, targets, aliases)
+    counts = _count_modules_per_target(model, network, targets, aliases, lora_prefix)
 
     warnings: list[str] = []
     unmatched = [target for target, count in counts.items() if count == 0]

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from raytuner import flow
 from raytuner.adapters import build_adapter, load_adapter, save_adapter
-from raytuner.config import ConfigError, RunConfig, check_run, load_config
+from raytuner.config import ConfigError, DatasetConfig, RunConfig, check_run, load_config
 from raytuner.data.synthetic import synthetic_images, to_pixels, write_dataset
 from raytuner.models.base import ModelFamily
 from raytuner.models.registry import get_family
@@ -80,12 +80,11 @@ def _validation_size(value: str) -> tuple[int, int]:
     return int(width), int(height or width)
 
 
-def _prepare_inputs(run: RunConfig, family_name: str) -> None:
+def _prepare_inputs(run: RunConfig, dataset: DatasetConfig) -> None:
     """Build the tiny checkpoint and draw the dataset the demo config points at, when missing."""
     model_path = Path(run.training.pretrained_model_name_or_path or "")
     if not is_tiny_checkpoint(model_path):
-        build_tiny_checkpoint(family_name, model_path)
-    dataset = next(d for d in run.enabled_datasets if d.needs_images)
+        build_tiny_checkpoint(run.training.model_family, model_path)
     folder = dataset.instance_data_dir
     assert folder is not None
     if not folder.is_dir() or not any(folder.glob("*.png")):
@@ -93,8 +92,7 @@ def _prepare_inputs(run: RunConfig, family_name: str) -> None:
         write_dataset(folder, synthetic_images(DEMO_IMAGES, width=size, height=size, seed=run.seed))
 
 
-def _read_dataset(run: RunConfig) -> tuple[list[Image.Image], list[str]]:
-    dataset = next(d for d in run.enabled_datasets if d.needs_images)
+def _read_dataset(dataset: DatasetConfig) -> tuple[list[Image.Image], list[str]]:
     assert dataset.instance_data_dir is not None
     paths = sorted(dataset.instance_data_dir.glob("*.png"))
     captions = [path.with_suffix(".txt").read_text(encoding="utf-8").strip() for path in paths]
@@ -145,23 +143,26 @@ def _generate(family: ModelFamily, run: RunConfig, pipeline: object) -> Image.Im
 def run_family_demo(config_path: Path, steps: int | None = None) -> DemoResult:
     run = load_config(config_path)
     family_name = run.training.model_family
-    _prepare_inputs(run, family_name)
-    problems = check_run(run)
-    if problems:
-        raise DemoError(problems[0])
+    # Refuse what the demo cannot run before building or drawing anything.
     optimizer_class = DEMO_OPTIMIZERS.get(run.training.optimizer)
     if optimizer_class is None:
         raise DemoError(
             f"{config_path}: 'optimizer' = {run.training.optimizer!r}: the demo runs "
             f"{', '.join(DEMO_OPTIMIZERS)}; set one of those"
         )
+    dataset = next(d for d in run.enabled_datasets if d.needs_images)
+    _prepare_inputs(run, dataset)
+    problems = check_run(run)
+    if problems:
+        raise DemoError(problems[0])
 
     family = get_family(family_name)(run.training.pretrained_model_name_or_path or "")
     output_dir = run.training.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "raytuner_config.json").write_text(json.dumps(run.to_dict(), indent=2, default=str) + "\n")
+    resolved = run.to_dict()
+    (output_dir / "raytuner_config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
 
-    images, captions = _read_dataset(run)
+    images, captions = _read_dataset(dataset)
     latents = family.encode_images(to_pixels(images))
     prompt_conditioning = family.encode_prompts(captions)
 
@@ -200,7 +201,7 @@ def run_family_demo(config_path: Path, steps: int | None = None) -> DemoResult:
     adapter = save_adapter(
         network,
         output_dir,
-        metadata={"raytuner_family": family_name, "lycoris_config": run.to_dict()["lycoris"]},
+        metadata={"raytuner_family": family_name, "lycoris_config": resolved["lycoris"]},
     )
     loss_plot = _save_loss_plot(losses, output_dir / "loss.png", f"{family_name}: LoKr on synthetic shapes")
 
