@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raytuner.config.fields import build, field_names, key_without_field, problem, rule
-from raytuner.config.surface import dataset_keys
+from raytuner.config.fields import build, field_names, problem, rule
+from raytuner.config.keys import KeyFindings, sort_key
 
 BACKEND_TYPES: tuple[str, ...] = ("local", "aws")
 DATASET_TYPES: tuple[str, ...] = ("image", "eval", "text_embeds")
@@ -34,6 +34,7 @@ KEY_SPELLINGS: dict[str, str] = {
     "instance_data_root": "instance_data_dir",
     "is_regularization_data": "is_regularisation_data",
     "disable": "disabled",
+    "webshart_optimize_captions": "webshart_optimise_captions",
 }
 
 
@@ -96,15 +97,17 @@ class DatasetConfig:
 
 @dataclass(kw_only=True)
 class ParsedDatasets:
-    datasets: list[DatasetConfig]
-    warnings: list[str]
-    notes: list[str]
-    problems: list[str]
+    datasets: list[DatasetConfig] = field(default_factory=list)
+    findings: KeyFindings = field(default_factory=KeyFindings)
+
+    @property
+    def problems(self) -> list[str]:
+        return self.findings.problems
 
 
 def parse_datasets(raw: Any, *, where: str, strict: bool) -> ParsedDatasets:
     """Datasets from the decoded ``multidatabackend.json`` (paths not yet resolved)."""
-    result = ParsedDatasets(datasets=[], warnings=[], notes=[], problems=[])
+    result = ParsedDatasets()
     if not isinstance(raw, list):
         kind = type(raw).__name__ if not isinstance(raw, dict) else "an object"
         result.problems.append(
@@ -119,14 +122,15 @@ def parse_datasets(raw: Any, *, where: str, strict: bool) -> ParsedDatasets:
         return result
     fields = field_names(DatasetConfig)
     for index, entry in enumerate(raw):
-        label = f"{where}: dataset #{index + 1}"
+        place = f"dataset #{index + 1}"
         if not isinstance(entry, dict):
-            result.problems.append(f'{label}: expected an object ({{"id": ..., "type": ...}}), got {entry!r}')
+            result.problems.append(f'{where}: {place}: expected an object ({{"id": ..., "type": ...}}), got {entry!r}')
             continue
         dataset_id = entry.get("id")
         if isinstance(dataset_id, str) and dataset_id:
-            label = f"{where}: dataset '{dataset_id}'"
-        values = _sort_keys(entry, label=label, fields=fields, strict=strict, result=result)
+            place = f"dataset '{dataset_id}'"
+        label = f"{where}: {place}"
+        values = _sort_keys(entry, where=where, place=place, fields=fields, strict=strict, result=result)
         dataset = build(DatasetConfig, values, where=label, problems=result.problems)
         if dataset is not None:
             _check_dataset(dataset, label=label, problems=result.problems)
@@ -137,20 +141,35 @@ def parse_datasets(raw: Any, *, where: str, strict: bool) -> ParsedDatasets:
 
 
 def _sort_keys(
-    entry: dict[str, Any], *, label: str, fields: frozenset[str], strict: bool, result: ParsedDatasets
+    entry: dict[str, Any],
+    *,
+    where: str,
+    place: str,
+    fields: frozenset[str],
+    strict: bool,
+    result: ParsedDatasets,
 ) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for key, value in entry.items():
         name = KEY_SPELLINGS.get(key, key)
-        if name in fields:
-            if name in values:
-                result.problems.append(
-                    f"{label}: both '{name}' and its other spelling '{key}' are set; keep one"
-                )
-            values[name] = value
-        else:
-            message = key_without_field(label, key, fields=fields, known=dataset_keys())
-            (result.problems if strict else result.warnings).append(message)
+        keep = sort_key(
+            name,
+            value,
+            scope="dataset",
+            where=where,
+            place=place,
+            fields=fields,
+            strict=strict,
+            findings=result.findings,
+            written=key,
+        )
+        if not keep:
+            continue
+        if name in values:
+            result.problems.append(
+                f"{where}: {place}: both '{name}' and its other spelling '{key}' are set; keep one"
+            )
+        values[name] = value
     return values
 
 
@@ -198,7 +217,9 @@ def _check_dataset_list(result: ParsedDatasets, *, where: str) -> None:
         )
     elif text_embeds and not defaults:
         text_embeds[0].default = True
-        result.notes.append(f"{where}: no text_embeds dataset is marked default; using '{text_embeds[0].id}'")
+        result.findings.notes.append(
+            f"{where}: no text_embeds dataset is marked default; using '{text_embeds[0].id}'"
+        )
 
 
 def default_text_embeds(*, existing_ids: set[str], cache_dir: str) -> DatasetConfig:

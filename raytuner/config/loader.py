@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from raytuner.config.datasets import DatasetConfig, default_text_embeds, parse_datasets
 from raytuner.config.errors import ConfigError
-from raytuner.config.fields import CoercionError, build, coerce, field_names, key_without_field, problem
+from raytuner.config.fields import CoercionError, build, coerce, field_names, problem
+from raytuner.config.keys import KeyFindings, sort_key
 from raytuner.config.lycoris import LycorisConfig, parse_lycoris
 from raytuner.config.paths import (
     display,
@@ -28,24 +28,12 @@ from raytuner.config.paths import (
 )
 from raytuner.config.run import RunConfig
 from raytuner.config.seed import draw_seed, read_recorded_seed, seed_file
-from raytuner.config.surface import config_keys, did_you_mean, flavours, key_aliases, simpletuner_families
+from raytuner.config.surface import did_you_mean, flavours, key_aliases, simpletuner_families
 from raytuner.config.training import FAMILY_ALIASES, SUPPORTED_FAMILIES, TrainingConfig
 
 logger = logging.getLogger(__name__)
 
-# SimpleTuner's OmniGen quickstarts set this key although SimpleTuner defines no such option.
-# It is a warning in every mode: users copy the quickstart as it is.
-QUICKSTART_ONLY_KEYS = frozenset({"validation_torch_compile"})
-
-
-@dataclass
-class _Findings:
-    problems: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def doubtful_key(self, message: str, *, strict: bool) -> None:
-        (self.problems if strict else self.warnings).append(message)
+_Findings = KeyFindings
 
 
 def read_json(path: Path) -> Any:
@@ -103,6 +91,7 @@ def load_config(path: str | Path, *, strict: bool = False) -> RunConfig:
             )
         if "lycoris_config" in sources:
             lycoris = _load_lycoris(sources["lycoris_config"], strict=strict, findings=findings)
+    findings.settle_unsupported(strict=strict)
     if findings.problems:
         raise ConfigError(findings.problems)
     assert training is not None
@@ -164,25 +153,16 @@ def _sort_config_keys(
                 f"{where}: 'validation_prompt_library' names a file; read as 'user_prompt_library'"
             )
             aliased.append((key, "user_prompt_library", value))
-        elif key in fields:
+        elif sort_key(
+            key, value, scope="config", where=where, fields=fields, strict=strict, findings=findings, written=written
+        ):
             values[key] = value
-        elif key in QUICKSTART_ONLY_KEYS:
-            findings.warnings.append(
-                f"{where}: ignored: '{key}' (used by SimpleTuner's quickstarts, not an option)"
-            )
-        else:
-            message = key_without_field(where, key, fields=fields, known=config_keys(), written=written)
-            findings.doubtful_key(message, strict=strict)
     for old, new, value in aliased:
         if new in values or new in written_as:
             findings.warnings.append(f"{where}: '{old}' and '{new}' are both set; using '{new}'")
-        elif new in fields:
+        elif sort_key(new, value, scope="config", where=where, fields=fields, strict=strict, findings=findings):
             values[new] = value
             findings.notes.append(f"{where}: '{old}' read as '{new}' (SimpleTuner's older name)")
-        else:
-            findings.doubtful_key(
-                f"{where}: accepted, not yet supported: {new} (set as '{old}')", strict=strict
-            )
     return values
 
 
@@ -330,9 +310,7 @@ def _load_datasets(
         findings.problems.extend(error.problems)
         return []
     parsed = parse_datasets(raw, where=where, strict=strict)
-    findings.problems.extend(parsed.problems)
-    findings.warnings.extend(parsed.warnings)
-    findings.notes.extend(parsed.notes)
+    findings.merge(parsed.findings)
     for dataset in parsed.datasets:
         if dataset.needs_images:
             # A dataset that leaves these unset uses config.json's values, as in SimpleTuner.
@@ -347,7 +325,7 @@ def _load_datasets(
                 value = getattr(dataset, name)
                 if value and not has_scheme(value):
                     setattr(dataset, name, str(output_path(value)))
-    if parsed.datasets and not parsed.problems:
+    if parsed.datasets and not parsed.findings.problems:
         enabled_text = [d for d in parsed.datasets if d.enabled and d.dataset_type == "text_embeds"]
         if not enabled_text:
             cache_dir = str(training.output_dir / "cache" / "text" / training.model_family)
@@ -368,8 +346,7 @@ def _load_lycoris(path: Path, *, strict: bool, findings: _Findings) -> LycorisCo
         findings.problems.extend(error.problems)
         return None
     parsed = parse_lycoris(raw, where=display(path), strict=strict)
-    findings.problems.extend(parsed.problems)
-    findings.warnings.extend(parsed.warnings)
+    findings.merge(parsed.findings)
     return parsed.config
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from raytuner.config.fields import build, field_names, key_without_field, rule, to_plain
+from raytuner.config.fields import build, field_names, rule, to_plain
+from raytuner.config.keys import KeyFindings, sort_key
 from raytuner.config.surface import did_you_mean
 
 TESTED_ALGO = "lokr"
@@ -92,9 +93,16 @@ class LycorisConfig:
 
 @dataclass(kw_only=True)
 class ParsedLycoris:
-    config: LycorisConfig | None
-    warnings: list[str]
-    problems: list[str]
+    config: LycorisConfig | None = None
+    findings: KeyFindings = field(default_factory=KeyFindings)
+
+    @property
+    def problems(self) -> list[str]:
+        return self.findings.problems
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.findings.warnings
 
 
 def _lycoris_registry() -> tuple[dict[str, Any], tuple[str, ...]]:
@@ -117,7 +125,7 @@ def known_lycoris_keys() -> frozenset[str]:
 
 
 def parse_lycoris(raw: Any, *, where: str, strict: bool) -> ParsedLycoris:
-    result = ParsedLycoris(config=None, warnings=[], problems=[])
+    result = ParsedLycoris()
     if not isinstance(raw, dict):
         result.problems.append(
             f'{where}: expected a JSON object ({{"algo": "lokr", ...}}), got {type(raw).__name__}'
@@ -128,11 +136,17 @@ def parse_lycoris(raw: Any, *, where: str, strict: bool) -> ParsedLycoris:
     values: dict[str, Any] = {}
     for key, value in raw.items():
         name = KEY_SPELLINGS.get(key, key)
-        if name in fields:
+        if sort_key(
+            name,
+            value,
+            scope="lycoris",
+            where=where,
+            fields=fields,
+            strict=strict,
+            findings=result.findings,
+            written=key,
+        ):
             values[name] = value
-        else:
-            message = key_without_field(where, key, fields=fields, known=known_lycoris_keys())
-            (result.problems if strict else result.warnings).append(message)
 
     algo = values.get("algo", "lora")
     if isinstance(algo, str):

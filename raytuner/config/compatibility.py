@@ -1,0 +1,232 @@
+"""The SimpleTuner compatibility table: what raytuner does with every key a user's files may hold.
+
+One table, ``raytuner/config/data/compatibility.tsv``, gives each key of SimpleTuner's
+``config.json`` and ``multidatabackend.json``, of ``lycoris_config.json`` and raytuner's own
+``ray_*`` keys exactly one status:
+
+- ``honoured``: implemented end to end; ``test`` names the test that shows the key changes
+  what raytuner does (a key is not honoured until such a test exists and passes).
+- ``alias``: an older or alternative spelling, mapped the way SimpleTuner maps it.
+- ``not-yet-supported``: accepted with a warning naming it (an error under ``--strict``),
+  because the run will not do what it asks. ``inert`` lists the values that ask for nothing
+  raytuner does not already do (``false`` for a feature switch, ``*`` for a setting that only
+  qualifies another option); setting one of those is silent.
+- ``not-applicable``: meaningless on raytuner (an Accelerate launcher setting, another model
+  family's option); the warning says what replaces it.
+
+The loader, ``raytuner check-config --keys`` and ``docs/simpletuner-compatibility.md`` all read
+this table, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any, Literal
+
+Status = Literal["honoured", "alias", "not-yet-supported", "not-applicable"]
+Scope = Literal["config", "dataset", "lycoris", "raytuner"]
+
+STATUSES: tuple[Status, ...] = ("honoured", "alias", "not-yet-supported", "not-applicable")
+SCOPES: tuple[Scope, ...] = ("config", "dataset", "lycoris", "raytuner")
+TABLE_FILE = "compatibility.tsv"
+ANY_VALUE = "*"
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeyStatus:
+    """One row of the table."""
+
+    key: str
+    scope: Scope
+    status: Status
+    note: str
+    test: str = ""
+    inert: tuple[Any, ...] | None = None  # None: every value asks for something; () never happens
+
+    def asks_nothing(self, value: Any) -> bool:
+        """True when ``value`` asks for nothing raytuner does not already do (no warning needed)."""
+        if self.inert is None:
+            return False
+        if ANY_VALUE in self.inert:
+            return True
+        normalised = _normalise(value)
+        return any(_same(normalised, inert) for inert in self.inert)
+
+
+def _normalise(value: Any) -> Any:
+    # The seeds write booleans and numbers as strings ("false", "0"); compare them as JSON values.
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return json.loads(text.lower() if text.lower() in ("true", "false", "null") else text)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _same(value: Any, inert: Any) -> bool:
+    if isinstance(value, bool) or isinstance(inert, bool):
+        return value is inert
+    if isinstance(value, int | float) and isinstance(inert, int | float):
+        return float(value) == float(inert)
+    return value == inert
+
+
+def _parse_inert(cell: str) -> tuple[Any, ...] | None:
+    if not cell:
+        return None
+    return tuple(ANY_VALUE if part == ANY_VALUE else json.loads(part) for part in cell.split("|"))
+
+
+@cache
+def compatibility_table() -> tuple[KeyStatus, ...]:
+    """Every row, in the file's order (scope, then key)."""
+    text = resources.files("raytuner.config.data").joinpath(TABLE_FILE).read_text(encoding="utf-8")
+    lines = text.splitlines()
+    header = lines[0].split("\t")
+    if header != ["key", "scope", "status", "inert", "test", "note"]:
+        raise ValueError(f"{TABLE_FILE}: unexpected header {header}")
+    rows = []
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        key, scope, status, inert, test, note = line.split("\t")
+        if scope not in SCOPES or status not in STATUSES:
+            raise ValueError(f"{TABLE_FILE}:{number}: bad scope {scope!r} or status {status!r}")
+        rows.append(
+            KeyStatus(
+                key=key,
+                scope=scope,  # type: ignore[arg-type]
+                status=status,  # type: ignore[arg-type]
+                note=note,
+                test=test,
+                inert=_parse_inert(inert),
+            )
+        )
+    return tuple(rows)
+
+
+@cache
+def _by_scope() -> dict[Scope, dict[str, KeyStatus]]:
+    table: dict[Scope, dict[str, KeyStatus]] = {scope: {} for scope in SCOPES}
+    for row in compatibility_table():
+        table[row.scope][row.key] = row
+    return table
+
+
+def key_status(key: str, scope: Scope) -> KeyStatus | None:
+    """The row for ``key`` in ``scope``; raytuner's own ``ray_*`` keys live in ``config.json``."""
+    rows = _by_scope()
+    if scope == "config":
+        return rows["config"].get(key) or rows["raytuner"].get(key)
+    return rows[scope].get(key)
+
+
+def keys_in(scope: Scope) -> frozenset[str]:
+    """The keys a file of ``scope`` may hold (``config`` includes raytuner's own keys)."""
+    rows = _by_scope()
+    if scope == "config":
+        return frozenset(rows["config"]) | frozenset(rows["raytuner"])
+    return frozenset(rows[scope])
+
+
+def status_counts(scope: Scope | None = None) -> Counter[str]:
+    return Counter(row.status for row in compatibility_table() if scope is None or row.scope == scope)
+
+
+def honoured_share(scope: Scope = "config") -> float:
+    """The fraction of ``scope``'s keys raytuner honours end to end."""
+    counts = status_counts(scope)
+    return counts["honoured"] / sum(counts.values())
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+
+def format_tsv() -> str:
+    """``key<TAB>scope<TAB>status<TAB>note<TAB>test``, one line per key and scope, for scripts."""
+    return "".join(
+        f"{row.key}\t{row.scope}\t{row.status}\t{row.note}\t{row.test}\n" for row in compatibility_table()
+    )
+
+
+def summary_line(scope: Scope | None = None) -> str:
+    counts = status_counts(scope)
+    return ", ".join(f"{counts[status]} {status}" for status in STATUSES)
+
+
+def format_text() -> str:
+    """The table for people: per scope, keys grouped by status."""
+    lines = []
+    for scope in SCOPES:
+        rows = [row for row in compatibility_table() if row.scope == scope]
+        lines.append(f"{scope} keys ({len(rows)}): {summary_line(scope)}")
+        for status in STATUSES:
+            chosen = [row for row in rows if row.status == status]
+            if not chosen:
+                continue
+            lines.append(f"  {status}:")
+            width = max(len(row.key) for row in chosen)
+            lines += [f"    {row.key:<{width}}  {row.note}" for row in chosen]
+        lines.append("")
+    return "\n".join(lines)
+
+
+_SCOPE_TITLES = {
+    "config": "`config.json` options",
+    "dataset": "`multidatabackend.json` dataset keys",
+    "lycoris": "`lycoris_config.json` keys",
+    "raytuner": "raytuner's own keys (`config.json`)",
+}
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def format_markdown() -> str:
+    """``docs/simpletuner-compatibility.md``, generated from the table."""
+    config_counts = status_counts("config")
+    lines = [
+        "# SimpleTuner compatibility",
+        "",
+        "<!-- Generated by `raytuner check-config --keys --format markdown` from "
+        "raytuner/config/data/compatibility.tsv; do not edit by hand (`make docs` rewrites it). -->",
+        "",
+        "What raytuner does with every key a SimpleTuner user's `config.json`, `multidatabackend.json` "
+        "and `lycoris_config.json` may hold. Each key has one status:",
+        "",
+        "- **honoured**: implemented end to end; the test named beside it shows the key changes what "
+        "raytuner does.",
+        "- **alias**: an older or alternative spelling, mapped the way SimpleTuner maps it.",
+        "- **not-yet-supported**: accepted with a warning naming it, because the run will not do what it "
+        "asks; `raytuner check-config --strict` makes these an error. Setting one to a value that asks "
+        "for nothing (a feature switch left off) is silent.",
+        "- **not-applicable**: meaningless on raytuner; the warning says what replaces it.",
+        "",
+        "Any other key is unknown: a warning naming the closest known key (an error under `--strict`).",
+        "",
+        f"Config options honoured: **{config_counts['honoured']} of {sum(config_counts.values())}** "
+        f"({honoured_share('config'):.1%}).",
+        "",
+        "| scope | " + " | ".join(STATUSES) + " | total |",
+        "| --- | " + " | ".join("---:" for _ in STATUSES) + " | ---: |",
+    ]
+    for scope in SCOPES:
+        counts = status_counts(scope)
+        lines.append(
+            f"| {scope} | "
+            + " | ".join(str(counts[status]) for status in STATUSES)
+            + f" | {sum(counts.values())} |"
+        )
+    for scope in SCOPES:
+        lines += ["", f"## {_SCOPE_TITLES[scope]}", "", "| key | status | note | test |", "| --- | --- | --- | --- |"]
+        for row in compatibility_table():
+            if row.scope == scope:
+                test = f"`{row.test}`" if row.test else ""
+                lines.append(f"| `{row.key}` | {row.status} | {_cell(row.note)} | {_cell(test)} |")
+    return "\n".join(lines) + "\n"
