@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# The SimpleTuner compatibility doc is generated from raytuner/config/data/compatibility.tsv;
+# a test fails when the committed copy is stale.
+docs: $(STAMP)
+	mkdir -p docs
+	$(BIN)/raytuner check-config --keys --format markdown > docs/simpletuner-compatibility.md
 
 # pytest exits 5 when it collects nothing: that is a broken suite, never a pass.
 test: lint

@@ -17,8 +17,16 @@ EXIT_USAGE = 2
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from raytuner.config.check import check_config_main
+    from raytuner.config.check import check_config_main, print_keys
 
+    if args.keys:
+        return print_keys(args.format)
+    if args.config is None:
+        print(
+            "error: check-config needs --config config.json (or --keys to print the key table)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     return check_config_main(args.config, strict=args.strict)
 
 
@@ -42,9 +50,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    check = commands.add_parser("check-config", help="load a SimpleTuner config.json and print it resolved")
-    check.add_argument("--config", required=True, help="path to config.json")
+    check = commands.add_parser(
+        "check-config",
+        help="load a SimpleTuner config.json and print it resolved, or print the SimpleTuner compatibility table",
+    )
+    check.add_argument("--config", help="path to config.json")
     check.add_argument("--strict", action="store_true", help="make 'accepted, not yet supported' keys errors")
+    check.add_argument(
+        "--keys",
+        action="store_true",
+        help="print what raytuner does with every SimpleTuner config, dataset and lycoris key, and exit",
+    )
+    check.add_argument(
+        "--format",
+        choices=("text", "tsv", "markdown"),
+        default="text",
+        help="with --keys: text for people (default), tsv (key, scope, status, note, test) for scripts, "
+        "markdown for docs/simpletuner-compatibility.md",
+    )
     check.set_defaults(handler=_check_config)
 
     tiny = commands.add_parser("tiny-model", help="write a tiny random-weight diffusers checkpoint (offline)")

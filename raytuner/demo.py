@@ -19,7 +19,6 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from raytuner import flow
 from raytuner.adapters import build_adapter, load_adapter, save_adapter
 from raytuner.config import ConfigError, DatasetConfig, RunConfig, check_run, load_config
 from raytuner.data.synthetic import synthetic_images, to_pixels, write_dataset
@@ -27,6 +26,8 @@ from raytuner.models.base import ModelFamily
 from raytuner.models.registry import get_family
 from raytuner.models.safety import is_tiny_checkpoint
 from raytuner.models.tiny import build_tiny_checkpoint
+from raytuner.train.optim import OptimizerError, build_lr_scheduler, build_optimizer, optimizer_settings
+from raytuner.train.schedule import flow_schedule_from_config
 from raytuner.train.step import train_step
 
 logger = logging.getLogger(__name__)
@@ -34,8 +35,6 @@ logger = logging.getLogger(__name__)
 DEMO_CONFIGS = Path("configs/demo")
 DEMO_FAMILIES = ("cosmos2image", "omnigen")
 DEMO_IMAGES = 8
-# Optimisers the demo can run today; the Ray Train loop brings SimpleTuner's full list.
-DEMO_OPTIMIZERS = {"torch-adamw": torch.optim.AdamW}
 
 
 class DemoError(RuntimeError):
@@ -51,26 +50,6 @@ class DemoResult:
     adapter: Path
     validation_image: Path
     loss_plot: Path
-
-
-def schedule_from_config(run: RunConfig) -> flow.FlowSchedule:
-    """The flow schedule config.json asks for, in SimpleTuner's terms."""
-    training = run.training
-    if training.flow_use_beta_schedule:
-        distribution: flow.SigmaDistribution = "beta"
-    elif training.flow_use_uniform_schedule:
-        distribution = "uniform"
-    else:
-        distribution = "logit_normal"
-    sampling = flow.SigmaSampling(
-        distribution=distribution,
-        sigmoid_scale=training.flow_sigmoid_scale,
-        beta_alpha=training.flow_beta_schedule_alpha,
-        beta_beta=training.flow_beta_schedule_beta,
-    )
-    return flow.FlowSchedule(
-        sampling=sampling, shift=training.flow_schedule_shift, auto_shift=training.flow_schedule_auto_shift
-    )
 
 
 def _validation_size(value: str) -> tuple[int, int]:
@@ -143,13 +122,11 @@ def _generate(family: ModelFamily, run: RunConfig, pipeline: object) -> Image.Im
 def run_family_demo(config_path: Path, steps: int | None = None) -> DemoResult:
     run = load_config(config_path)
     family_name = run.training.model_family
-    # Refuse what the demo cannot run before building or drawing anything.
-    optimizer_class = DEMO_OPTIMIZERS.get(run.training.optimizer)
-    if optimizer_class is None:
-        raise DemoError(
-            f"{config_path}: 'optimizer' = {run.training.optimizer!r}: the demo runs "
-            f"{', '.join(DEMO_OPTIMIZERS)}; set one of those"
-        )
+    # Refuse an optimiser raytuner cannot run before building or drawing anything.
+    try:
+        optimizer_settings(run.training)
+    except OptimizerError as error:
+        raise DemoError(f"{config_path}: {error}") from error
     dataset = next(d for d in run.enabled_datasets if d.needs_images)
     _prepare_inputs(run, dataset)
     problems = check_run(run)
@@ -172,9 +149,10 @@ def run_family_demo(config_path: Path, steps: int | None = None) -> DemoResult:
         transformer, run.lycoris, module_aliases=family.module_aliases, seed=run.seed
     )
     parameters = [p for p in network.parameters() if p.requires_grad]
-    optimizer = optimizer_class(parameters, lr=run.training.learning_rate)
-    schedule = schedule_from_config(run)
+    optimizer = build_optimizer(parameters, run.training)
+    schedule = flow_schedule_from_config(run.training)
     total_steps = steps if steps is not None else (run.training.max_train_steps or 30)
+    lr_scheduler = build_lr_scheduler(optimizer, run.training, total_steps=total_steps)
     batch_size = min(run.training.train_batch_size, len(captions))
 
     sampler = random.Random(run.seed)
@@ -195,6 +173,7 @@ def run_family_demo(config_path: Path, steps: int | None = None) -> DemoResult:
             max_grad_norm=run.training.max_grad_norm,
             grad_clip_method=run.training.grad_clip_method,
         )
+        lr_scheduler.step()
         losses.append(result.loss)
         progress.set_postfix(loss=f"{result.loss:.4f}")
 
@@ -263,7 +242,7 @@ def demo_main(
                     f"demo config {config_path} not found: run from the repository root or pass --configs DIR"
                 )
             results.append(run_family_demo(config_path, steps))
-    except (ConfigError, DemoError) as error:
+    except (ConfigError, DemoError, OptimizerError) as error:
         print(f"error: {error}")
         return 2
     print()

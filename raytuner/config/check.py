@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from raytuner.config.compatibility import format_markdown, format_text, format_tsv
 from raytuner.config.errors import ConfigError
 from raytuner.config.loader import load_config
 from raytuner.config.paths import display
@@ -69,4 +70,11 @@ def check_config_main(config_path: str, *, strict: bool = False) -> int:
     if errors:
         return EXIT_BAD_CONFIG
     print(f"ok: {display(run.sources['config'])}")
+    return EXIT_OK
+
+
+def print_keys(output_format: str = "text") -> int:
+    """Print the compatibility table (``text``, ``tsv`` or ``markdown``) on stdout."""
+    render = {"text": format_text, "tsv": format_tsv, "markdown": format_markdown}[output_format]
+    sys.stdout.write(render())
     return EXIT_OK

@@ -224,7 +224,13 @@ def format_markdown() -> str:
             + f" | {sum(counts.values())} |"
         )
     for scope in SCOPES:
-        lines += ["", f"## {_SCOPE_TITLES[scope]}", "", "| key | status | note | test |", "| --- | --- | --- | --- |"]
+        lines += [
+            "",
+            f"## {_SCOPE_TITLES[scope]}",
+            "",
+            "| key | status | note | test |",
+            "| --- | --- | --- | --- |",
+        ]
         for row in compatibility_table():
             if row.scope == scope:
                 test = f"`{row.test}`" if row.test else ""

@@ -124,7 +124,9 @@ def parse_datasets(raw: Any, *, where: str, strict: bool) -> ParsedDatasets:
     for index, entry in enumerate(raw):
         place = f"dataset #{index + 1}"
         if not isinstance(entry, dict):
-            result.problems.append(f'{where}: {place}: expected an object ({{"id": ..., "type": ...}}), got {entry!r}')
+            result.problems.append(
+                f'{where}: {place}: expected an object ({{"id": ..., "type": ...}}), got {entry!r}'
+            )
             continue
         dataset_id = entry.get("id")
         if isinstance(dataset_id, str) and dataset_id:

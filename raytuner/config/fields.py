@@ -179,7 +179,7 @@ def check_rules(value: Any, meta: Mapping[str, Any]) -> Any:
     if isinstance(value, str):
         value = meta["value_aliases"].get(value, value)
         if value in meta["not_yet_supported"]:
-            supported = ", ".join(meta["choices"] or ())
+            supported = ", ".join(c for c in meta["choices"] or () if c not in meta["not_yet_supported"])
             raise CoercionError(
                 f"a value raytuner supports ('{value}' is not supported yet; use one of: {supported})"
             )

@@ -154,13 +154,22 @@ def _sort_config_keys(
             )
             aliased.append((key, "user_prompt_library", value))
         elif sort_key(
-            key, value, scope="config", where=where, fields=fields, strict=strict, findings=findings, written=written
+            key,
+            value,
+            scope="config",
+            where=where,
+            fields=fields,
+            strict=strict,
+            findings=findings,
+            written=written,
         ):
             values[key] = value
     for old, new, value in aliased:
         if new in values or new in written_as:
             findings.warnings.append(f"{where}: '{old}' and '{new}' are both set; using '{new}'")
-        elif sort_key(new, value, scope="config", where=where, fields=fields, strict=strict, findings=findings):
+        elif sort_key(
+            new, value, scope="config", where=where, fields=fields, strict=strict, findings=findings
+        ):
             values[new] = value
             findings.notes.append(f"{where}: '{old}' read as '{new}' (SimpleTuner's older name)")
     return values

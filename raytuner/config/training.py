@@ -23,6 +23,24 @@ def _choices(name: str) -> tuple[str, ...]:
     return option_choices(name)
 
 
+# SimpleTuner's optimizers raytuner runs (raytuner/train/optim.py builds each); the rest of
+# SimpleTuner's list is refused by name when the config is loaded, before any work starts.
+RAYTUNER_OPTIMIZERS: tuple[str, ...] = (
+    "adamw_bf16",
+    "torch-adam",
+    "torch-adamw",
+    "torch-sgd",
+    "torch-radam",
+    "torch-nadam",
+    "torch-rmsprop",
+    "torch-adagrad",
+    "torch-adadelta",
+    "torch-adafactor",
+    "torch-adamax",
+    "torch-asgd",
+)
+
+
 @dataclass(kw_only=True)
 class TrainingConfig:
     """Everything from ``config.json``, typed. Paths are resolved by the loader."""
@@ -57,11 +75,25 @@ class TrainingConfig:
     lr_warmup_steps: int = field(default=0, metadata=rule(ge=0))
     lr_num_cycles: int = field(default=1, metadata=rule(ge=1))
     lr_power: float = field(default=0.8, metadata=rule(gt=0))
-    optimizer: str = field(default="adamw_bf16", metadata=rule(choices=_choices("optimizer")))
+    optimizer: str = field(
+        default="adamw_bf16",
+        metadata=rule(
+            choices=_choices("optimizer"),
+            not_yet_supported=tuple(
+                name for name in _choices("optimizer") if name not in RAYTUNER_OPTIMIZERS
+            ),
+        ),
+    )
     adam_beta1: float = field(default=0.9, metadata=rule(ge=0, le=1))
     adam_beta2: float = field(default=0.999, metadata=rule(ge=0, le=1))
     adam_epsilon: float = field(default=1e-08, metadata=rule(gt=0, example="1e-8"))
     adam_weight_decay: float = field(default=1e-02, metadata=rule(ge=0))
+    optimizer_beta1: float | None = field(default=None, metadata=rule(ge=0, le=1))
+    optimizer_beta2: float | None = field(default=None, metadata=rule(ge=0, le=1))
+    optimizer_config: str | None = None
+    lr_end: float = field(default=4e-07, metadata=rule(ge=0, example="4e-7"))
+    lr_scale: bool = False
+    lr_scale_sqrt: bool = False
     mixed_precision: str = field(default="bf16", metadata=rule(choices=_choices("mixed_precision")))
     train_batch_size: int = field(default=4, metadata=rule(ge=1))
     gradient_accumulation_steps: int = field(default=1, metadata=rule(ge=1))

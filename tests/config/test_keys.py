@@ -181,7 +181,8 @@ def test_quickstart_only_key_is_a_warning_even_when_strict(write_run: Any) -> No
     config_path = write_run(config_updates={"validation_torch_compile": "false"})
     run = load_config(config_path)
     assert any(
-        "ignored, not applicable to raytuner: 'validation_torch_compile'" in warning for warning in run.warnings
+        "ignored, not applicable to raytuner: 'validation_torch_compile'" in warning
+        for warning in run.warnings
     )
     with pytest.raises(ConfigError) as caught:  # the base config's not-yet-supported keys, not this one
         load_config(config_path, strict=True)
