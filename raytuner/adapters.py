@@ -25,11 +25,13 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
 from lycoris import LycorisNetwork, create_lycoris, create_lycoris_from_weights
+from lycoris.modules.lokr import LokrModule
 
 from raytuner.config import LycorisConfig
 
@@ -174,6 +176,14 @@ def build_adapter(
         )
     if not network.loras:
         warnings.append(f"the LyCORIS network has no modules: nothing in {type(model).__name__} will train")
+    scaled = [lora for lora in network.loras if isinstance(lora, LokrModule) and abs(lora.scale - 1) > 1e-6]
+    if scaled and lokr_merge_differs_from_training():
+        warnings.append(
+            f"{len(scaled)} LoKr module(s) have scale linear_alpha/linear_dim = {scaled[0].scale:g}, and the "
+            "installed lycoris applies that scale twice when merging (merge_to, the seeds' inference "
+            "recipe) but once in training: the merged model will differ from the one trained. Set "
+            "linear_alpha equal to linear_dim, or use full-matrix LoKr (linear_dim 10000, as the seeds do)"
+        )
 
     algo_counts: dict[str, int] = {}
     for lora in network.loras:
@@ -189,6 +199,35 @@ def build_adapter(
     for warning in warnings:
         logger.warning(warning)
     return network, report
+
+
+@cache
+def lokr_merge_differs_from_training() -> bool:
+    """True when the installed lycoris merges a scaled LoKr module differently from its forward pass.
+
+    lycoris 4.1.3 multiplies the Kronecker product by ``alpha / dim`` in ``get_weight`` and again in
+    ``get_diff_weight``, which ``merge_to`` uses. Probed on a small module rather than assumed from
+    the version, so a fixed lycoris silences the warning by itself.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        # 64 = 8 x 8 with rank 2: both Kronecker factors low-rank, so scale = alpha / dim = 0.5.
+        base = torch.nn.Linear(64, 64, bias=False)
+        module = LokrModule(
+            "probe", base, multiplier=1.0, lora_dim=2, alpha=1.0, factor=8, decompose_both=True
+        )
+        with torch.no_grad():
+            for parameter in module.parameters():
+                if parameter.requires_grad:
+                    parameter.normal_()
+        module.apply_to()
+        inputs = torch.randn(4, 64)
+        with torch.no_grad():
+            trained = module(inputs)
+            merged_weight, _ = module.get_merged_weight(multiplier=1.0)
+            merged = torch.nn.functional.linear(inputs, merged_weight)
+        module.restore()
+    return not torch.allclose(trained, merged, atol=1e-4, rtol=1e-4)
 
 
 def save_adapter(

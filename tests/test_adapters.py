@@ -17,7 +17,13 @@ import torch
 from lycoris import LycorisNetwork, create_lycoris_from_weights
 
 from raytuner import flow
-from raytuner.adapters import AdapterError, build_adapter, load_adapter, save_adapter
+from raytuner.adapters import (
+    AdapterError,
+    build_adapter,
+    load_adapter,
+    lokr_merge_differs_from_training,
+    save_adapter,
+)
 from raytuner.config import LycorisConfig, load_config
 from raytuner.config.lycoris import PresetConfig
 from raytuner.data.synthetic import synthetic_images, to_pixels
@@ -31,6 +37,9 @@ STEPS = 30
 LEARNING_RATE = 3e-2
 # Merged fp32 weights vs. the same adapter applied un-merged: only float reassociation differs.
 MERGE_TOLERANCE = 1e-4
+# Cosmos2's pipeline rounds its frames to 8 bits for the safety checker
+# (diffusers' pipeline_cosmos2_text2image), so a reassociation difference can flip one level.
+EIGHT_BIT_LEVEL = 1 / 255
 VALIDATION_PROMPT = "a red circle on a blue background"
 
 
@@ -158,7 +167,8 @@ def test_saved_adapter_loads_with_the_seed_recipe_and_matches_the_unmerged_model
 
     assert len(wrapper.loras) == trained.adapter_modules
     assert np.abs(merged_image - base_image).max() > 1e-3, "the adapter did not change the image"
-    assert np.abs(merged_image - adapted_unmerged).max() < MERGE_TOLERANCE
+    tolerance = MERGE_TOLERANCE + (EIGHT_BIT_LEVEL if family.name == "cosmos2image" else 0.0)
+    assert np.abs(merged_image - adapted_unmerged).max() < tolerance
 
 
 def test_seed_presets_match_the_expected_modules(tiny_checkpoints: dict[str, Path]) -> None:
@@ -244,3 +254,23 @@ def test_adapter_initialisation_is_seeded_and_leaves_the_global_generator_alone(
     assert first.keys() == again.keys() == other.keys()
     assert all(torch.equal(first[key], again[key]) for key in first)
     assert any(not torch.equal(first[key], other[key]) for key in first)
+
+
+def test_a_lokr_scale_the_installed_lycoris_merges_twice_is_warned(tiny_checkpoints: dict[str, Path]) -> None:
+    family = get_family("cosmos2image")(tiny_checkpoints["cosmos2image"])
+    _, seed_report = build_adapter(
+        family.load_transformer(), seed_lycoris_config("cosmos2image"), module_aliases=family.module_aliases
+    )
+    assert not any("applies that scale twice" in warning for warning in seed_report.warnings)
+
+    scaled = LycorisConfig(
+        algo="lokr",
+        linear_dim=2,
+        linear_alpha=1,
+        factor=4,
+        decompose_both=True,
+        apply_preset=PresetConfig(target_module=["Attention"]),
+    )
+    _, report = build_adapter(family.load_transformer(), scaled, module_aliases=family.module_aliases)
+    expected = lokr_merge_differs_from_training()
+    assert any("applies that scale twice" in warning for warning in report.warnings) == expected

@@ -27,11 +27,13 @@ class UnsupportedKey:
     value: Any
     row: KeyStatus
     places: list[str] = field(default_factory=list)  # e.g. "dataset 'pets'"; empty for config.json
+    values_differ: bool = False  # set in several places with different values
 
     def warning(self) -> str:
         places = f" (in {', '.join(self.places)})" if self.places else ""
+        shown = "" if self.values_differ else f" = {show_value(self.key, self.value)}"
         return (
-            f"{self.where}: accepted, not yet supported: {self.key} = {show_value(self.key, self.value)}"
+            f"{self.where}: accepted, not yet supported: {self.key}{shown}"
             f"{places} ({self.row.note}); the run will not do what it asks"
         )
 
@@ -49,6 +51,7 @@ class KeyFindings:
         entry = self.unsupported.setdefault(
             (where, key), UnsupportedKey(where=where, key=key, value=value, row=row)
         )
+        entry.values_differ |= entry.value != value
         if place and place not in entry.places:
             entry.places.append(place)
 
@@ -99,16 +102,18 @@ def sort_key(
     """
     label = f"{where}: {place}" if place else where
     row = key_status(key, scope)
-    if row is not None and row.status == "not-yet-supported" and not row.asks_nothing(value):
-        findings.add_unsupported(where=where, key=key, value=value, row=row, place=place)
-    if key in fields:
-        return True
     if row is None:
+        if key in fields:
+            return True
         message = f"{label}: unknown key '{written or key}'{did_you_mean(key, fields | keys_in(scope))}"
         (findings.problems if strict else findings.warnings).append(message)
+        return False
+    if row.status == "not-yet-supported" and not row.asks_nothing(value):
+        findings.add_unsupported(where=where, key=key, value=value, row=row, place=place)
     elif row.status == "not-applicable":
+        # Kept when it is a field: the value still goes where SimpleTuner would send it.
         findings.warnings.append(f"{label}: ignored, not applicable to raytuner: '{key}': {row.note}")
-    elif row.status in ("honoured", "alias"):
+    elif row.status in ("honoured", "alias") and key not in fields:
         # The table promises a field or an alias mapping the caller handles; reaching here is a bug.
         raise AssertionError(f"{scope} key '{key}' is {row.status} in the compatibility table but unhandled")
-    return False
+    return key in fields

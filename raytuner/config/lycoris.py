@@ -9,20 +9,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from raytuner.config.fields import build, field_names, rule, to_plain
+from raytuner.config.fields import CoercionError, build, coerce, field_names, problem, rule, to_plain
 from raytuner.config.keys import KeyFindings, sort_key
 from raytuner.config.surface import did_you_mean
 
 TESTED_ALGO = "lokr"
 
-# lycoris's own spelling of an option -> raytuner's field. lycoris maps the first three onto
-# use_tucker itself (deprecated there); create_lycoris reads weight decomposition as dora_wd.
+# lycoris's own spelling of an option -> raytuner's field. create_lycoris reads weight
+# decomposition as dora_wd, and turns Tucker on when any of its four spellings asks for it.
 KEY_SPELLINGS: dict[str, str] = {
     "disable_conv_cp": "use_tucker",
     "use_cp": "use_tucker",
     "use_conv_cp": "use_tucker",
     "dora_wd": "weight_decompose",
 }
+# create_lycoris copies disable_conv_cp's value into use_tucker and also reads "not
+# disable_conv_cp": whatever its value, the key's presence turns Tucker on. SimpleTuner users get
+# that behaviour, so raytuner reads it the same way and says so.
+PRESENCE_SPELLINGS = frozenset({"disable_conv_cp"})
 
 
 @dataclass(kw_only=True)
@@ -33,10 +37,10 @@ class PresetConfig:
     not set (lycoris keeps its own value).
     """
 
-    target_module: list[str] = field(default_factory=list)
-    target_name: list[str] = field(default_factory=list)
-    module_algo_map: dict[str, dict[str, Any]] = field(default_factory=dict)
-    name_algo_map: dict[str, dict[str, Any]] = field(default_factory=dict)
+    target_module: list[str] | None = None
+    target_name: list[str] | None = None
+    module_algo_map: dict[str, dict[str, Any]] | None = None
+    name_algo_map: dict[str, dict[str, Any]] | None = None
     enable_conv: bool | None = None
     lora_prefix: str | None = None
     use_fnmatch: bool | None = None
@@ -47,9 +51,13 @@ class PresetConfig:
     exclude_name: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The preset as lycoris's ``LycorisNetwork.apply_preset`` takes it (unset keys left out)."""
+        """The preset as lycoris's ``LycorisNetwork.apply_preset`` takes it (unset keys left out).
+
+        An empty list set on purpose stays: ``"target_module": []`` means no module classes, while
+        leaving it out means lycoris's own defaults (every Linear, Conv and norm).
+        """
         plain = to_plain(self)
-        return {key: value for key, value in plain.items() if value not in (None, [], {})}
+        return {key: value for key, value in plain.items() if value is not None}
 
 
 @dataclass(kw_only=True)
@@ -124,6 +132,23 @@ def known_lycoris_keys() -> frozenset[str]:
     )
 
 
+def _tucker_request(key: str, value: Any, *, where: str, findings: KeyFindings) -> bool:
+    """Whether one of Tucker's spellings turns it on, read as lycoris's create_lycoris reads it."""
+    try:
+        on = coerce(value, bool)
+    except CoercionError as error:
+        findings.problems.append(problem(where, key, value, error.expected))
+        return False
+    if key in PRESENCE_SPELLINGS:
+        findings.warnings.append(
+            f"{where}: '{key}' = {str(on).lower()} turns Tucker decomposition on: lycoris's create_lycoris "
+            "(which SimpleTuner calls) does so whenever the key is present, and raytuner reads it the same "
+            "way; write 'use_tucker' instead to say what you mean"
+        )
+        return True
+    return on
+
+
 def parse_lycoris(raw: Any, *, where: str, strict: bool) -> ParsedLycoris:
     result = ParsedLycoris()
     if not isinstance(raw, dict):
@@ -134,8 +159,12 @@ def parse_lycoris(raw: Any, *, where: str, strict: bool) -> ParsedLycoris:
     algos, preset_keys = _lycoris_registry()
     fields = field_names(LycorisConfig)
     values: dict[str, Any] = {}
+    tucker_requests: list[bool] = []
     for key, value in raw.items():
         name = KEY_SPELLINGS.get(key, key)
+        if name == "use_tucker":
+            tucker_requests.append(_tucker_request(key, value, where=where, findings=result.findings))
+            continue
         if sort_key(
             name,
             value,
@@ -148,6 +177,8 @@ def parse_lycoris(raw: Any, *, where: str, strict: bool) -> ParsedLycoris:
         ):
             values[name] = value
 
+    if tucker_requests:
+        values["use_tucker"] = any(tucker_requests)
     algo = values.get("algo", "lora")
     if isinstance(algo, str):
         values["algo"] = algo = algo.lower()

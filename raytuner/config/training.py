@@ -145,6 +145,7 @@ class TrainingConfig:
     push_to_hub: bool = False
     push_checkpoints_to_hub: bool = False
     hf_token: str | None = field(default=None, repr=False)
+    webhook_config: str | None = None
 
     # Resolution and aspect buckets
     resolution: int | float = field(default=1024, metadata=rule(gt=0))

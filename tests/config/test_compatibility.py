@@ -97,6 +97,12 @@ def test_aliases_resolve_as_simpletuner_resolves_them(write_run: Any, alias: str
         assert any(f"not yet supported: {mapping.maps_to} = " in warning for warning in run.warnings)
 
 
+def test_deliberate_differences_from_simpletuner_are_explained() -> None:
+    for key in ("lora_type", "seed", "optimizer"):
+        row = key_status(key, "config")
+        assert row is not None and "deliberate" in row.note, key
+
+
 def test_cosine_with_warmup_is_read_as_cosine(write_run: Any) -> None:
     run = load_config(write_run(config_updates={"lr_scheduler": "cosine_with_warmup"}))
     assert run.training.lr_scheduler == "cosine"

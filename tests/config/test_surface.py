@@ -22,9 +22,12 @@ def test_dataset_fields_are_simpletuner_dataset_keys() -> None:
 
 
 def test_defaults_match_simpletuner() -> None:
+    """Every option whose default SimpleTuner's list gives is a field with that default (a key left
+    out behaves as in SimpleTuner); where raytuner acts differently, the compatibility table says why."""
     defaults = {field.name: field.default for field in dataclasses.fields(TrainingConfig)}
+    assert sorted(set(option_specs()) - set(defaults)) == []
     for name, spec in option_specs().items():
-        if name not in defaults or defaults[name] is dataclasses.MISSING:
+        if defaults[name] is dataclasses.MISSING:
             continue
         listed = spec.default.split(" [")[0].strip("'")
         ours = defaults[name]
