@@ -43,8 +43,8 @@ def format_run(run: RunConfig) -> str:
 
 
 @contextmanager
-def _quiet_config_logging() -> Iterator[None]:
-    # check-config prints the warnings in its report; logging them too would show each twice.
+def quiet_config_logging() -> Iterator[None]:
+    """Silence the config loader's own warning log (for callers that report ``run.warnings`` themselves)."""
     config_logger = logging.getLogger("raytuner.config")
     previous = config_logger.level
     config_logger.setLevel(logging.ERROR)
@@ -57,7 +57,7 @@ def _quiet_config_logging() -> Iterator[None]:
 def check_config_main(config_path: str, *, strict: bool = False) -> int:
     """Load and check a config; print the result. 0 when usable, 2 when not."""
     try:
-        with _quiet_config_logging():
+        with quiet_config_logging():
             run = load_config(config_path, strict=strict)
     except ConfigError as error:
         for line in error.problems:
