@@ -208,20 +208,6 @@ def problem(where: str, key: str, value: Any, expected: str, fix: str = "") -> s
     return f"{line}; {fix}" if fix else line
 
 
-def key_without_field(
-    where: str, key: str, *, fields: frozenset[str], known: frozenset[str], written: str | None = None
-) -> str:
-    """The message for a key that is not a raytuner field.
-
-    A key the source tool defines (SimpleTuner's option and dataset lists, lycoris's own keys) is
-    accepted and named as not yet supported; anything else is unknown, with the closest known key.
-    ``written`` is the key as the file spells it (config.json keys may carry a leading ``--``).
-    """
-    if key in known:
-        return f"{where}: accepted, not yet supported: {key}"
-    return f"{where}: unknown key '{written or key}'{did_you_mean(key, fields | known)}"
-
-
 def build(cls: type[T], raw: Mapping[str, Any], *, where: str, problems: list[str]) -> T | None:
     """An instance of the dataclass ``cls`` from the keys of ``raw`` that are its fields.
 

@@ -1,9 +1,11 @@
 """``load_config``: SimpleTuner's three files in, one typed ``RunConfig`` out.
 
-Nothing is silently dropped: every key is a field, a SimpleTuner alias (mapped, with a note),
-a SimpleTuner option raytuner does not implement yet (warning), or unknown (warning with the
-closest known key). ``strict=True`` turns the last two into errors. Problems are collected
-across all three files and raised together as one ``ConfigError``.
+Nothing is silently dropped: every key is sorted by the compatibility table
+(``raytuner/config/compatibility.py``): a field, a SimpleTuner alias (mapped, with a note), a
+not-yet-supported option (warning), a not-applicable one (warning saying what replaces it), or
+unknown (warning with the closest known key). ``strict=True`` refuses unknown keys one by one
+and not-yet-supported ones in a single line. Problems are collected across all three files and
+raised together as one ``ConfigError``.
 """
 
 from __future__ import annotations
@@ -32,8 +34,6 @@ from raytuner.config.surface import did_you_mean, flavours, key_aliases, simplet
 from raytuner.config.training import FAMILY_ALIASES, SUPPORTED_FAMILIES, TrainingConfig
 
 logger = logging.getLogger(__name__)
-
-_Findings = KeyFindings
 
 
 def read_json(path: Path) -> Any:
@@ -72,7 +72,7 @@ def load_config(path: str | Path, *, strict: bool = False) -> RunConfig:
             f'{where}: expected a JSON object of options ({{"model_family": ...}}), got a list or value'
         )
 
-    findings = _Findings()
+    findings = KeyFindings()
     values = _sort_config_keys(raw, where=where, strict=strict, findings=findings)
     training = build(TrainingConfig, values, where=where, problems=findings.problems)
     sources: dict[str, Path] = {"config": config_path}
@@ -116,7 +116,7 @@ def load_config(path: str | Path, *, strict: bool = False) -> RunConfig:
 
 
 def _sort_config_keys(
-    raw: dict[str, Any], *, where: str, strict: bool, findings: _Findings
+    raw: dict[str, Any], *, where: str, strict: bool, findings: KeyFindings
 ) -> dict[str, Any]:
     """config.json keys as TrainingConfig field values; everything else is noted, warned or refused."""
     fields = field_names(TrainingConfig)
@@ -175,7 +175,7 @@ def _sort_config_keys(
     return values
 
 
-def _check_model(training: TrainingConfig, *, explicit: set[str], where: str, findings: _Findings) -> None:
+def _check_model(training: TrainingConfig, *, explicit: set[str], where: str, findings: KeyFindings) -> None:
     family = training.model_family
     if family in FAMILY_ALIASES:
         training.model_family = FAMILY_ALIASES[family]
@@ -231,7 +231,7 @@ def _check_model(training: TrainingConfig, *, explicit: set[str], where: str, fi
         )
 
 
-def _check_training(training: TrainingConfig, *, where: str, findings: _Findings) -> None:
+def _check_training(training: TrainingConfig, *, where: str, findings: KeyFindings) -> None:
     if not training.max_train_steps and training.num_train_epochs == 0:
         findings.problems.append(
             f"{where}: 'max_train_steps' and 'num_train_epochs' are both 0 or unset: expected one of them > 0; "
@@ -245,7 +245,7 @@ def _check_training(training: TrainingConfig, *, where: str, findings: _Findings
 
 
 def _check_flow_schedule(
-    training: TrainingConfig, *, explicit: set[str], where: str, findings: _Findings
+    training: TrainingConfig, *, explicit: set[str], where: str, findings: KeyFindings
 ) -> None:
     """Say when a schedule-shift setting will not do what it reads as."""
     shift_set = "flow_schedule_shift" in explicit and (training.flow_schedule_shift or 0) > 0
@@ -272,7 +272,7 @@ def _resolve_input_file(
     config_path: Path,
     where: str,
     sources: dict[str, Path],
-    findings: _Findings,
+    findings: KeyFindings,
 ) -> None:
     value = getattr(training, name)
     found = find_input_file(value, named_in=config_path)
@@ -293,7 +293,12 @@ def _resolve_input_file(
 
 
 def _resolve_training_paths(
-    training: TrainingConfig, *, config_path: Path, where: str, sources: dict[str, Path], findings: _Findings
+    training: TrainingConfig,
+    *,
+    config_path: Path,
+    where: str,
+    sources: dict[str, Path],
+    findings: KeyFindings,
 ) -> None:
     common = {"config_path": config_path, "where": where, "sources": sources, "findings": findings}
     _resolve_input_file(training, "data_backend_config", **common)
@@ -310,7 +315,7 @@ def _resolve_training_paths(
 
 
 def _load_datasets(
-    training: TrainingConfig, path: Path, *, strict: bool, findings: _Findings
+    training: TrainingConfig, path: Path, *, strict: bool, findings: KeyFindings
 ) -> list[DatasetConfig]:
     where = display(path)
     try:
@@ -348,7 +353,7 @@ def _load_datasets(
     return parsed.datasets
 
 
-def _load_lycoris(path: Path, *, strict: bool, findings: _Findings) -> LycorisConfig | None:
+def _load_lycoris(path: Path, *, strict: bool, findings: KeyFindings) -> LycorisConfig | None:
     try:
         raw = read_json(path)
     except ConfigError as error:
@@ -359,7 +364,7 @@ def _load_lycoris(path: Path, *, strict: bool, findings: _Findings) -> LycorisCo
     return parsed.config
 
 
-def _choose_seed(training: TrainingConfig, *, sources: dict[str, Path], findings: _Findings) -> None:
+def _choose_seed(training: TrainingConfig, *, sources: dict[str, Path], findings: KeyFindings) -> None:
     recorded = read_recorded_seed(training.output_dir)
     if recorded is not None:
         training.seed = recorded
