@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from lycoris import LycorisNetwork, create_lycoris, create_lycoris_from_weights
 from lycoris.modules.lokr import LokrModule
+from lycoris.modules.norms import NormModule
 
 from raytuner.config import LycorisConfig
 
@@ -156,6 +157,7 @@ def build_adapter(
         if preset:
             LycorisNetwork.apply_preset(preset)
         network = create_lycoris(model, multiplier, linear_dim, linear_alpha, **kwargs)
+        _refuse_weightless_norms(network, model)
         network.apply_to()
         # The prefix names the saved keys; read it while the preset's class state is in force.
         lora_prefix = LycorisNetwork.LORA_PREFIX
@@ -199,6 +201,21 @@ def build_adapter(
     for warning in warnings:
         logger.warning(warning)
     return network, report
+
+
+def _refuse_weightless_norms(network: LycorisNetwork, model: torch.nn.Module) -> None:
+    """train_norm on a norm without a learnable weight would fail inside lycoris on the first step."""
+    weightless = [
+        lora.lora_name
+        for lora in network.loras
+        if isinstance(lora, NormModule) and getattr(lora.org_module[0], "weight", None) is None
+    ]
+    if weightless:
+        raise AdapterError(
+            f"lycoris_config train_norm wraps {len(weightless)} norm layer(s) of {type(model).__name__} that "
+            f"have no learnable weight (e.g. {weightless[0]}); lycoris cannot train them and would fail on the "
+            "first step: set train_norm to false, or narrow apply_preset to modules with affine norms"
+        )
 
 
 @cache

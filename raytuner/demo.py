@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from raytuner.adapters import build_adapter, load_adapter, save_adapter
+from raytuner.adapters import AdapterError, build_adapter, load_adapter, save_adapter
 from raytuner.config import ConfigError, DatasetConfig, RunConfig, check_run, load_config
 from raytuner.config.check import quiet_config_logging
 from raytuner.data.synthetic import synthetic_images, to_pixels, write_dataset
@@ -267,8 +268,8 @@ def demo_main(
                     f"demo config {config_path} not found: run from the repository root or pass --configs DIR"
                 )
             results.append(run_family_demo(config_path, steps))
-    except (ConfigError, DemoError, OptimizerError) as error:
-        print(f"error: {error}")
+    except (ConfigError, DemoError, OptimizerError, AdapterError) as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     print()
     print(_summary_table(results))

@@ -54,7 +54,7 @@ def test_demo_outside_the_repository_says_where_to_run_it(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     assert main(["demo"]) == 2
-    assert "run from the repository root or pass --configs DIR" in capsys.readouterr().out
+    assert "run from the repository root or pass --configs DIR" in capsys.readouterr().err
 
 
 def test_offline_demo_runs_end_to_end(tmp_path: Path) -> None:

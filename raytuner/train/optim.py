@@ -6,8 +6,8 @@ Option by option this follows SimpleTuner's trainer, not the option names' every
   ``eps=1e-6``, ``torch-adam`` has no weight decay); ``optimizer_config`` overrides them, then
   ``optimizer_beta1``/``optimizer_beta2`` set ``betas``;
 * ``adam_beta1``, ``adam_beta2``, ``adam_epsilon`` and ``adam_weight_decay`` do not reach these
-  optimisers: SimpleTuner hands them only to a DeepSpeed-owned optimiser. raytuner keeps that, and
-  says so in a warning when one of them is set;
+  optimisers: SimpleTuner hands them only to a DeepSpeed-owned optimiser. raytuner keeps that; the
+  config loader warns when one of them is set;
 * settings an optimiser class does not take are dropped with a warning, as SimpleTuner does;
 * ``lr_scale`` multiplies the learning rate by batch size × accumulation steps × workers, and
   ``lr_scale_sqrt`` (only together with ``lr_scale``) by its square root.
@@ -19,7 +19,6 @@ optimiser steps the two agree.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import logging
 import math
@@ -104,17 +103,6 @@ SUPPORTED_LR_SCHEDULERS: tuple[str, ...] = (
     "polynomial",
     "constant",
     "constant_with_warmup",
-)
-
-# Options SimpleTuner passes only to a DeepSpeed-owned optimiser, and how to say the same thing to
-# the optimisers raytuner runs.
-_DEEPSPEED_ONLY_OPTIONS: Mapping[str, str] = MappingProxyType(
-    {
-        "adam_beta1": "optimizer_beta1 (with optimizer_beta2)",
-        "adam_beta2": "optimizer_beta2 (with optimizer_beta1)",
-        "adam_epsilon": "optimizer_config 'eps={value}'",
-        "adam_weight_decay": "optimizer_config 'weight_decay={value}'",
-    }
 )
 
 # SimpleTuner's cosine wave falls back to this half-period when lr_warmup_steps is 0.
@@ -221,15 +209,9 @@ def _keyword_names(optimizer_class: type[torch.optim.Optimizer]) -> frozenset[st
 
 
 def _ignored_options(training: TrainingConfig) -> list[str]:
-    defaults = {field.name: field.default for field in dataclasses.fields(TrainingConfig)}
+    # adam_beta1/2, adam_epsilon and adam_weight_decay reach only a DeepSpeed-owned optimiser in
+    # SimpleTuner; the config loader already warns about them (compatibility table), with the fix.
     lines = []
-    for option, instead in _DEEPSPEED_ONLY_OPTIONS.items():
-        value = getattr(training, option)
-        if value != defaults[option]:
-            lines.append(
-                f"'{option}' = {value!r} does not change 'optimizer' = {training.optimizer!r}: SimpleTuner "
-                f"passes it only to a DeepSpeed optimizer; use {instead.format(value=value)} instead"
-            )
     if training.lr_scale_sqrt and not training.lr_scale:
         lines.append("'lr_scale_sqrt' does nothing without 'lr_scale': true (as in SimpleTuner)")
     return lines

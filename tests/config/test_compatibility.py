@@ -108,7 +108,7 @@ def test_cosine_with_warmup_is_read_as_cosine(write_run: Any) -> None:
     assert run.training.lr_scheduler == "cosine"
 
 
-# Twenty-four SimpleTuner options raytuner does not implement yet, each set to a value that asks for something.
+# Twenty-five SimpleTuner options raytuner does not implement yet, each set to a value that asks for something.
 NOT_YET_SUPPORTED: dict[str, Any] = {
     "use_ema": True,
     "validation_on_startup": True,
@@ -134,6 +134,7 @@ NOT_YET_SUPPORTED: dict[str, Any] = {
     "aspect_bucket_disable_rebuild": True,
     "train_batch_size": 2,
     "ray_num_workers": 4,
+    "adam_beta1": 0.5,
 }
 
 
