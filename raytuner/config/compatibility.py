@@ -45,7 +45,7 @@ class KeyStatus:
     status: Status
     note: str
     test: str = ""
-    inert: tuple[Any, ...] | None = None  # None: every value asks for something; () never happens
+    inert: tuple[Any, ...] | None = None  # None: every value asks for something
 
     def asks_nothing(self, value: Any) -> bool:
         """True when ``value`` asks for nothing raytuner does not already do (no warning needed)."""

@@ -95,15 +95,8 @@ _OPTIMIZERS: Mapping[str, _OptimizerChoice] = MappingProxyType(
 
 SUPPORTED_OPTIMIZERS: tuple[str, ...] = tuple(_OPTIMIZERS)
 
-SUPPORTED_LR_SCHEDULERS: tuple[str, ...] = (
-    "linear",
-    "sine",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-    "constant",
-    "constant_with_warmup",
-)
+# Every schedule SimpleTuner offers (its list ships in raytuner/config/data/config_keys.tsv).
+SUPPORTED_LR_SCHEDULERS: tuple[str, ...] = option_choices("lr_scheduler")
 
 # SimpleTuner's cosine wave falls back to this half-period when lr_warmup_steps is 0.
 _COSINE_FALLBACK_HALF_PERIOD = 1000
