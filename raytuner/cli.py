@@ -42,6 +42,14 @@ def _demo(args: argparse.Namespace) -> int:
     return demo_main(configs=args.configs, steps=args.steps, families=args.family)
 
 
+def _cache(args: argparse.Namespace) -> int:
+    from raytuner.cache.command import cache_main
+
+    return cache_main(
+        args.config, strict=args.strict, rebuild=args.rebuild, encoder_actors=args.encoder_actors
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raytuner",
@@ -69,6 +77,26 @@ def build_parser() -> argparse.ArgumentParser:
         "markdown for docs/simpletuner-compatibility.md",
     )
     check.set_defaults(handler=_check_config)
+
+    cache = commands.add_parser(
+        "cache",
+        help="encode the datasets of a config into the Parquet latent and text caches (Ray Data), and update them",
+    )
+    cache.add_argument("--config", required=True, help="path to config.json")
+    cache.add_argument("--strict", action="store_true", help="make 'accepted, not yet supported' keys errors")
+    cache.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="re-encode a cache written by another VAE or text encoder instead of refusing it (its raytuner files are deleted)",
+    )
+    cache.add_argument(
+        "--encoder-actors",
+        type=int,
+        default=None,
+        metavar="N",
+        help="VAE actors in the encoding pool (default: one per GPU of the cluster, else 1)",
+    )
+    cache.set_defaults(handler=_cache)
 
     tiny = commands.add_parser("tiny-model", help="write a tiny random-weight diffusers checkpoint (offline)")
     tiny.add_argument("--family", required=True, help="model family, e.g. cosmos2image or omnigen")

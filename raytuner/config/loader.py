@@ -334,12 +334,20 @@ def _load_datasets(
                 dataset.minimum_image_size = training.minimum_image_size
         if dataset.instance_data_dir is not None and dataset.type == "local":
             dataset.instance_data_dir = find_input_dir(dataset.instance_data_dir, named_in=path)
-        if dataset.type == "local":
+        if dataset.needs_images and not dataset.cache_dir_vae:
+            # SimpleTuner's default: one folder per dataset below output_dir.
+            default = training.output_dir / "cache" / "vae" / training.model_family / dataset.id
+            dataset.cache_dir_vae = str(default)
+            findings.notes.append(
+                f"{where}: dataset '{dataset.id}': cache_dir_vae not set; using {display(default)}"
+            )
+        elif dataset.type == "local":
             for name in ("cache_dir_vae", "cache_dir"):
                 value = getattr(dataset, name)
                 if value and not has_scheme(value):
                     setattr(dataset, name, str(output_path(value)))
     if parsed.datasets and not parsed.findings.problems:
+        _check_cache_folders(parsed.datasets, where=where, findings=findings)
         enabled_text = [d for d in parsed.datasets if d.enabled and d.dataset_type == "text_embeds"]
         if not enabled_text:
             cache_dir = str(training.output_dir / "cache" / "text" / training.model_family)
@@ -351,6 +359,30 @@ def _load_datasets(
                 '"cache_dir": "cache/text"} to choose the place)'
             )
     return parsed.datasets
+
+
+def _check_cache_folders(datasets: list[DatasetConfig], *, where: str, findings: KeyFindings) -> None:
+    """Every enabled dataset caches into its own folder, as SimpleTuner requires."""
+    owners: dict[tuple[str, str], str] = {}
+    for dataset in datasets:
+        if not dataset.enabled:
+            continue
+        value = dataset.cache_dir_vae if dataset.needs_images else dataset.cache_dir
+        if not value:
+            continue
+        place = (
+            (dataset.aws_bucket_name or "", value.rstrip("/"))
+            if dataset.type == "aws"
+            else ("", value.rstrip("/"))
+        )
+        if place in owners:
+            key = "cache_dir_vae" if dataset.needs_images else "cache_dir"
+            findings.problems.append(
+                f"{where}: dataset '{dataset.id}': '{key}' = '{value}' is already the cache folder of dataset "
+                f"'{owners[place]}'; give every dataset its own cache folder"
+            )
+        else:
+            owners[place] = dataset.id
 
 
 def _load_lycoris(path: Path, *, strict: bool, findings: KeyFindings) -> LycorisConfig | None:

@@ -49,6 +49,14 @@ class ModelFamily(ABC):
     target_direction: ClassVar[float] = 1.0
     # Training sigmas are clamped to the noise levels the family's pipeline ever evaluates.
     sigma_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
+    # Image pixels per transformer token along each edge (VAE downsampling x patch size): every
+    # aspect bucket's width and height are a multiple of it.
+    pixels_per_token: ClassVar[int] = 16
+    # The model folders the cache's two encoders are loaded from (they make its encoder identity).
+    vae_components: ClassVar[tuple[str, ...]] = ("vae",)
+    text_components: ClassVar[tuple[str, ...]]
+    # Names of the tensors encode_prompts returns per prompt (the text cache's columns).
+    prompt_tensors: ClassVar[tuple[str, ...]]
 
     def __init__(
         self,
@@ -97,6 +105,18 @@ class ModelFamily(ABC):
         return self._vae
 
     # ---- encoding (the cache step) -------------------------------------------------------------
+
+    def latent_settings(self) -> dict[str, Any]:
+        """How this family turns pixels into cached latents, beyond the VAE's own files."""
+        return {
+            "family": self.name,
+            "vae_class": self.vae_class.__name__,
+            "latents": "posterior mode, normalised",
+        }
+
+    def text_settings(self) -> dict[str, Any]:
+        """How this family turns a prompt into cached conditioning, beyond the text side's files."""
+        return {"family": self.name, "tensors": list(self.prompt_tensors)}
 
     @abstractmethod
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -69,6 +69,8 @@ class Cosmos2Image(ModelFamily):
     target_direction: ClassVar[float] = 1.0
     # Training never evaluates t where the pipeline cannot: its EDM sigmas run from 0.002 to 80.
     sigma_range: ClassVar[tuple[float, float]] = (SIGMA_MIN / (SIGMA_MIN + 1), SIGMA_MAX / (SIGMA_MAX + 1))
+    text_components: ClassVar[tuple[str, ...]] = ("tokenizer", "text_encoder")
+    prompt_tensors: ClassVar[tuple[str, ...]] = ("prompt_embeds",)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -119,6 +121,13 @@ class Cosmos2Image(ModelFamily):
         return [
             {"prompt_embeds": hidden[i, :length].to(torch.float32).cpu()} for i, length in enumerate(lengths)
         ]
+
+    def text_settings(self) -> dict[str, Any]:
+        return {
+            **super().text_settings(),
+            "max_sequence_length": MAX_SEQUENCE_LENGTH,
+            "dtype": str(self.dtype),
+        }
 
     def collate_conditioning(self, items: Sequence[PromptConditioning]) -> ConditioningBatch:
         first = items[0]["prompt_embeds"]

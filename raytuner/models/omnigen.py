@@ -53,6 +53,8 @@ class OmniGen(ModelFamily):
         "FeedForward": ("OmniGenFeedForward",),
     }
     target_direction: ClassVar[float] = -1.0
+    text_components: ClassVar[tuple[str, ...]] = ("tokenizer",)
+    prompt_tensors: ClassVar[tuple[str, ...]] = ("input_ids",)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -83,6 +85,13 @@ class OmniGen(ModelFamily):
             {"input_ids": torch.tensor(processor.process_multi_modal_prompt(prompt, None)["input_ids"])}
             for prompt in prompts
         ]
+
+    def text_settings(self) -> dict[str, Any]:
+        # The ids are the chat-templated prompt: the template is part of the text side's identity.
+        return {
+            **super().text_settings(),
+            "template": "OmniGenMultiModalProcessor.process_multi_modal_prompt",
+        }
 
     def collate_conditioning(self, items: Sequence[PromptConditioning]) -> ConditioningBatch:
         return {"input_ids": [item["input_ids"].tolist() for item in items]}

@@ -1,0 +1,1119 @@
+"""``raytuner cache``: the Ray Data pipeline that fills the latent and text caches.
+
+Order of work, per run:
+
+1. list every enabled image and eval dataset (local folder or ``s3://``) and probe the files not
+   seen before in Ray tasks (hash, size, full decode, caption file); bad files are reported;
+2. give each image its aspect bucket and crop (:mod:`raytuner.data.buckets`) and its content key
+   (file bytes + crop + resolution + VAE identity);
+3. encode what the caches lack: unique captions, validation prompts, the negative prompt, the
+   prompt library and the empty prompt through the family's text side on one actor pool; the
+   images read, decoded, resized and cropped in CPU tasks, then through the VAE on another actor
+   pool (``vae_batch_size`` per call, one GPU per actor where the cluster has GPUs), written as
+   Parquet shards of one bucket each;
+4. commit each cache folder (index, then manifest) and drop shards no row points at any more;
+   print a summary table and write a report of skipped files beside each latent cache.
+
+A cache written by another VAE or text encoder is refused (``--rebuild`` moves past it by
+deleting that cache's raytuner files); nothing is deleted otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import posixpath
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from raytuner.cache import format as fmt
+from raytuner.cache.format import CacheError
+from raytuner.cache.identity import component_identity, describe, encoder_key
+from raytuner.config.datasets import DatasetConfig
+from raytuner.config.run import RunConfig
+from raytuner.data import discovery
+from raytuner.data.buckets import BucketError, BucketSettings, Placement, crop_seed_for, place
+from raytuner.data.discovery import DiscoveredImage, ListedFile, Listing, Probe, SkippedFile
+from raytuner.models.base import ModelFamily
+from raytuner.models.registry import get_family
+from raytuner.storage import Location, StorageError, describe_error, has_scheme, is_temporary, list_files
+
+logger = logging.getLogger(__name__)
+
+PROBE_BATCH = 32
+TEXT_BATCH = 64
+
+
+# ---- what the build works on ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncoderIdentity:
+    identity: dict[str, Any]
+    key: str
+
+    @classmethod
+    def of(cls, identity: dict[str, Any]) -> EncoderIdentity:
+        return cls(identity=identity, key=encoder_key(identity))
+
+
+@dataclass(kw_only=True)
+class DatasetWork:
+    """One image or eval dataset: where it is read from and cached, and what the build found."""
+
+    dataset: DatasetConfig
+    settings: BucketSettings
+    cache: Location
+    listing: Listing | None = None
+    images: list[DiscoveredImage] = field(default_factory=list)
+    skipped: list[SkippedFile] = field(default_factory=list)
+    rows: dict[str, dict[str, Any]] = field(default_factory=dict)  # content key -> index row (no location)
+    existing: dict[str, dict[str, Any]] = field(default_factory=dict)  # content key -> location
+    stale_shards: set[str] = field(default_factory=set)
+    written: dict[str, dict[str, Any]] = field(default_factory=dict)  # content key -> location
+    bytes_by_bucket: Counter[str] = field(default_factory=Counter)
+    encode_skipped: list[SkippedFile] = field(default_factory=list)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BucketSummary:
+    dataset_id: str
+    bucket: str
+    images: int
+    encoded: int
+    bytes_written: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetSummary:
+    dataset_id: str
+    cache: str
+    images: int
+    encoded: int
+    skipped: int
+    bytes_written: int
+    buckets: tuple[BucketSummary, ...]
+    report: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheSummary:
+    datasets: tuple[DatasetSummary, ...]
+    prompts: int
+    prompts_encoded: int
+    text_cache: str
+    seconds: float
+    encode_seconds: float
+
+    @property
+    def encoded(self) -> int:
+        return sum(d.encoded for d in self.datasets)
+
+    def table(self) -> str:
+        rate = (lambda n: f"{n / self.encode_seconds:.1f}") if self.encode_seconds > 0 else (lambda n: "-")
+        header = ("dataset", "bucket", "images", "encoded", "skipped", "written", "images/s")
+        rows: list[tuple[str, ...]] = []
+        for summary in self.datasets:
+            rows.append(
+                (
+                    summary.dataset_id,
+                    "all",
+                    str(summary.images),
+                    str(summary.encoded),
+                    str(summary.skipped),
+                    _human_bytes(summary.bytes_written),
+                    rate(summary.encoded) if summary.encoded else "-",
+                )
+            )
+            for bucket in summary.buckets:
+                rows.append(
+                    (
+                        "",
+                        bucket.bucket,
+                        str(bucket.images),
+                        str(bucket.encoded),
+                        "",
+                        _human_bytes(bucket.bytes_written),
+                        "",
+                    )
+                )
+        rows.append(("text-embeds", "", str(self.prompts), str(self.prompts_encoded), "", "", ""))
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        lines = [
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+            for row in [header, *rows]
+        ]
+        lines.insert(1, "  ".join("-" * width for width in widths))
+        lines.append(
+            f"{self.encoded} image(s) encoded in {self.encode_seconds:.1f} s, whole build {self.seconds:.1f} s; "
+            f"text cache {self.text_cache}"
+        )
+        return "\n".join(lines)
+
+
+def _human_bytes(count: int) -> str:
+    if count == 0:
+        return "0"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024  # type: ignore[assignment]
+    return str(count)
+
+
+# ---- locations and settings ---------------------------------------------------------------------------
+
+
+def cache_location(dataset: DatasetConfig, value: str) -> Location:
+    """A cache folder: a local path, a URI, or (for ``type: aws``) a prefix in the dataset's bucket."""
+    if dataset.type == "aws" and not has_scheme(value) and not value.startswith("/"):
+        return Location(
+            uri=f"s3://{dataset.aws_bucket_name}/{value.strip('/')}", s3=discovery.s3_settings(dataset)
+        )
+    if value.startswith("s3://") and dataset.type == "aws":
+        return Location(uri=value, s3=discovery.s3_settings(dataset))
+    return Location(uri=value)
+
+
+def bucket_settings(dataset: DatasetConfig, run: RunConfig, family: type[ModelFamily]) -> BucketSettings:
+    training = run.training
+    alignment = training.aspect_bucket_alignment
+    if alignment % family.pixels_per_token:
+        raise CacheError(
+            f"{run.sources['config']}: 'aspect_bucket_alignment' = {alignment}: expected a multiple of "
+            f"{family.pixels_per_token} for {family.name} (VAE downsampling x patch size); "
+            f"set it to {family.pixels_per_token} or 64"
+        )
+    assert dataset.resolution is not None and dataset.resolution_type is not None
+    try:
+        return BucketSettings(
+            resolution=float(dataset.resolution),
+            resolution_type=dataset.resolution_type,
+            minimum_image_size=dataset.minimum_image_size,
+            maximum_image_size=dataset.maximum_image_size,
+            target_downsample_size=dataset.target_downsample_size,
+            crop=dataset.crop,
+            crop_aspect=dataset.crop_aspect,
+            crop_style=dataset.crop_style,
+            rounding=training.aspect_bucket_rounding or 2,
+            alignment=alignment,
+        )
+    except BucketError as error:
+        raise CacheError(f"{run.sources['data_backend_config']}: dataset '{dataset.id}': {error}") from None
+
+
+def skips(dataset: DatasetConfig, phase: str) -> bool:
+    """SimpleTuner's ``skip_file_discovery``: a list of phases (``vae``, ``aspect``, ``text``)."""
+    return phase in dataset.skip_file_discovery.replace(",", " ").split()
+
+
+# ---- encoder identities -------------------------------------------------------------------------------
+
+
+def model_path_of(run: RunConfig) -> str:
+    family = get_family(run.training.model_family)
+    return family.resolve_model_path(run.training.model_flavour, run.training.pretrained_model_name_or_path)
+
+
+def encoder_identities(run: RunConfig, family: ModelFamily) -> tuple[EncoderIdentity, EncoderIdentity]:
+    model_path = model_path_of(run)
+    revision = run.training.revision
+    vae = component_identity(
+        model_path, family.vae_components, revision=revision, settings=family.latent_settings()
+    )
+    text = component_identity(
+        model_path, family.text_components, revision=revision, settings=family.text_settings()
+    )
+    vae.update({"family": family.name, "component": "VAE"})
+    text.update({"family": family.name, "component": "text side"})
+    return EncoderIdentity.of(vae), EncoderIdentity.of(text)
+
+
+def _load_committed(
+    folder: Location, *, kind: str, encoder: EncoderIdentity, rebuild: bool, what: str
+) -> tuple[dict[str, dict[str, Any]], fmt.Manifest | None]:
+    """The committed rows of a cache folder (key -> index row), after the identity check."""
+    manifest = fmt.read_manifest(folder)
+    if manifest is None:
+        return {}, None
+    if manifest.kind != kind:
+        raise CacheError(f"{folder}: holds a {manifest.kind} cache, not {kind}; give {what} its own folder")
+    if manifest.encoder_key != encoder.key:
+        if rebuild:
+            _remove_cache_files(folder)
+            logger.warning("%s: cache written by %s removed (--rebuild)", folder, describe(manifest.encoder))
+            return {}, None
+        raise CacheError(
+            f"{folder}: cache written by {describe(manifest.encoder)} (encoder key {manifest.encoder_key}), "
+            f"but this run encodes with {describe(encoder.identity)} (key {encoder.key}); "
+            f"point {what} at a new folder, or run `raytuner cache --rebuild` to re-encode it here"
+        )
+    index = fmt.read_index(folder, manifest)
+    return {row["key"]: row for row in index.to_pylist()}, manifest
+
+
+def _remove_cache_files(folder: Location) -> None:
+    """Delete raytuner's own files in a cache folder (never anything else there)."""
+    filesystem, root = folder.resolve()
+    for info in list_files(folder):
+        relative = posixpath.relpath(info.path, root)
+        name = posixpath.basename(relative)
+        if name in (fmt.MANIFEST_NAME, fmt.REPORT_NAME, discovery.DISCOVERY_INDEX) or (
+            name.endswith(".parquet") and (name.startswith(("index-", "part-")))
+        ):
+            filesystem.delete_file(info.path)
+
+
+def _adopt_orphans(
+    folder: Location, *, kind: str, encoder: EncoderIdentity, known: set[str]
+) -> dict[str, dict[str, Any]]:
+    """Whole shards a killed build wrote but never committed: key -> location. Temporary files are removed."""
+    filesystem, root = folder.resolve()
+    adopted: dict[str, dict[str, Any]] = {}
+    for info in list_files(folder):
+        relative = posixpath.relpath(info.path, root)
+        if is_temporary(relative):
+            filesystem.delete_file(info.path)
+            continue
+        name = posixpath.basename(relative)
+        if not (name.startswith("part-") and name.endswith(".parquet")) or relative in known:
+            continue
+        metadata = fmt.read_shard_metadata(folder, relative)
+        if metadata is None:
+            logger.warning("%s: unreadable shard %s removed", folder, relative)
+            filesystem.delete_file(info.path)
+            continue
+        if (
+            metadata.get(fmt.ENCODER_KEY_METADATA, b"").decode() != encoder.key
+            or metadata.get(fmt.KIND_METADATA, b"").decode() != kind
+        ):
+            logger.warning(
+                "%s: shard %s was written by another encoder; left in place, not used", folder, relative
+            )
+            continue
+        keys = fmt.read_shard_columns(folder, relative, ["key"]).column("key").to_pylist()
+        for location in fmt.shard_locations(keys, relative):
+            adopted[location["key"]] = location
+    if adopted:
+        logger.info("%s: %d row(s) from an interrupted build adopted", folder, len(adopted))
+    return adopted
+
+
+# ---- discovery -----------------------------------------------------------------------------------------
+
+
+def _read_discovery_index(folder: Location) -> dict[str, Probe]:
+    filesystem, root = folder.resolve()
+    path = posixpath.join(root, discovery.DISCOVERY_INDEX)
+    try:
+        if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
+            return {}
+        import pyarrow.parquet as pq
+
+        with filesystem.open_input_file(path) as handle:
+            return discovery.probes_from_rows(pq.read_table(handle).to_pylist())
+    except (OSError, pa.ArrowException):
+        logger.warning("%s: unreadable %s; every file is read again", folder, discovery.DISCOVERY_INDEX)
+        return {}
+
+
+def _write_discovery_index(folder: Location, probes: Iterable[Probe]) -> None:
+    import io
+
+    import pyarrow.parquet as pq
+
+    from raytuner.storage import write_bytes_atomic
+
+    table = pa.Table.from_pylist(
+        discovery.probe_rows(probes),
+        schema=pa.schema(
+            {
+                "fingerprint": pa.string(),
+                "sha256": pa.string(),
+                "width": pa.int32(),
+                "height": pa.int32(),
+                "captions": pa.list_(pa.string()),
+                "error": pa.string(),
+            }
+        ),
+    )
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    filesystem, root = folder.resolve()
+    write_bytes_atomic(filesystem, posixpath.join(root, discovery.DISCOVERY_INDEX), buffer.getvalue())
+
+
+def _probe_batch(
+    batch: dict[str, np.ndarray], sources: Mapping[str, tuple[Location, str]]
+) -> dict[str, list[Any]]:
+    """Ray Data task: probe a batch of listed files on whichever node runs it."""
+    out: dict[str, list[Any]] = defaultdict(list)
+    for row in _rows(batch):
+        location, caption_strategy = sources[row["dataset_id"]]
+        listed = ListedFile(**{name: row[name] for name in _LISTED_FIELDS})
+        probe = discovery.probe_file(listed, location, caption_strategy=caption_strategy)
+        for name, value in discovery.probe_rows([probe])[0].items():
+            out[name].append(value)
+    return dict(out)
+
+
+_LISTED_FIELDS = ("dataset_id", "path", "relative", "size", "mtime_ns", "caption_path", "caption_fingerprint")
+
+
+def _rows(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
+    names = list(batch)
+    count = len(batch[names[0]]) if names else 0
+    return [{name: _plain(batch[name][i]) for name in names} for i in range(count)]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def probe_listings(work: Sequence[DatasetWork]) -> None:
+    """Probe every listed file not already in its dataset's discovery index, on the cluster."""
+    import ray
+
+    known: dict[str, dict[str, Probe]] = {item.dataset.id: _read_discovery_index(item.cache) for item in work}
+    todo: dict[str, dict[str, Any]] = {}
+    for item in work:
+        for listed in item.listing.files if item.listing else []:
+            if listed.fingerprint not in known[item.dataset.id]:
+                # Two datasets may list the same file (one folder at two resolutions): read it once.
+                todo.setdefault(listed.fingerprint, {name: getattr(listed, name) for name in _LISTED_FIELDS})
+    if todo:
+        sources = {
+            item.dataset.id: (discovery.dataset_location(item.dataset), item.dataset.caption_strategy)
+            for item in work
+        }
+        logger.info("reading %d new or changed file(s)", len(todo))
+        dataset = ray.data.from_items(list(todo.values())).map_batches(
+            _probe_batch, fn_kwargs={"sources": sources}, batch_size=PROBE_BATCH
+        )
+        found = discovery.probes_from_rows(dataset.iter_rows())
+        for item in work:
+            for listed in item.listing.files if item.listing else []:
+                if listed.fingerprint in found:
+                    known[item.dataset.id][listed.fingerprint] = found[listed.fingerprint]
+    for item in work:
+        assert item.listing is not None
+        listed_fingerprints = {listed.fingerprint for listed in item.listing.files}
+        probes = {fp: probe for fp, probe in known[item.dataset.id].items() if fp in listed_fingerprints}
+        item.images, item.skipped = discovery.merge_probes(item.listing, probes)
+        try:
+            _write_discovery_index(item.cache, probes.values())
+        except (OSError, pa.ArrowException) as error:
+            raise CacheError(describe_error(item.cache.child(discovery.DISCOVERY_INDEX).uri, error)) from None
+
+
+# ---- keys ------------------------------------------------------------------------------------------------
+
+
+def caption_key(prompt: str) -> str:
+    """The text cache's key: the prompt itself, hashed (many images share a caption)."""
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:32]
+
+
+def content_key(image: DiscoveredImage, placement: Placement, vae_key: str) -> str:
+    """A latent row's key: the file's bytes, its crop and resize, and the VAE that encodes it."""
+    payload = json.dumps(
+        {
+            "sha256": image.sha256,
+            "bucket": placement.bucket,
+            "intermediary": placement.intermediary,
+            "crop": [placement.left, placement.top],
+            "resample": "lanczos",
+            "vae": vae_key,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def too_small_reason(settings: BucketSettings) -> str:
+    unit = "px edge" if settings.mode == "pixel" or settings.resolution_type == "pixel_area" else "megapixels"
+    return f"smaller than minimum_image_size {settings.minimum_image_size:g} ({unit})"
+
+
+def place_images(item: DatasetWork, *, seed: int, vae_key: str) -> None:
+    """Bucket, crop and key every discovered image of one dataset."""
+    for image in item.images:
+        placement = place(
+            item.settings, image.width, image.height, crop_seed=crop_seed_for(seed, image.sha256)
+        )
+        if placement is None:
+            item.skipped.append(
+                SkippedFile(
+                    dataset_id=item.dataset.id,
+                    relative=image.relative,
+                    reason=too_small_reason(item.settings),
+                )
+            )
+            continue
+        key = content_key(image, placement, vae_key)
+        item.rows[key] = {
+            "key": key,
+            "dataset_id": item.dataset.id,
+            "source": image.relative,
+            "caption_keys": [caption_key(caption) for caption in image.captions],
+            "bucket": placement.label,
+            "width": placement.bucket[0],
+            "height": placement.bucket[1],
+            "_path": image.path,
+            "_placement": placement,
+            "_captions": image.captions,
+            "_original": (image.width, image.height),
+        }
+
+
+# ---- Ray Data stages -----------------------------------------------------------------------------------
+
+
+def _load_and_crop(row: dict[str, Any], sources: Mapping[str, Location]) -> dict[str, Any]:
+    """CPU task: read, decode, resize to the intermediary, crop the bucket. Errors travel as ``error``."""
+    from PIL import Image
+
+    location = sources[row["dataset_id"]]
+    filesystem, _ = location.resolve()
+    try:
+        image = discovery.open_image(discovery.read_bytes(filesystem, row["path"]))
+        image = image.resize((row["inter_w"], row["inter_h"]), Image.Resampling.LANCZOS)
+        box = (row["left"], row["top"], row["left"] + row["width"], row["top"] + row["height"])
+        row["pixels"] = np.asarray(image.crop(box), dtype=np.uint8)
+        row["error"] = ""
+    except FileNotFoundError:
+        discovery.check_visible(row["dataset_id"], location)
+        row["pixels"], row["error"] = (
+            np.zeros((1, 1, 3), np.uint8),
+            "file disappeared while the cache was built",
+        )
+    except (OSError, discovery.ImageDecodeError) as error:
+        row["pixels"], row["error"] = np.zeros((1, 1, 3), np.uint8), str(error).splitlines()[0]
+    return row
+
+
+class _VaeEncoder:
+    """Actor: the family's VAE, loaded once per actor on its GPU (or CPU)."""
+
+    def __init__(
+        self, family_name: str, model_path: str, revision: str | None, local_sources: Mapping[str, Location]
+    ) -> None:
+        import torch
+
+        for dataset_id, location in local_sources.items():
+            discovery.check_visible(dataset_id, location)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.family = get_family(family_name)(model_path, revision=revision, device=device)
+        self.family.load_vae()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        rows = _rows(batch)
+        by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for index, row in enumerate(rows):
+            if not row["error"]:
+                by_shape[tuple(np.asarray(row["pixels"]).shape)].append(index)
+        latents: dict[int, np.ndarray] = {}
+        for indices in by_shape.values():
+            pixels = (
+                np.stack([np.asarray(rows[i]["pixels"]) for i in indices]).astype(np.float32) / 127.5 - 1.0
+            )
+            tensor = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+            encoded = self.family.encode_images(tensor).cpu().numpy().astype(np.float32)
+            for position, index in enumerate(indices):
+                latents[index] = encoded[position]
+        out: dict[str, list[Any]] = defaultdict(list)
+        for index, row in enumerate(rows):
+            row.pop("pixels")
+            fields = fmt.tensor_fields("latent", latents.get(index, np.zeros((0,), np.float32)))
+            # As text between stages: error rows have another rank, and Ray Data would make a ragged tensor.
+            fields["latent_shape"] = ",".join(str(n) for n in fields["latent_shape"])
+            row.update(fields)
+            for name, value in row.items():
+                out[name].append(value)
+        return dict(out)
+
+
+def _write_latent_shards(
+    batch: pa.Table, caches: Mapping[str, Location], encoder_key_: str, build_id: str
+) -> pa.Table:
+    """Task: one Parquet shard per (dataset, bucket) in the batch; returns one row per shard and per error."""
+    import uuid
+
+    rows = batch.to_pylist()
+    out: list[dict[str, Any]] = []
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row["error"]:
+            out.append(
+                {
+                    "dataset_id": row["dataset_id"],
+                    "shard": "",
+                    "bytes": 0,
+                    "keys": [],
+                    "error": row["error"],
+                    "source": row["source"],
+                    "bucket": row["bucket"],
+                }
+            )
+        else:
+            groups[(row["dataset_id"], row["bucket"])].append(row)
+    for (dataset_id, bucket), members in groups.items():
+        table = pa.Table.from_pylist(
+            [
+                {
+                    "key": m["key"],
+                    "dataset_id": m["dataset_id"],
+                    "source": m["source"],
+                    "bucket": m["bucket"],
+                    "width": m["width"],
+                    "height": m["height"],
+                    "original_width": m["original_w"],
+                    "original_height": m["original_h"],
+                    "crop_left": m["left"],
+                    "crop_top": m["top"],
+                    "latent": m["latent"],
+                    "latent_shape": [int(n) for n in str(m["latent_shape"]).split(",")],
+                    "latent_dtype": m["latent_dtype"],
+                }
+                for m in members
+            ],
+            schema=fmt.LATENT_SCHEMA,
+        )
+        relative = f"bucket={bucket}/part-{build_id}-{uuid.uuid4().hex[:12]}.parquet"
+        shard, size = fmt.write_shard(
+            caches[dataset_id], relative, table, encoder_key=encoder_key_, kind="latents"
+        )
+        out.append(
+            {
+                "dataset_id": dataset_id,
+                "shard": shard,
+                "bytes": size,
+                "keys": [m["key"] for m in members],
+                "error": "",
+                "source": "",
+                "bucket": bucket,
+            }
+        )
+    return pa.Table.from_pylist(out, schema=_SHARD_RESULT_SCHEMA)
+
+
+_SHARD_RESULT_SCHEMA = pa.schema(
+    {
+        "dataset_id": pa.string(),
+        "shard": pa.string(),
+        "bytes": pa.int64(),
+        "keys": pa.list_(pa.string()),
+        "error": pa.string(),
+        "source": pa.string(),
+        "bucket": pa.string(),
+    }
+)
+
+
+class _TextEncoder:
+    """Actor: the family's text side (Cosmos2: T5; OmniGen: its chat-template tokenizer)."""
+
+    def __init__(self, family_name: str, model_path: str, revision: str | None) -> None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.family = get_family(family_name)(model_path, revision=revision, device=device)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        rows = _rows(batch)
+        conditioning = self.family.encode_prompts([row["prompt"] for row in rows])
+        out: dict[str, list[Any]] = defaultdict(list)
+        for row, item in zip(rows, conditioning, strict=True):
+            lengths = {int(tensor.shape[0]) for tensor in item.values()}
+            values = {"key": row["key"], "prompt": row["prompt"], "length": max(lengths)}
+            for name in self.family.prompt_tensors:
+                values.update(fmt.tensor_fields(name, item[name].numpy()))
+            for name, value in values.items():
+                out[name].append(value)
+        return dict(out)
+
+
+def _write_text_shards(
+    batch: pa.Table, cache: Location, schema: pa.Schema, encoder_key_: str, build_id: str
+) -> pa.Table:
+    import uuid
+
+    table = batch.select(schema.names).cast(schema)
+    relative = f"part-{build_id}-{uuid.uuid4().hex[:12]}.parquet"
+    shard, size = fmt.write_shard(cache, relative, table, encoder_key=encoder_key_, kind="text")
+    return pa.Table.from_pylist(
+        [
+            {
+                "dataset_id": "",
+                "shard": shard,
+                "bytes": size,
+                "keys": table.column("key").to_pylist(),
+                "error": "",
+                "source": "",
+                "bucket": "",
+            }
+        ],
+        schema=_SHARD_RESULT_SCHEMA,
+    )
+
+
+# ---- the build ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildOptions:
+    encoder_actors: int | None = None  # VAE actor pool size; default: one per GPU, else 1
+    rebuild: bool = False
+
+
+def image_datasets(run: RunConfig) -> list[DatasetConfig]:
+    return [dataset for dataset in run.enabled_datasets if dataset.needs_images]
+
+
+def text_dataset(run: RunConfig) -> DatasetConfig:
+    embeds = [d for d in run.enabled_datasets if d.dataset_type == "text_embeds" and d.default]
+    if not embeds:
+        raise CacheError("no default text_embeds dataset; add one to multidatabackend.json")
+    return embeds[0]
+
+
+def text_cache_location(run: RunConfig) -> Location:
+    dataset = text_dataset(run)
+    if not dataset.cache_dir:
+        raise CacheError(
+            f"text_embeds dataset '{dataset.id}': 'cache_dir' is not set; set it to the folder for prompt embeddings"
+        )
+    return cache_location(dataset, dataset.cache_dir)
+
+
+def latent_cache_location(run: RunConfig, dataset: DatasetConfig) -> Location:
+    assert dataset.cache_dir_vae is not None, "the loader fills in SimpleTuner's default cache_dir_vae"
+    return cache_location(dataset, dataset.cache_dir_vae)
+
+
+def role_prompts(run: RunConfig) -> dict[str, Any]:
+    """Prompts encoded for roles other than captions: empty (caption dropout), negative, validation."""
+    training = run.training
+    validation: dict[str, str] = {}
+    if training.validation_prompt:
+        validation["validation"] = training.validation_prompt
+    if training.user_prompt_library is not None:
+        try:
+            library = json.loads(Path(training.user_prompt_library).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise CacheError(
+                f"{training.user_prompt_library}: cannot read the prompt library ({error})"
+            ) from None
+        if not isinstance(library, dict) or not all(isinstance(v, str) for v in library.values()):
+            raise CacheError(
+                f'{training.user_prompt_library}: expected a JSON object of "nickname": "prompt" pairs'
+            )
+        validation.update(library)
+    return {"empty": "", "negative": training.validation_negative_prompt, "validation": validation}
+
+
+def build_cache(run: RunConfig, options: BuildOptions = BuildOptions()) -> CacheSummary:
+    """Bring every cache of ``run`` up to date; Ray must be connected (see ``ray_session``)."""
+    started = time.monotonic()
+    family_cls = get_family(run.training.model_family)
+    model_path = model_path_of(run)
+    family = family_cls(model_path, revision=run.training.revision)
+    vae_identity, text_identity = encoder_identities(run, family)
+
+    work: list[DatasetWork] = []
+    for dataset in image_datasets(run):
+        item = DatasetWork(
+            dataset=dataset,
+            settings=bucket_settings(dataset, run, family_cls),
+            cache=latent_cache_location(run, dataset),
+        )
+        committed, _ = _load_committed(
+            item.cache,
+            kind="latents",
+            encoder=vae_identity,
+            rebuild=options.rebuild,
+            what=f"dataset '{dataset.id}' cache_dir_vae",
+        )
+        item.existing = {
+            key: {k: row[k] for k in ("key", "shard", "row_group", "row")} for key, row in committed.items()
+        }
+        if skips(dataset, "vae") or skips(dataset, "aspect"):
+            if not committed:
+                raise CacheError(
+                    f"dataset '{dataset.id}': skip_file_discovery skips encoding, but {item.cache} holds no cache yet; "
+                    "remove skip_file_discovery for the first build"
+                )
+            item.rows = {
+                key: {k: v for k, v in row.items() if k not in fmt.LOCATION_COLUMNS}
+                for key, row in committed.items()
+            }
+        else:
+            item.listing = discovery.list_dataset(dataset)
+            item.existing.update(
+                _adopt_orphans(
+                    item.cache,
+                    kind="latents",
+                    encoder=vae_identity,
+                    known={row["shard"] for row in committed.values()},
+                )
+            )
+        work.append(item)
+
+    to_list = [item for item in work if item.listing is not None]
+    if to_list:
+        probe_listings(to_list)
+    for item in to_list:
+        place_images(item, seed=run.seed, vae_key=vae_identity.key)
+
+    # ---- text ----
+    text_folder = text_cache_location(run)
+    text_committed, text_manifest = _load_committed(
+        text_folder,
+        kind="text",
+        encoder=text_identity,
+        rebuild=options.rebuild,
+        what="the text_embeds dataset's cache_dir",
+    )
+    text_existing = {
+        key: {k: row[k] for k in ("key", "prompt", "shard", "row_group", "row")}
+        for key, row in text_committed.items()
+    }
+    for key, location in _adopt_orphans(
+        text_folder,
+        kind="text",
+        encoder=text_identity,
+        known={row["shard"] for row in text_committed.values()},
+    ).items():
+        text_existing.setdefault(key, {**location, "prompt": None})
+    roles = role_prompts(run)
+    prompts: dict[str, str] = {}
+    for item in work:
+        for row in item.rows.values():
+            for caption in row.get("_captions", ()):
+                prompts[caption_key(caption)] = caption
+    for prompt in (roles["empty"], roles["negative"], *roles["validation"].values()):
+        prompts[caption_key(prompt)] = prompt
+    skip_text = any(skips(item.dataset, "text") for item in work) and text_manifest is not None
+    text_todo = (
+        []
+        if skip_text
+        else [
+            {"key": key, "prompt": prompt}
+            for key, prompt in sorted(prompts.items())
+            if key not in text_existing
+        ]
+    )
+
+    encode_started = time.monotonic()
+    text_written = (
+        _encode_text(run, family_cls, model_path, text_folder, text_identity, text_todo) if text_todo else {}
+    )
+    for item in work:
+        item.stale_shards = {row["shard"] for row in item.existing.values()}
+    _encode_latents(run, family_cls, model_path, vae_identity, work, options)
+    encode_seconds = time.monotonic() - encode_started
+
+    # ---- commit ----
+    summaries = []
+    for item in work:
+        summaries.append(_commit_latents(item, vae_identity, run))
+    text_rows = {
+        **text_existing,
+        **{key: {**loc, "prompt": prompts[key]} for key, loc in text_written.items()},
+    }
+    for key, row in text_rows.items():
+        if row.get("prompt") is None:
+            row["prompt"] = prompts.get(key, "")
+    text_index = fmt.index_table(
+        (
+            {name: row[name] for name in ("key", "prompt", "shard", "row_group", "row")}
+            for row in text_rows.values()
+        ),
+        {"key": pa.string(), "prompt": pa.string()},
+    )
+    missing = sorted(set(prompts) - set(text_rows))
+    if missing:
+        raise CacheError(
+            f"{text_folder}: {len(missing)} prompt(s) are not in the text cache and skip_file_discovery skips text; "
+            "remove 'text' from skip_file_discovery"
+        )
+    manifest = fmt.Manifest(
+        kind="text",
+        encoder=text_identity.identity,
+        encoder_key=text_identity.key,
+        shards=len({row["shard"] for row in text_rows.values()}),
+        build=fmt.new_build_id(),
+        extra={
+            "tensors": list(family_cls.prompt_tensors),
+            "roles": {
+                "empty": caption_key(roles["empty"]),
+                "negative": caption_key(roles["negative"]),
+                "validation": {name: caption_key(prompt) for name, prompt in roles["validation"].items()},
+            },
+        },
+    )
+    fmt.commit(text_folder, manifest, text_index)
+    return CacheSummary(
+        datasets=tuple(summaries),
+        prompts=len(prompts),
+        prompts_encoded=len(text_written),
+        text_cache=str(text_folder),
+        seconds=time.monotonic() - started,
+        encode_seconds=encode_seconds,
+    )
+
+
+def _pool(size: int) -> Any:
+    import ray
+
+    return ray.data.ActorPoolStrategy(size=size)
+
+
+def _encode_text(
+    run: RunConfig,
+    family_cls: type[ModelFamily],
+    model_path: str,
+    folder: Location,
+    identity: EncoderIdentity,
+    todo: list[dict[str, str]],
+) -> dict[str, dict[str, Any]]:
+    import ray
+
+    from raytuner.ray_runtime import cluster_gpus
+
+    logger.info("encoding %d prompt(s) with the %s text side", len(todo), family_cls.name)
+    schema = fmt.text_schema(family_cls.prompt_tensors)
+    build_id = fmt.new_build_id()
+    write_rows = text_dataset(run).write_batch_size
+    dataset = (
+        ray.data.from_items(todo)
+        .map_batches(
+            _TextEncoder,
+            fn_constructor_kwargs={
+                "family_name": family_cls.name,
+                "model_path": model_path,
+                "revision": run.training.revision,
+            },
+            batch_size=TEXT_BATCH,
+            compute=_pool(1),
+            num_gpus=1 if cluster_gpus() else 0,
+        )
+        .map_batches(
+            _write_text_shards,
+            fn_kwargs={"cache": folder, "schema": schema, "encoder_key_": identity.key, "build_id": build_id},
+            batch_size=write_rows,
+            batch_format="pyarrow",
+        )
+    )
+    written: dict[str, dict[str, Any]] = {}
+    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        for result in batch.to_pylist():
+            for location in fmt.shard_locations(result["keys"], result["shard"]):
+                written[location["key"]] = location
+    return written
+
+
+def _encode_latents(
+    run: RunConfig,
+    family_cls: type[ModelFamily],
+    model_path: str,
+    identity: EncoderIdentity,
+    work: Sequence[DatasetWork],
+    options: BuildOptions,
+) -> None:
+    import ray
+
+    from raytuner.ray_runtime import cluster_gpus
+
+    todo: list[dict[str, Any]] = []
+    for item in work:
+        for key, row in item.rows.items():
+            if key in item.existing or "_placement" not in row:
+                continue
+            placement: Placement = row["_placement"]
+            todo.append(
+                {
+                    "key": key,
+                    "dataset_id": item.dataset.id,
+                    "path": row["_path"],
+                    "source": row["source"],
+                    "bucket": placement.label,
+                    "width": placement.bucket[0],
+                    "height": placement.bucket[1],
+                    "inter_w": placement.intermediary[0],
+                    "inter_h": placement.intermediary[1],
+                    "left": placement.left,
+                    "top": placement.top,
+                    "original_w": row["_original"][0],
+                    "original_h": row["_original"][1],
+                }
+            )
+    if not todo:
+        return
+    # One bucket after another, so that VAE batches and shards hold one image size.
+    todo.sort(key=lambda item: (item["dataset_id"], item["bucket"], item["key"]))
+    gpus = cluster_gpus()
+    actors = options.encoder_actors or max(1, gpus)
+    by_id = {item.dataset.id: item for item in work}
+    sources = {item.dataset.id: discovery.dataset_location(item.dataset) for item in work}
+    local_sources = {dataset_id: location for dataset_id, location in sources.items() if location.is_local}
+    logger.info("encoding %d image(s) with %d VAE actor(s)%s", len(todo), actors, " on GPUs" if gpus else "")
+    build_id = fmt.new_build_id()
+    write_rows = min(by_id[todo[0]["dataset_id"]].dataset.write_batch_size, 4096)
+    dataset = (
+        ray.data.from_items(todo)
+        # Half a logical CPU each: decoding waits on storage as much as it computes, and distinct
+        # resources keep Ray Data from fusing it into the VAE actors (it would then run serially there).
+        .map(_load_and_crop, fn_kwargs={"sources": sources}, num_cpus=0.5)
+        .map_batches(
+            _VaeEncoder,
+            fn_constructor_kwargs={
+                "family_name": family_cls.name,
+                "model_path": model_path,
+                "revision": run.training.revision,
+                "local_sources": local_sources,
+            },
+            batch_size=run.training.vae_batch_size,
+            compute=_pool(actors),
+            num_gpus=1 if gpus else 0,
+        )
+        .map_batches(
+            _write_latent_shards,
+            fn_kwargs={
+                "caches": {item.dataset.id: item.cache for item in work},
+                "encoder_key_": identity.key,
+                "build_id": build_id,
+            },
+            batch_size=write_rows,
+            batch_format="pyarrow",
+        )
+    )
+    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        for result in batch.to_pylist():
+            item = by_id[result["dataset_id"]]
+            if result["error"]:
+                item.encode_skipped.append(
+                    SkippedFile(dataset_id=item.dataset.id, relative=result["source"], reason=result["error"])
+                )
+                continue
+            item.bytes_by_bucket[result["bucket"]] += result["bytes"]
+            for location in fmt.shard_locations(result["keys"], result["shard"]):
+                item.written[location["key"]] = location
+
+
+def _commit_latents(item: DatasetWork, identity: EncoderIdentity, run: RunConfig) -> DatasetSummary:
+    skipped = item.skipped + item.encode_skipped
+    locations = {**item.existing, **item.written}
+    live = {key: row for key, row in item.rows.items() if key in locations}
+    index_rows = [
+        {
+            **{
+                name: row[name]
+                for name in ("key", "dataset_id", "source", "caption_keys", "bucket", "width", "height")
+            },
+            **{name: locations[key][name] for name in ("shard", "row_group", "row")},
+        }
+        for key, row in live.items()
+    ]
+    index = fmt.index_table(
+        index_rows,
+        {
+            "key": pa.string(),
+            "dataset_id": pa.string(),
+            "source": pa.string(),
+            "caption_keys": pa.list_(pa.string()),
+            "bucket": pa.string(),
+            "width": pa.int32(),
+            "height": pa.int32(),
+        },
+    )
+    live_shards = {row["shard"] for row in index_rows}
+    manifest = fmt.Manifest(
+        kind="latents",
+        encoder=identity.identity,
+        encoder_key=identity.key,
+        shards=len(live_shards),
+        build=fmt.new_build_id(),
+        extra={"dataset": item.dataset.id, "settings": _settings_record(item.settings)},
+    )
+    fmt.commit(item.cache, manifest, index)
+    # Only now, with the new index committed, are shards no live row points at safe to remove.
+    filesystem, root = item.cache.resolve()
+    for shard in sorted((item.stale_shards | {loc["shard"] for loc in item.written.values()}) - live_shards):
+        try:
+            filesystem.delete_file(posixpath.join(root, shard))
+        except (OSError, pa.ArrowException) as error:
+            logger.warning(
+                "could not remove unused shard %s", describe_error(item.cache.child(shard).uri, error)
+            )
+    buckets = Counter(row["bucket"] for row in live.values())
+    encoded = Counter(row["bucket"] for key, row in live.items() if key in item.written)
+    report = _write_report(item, skipped, buckets)
+    if skipped:
+        logger.warning(
+            "dataset '%s': %d file(s) skipped (listed in %s)", item.dataset.id, len(skipped), report
+        )
+    return DatasetSummary(
+        dataset_id=item.dataset.id,
+        cache=str(item.cache),
+        images=len(live),
+        encoded=sum(encoded.values()),
+        skipped=len(skipped),
+        bytes_written=sum(item.bytes_by_bucket.values()),
+        buckets=tuple(
+            BucketSummary(
+                dataset_id=item.dataset.id,
+                bucket=bucket,
+                images=count,
+                encoded=encoded.get(bucket, 0),
+                bytes_written=item.bytes_by_bucket.get(bucket, 0),
+            )
+            for bucket, count in sorted(buckets.items(), key=lambda pair: _bucket_order(pair[0]))
+        ),
+        report=report,
+    )
+
+
+def _bucket_order(label: str) -> tuple[int, int]:
+    width, _, height = label.partition("x")
+    return (int(width), int(height)) if width.isdigit() and height.isdigit() else (math.inf, 0)  # type: ignore[return-value]
+
+
+def _settings_record(settings: BucketSettings) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(settings)
+
+
+def _write_report(item: DatasetWork, skipped: Sequence[SkippedFile], buckets: Mapping[str, int]) -> str:
+    from raytuner.storage import write_bytes_atomic
+
+    report = {
+        "dataset": item.dataset.id,
+        "source": str(discovery.dataset_location(item.dataset)),
+        "images": sum(buckets.values()),
+        "buckets": dict(sorted(buckets.items())),
+        "skipped": [{"file": entry.relative, "reason": entry.reason} for entry in skipped],
+    }
+    filesystem, root = item.cache.resolve()
+    try:
+        write_bytes_atomic(
+            filesystem, posixpath.join(root, fmt.REPORT_NAME), (json.dumps(report, indent=2) + "\n").encode()
+        )
+    except (OSError, pa.ArrowException) as error:
+        raise StorageError(describe_error(item.cache.child(fmt.REPORT_NAME).uri, error)) from None
+    return str(item.cache.child(fmt.REPORT_NAME))

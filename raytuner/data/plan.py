@@ -1,0 +1,170 @@
+"""The seeded epoch plan: which samples make up each global batch, in which order.
+
+Plain Python, no Ray. The plan is a pure function of the cache's row keys and buckets, the
+datasets' sampling settings, the batch shape and the seed, so
+
+* every Ray Train rank computes the same plan and reads its own slice of every global batch:
+  every rank takes the same number of steps, whatever the bucket sizes (no DDP hang);
+* a 1-worker and a 2-worker run with the same global batch (``train_batch_size`` x workers x
+  ``gradient_accumulation_steps``, SimpleTuner's definition) see the same samples in the same
+  optimizer steps;
+* a checkpoint's data position is just ``(epoch, batch index)``.
+
+Each global batch comes from one bucket of one dataset, as in SimpleTuner's aspect sampler.
+Per-sample noise and sigma are drawn from a generator seeded by (seed, sample key, step)
+(:func:`sample_seed`), never by rank, so they too are the same however the batch is split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class PlanError(ValueError):
+    """A dataset too small to make a single global batch; the message names it and the fix."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanSample:
+    """One cached image as the plan sees it."""
+
+    dataset_id: str
+    key: str
+    bucket: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetSampling:
+    """How often a dataset's samples are drawn per epoch and how its rows count in the loss."""
+
+    dataset_id: str
+    repeats: int = 0  # SimpleTuner: each sample is seen 1 + repeats times per epoch
+    is_regularisation: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchShape:
+    """SimpleTuner's batch: ``train_batch_size`` per worker and per accumulation micro-step."""
+
+    per_worker: int
+    workers: int = 1
+    accumulation: int = 1
+
+    @property
+    def global_size(self) -> int:
+        return self.per_worker * self.workers * self.accumulation
+
+
+@dataclass(frozen=True, kw_only=True)
+class GlobalBatch:
+    """The samples of one optimizer step, all from one bucket of one dataset."""
+
+    dataset_id: str
+    bucket: str
+    keys: tuple[str, ...]
+    is_regularisation: bool
+
+    def slice_for(self, shape: BatchShape, *, rank: int, micro_step: int = 0) -> tuple[str, ...]:
+        """The ``train_batch_size`` keys that ``rank`` trains on at accumulation ``micro_step``.
+
+        Keys are laid out micro-step major, then rank: a 1-worker run with 2 accumulation steps
+        and a 2-worker run with none see the same keys in the same optimizer step.
+        """
+        if not 0 <= rank < shape.workers or not 0 <= micro_step < shape.accumulation:
+            raise ValueError(f"rank {rank} / micro-step {micro_step} outside {shape}")
+        start = (micro_step * shape.workers + rank) * shape.per_worker
+        return self.keys[start : start + shape.per_worker]
+
+
+@dataclass(frozen=True, kw_only=True)
+class EpochPlan:
+    epoch: int
+    batches: tuple[GlobalBatch, ...]
+    pruned: tuple[str, ...] = ()  # "dataset bucket (n samples)" for each bucket left out
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def from_position(self, batch_index: int) -> tuple[GlobalBatch, ...]:
+        """The batches still to run when resuming at ``batch_index`` of this epoch."""
+        return self.batches[batch_index:]
+
+
+def _rng(seed: int, *words: object) -> np.random.Generator:
+    digest = hashlib.sha256(":".join(str(word) for word in (seed, *words)).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def sample_seed(seed: int, key: str, step: int) -> int:
+    """The seed of the generator for one sample's noise and sigma at one step (rank-independent)."""
+    digest = hashlib.sha256(f"{seed}:{key}:{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def too_small_message(dataset_id: str, available: int, shape: BatchShape) -> str:
+    return (
+        f"no images detected in dataset '{dataset_id}': {available} sample(s) per epoch after bucketing, "
+        f"fewer than one global batch of {shape.global_size} (train_batch_size {shape.per_worker} x "
+        f"{shape.workers} worker(s) x gradient_accumulation_steps {shape.accumulation}); "
+        f'raise "repeats" for this dataset, add images, or lower train_batch_size'
+    )
+
+
+def plan_epoch(
+    samples: Iterable[PlanSample],
+    datasets: Sequence[DatasetSampling],
+    shape: BatchShape,
+    *,
+    seed: int,
+    epoch: int,
+    prune_buckets: bool = True,
+) -> EpochPlan:
+    """The global batches of ``epoch``, shuffled from ``seed``.
+
+    In each dataset every sample appears ``1 + repeats`` times. A bucket with fewer entries than
+    one global batch is left out when ``prune_buckets`` (SimpleTuner's bucket pruning) and
+    otherwise filled by cycling through its own shuffled samples; the last, partial batch of a
+    larger bucket is filled the same way, so no sample is dropped from an epoch. A dataset left
+    with no full batch is a :class:`PlanError`.
+    """
+    by_bucket: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for sample in samples:
+        by_bucket[sample.dataset_id][sample.bucket].append(sample.key)
+    batches: list[GlobalBatch] = []
+    pruned: list[str] = []
+    for sampling in datasets:
+        buckets = by_bucket.get(sampling.dataset_id, {})
+        copies = 1 + sampling.repeats
+        available = sum(len(keys) for keys in buckets.values()) * copies
+        kept = 0
+        for bucket in sorted(buckets):
+            # Sorted first, so the plan never depends on the order rows were written in.
+            entries = sorted(buckets[bucket]) * copies
+            if len(entries) < shape.global_size and prune_buckets:
+                pruned.append(f"{sampling.dataset_id} {bucket} ({len(entries)} samples)")
+                continue
+            order = _rng(seed, epoch, sampling.dataset_id, bucket).permutation(len(entries))
+            shuffled = [entries[i] for i in order]
+            batch_count = -(-len(shuffled) // shape.global_size)
+            needed = batch_count * shape.global_size
+            filled = [shuffled[i % len(shuffled)] for i in range(needed)]
+            for start in range(0, needed, shape.global_size):
+                batches.append(
+                    GlobalBatch(
+                        dataset_id=sampling.dataset_id,
+                        bucket=bucket,
+                        keys=tuple(filled[start : start + shape.global_size]),
+                        is_regularisation=sampling.is_regularisation,
+                    )
+                )
+            kept += len(entries)
+        if kept == 0:
+            raise PlanError(too_small_message(sampling.dataset_id, available, shape))
+    # Interleave datasets and buckets: a dataset with more batches is drawn proportionally more often.
+    order = _rng(seed, epoch, "batches").permutation(len(batches))
+    return EpochPlan(epoch=epoch, batches=tuple(batches[i] for i in order), pruned=tuple(pruned))

@@ -1,0 +1,155 @@
+"""Reading the Parquet cache back during training: plan samples, latents and prompt conditioning.
+
+The reader opens only what the manifests commit (their indexes), so a build in progress or a
+killed one is never seen. Each rank reads just the rows of its batch slice: shards are written
+in small row groups and a few decoded row groups are kept in memory per reader.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from raytuner.cache.format import CacheError, Manifest, read_index, read_manifest, tensor_from_fields
+from raytuner.data.plan import PlanSample, sample_seed
+from raytuner.models.base import PromptConditioning
+from raytuner.storage import Location
+
+ROW_GROUPS_KEPT = 32
+
+
+@dataclass(frozen=True, kw_only=True)
+class CachedRowLocation:
+    shard: str
+    row_group: int
+    row: int
+
+
+class _RowGroupCache:
+    """A few decoded row groups, least recently used first out."""
+
+    def __init__(self, folder: Location, capacity: int = ROW_GROUPS_KEPT) -> None:
+        self.folder = folder
+        self.capacity = capacity
+        self._groups: OrderedDict[tuple[str, int], list[dict[str, Any]]] = OrderedDict()
+
+    def row(self, location: CachedRowLocation) -> dict[str, Any]:
+        group_key = (location.shard, location.row_group)
+        rows = self._groups.get(group_key)
+        if rows is None:
+            filesystem, root = self.folder.resolve()
+            with filesystem.open_input_file(posixpath.join(root, location.shard)) as handle:
+                rows = pq.ParquetFile(handle).read_row_group(location.row_group).to_pylist()
+            self._groups[group_key] = rows
+            if len(self._groups) > self.capacity:
+                self._groups.popitem(last=False)
+        else:
+            self._groups.move_to_end(group_key)
+        return rows[location.row]
+
+
+def _committed(folder: Location, kind: str) -> tuple[Manifest, pa.Table]:
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise CacheError(f"{folder}: no cache here yet; run `raytuner cache --config config.json` first")
+    if manifest.kind != kind:
+        raise CacheError(f"{folder}: holds a {manifest.kind} cache, expected {kind}")
+    return manifest, read_index(folder, manifest)
+
+
+def _locations(index: pa.Table) -> dict[str, CachedRowLocation]:
+    keys = index.column("key").to_pylist()
+    shards = index.column("shard").to_pylist()
+    groups = index.column("row_group").to_pylist()
+    rows = index.column("row").to_pylist()
+    return {
+        key: CachedRowLocation(shard=shard, row_group=group, row=row)
+        for key, shard, group, row in zip(keys, shards, groups, rows, strict=True)
+    }
+
+
+class LatentCache:
+    """One image dataset's committed latents."""
+
+    def __init__(self, dataset_id: str, folder: Location) -> None:
+        self.dataset_id = dataset_id
+        self.folder = folder
+        self.manifest, index = _committed(folder, "latents")
+        self._locations = _locations(index)
+        self._rows = _RowGroupCache(folder)
+        self._caption_keys: dict[str, list[str]] = dict(
+            zip(index.column("key").to_pylist(), index.column("caption_keys").to_pylist(), strict=True)
+        )
+        self.samples = [
+            PlanSample(dataset_id=dataset_id, key=key, bucket=bucket)
+            for key, bucket in zip(
+                index.column("key").to_pylist(), index.column("bucket").to_pylist(), strict=True
+            )
+        ]
+
+    def caption_key(self, key: str, *, seed: int, step: int) -> str:
+        """The caption of a sample at a step: one of its caption-file lines, drawn from (seed, key, step).
+
+        SimpleTuner picks a random line of a multi-line caption file each time an image is drawn.
+        """
+        choices = self._caption_keys[key]
+        return choices[0] if len(choices) == 1 else choices[sample_seed(seed, key, step) % len(choices)]
+
+    def row(self, key: str) -> dict[str, Any]:
+        try:
+            location = self._locations[key]
+        except KeyError:
+            raise CacheError(f"{self.folder}: no cached row {key}; run `raytuner cache` again") from None
+        return self._rows.row(location)
+
+    def latents(self, keys: Sequence[str]) -> torch.Tensor:
+        """``[len(keys), ...]`` float32 latents, in the order of ``keys`` (one bucket, one shape)."""
+        arrays = [tensor_from_fields(self.row(key), "latent") for key in keys]
+        return torch.from_numpy(np.stack(arrays).astype(np.float32, copy=False))
+
+
+class TextCache:
+    """The text-embeds dataset's committed prompt conditioning, keyed by caption hash."""
+
+    def __init__(self, folder: Location) -> None:
+        self.folder = folder
+        self.manifest, index = _committed(folder, "text")
+        self._locations = _locations(index)
+        self._rows = _RowGroupCache(folder)
+        self.tensor_names: list[str] = list(self.manifest.extra.get("tensors", []))
+        self.roles: dict[str, Any] = dict(self.manifest.extra.get("roles", {}))
+
+    def conditioning(self, caption_keys: Sequence[str]) -> list[PromptConditioning]:
+        items = []
+        for key in caption_keys:
+            try:
+                row = self._rows.row(self._locations[key])
+            except KeyError:
+                raise CacheError(
+                    f"{self.folder}: no text conditioning for caption {key}; run `raytuner cache` again"
+                ) from None
+            items.append(
+                {name: torch.from_numpy(tensor_from_fields(row, name).copy()) for name in self.tensor_names}
+            )
+        return items
+
+    def role_key(self, role: str) -> str:
+        """The caption key of a prompt encoded for a role: ``empty``, ``negative``."""
+        try:
+            return str(self.roles[role])
+        except KeyError:
+            raise CacheError(
+                f"{self.folder}: no '{role}' prompt in the text cache; run `raytuner cache` again"
+            ) from None
+
+    def validation_keys(self) -> Mapping[str, str]:
+        """Validation prompt nickname -> caption key (the primary prompt is ``validation``)."""
+        return dict(self.roles.get("validation", {}))

@@ -1,0 +1,65 @@
+"""Connecting to Ray: the cluster a job was submitted to, ``RAY_ADDRESS``, or a local Ray.
+
+A local Ray declares more logical CPUs than the machine has cores: Ray resources are logical,
+and with only as many as there are cores the Ray Train workers take them all and Ray Data's read
+tasks wait forever behind them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+logger = logging.getLogger(__name__)
+
+MIN_LOCAL_CPUS = 8
+
+
+def local_logical_cpus() -> int:
+    return max(MIN_LOCAL_CPUS, 2 * (os.cpu_count() or 1))
+
+
+@contextmanager
+def ray_session() -> Iterator[None]:
+    """Use the Ray already connected, the cluster at ``RAY_ADDRESS``, or start (and stop) a local one."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        cpus = local_logical_cpus()
+        logger.info("starting a local Ray with %d logical CPUs (set RAY_ADDRESS to use a cluster)", cpus)
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def cluster_gpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def unwrap_error(error: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first exception of ``kinds`` inside a Ray task error chain, or None.
+
+    Ray wraps an exception raised in a task or actor in ``RayTaskError`` (which subclasses the
+    original type) and sometimes in ``ActorDiedError``/``RayActorError`` whose text carries it.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, kinds):
+            return current
+        cause = getattr(current, "cause", None)
+        current = cause if isinstance(cause, BaseException) else (current.__cause__ or current.__context__)
+    return None
