@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,113 @@ def tiny_cosmos_dir(tiny_checkpoints: dict[str, Path]) -> Path:
 @pytest.fixture(scope="session")
 def tiny_omnigen_dir(tiny_checkpoints: dict[str, Path]) -> Path:
     return tiny_checkpoints["omnigen"]
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A real S3-compatible server (moto) on loopback, for the object-storage tests."""
+
+    endpoint_url: str
+    access_key_id: str = "raytuner-test"
+    secret_access_key: str = "raytuner-test-secret"
+    region: str = "us-east-1"
+
+    def filesystem(self):  # -> pyarrow.fs.S3FileSystem
+        import pyarrow.fs as pafs
+
+        host = self.endpoint_url.removeprefix("http://")
+        return pafs.S3FileSystem(
+            endpoint_override=host,
+            scheme="http",
+            access_key=self.access_key_id,
+            secret_key=self.secret_access_key,
+            region=self.region,
+            allow_bucket_creation=True,
+            allow_bucket_deletion=True,
+        )
+
+    def create_bucket(self, name: str) -> str:
+        self.filesystem().create_dir(name)
+        return name
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """moto's S3 server bound to 127.0.0.1; its address and keys are exported as AWS_* variables
+    before Ray starts, so Ray workers on every node reach it through the default credential chain."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    info = S3Server(endpoint_url=f"http://127.0.0.1:{port}")
+    saved = {name: os.environ.get(name) for name in _AWS_VARIABLES}
+    os.environ.update(
+        {
+            "AWS_ENDPOINT_URL": info.endpoint_url,
+            "AWS_ACCESS_KEY_ID": info.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": info.secret_access_key,
+            "AWS_DEFAULT_REGION": info.region,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+    )
+    try:
+        yield info
+    finally:
+        server.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+_AWS_VARIABLES = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+    "AWS_EC2_METADATA_DISABLED",
+)
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    address: str
+    nodes: int
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server) -> Iterator[RayCluster]:
+    """One Ray for every Ray test: a real 2-node cluster (``ray.cluster_utils.Cluster``) on this machine.
+
+    Each node declares more logical CPUs than the machine has cores (see raytuner.ray_runtime);
+    the temp dir is the session's own, and the cluster is shut down at the end.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    temp_dir = tmp_path_factory.mktemp("ray")
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 4, "temp_dir": str(temp_dir), "include_dashboard": False},
+    )
+    cluster.add_node(num_cpus=4)
+    ray.init(address=cluster.address, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield RayCluster(address=cluster.address, nodes=len(ray.nodes()))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 # Runs after every other test: it checks that the tests named by the compatibility table passed.

@@ -463,6 +463,16 @@ def place_images(item: DatasetWork, *, seed: int, vae_key: str) -> None:
             )
             continue
         key = content_key(image, placement, vae_key)
+        if key in item.rows:
+            # Byte-identical files crop to the same row: one sample, and the copy is reported.
+            item.skipped.append(
+                SkippedFile(
+                    dataset_id=item.dataset.id,
+                    relative=image.relative,
+                    reason=f"same content as {item.rows[key]['source']}",
+                )
+            )
+            continue
         item.rows[key] = {
             "key": key,
             "dataset_id": item.dataset.id,

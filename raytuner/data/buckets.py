@@ -109,7 +109,8 @@ def round_to_multiple(value: float, alignment: int) -> int:
 
 
 def aspect_of(width: int, height: int, rounding: int) -> float:
-    return round(width / height, rounding)
+    """SimpleTuner's rounded aspect ratio; never 0, so a 1:1000 strip still gets a (thin) bucket."""
+    return max(round(width / height, rounding), 10.0**-rounding)
 
 
 def square_edge(settings: BucketSettings) -> int:
@@ -243,7 +244,12 @@ def place(settings: BucketSettings, width: int, height: int, *, crop_seed: int =
         if intermediary[0] < edge:
             intermediary = (edge, edge) if width == height else _fit_around(intermediary, target)
     downsample = settings.in_mode_units(settings.target_downsample_size)
-    if settings.crop and settings.maximum_image_size and downsample is not None and original != target:
+    if (
+        settings.crop
+        and settings.maximum_image_size
+        and downsample is not None
+        and _larger_than_target(settings, original)
+    ):
         # Downsample before cropping: more of the scene survives than in a crop of the full image.
         _, intermediary = _calculate(
             settings, aspect_of(width, height, settings.rounding), downsample, original
@@ -251,6 +257,15 @@ def place(settings: BucketSettings, width: int, height: int, *, crop_seed: int =
     intermediary = _fit_around(intermediary, target)
     left, top = crop_origin(intermediary, target, settings.crop_style, crop_seed=crop_seed)
     return Placement(bucket=target, intermediary=intermediary, left=left, top=top, aspect=aspect)
+
+
+def _larger_than_target(settings: BucketSettings, original: tuple[int, int]) -> bool:
+    """SimpleTuner downsamples before cropping only images larger than the resolution asks for."""
+    width, height = original
+    if settings.mode == "pixel":
+        edge = square_edge(settings)
+        return width > edge or height > edge
+    return width * height > settings.target * 1e6
 
 
 def crop_seed_for(seed: int, content_sha256: str) -> int:

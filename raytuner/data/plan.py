@@ -164,6 +164,13 @@ def plan_epoch(
                 )
             kept += len(entries)
         if kept == 0:
+            if available >= shape.global_size:
+                raise PlanError(
+                    f"no images detected in dataset '{sampling.dataset_id}': its {available} sample(s) per epoch "
+                    f"are spread over {len(buckets)} aspect bucket(s), none of which fills one global batch of "
+                    f'{shape.global_size}; raise "repeats", add images of those sizes, or set '
+                    '"disable_bucket_pruning": true to fill batches by repeating images'
+                )
             raise PlanError(too_small_message(sampling.dataset_id, available, shape))
     # Interleave datasets and buckets: a dataset with more batches is drawn proportionally more often.
     order = _rng(seed, epoch, "batches").permutation(len(batches))

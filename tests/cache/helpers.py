@@ -1,0 +1,121 @@
+"""Helpers for the cache tests: synthetic datasets of many sizes (and broken files), and run configs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raytuner.config import RunConfig, load_config
+from raytuner.data.synthetic import COLOURS, SHAPES, draw_shape
+
+# (width, height): squares, landscapes, portraits and two extreme aspect ratios.
+SIZES: tuple[tuple[int, int], ...] = (
+    (64, 64),
+    (80, 80),
+    (96, 64),
+    (64, 96),
+    (128, 64),
+    (64, 128),
+    (112, 72),
+    (72, 112),
+    (256, 48),
+    (48, 256),
+    (100, 100),
+    (70, 90),
+)
+LYCORIS = {"algo": "lokr", "multiplier": 1.0, "linear_dim": 10000, "linear_alpha": 1, "factor": 4}
+
+
+def draw_images(
+    folder: Path, sizes: Sequence[tuple[int, int]], *, start: int = 0, subfolder: str = ""
+) -> list[Path]:
+    """One captioned PNG per size (caption in the .txt beside it), a different shape/colour each."""
+    target = folder / subfolder if subfolder else folder
+    target.mkdir(parents=True, exist_ok=True)
+    colours = list(COLOURS)
+    paths = []
+    for offset, (width, height) in enumerate(sizes):
+        index = start + offset
+        shape = SHAPES[index % len(SHAPES)]
+        colour, background = colours[index % len(colours)], colours[(index + 3) % len(colours)]
+        path = target / f"image_{index:03d}.png"
+        draw_shape(shape, colour, background, width=width, height=height).save(path)
+        path.with_suffix(".txt").write_text(
+            f"a {colour} {shape} on a {background} background\n", encoding="utf-8"
+        )
+        paths.append(path)
+    return paths
+
+
+def add_broken_files(folder: Path) -> dict[str, str]:
+    """A zero-byte file, a truncated PNG and a text file posing as a JPEG; name -> expected reason word."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "empty.txt").write_text("empty\n")
+    good = folder / "image_000.png"
+    data = good.read_bytes() if good.exists() else b"\x89PNG\r\n\x1a\n" + b"\0" * 64
+    (folder / "truncated.png").write_bytes(data[: len(data) // 2])
+    (folder / "truncated.txt").write_text("truncated\n")
+    (folder / "notes.jpg").write_text("this is not a picture\n")
+    (folder / "notes.txt").write_text("notes\n")
+    return {"empty.png": "zero-byte", "truncated.png": "truncated", "notes.jpg": "not an image"}
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    config: Path
+    root: Path
+
+    def load(self) -> RunConfig:
+        return load_config(self.config)
+
+
+def write_run_files(root: Path, model: Path, datasets: list[dict[str, Any]], **config: Any) -> RunFiles:
+    """config.json (tiny model, alignment 16), the given multidatabackend.json and a LoKr config in ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    body = {
+        "model_family": "cosmos2image",
+        "model_type": "lora",
+        "lora_type": "lycoris",
+        "pretrained_model_name_or_path": str(model),
+        "lycoris_config": str(root / "lycoris_config.json"),
+        "data_backend_config": str(root / "multidatabackend.json"),
+        "output_dir": str(root / "output"),
+        "max_train_steps": 10,
+        "seed": 11,
+        "vae_batch_size": 2,
+        "aspect_bucket_alignment": 16,
+        "validation_prompt": "a red circle on a blue background",
+        **config,
+    }
+    (root / "config.json").write_text(json.dumps(body, indent=2))
+    (root / "multidatabackend.json").write_text(json.dumps(datasets, indent=2))
+    (root / "lycoris_config.json").write_text(json.dumps(LYCORIS))
+    return RunFiles(config=root / "config.json", root=root)
+
+
+def image_dataset(folder: Path, cache: Path | str, **keys: Any) -> dict[str, Any]:
+    return {
+        "id": keys.pop("id", "shapes"),
+        "type": "local",
+        "instance_data_dir": str(folder),
+        "caption_strategy": "textfile",
+        "resolution": 64,
+        "resolution_type": "pixel_area",
+        "cache_dir_vae": str(cache),
+        **keys,
+    }
+
+
+def text_dataset(cache: Path | str, **keys: Any) -> dict[str, Any]:
+    return {
+        "id": "text-embeds",
+        "type": "local",
+        "dataset_type": "text_embeds",
+        "default": True,
+        "cache_dir": str(cache),
+        **keys,
+    }
