@@ -2,17 +2,19 @@
 
 Everything runs on CPU without a network: for each family it builds a tiny random-weight
 checkpoint of the real diffusers architecture, draws a captioned synthetic dataset, loads the
-family's demo ``config.json`` exactly as a user's file is loaded, encodes latents and prompts,
-trains a LoKr adapter with flow matching, saves ``pytorch_lora_weights.safetensors`` and renders
-the validation prompt with the base model and with the adapter loaded by the seeds' recipe.
+family's demo ``config.json`` exactly as a user's file is loaded, builds the Parquet latent and
+text cache with Ray Data on a local Ray, trains a LoKr adapter with flow matching on the seeded
+epoch plan read back from that cache, saves ``pytorch_lora_weights.safetensors`` and renders the
+validation prompt with the base model and with the adapter loaded by the seeds' recipe.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-import random
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,13 +23,18 @@ from PIL import Image
 from tqdm import tqdm
 
 from raytuner.adapters import AdapterError, build_adapter, load_adapter, save_adapter
-from raytuner.config import ConfigError, DatasetConfig, RunConfig, check_run, load_config
+from raytuner.cache.build import BuildOptions
+from raytuner.cache.command import EXPECTED_ERRORS, run_cache
+from raytuner.config import DatasetConfig, RunConfig, check_run, load_config
 from raytuner.config.check import quiet_config_logging
-from raytuner.data.synthetic import synthetic_images, to_pixels, write_dataset
+from raytuner.data.plan import BatchShape, GlobalBatch, sample_generators
+from raytuner.data.reader import TrainingData, open_training_data
+from raytuner.data.synthetic import synthetic_images, write_dataset
 from raytuner.models.base import ModelFamily
 from raytuner.models.registry import get_family
 from raytuner.models.safety import is_tiny_checkpoint
 from raytuner.models.tiny import build_tiny_checkpoint
+from raytuner.ray_runtime import ray_session
 from raytuner.train.optim import OptimizerError, build_lr_scheduler, build_optimizer, optimizer_settings
 from raytuner.train.schedule import flow_schedule_from_config
 from raytuner.train.step import train_step
@@ -46,6 +53,8 @@ class DemoError(RuntimeError):
 @dataclass(frozen=True, kw_only=True)
 class DemoResult:
     family: str
+    images: int
+    encoded: int
     steps: int
     first_loss: float
     last_loss: float
@@ -71,13 +80,6 @@ def _prepare_inputs(run: RunConfig, dataset: DatasetConfig) -> None:
     if not folder.is_dir() or not any(folder.glob("*.png")):
         size = int(dataset.resolution or 64)
         write_dataset(folder, synthetic_images(DEMO_IMAGES, width=size, height=size, seed=run.seed))
-
-
-def _read_dataset(dataset: DatasetConfig) -> tuple[list[Image.Image], list[str]]:
-    assert dataset.instance_data_dir is not None
-    paths = sorted(dataset.instance_data_dir.glob("*.png"))
-    captions = [path.with_suffix(".txt").read_text(encoding="utf-8").strip() for path in paths]
-    return [Image.open(path).convert("RGB") for path in paths], captions
 
 
 def _save_loss_plot(losses: list[float], path: Path, title: str) -> Path:
@@ -165,9 +167,10 @@ def run_family_demo(config_path: Path, steps: int | None = None) -> DemoResult:
     resolved = run.to_dict()
     (output_dir / "raytuner_config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
 
-    images, captions = _read_dataset(dataset)
-    latents = family.encode_images(to_pixels(images))
-    prompt_conditioning = family.encode_prompts(captions)
+    # The cache step: Ray Data encodes the images and captions into Parquet (only what is new).
+    cache = run_cache(run, BuildOptions())
+    logger.info("%s cache:\n%s", family_name, cache.table())
+    data = open_training_data(run)
 
     transformer = family.load_transformer()
     assert run.lycoris is not None
@@ -179,29 +182,36 @@ def run_family_demo(config_path: Path, steps: int | None = None) -> DemoResult:
     schedule = flow_schedule_from_config(run.training)
     total_steps = steps if steps is not None else (run.training.max_train_steps or 30)
     lr_scheduler = build_lr_scheduler(optimizer, run.training, total_steps=total_steps)
-    batch_size = min(run.training.train_batch_size, len(captions))
+    shape = BatchShape(
+        per_worker=run.training.train_batch_size, accumulation=run.training.gradient_accumulation_steps
+    )
 
-    sampler = random.Random(run.seed)
-    generator = torch.Generator().manual_seed(run.seed)
     losses: list[float] = []
-    progress = tqdm(range(total_steps), desc=f"{family_name} LoKr", unit="step")
-    for _ in progress:
-        indices = sampler.sample(range(len(captions)), batch_size)
+    progress = tqdm(total=total_steps, desc=f"{family_name} LoKr", unit="step")
+    for step, batch in enumerate(_global_batches(data, shape, run)):
+        if step == total_steps:
+            break
+        # One process, so rank 0 trains the whole global batch, one micro-step after another.
+        keys = batch.slice_for(shape, rank=0)
+        latents, conditioning = data.batch(batch, keys, seed=run.seed, step=step)
+        seeds = batch.seeds_for(shape, rank=0, seed=run.seed, step=step)
         result = train_step(
             family,
             transformer,
             parameters,
             optimizer,
-            latents[indices],
-            family.collate_conditioning([prompt_conditioning[i] for i in indices]),
+            latents,
+            family.collate_conditioning(conditioning),
             schedule,
-            generator=generator,
+            generator=sample_generators(seeds),
             max_grad_norm=run.training.max_grad_norm,
             grad_clip_method=run.training.grad_clip_method,
         )
         lr_scheduler.step()
         losses.append(result.loss)
+        progress.update()
         progress.set_postfix(loss=f"{result.loss:.4f}")
+    progress.close()
 
     adapter = save_adapter(
         network,
@@ -223,6 +233,8 @@ def run_family_demo(config_path: Path, steps: int | None = None) -> DemoResult:
     logger.info("%s: %s", family_name, report.summary())
     return DemoResult(
         family=family_name,
+        images=cache.datasets[0].images,
+        encoded=cache.encoded,
         steps=total_steps,
         first_loss=losses[0],
         last_loss=losses[-1],
@@ -232,11 +244,28 @@ def run_family_demo(config_path: Path, steps: int | None = None) -> DemoResult:
     )
 
 
+def _global_batches(data: TrainingData, shape: BatchShape, run: RunConfig) -> Iterator[GlobalBatch]:
+    """The seeded epoch plans, one epoch after another."""
+    for epoch in itertools.count():
+        yield from data.plan(shape, seed=run.seed, epoch=epoch).batches
+
+
 def _summary_table(results: list[DemoResult]) -> str:
-    header = ("family", "steps", "first loss", "last loss", "adapter", "validation")
+    header = (
+        "family",
+        "cached images",
+        "encoded now",
+        "steps",
+        "first loss",
+        "last loss",
+        "adapter",
+        "validation",
+    )
     rows = [
         (
             r.family,
+            str(r.images),
+            str(r.encoded),
             str(r.steps),
             f"{r.first_loss:.4f}",
             f"{r.last_loss:.4f}",
@@ -261,14 +290,16 @@ def demo_main(
     chosen = families or list(DEMO_FAMILIES)
     results = []
     try:
-        for family_name in chosen:
-            config_path = configs_dir / family_name / "config.json"
+        config_paths = [configs_dir / family_name / "config.json" for family_name in chosen]
+        for config_path in config_paths:
             if not config_path.is_file():
                 raise DemoError(
                     f"demo config {config_path} not found: run from the repository root or pass --configs DIR"
                 )
-            results.append(run_family_demo(config_path, steps))
-    except (ConfigError, DemoError, OptimizerError, AdapterError) as error:
+        with ray_session():
+            for config_path in config_paths:
+                results.append(run_family_demo(config_path, steps))
+    except (DemoError, OptimizerError, AdapterError, *EXPECTED_ERRORS) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -61,7 +63,21 @@ def test_offline_demo_runs_end_to_end(tmp_path: Path) -> None:
     """`raytuner demo` as the README runs it, in a copy of the repository's configs."""
     shutil.copytree(REPO_ROOT / "configs", tmp_path / "configs")
     command = [str(Path(sys.executable).with_name("raytuner")), "demo", "--steps", "4"]
-    finished = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+    # The demo starts its own local Ray; give it a temp dir of its own (short: Ray puts sockets there).
+    ray_temp = tempfile.mkdtemp(prefix="rt-demo-")
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    try:
+        finished = subprocess.run(
+            command,
+            cwd=tmp_path,
+            env={**env, "RAY_TMPDIR": ray_temp},
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+    finally:
+        shutil.rmtree(ray_temp, ignore_errors=True)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert "first loss" in finished.stdout
     for family in ("cosmos2image", "omnigen"):
@@ -72,6 +88,7 @@ def test_offline_demo_runs_end_to_end(tmp_path: Path) -> None:
             assert handle.metadata()["raytuner_family"] == family
         assert (output / "validation/step00004.png").is_file()
         assert (output / "loss.png").is_file()
+        assert (tmp_path / "output/demo/cache/vae" / family / "raytuner_cache.json").is_file()
         recorded = json.loads((output / "raytuner_config.json").read_text())
         assert recorded["training"]["model_family"] == family
     assert len(list((tmp_path / "output/demo/datasets/shapes").glob("*.png"))) == 8

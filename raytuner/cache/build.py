@@ -26,6 +26,7 @@ import logging
 import math
 import posixpath
 import time
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from raytuner.cache import format as fmt
 from raytuner.cache.format import CacheError
 from raytuner.cache.identity import component_identity, describe, encoder_key
 from raytuner.config.datasets import DatasetConfig
+from raytuner.config.paths import display
 from raytuner.config.run import RunConfig
 from raytuner.data import discovery
 from raytuner.data.buckets import BucketError, BucketSettings, Placement, crop_seed_for, place
@@ -83,6 +85,7 @@ class DatasetWork:
     written: dict[str, dict[str, Any]] = field(default_factory=dict)  # content key -> location
     bytes_by_bucket: Counter[str] = field(default_factory=Counter)
     encode_skipped: list[SkippedFile] = field(default_factory=list)
+    vae_calls: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,6 +105,7 @@ class DatasetSummary:
     encoded: int
     skipped: int
     bytes_written: int
+    vae_batches: int  # VAE calls this build made (vae_batch_size images each, at most)
     buckets: tuple[BucketSummary, ...]
     report: str
 
@@ -190,7 +194,7 @@ def bucket_settings(dataset: DatasetConfig, run: RunConfig, family: type[ModelFa
     alignment = training.aspect_bucket_alignment
     if alignment % family.pixels_per_token:
         raise CacheError(
-            f"{run.sources['config']}: 'aspect_bucket_alignment' = {alignment}: expected a multiple of "
+            f"{display(run.sources['config'])}: 'aspect_bucket_alignment' = {alignment}: expected a multiple of "
             f"{family.pixels_per_token} for {family.name} (VAE downsampling x patch size); "
             f"set it to {family.pixels_per_token} or 64"
         )
@@ -209,7 +213,9 @@ def bucket_settings(dataset: DatasetConfig, run: RunConfig, family: type[ModelFa
             alignment=alignment,
         )
     except BucketError as error:
-        raise CacheError(f"{run.sources['data_backend_config']}: dataset '{dataset.id}': {error}") from None
+        raise CacheError(
+            f"{display(run.sources['data_backend_config'])}: dataset '{dataset.id}': {error}"
+        ) from None
 
 
 def skips(dataset: DatasetConfig, phase: str) -> bool:
@@ -545,9 +551,11 @@ class _VaeEncoder:
             encoded = self.family.encode_images(tensor).cpu().numpy().astype(np.float32)
             for position, index in enumerate(indices):
                 latents[index] = encoded[position]
+        call = uuid.uuid4().hex  # counts VAE calls in the summary
         out: dict[str, list[Any]] = defaultdict(list)
         for index, row in enumerate(rows):
             row.pop("pixels")
+            row["vae_call"] = call
             fields = fmt.tensor_fields("latent", latents.get(index, np.zeros((0,), np.float32)))
             # As text between stages: error rows have another rank, and Ray Data would make a ragged tensor.
             fields["latent_shape"] = ",".join(str(n) for n in fields["latent_shape"])
@@ -561,8 +569,6 @@ def _write_latent_shards(
     batch: pa.Table, caches: Mapping[str, Location], encoder_key_: str, build_id: str
 ) -> pa.Table:
     """Task: one Parquet shard per (dataset, bucket) in the batch; returns one row per shard and per error."""
-    import uuid
-
     rows = batch.to_pylist()
     out: list[dict[str, Any]] = []
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
@@ -616,6 +622,7 @@ def _write_latent_shards(
                 "error": "",
                 "source": "",
                 "bucket": bucket,
+                "vae_calls": sorted({m["vae_call"] for m in members}),
             }
         )
     return pa.Table.from_pylist(out, schema=_SHARD_RESULT_SCHEMA)
@@ -630,6 +637,7 @@ _SHARD_RESULT_SCHEMA = pa.schema(
         "error": pa.string(),
         "source": pa.string(),
         "bucket": pa.string(),
+        "vae_calls": pa.list_(pa.string()),
     }
 )
 
@@ -660,8 +668,6 @@ class _TextEncoder:
 def _write_text_shards(
     batch: pa.Table, cache: Location, schema: pa.Schema, encoder_key_: str, build_id: str
 ) -> pa.Table:
-    import uuid
-
     table = batch.select(schema.names).cast(schema)
     relative = f"part-{build_id}-{uuid.uuid4().hex[:12]}.parquet"
     shard, size = fmt.write_shard(cache, relative, table, encoder_key=encoder_key_, kind="text")
@@ -675,6 +681,7 @@ def _write_text_shards(
                 "error": "",
                 "source": "",
                 "bucket": "",
+                "vae_calls": [],
             }
         ],
         schema=_SHARD_RESULT_SCHEMA,
@@ -734,6 +741,15 @@ def role_prompts(run: RunConfig) -> dict[str, Any]:
             )
         validation.update(library)
     return {"empty": "", "negative": training.validation_negative_prompt, "validation": validation}
+
+
+def check_cache_settings(run: RunConfig) -> None:
+    """Everything about the caches that can be refused before Ray starts (raises CacheError)."""
+    family_cls = get_family(run.training.model_family)
+    for dataset in image_datasets(run):
+        bucket_settings(dataset, run, family_cls)
+    text_cache_location(run)
+    role_prompts(run)
 
 
 def build_cache(run: RunConfig, options: BuildOptions = BuildOptions()) -> CacheSummary:
@@ -1021,6 +1037,7 @@ def _encode_latents(
                 )
                 continue
             item.bytes_by_bucket[result["bucket"]] += result["bytes"]
+            item.vae_calls.update(result["vae_calls"])
             for location in fmt.shard_locations(result["keys"], result["shard"]):
                 item.written[location["key"]] = location
 
@@ -1084,6 +1101,7 @@ def _commit_latents(item: DatasetWork, identity: EncoderIdentity, run: RunConfig
         encoded=sum(encoded.values()),
         skipped=len(skipped),
         bytes_written=sum(item.bytes_by_bucket.values()),
+        vae_batches=len(item.vae_calls),
         buckets=tuple(
             BucketSummary(
                 dataset_id=item.dataset.id,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from raytuner.cache.build import BuildOptions, CacheSummary, build_cache
+from raytuner.cache.build import BuildOptions, CacheSummary, build_cache, check_cache_settings
 from raytuner.cache.format import CacheError
 from raytuner.config import ConfigError, RunConfig, check_run, load_config
 from raytuner.data.plan import PlanError
@@ -24,6 +24,7 @@ def run_cache(run: RunConfig, options: BuildOptions) -> CacheSummary:
     problems = check_run(run)
     if problems:
         raise ConfigError(problems)
+    check_cache_settings(run)
     with ray_session():
         try:
             return build_cache(run, options)

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 
 class PlanError(ValueError):
@@ -75,10 +76,32 @@ class GlobalBatch:
         Keys are laid out micro-step major, then rank: a 1-worker run with 2 accumulation steps
         and a 2-worker run with none see the same keys in the same optimizer step.
         """
+        return self.keys[self._positions(shape, rank, micro_step)]
+
+    def seeds_for(
+        self, shape: BatchShape, *, rank: int, micro_step: int = 0, seed: int, step: int
+    ) -> tuple[int, ...]:
+        """The noise-and-sigma seed of each key of :meth:`slice_for`, from (seed, key, step).
+
+        A key that appears twice in one global batch (repeats, or a bucket filled by cycling)
+        gets its occurrence number mixed in, so the copies are not noised identically; the
+        numbering runs over the whole global batch, so it does not depend on how it is split.
+        """
+        seen: dict[str, int] = {}
+        seeds = []
+        for key in self.keys:
+            occurrence = seen.get(key, 0)
+            seen[key] = occurrence + 1
+            seeds.append(sample_seed(seed, key if occurrence == 0 else f"{key}#{occurrence}", step))
+        return tuple(seeds[self._positions(shape, rank, micro_step)])
+
+    def _positions(self, shape: BatchShape, rank: int, micro_step: int) -> slice:
+        if len(self.keys) != shape.global_size:
+            raise ValueError(f"a global batch of {len(self.keys)} keys does not fit {shape}")
         if not 0 <= rank < shape.workers or not 0 <= micro_step < shape.accumulation:
             raise ValueError(f"rank {rank} / micro-step {micro_step} outside {shape}")
         start = (micro_step * shape.workers + rank) * shape.per_worker
-        return self.keys[start : start + shape.per_worker]
+        return slice(start, start + shape.per_worker)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,3 +198,8 @@ def plan_epoch(
     # Interleave datasets and buckets: a dataset with more batches is drawn proportionally more often.
     order = _rng(seed, epoch, "batches").permutation(len(batches))
     return EpochPlan(epoch=epoch, batches=tuple(batches[i] for i in order), pruned=tuple(pruned))
+
+
+def sample_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per sample, for :meth:`raytuner.models.base.ModelFamily.training_loss`."""
+    return [torch.Generator().manual_seed(seed) for seed in seeds]

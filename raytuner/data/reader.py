@@ -19,7 +19,17 @@ import pyarrow.parquet as pq
 import torch
 
 from raytuner.cache.format import CacheError, Manifest, read_index, read_manifest, tensor_from_fields
-from raytuner.data.plan import PlanSample, sample_seed
+from raytuner.config.datasets import DatasetConfig
+from raytuner.config.run import RunConfig
+from raytuner.data.plan import (
+    BatchShape,
+    DatasetSampling,
+    EpochPlan,
+    GlobalBatch,
+    PlanSample,
+    plan_epoch,
+    sample_seed,
+)
 from raytuner.models.base import PromptConditioning
 from raytuner.storage import Location
 
@@ -153,3 +163,60 @@ class TextCache:
     def validation_keys(self) -> Mapping[str, str]:
         """Validation prompt nickname -> caption key (the primary prompt is ``validation``)."""
         return dict(self.roles.get("validation", {}))
+
+
+@dataclass(kw_only=True)
+class TrainingData:
+    """Everything training reads: each image dataset's latents, the text cache, and how to sample them."""
+
+    latents: dict[str, LatentCache]
+    text: TextCache
+    sampling: list[DatasetSampling]
+    prune_buckets: bool = True  # not disable_bucket_pruning
+
+    @property
+    def samples(self) -> list[PlanSample]:
+        return [sample for cache in self.latents.values() for sample in cache.samples]
+
+    def plan(self, shape: BatchShape, *, seed: int, epoch: int, prune_buckets: bool = True) -> EpochPlan:
+        return plan_epoch(
+            self.samples, self.sampling, shape, seed=seed, epoch=epoch, prune_buckets=prune_buckets
+        )
+
+    def batch(
+        self, batch: GlobalBatch, keys: Sequence[str], *, seed: int, step: int
+    ) -> tuple[torch.Tensor, list[PromptConditioning]]:
+        """Latents and prompt conditioning of ``keys`` (a rank's slice of ``batch``) at ``step``."""
+        cache = self.latents[batch.dataset_id]
+        captions = [cache.caption_key(key, seed=seed, step=step) for key in keys]
+        return cache.latents(keys), self.text.conditioning(captions)
+
+
+def training_datasets(run: RunConfig) -> list[DatasetConfig]:
+    """The datasets training draws from: enabled, ``dataset_type`` image (eval sets are held out)."""
+    return [dataset for dataset in run.enabled_datasets if dataset.dataset_type == "image"]
+
+
+def dataset_sampling(run: RunConfig) -> list[DatasetSampling]:
+    """How the plan samples each training dataset: ``repeats`` and ``is_regularisation_data``."""
+    return [
+        DatasetSampling(
+            dataset_id=dataset.id, repeats=dataset.repeats, is_regularisation=dataset.is_regularisation_data
+        )
+        for dataset in training_datasets(run)
+    ]
+
+
+def open_training_data(run: RunConfig) -> TrainingData:
+    """The committed caches of a run's training datasets (``dataset_type`` image), ready to plan and read."""
+    from raytuner.cache.build import latent_cache_location, text_cache_location
+
+    return TrainingData(
+        latents={
+            dataset.id: LatentCache(dataset.id, latent_cache_location(run, dataset))
+            for dataset in training_datasets(run)
+        },
+        text=TextCache(text_cache_location(run)),
+        sampling=dataset_sampling(run),
+        prune_buckets=not run.training.disable_bucket_pruning,
+    )

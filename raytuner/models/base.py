@@ -167,6 +167,32 @@ class ModelFamily(ABC):
         )
         return sigmas.clamp(*self.sigma_range)
 
+    def sample_noise_and_sigmas(
+        self,
+        latents: torch.Tensor,
+        schedule: flow.FlowSchedule,
+        *,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gaussian noise like ``latents`` and one training sigma per sample."""
+        if generator is None or isinstance(generator, torch.Generator):
+            noise = torch.randn(
+                latents.shape, generator=generator, device=latents.device, dtype=torch.float32
+            )
+            return noise, self.sample_sigmas(latents, schedule, generator=generator)
+        if len(generator) != latents.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {latents.shape[0]}")
+        # Per-sample generators live on the CPU: draws are the same on every device.
+        cpu = latents.detach().to("cpu")
+        noise = torch.stack([torch.randn(cpu.shape[1:], generator=g, dtype=torch.float32) for g in generator])
+        sigmas = torch.cat(
+            [
+                self.sample_sigmas(cpu[index : index + 1], schedule, generator=g)
+                for index, g in enumerate(generator)
+            ]
+        )
+        return noise.to(latents.device), sigmas.to(latents.device)
+
     def training_loss(
         self,
         transformer: torch.nn.Module,
@@ -174,13 +200,17 @@ class ModelFamily(ABC):
         conditioning: ConditioningBatch,
         schedule: flow.FlowSchedule,
         *,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         loss_weights: torch.Tensor | None = None,
     ) -> LossOutput:
-        """Noise the latents, run the transformer, and score it against the flow target (fp32)."""
+        """Noise the latents, run the transformer, and score it against the flow target (fp32).
+
+        ``generator`` is one generator for the whole batch, or one per sample (the training
+        loop's: seeded by seed, sample key and step, so a sample is noised the same whichever
+        rank trains it).
+        """
         latents = latents.to(self.device, torch.float32)
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=torch.float32)
-        sigmas = self.sample_sigmas(latents, schedule, generator=generator)
+        noise, sigmas = self.sample_noise_and_sigmas(latents, schedule, generator=generator)
         noisy_latents = flow.add_noise(latents, noise, sigmas)
         prediction = self.predict(transformer, noisy_latents, sigmas, conditioning)
         target = flow.velocity_target(latents, noise, direction=self.target_direction)

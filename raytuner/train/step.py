@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ def train_step(
     conditioning: ConditioningBatch,
     schedule: flow.FlowSchedule,
     *,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     max_grad_norm: float | None = None,
     grad_clip_method: str = "value",
 ) -> StepResult:

@@ -113,6 +113,7 @@ def test_shards_are_plain_parquet_one_bucket_each(built: dict[str, Any]) -> None
     assert shards
     for shard in shards:
         table = pq.read_table(shard)
+        assert table.num_rows <= 4  # the dataset's write_batch_size
         buckets = set(table.column("bucket").to_pylist())
         assert len(buckets) == 1 and shard.parent.name == f"bucket={buckets.pop()}"
         row = table.slice(0, 1).to_pylist()[0]
@@ -268,10 +269,51 @@ def test_a_killed_build_leaves_the_old_cache_and_the_next_run_finishes_it(
     for shard in orphans:
         pq.read_metadata(shard)
 
-    finished = _build(files)
-    assert _committed_keys(vae_cache) > before and finished.datasets[0].images == 24
-    # Rows of the killed build's whole shards are adopted, not encoded again.
-    assert finished.encoded == 12 - sum(pq.read_metadata(shard).num_rows for shard in orphans)
+    finished = subprocess.run(
+        [sys.executable, "-m", "raytuner.cli", "cache", "--config", str(files.config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "images/s" in finished.stdout and "text-embeds" in finished.stdout
+    manifest = read_manifest(Location(uri=str(vae_cache)))
+    assert manifest is not None and manifest.rows == 24
+    assert _committed_keys(vae_cache) > before
+    adopted = sum(pq.read_metadata(shard).num_rows for shard in orphans)
+    # Rows of the killed build's whole shards are adopted, not encoded again; the rest is encoded
+    # one image per VAE call (vae_batch_size 1).
+    table_row = next(line for line in finished.stdout.splitlines() if line.startswith("shapes "))
+    assert table_row.split()[:4] == ["shapes", "all", "24", str(12 - adopted)]
+
+
+def test_vae_batch_size_images_go_through_each_vae_call(
+    built: dict[str, Any], tmp_path: Path, tiny_cosmos_dir: Path
+) -> None:
+    files, images = _copy_run(built, tmp_path, tiny_cosmos_dir)
+    draw_images(images, [(64, 80)] * 6, start=200)
+    config = json.loads(files.config.read_text())
+    config["vae_batch_size"] = 3
+    files.config.write_text(json.dumps(config))
+    summary = _build(files)
+    assert summary.encoded == 6 and summary.datasets[0].vae_batches == 2
+
+
+def test_skip_file_discovery_uses_the_cache_as_it_is(
+    built: dict[str, Any], tmp_path: Path, tiny_cosmos_dir: Path
+) -> None:
+    files, images = _copy_run(built, tmp_path, tiny_cosmos_dir)
+    draw_images(images, [(64, 80)] * 3, start=300)
+    datasets = json.loads((tmp_path / "multidatabackend.json").read_text())
+    datasets[0]["skip_file_discovery"] = "vae aspect"
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(datasets))
+    skipped = _build(files)
+    assert skipped.encoded == 0 and skipped.datasets[0].images == 12
+    shutil.rmtree(tmp_path / "cache" / "vae")
+    with pytest.raises(CacheError, match=r"skip_file_discovery skips encoding, but .* holds no cache yet"):
+        _build(files)
 
 
 def test_a_cache_from_another_vae_is_refused_then_rebuilt_on_request(
