@@ -50,13 +50,13 @@ class _MemorySampler(threading.Thread):
     def __init__(self) -> None:
         super().__init__(daemon=True)
         self.peak = 0
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def run(self) -> None:
         import psutil
 
         me = psutil.Process()
-        while not self._stop.is_set():
+        while not self._done.is_set():
             total = me.memory_info().rss
             for process in psutil.process_iter(["name", "cmdline"]):
                 try:
@@ -74,7 +74,7 @@ class _MemorySampler(threading.Thread):
             time.sleep(0.2)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._done.set()
         self.join()
 
 

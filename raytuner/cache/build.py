@@ -26,26 +26,26 @@ import logging
 import math
 import posixpath
 import time
-import uuid
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
 from raytuner.cache import format as fmt
+from raytuner.cache import stages
 from raytuner.cache.format import CacheError
 from raytuner.cache.identity import component_identity, describe, encoder_key
+from raytuner.cache.summary import BucketSummary, CacheSummary, DatasetSummary
 from raytuner.config.datasets import DatasetConfig
 from raytuner.config.paths import display
 from raytuner.config.run import RunConfig
 from raytuner.data import discovery
 from raytuner.data.buckets import BucketError, BucketSettings, Placement, crop_seed_for, place
-from raytuner.data.discovery import DiscoveredImage, ListedFile, Listing, Probe, SkippedFile
+from raytuner.data.discovery import DiscoveredImage, Listing, Probe, SkippedFile
 from raytuner.models.base import ModelFamily
 from raytuner.models.registry import get_family
 from raytuner.storage import Location, StorageError, describe_error, has_scheme, is_temporary, list_files
@@ -86,93 +86,6 @@ class DatasetWork:
     bytes_by_bucket: Counter[str] = field(default_factory=Counter)
     encode_skipped: list[SkippedFile] = field(default_factory=list)
     vae_calls: set[str] = field(default_factory=set)
-
-
-@dataclass(frozen=True, kw_only=True)
-class BucketSummary:
-    dataset_id: str
-    bucket: str
-    images: int
-    encoded: int
-    bytes_written: int
-
-
-@dataclass(frozen=True, kw_only=True)
-class DatasetSummary:
-    dataset_id: str
-    cache: str
-    images: int
-    encoded: int
-    skipped: int
-    bytes_written: int
-    vae_batches: int  # VAE calls this build made (vae_batch_size images each, at most)
-    buckets: tuple[BucketSummary, ...]
-    report: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class CacheSummary:
-    datasets: tuple[DatasetSummary, ...]
-    prompts: int
-    prompts_encoded: int
-    text_cache: str
-    seconds: float
-    encode_seconds: float
-
-    @property
-    def encoded(self) -> int:
-        return sum(d.encoded for d in self.datasets)
-
-    def table(self) -> str:
-        rate = (lambda n: f"{n / self.encode_seconds:.1f}") if self.encode_seconds > 0 else (lambda n: "-")
-        header = ("dataset", "bucket", "images", "encoded", "skipped", "written", "images/s")
-        rows: list[tuple[str, ...]] = []
-        for summary in self.datasets:
-            rows.append(
-                (
-                    summary.dataset_id,
-                    "all",
-                    str(summary.images),
-                    str(summary.encoded),
-                    str(summary.skipped),
-                    _human_bytes(summary.bytes_written),
-                    rate(summary.encoded) if summary.encoded else "-",
-                )
-            )
-            for bucket in summary.buckets:
-                rows.append(
-                    (
-                        "",
-                        bucket.bucket,
-                        str(bucket.images),
-                        str(bucket.encoded),
-                        "",
-                        _human_bytes(bucket.bytes_written),
-                        "",
-                    )
-                )
-        rows.append(("text-embeds", "", str(self.prompts), str(self.prompts_encoded), "", "", ""))
-        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-        lines = [
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-            for row in [header, *rows]
-        ]
-        lines.insert(1, "  ".join("-" * width for width in widths))
-        lines.append(
-            f"{self.encoded} image(s) encoded in {self.encode_seconds:.1f} s, whole build {self.seconds:.1f} s; "
-            f"text cache {self.text_cache}"
-        )
-        return "\n".join(lines)
-
-
-def _human_bytes(count: int) -> str:
-    if count == 0:
-        return "0"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024  # type: ignore[assignment]
-    return str(count)
 
 
 # ---- locations and settings ---------------------------------------------------------------------------
@@ -359,35 +272,6 @@ def _write_discovery_index(folder: Location, probes: Iterable[Probe]) -> None:
     write_bytes_atomic(filesystem, posixpath.join(root, discovery.DISCOVERY_INDEX), buffer.getvalue())
 
 
-def _probe_batch(
-    batch: dict[str, np.ndarray], sources: Mapping[str, tuple[Location, str]]
-) -> dict[str, list[Any]]:
-    """Ray Data task: probe a batch of listed files on whichever node runs it."""
-    out: dict[str, list[Any]] = defaultdict(list)
-    for row in _rows(batch):
-        location, caption_strategy = sources[row["dataset_id"]]
-        listed = ListedFile(**{name: row[name] for name in _LISTED_FIELDS})
-        probe = discovery.probe_file(listed, location, caption_strategy=caption_strategy)
-        for name, value in discovery.probe_rows([probe])[0].items():
-            out[name].append(value)
-    return dict(out)
-
-
-_LISTED_FIELDS = ("dataset_id", "path", "relative", "size", "mtime_ns", "caption_path", "caption_fingerprint")
-
-
-def _rows(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
-    names = list(batch)
-    count = len(batch[names[0]]) if names else 0
-    return [{name: _plain(batch[name][i]) for name in names} for i in range(count)]
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def probe_listings(work: Sequence[DatasetWork]) -> None:
     """Probe every listed file not already in its dataset's discovery index, on the cluster."""
     import ray
@@ -398,7 +282,9 @@ def probe_listings(work: Sequence[DatasetWork]) -> None:
         for listed in item.listing.files if item.listing else []:
             if listed.fingerprint not in known[item.dataset.id]:
                 # Two datasets may list the same file (one folder at two resolutions): read it once.
-                todo.setdefault(listed.fingerprint, {name: getattr(listed, name) for name in _LISTED_FIELDS})
+                todo.setdefault(
+                    listed.fingerprint, {name: getattr(listed, name) for name in stages.LISTED_FIELDS}
+                )
     if todo:
         sources = {
             item.dataset.id: (discovery.dataset_location(item.dataset), item.dataset.caption_strategy)
@@ -406,7 +292,7 @@ def probe_listings(work: Sequence[DatasetWork]) -> None:
         }
         logger.info("reading %d new or changed file(s)", len(todo))
         dataset = ray.data.from_items(list(todo.values())).map_batches(
-            _probe_batch, fn_kwargs={"sources": sources}, batch_size=PROBE_BATCH
+            stages.probe_batch, fn_kwargs={"sources": sources}, batch_size=PROBE_BATCH
         )
         found = discovery.probes_from_rows(dataset.iter_rows())
         for item in work:
@@ -492,200 +378,6 @@ def place_images(item: DatasetWork, *, seed: int, vae_key: str) -> None:
             "_captions": image.captions,
             "_original": (image.width, image.height),
         }
-
-
-# ---- Ray Data stages -----------------------------------------------------------------------------------
-
-
-def _load_and_crop(row: dict[str, Any], sources: Mapping[str, Location]) -> dict[str, Any]:
-    """CPU task: read, decode, resize to the intermediary, crop the bucket. Errors travel as ``error``."""
-    from PIL import Image
-
-    location = sources[row["dataset_id"]]
-    filesystem, _ = location.resolve()
-    try:
-        image = discovery.open_image(discovery.read_bytes(filesystem, row["path"]))
-        image = image.resize((row["inter_w"], row["inter_h"]), Image.Resampling.LANCZOS)
-        box = (row["left"], row["top"], row["left"] + row["width"], row["top"] + row["height"])
-        row["pixels"] = np.asarray(image.crop(box), dtype=np.uint8)
-        row["error"] = ""
-    except FileNotFoundError:
-        discovery.check_visible(row["dataset_id"], location)
-        row["pixels"], row["error"] = (
-            np.zeros((1, 1, 3), np.uint8),
-            "file disappeared while the cache was built",
-        )
-    except (OSError, discovery.ImageDecodeError) as error:
-        row["pixels"], row["error"] = np.zeros((1, 1, 3), np.uint8), str(error).splitlines()[0]
-    return row
-
-
-class _VaeEncoder:
-    """Actor: the family's VAE, loaded once per actor on its GPU (or CPU)."""
-
-    def __init__(
-        self, family_name: str, model_path: str, revision: str | None, local_sources: Mapping[str, Location]
-    ) -> None:
-        import torch
-
-        for dataset_id, location in local_sources.items():
-            discovery.check_visible(dataset_id, location)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.family = get_family(family_name)(model_path, revision=revision, device=device)
-        self.family.load_vae()
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        import torch
-
-        rows = _rows(batch)
-        by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for index, row in enumerate(rows):
-            if not row["error"]:
-                by_shape[tuple(np.asarray(row["pixels"]).shape)].append(index)
-        latents: dict[int, np.ndarray] = {}
-        for indices in by_shape.values():
-            pixels = (
-                np.stack([np.asarray(rows[i]["pixels"]) for i in indices]).astype(np.float32) / 127.5 - 1.0
-            )
-            tensor = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
-            encoded = self.family.encode_images(tensor).cpu().numpy().astype(np.float32)
-            for position, index in enumerate(indices):
-                latents[index] = encoded[position]
-        call = uuid.uuid4().hex  # counts VAE calls in the summary
-        out: dict[str, list[Any]] = defaultdict(list)
-        for index, row in enumerate(rows):
-            row.pop("pixels")
-            row["vae_call"] = call
-            fields = fmt.tensor_fields("latent", latents.get(index, np.zeros((0,), np.float32)))
-            # As text between stages: error rows have another rank, and Ray Data would make a ragged tensor.
-            fields["latent_shape"] = ",".join(str(n) for n in fields["latent_shape"])
-            row.update(fields)
-            for name, value in row.items():
-                out[name].append(value)
-        return dict(out)
-
-
-def _write_latent_shards(
-    batch: pa.Table, caches: Mapping[str, Location], encoder_key_: str, build_id: str
-) -> pa.Table:
-    """Task: one Parquet shard per (dataset, bucket) in the batch; returns one row per shard and per error."""
-    rows = batch.to_pylist()
-    out: list[dict[str, Any]] = []
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        if row["error"]:
-            out.append(
-                {
-                    "dataset_id": row["dataset_id"],
-                    "shard": "",
-                    "bytes": 0,
-                    "keys": [],
-                    "error": row["error"],
-                    "source": row["source"],
-                    "bucket": row["bucket"],
-                }
-            )
-        else:
-            groups[(row["dataset_id"], row["bucket"])].append(row)
-    for (dataset_id, bucket), members in groups.items():
-        table = pa.Table.from_pylist(
-            [
-                {
-                    "key": m["key"],
-                    "dataset_id": m["dataset_id"],
-                    "source": m["source"],
-                    "bucket": m["bucket"],
-                    "width": m["width"],
-                    "height": m["height"],
-                    "original_width": m["original_w"],
-                    "original_height": m["original_h"],
-                    "crop_left": m["left"],
-                    "crop_top": m["top"],
-                    "latent": m["latent"],
-                    "latent_shape": [int(n) for n in str(m["latent_shape"]).split(",")],
-                    "latent_dtype": m["latent_dtype"],
-                }
-                for m in members
-            ],
-            schema=fmt.LATENT_SCHEMA,
-        )
-        relative = f"bucket={bucket}/part-{build_id}-{uuid.uuid4().hex[:12]}.parquet"
-        shard, size = fmt.write_shard(
-            caches[dataset_id], relative, table, encoder_key=encoder_key_, kind="latents"
-        )
-        out.append(
-            {
-                "dataset_id": dataset_id,
-                "shard": shard,
-                "bytes": size,
-                "keys": [m["key"] for m in members],
-                "error": "",
-                "source": "",
-                "bucket": bucket,
-                "vae_calls": sorted({m["vae_call"] for m in members}),
-            }
-        )
-    return pa.Table.from_pylist(out, schema=_SHARD_RESULT_SCHEMA)
-
-
-_SHARD_RESULT_SCHEMA = pa.schema(
-    {
-        "dataset_id": pa.string(),
-        "shard": pa.string(),
-        "bytes": pa.int64(),
-        "keys": pa.list_(pa.string()),
-        "error": pa.string(),
-        "source": pa.string(),
-        "bucket": pa.string(),
-        "vae_calls": pa.list_(pa.string()),
-    }
-)
-
-
-class _TextEncoder:
-    """Actor: the family's text side (Cosmos2: T5; OmniGen: its chat-template tokenizer)."""
-
-    def __init__(self, family_name: str, model_path: str, revision: str | None) -> None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.family = get_family(family_name)(model_path, revision=revision, device=device)
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        rows = _rows(batch)
-        conditioning = self.family.encode_prompts([row["prompt"] for row in rows])
-        out: dict[str, list[Any]] = defaultdict(list)
-        for row, item in zip(rows, conditioning, strict=True):
-            lengths = {int(tensor.shape[0]) for tensor in item.values()}
-            values = {"key": row["key"], "prompt": row["prompt"], "length": max(lengths)}
-            for name in self.family.prompt_tensors:
-                values.update(fmt.tensor_fields(name, item[name].numpy()))
-            for name, value in values.items():
-                out[name].append(value)
-        return dict(out)
-
-
-def _write_text_shards(
-    batch: pa.Table, cache: Location, schema: pa.Schema, encoder_key_: str, build_id: str
-) -> pa.Table:
-    table = batch.select(schema.names).cast(schema)
-    relative = f"part-{build_id}-{uuid.uuid4().hex[:12]}.parquet"
-    shard, size = fmt.write_shard(cache, relative, table, encoder_key=encoder_key_, kind="text")
-    return pa.Table.from_pylist(
-        [
-            {
-                "dataset_id": "",
-                "shard": shard,
-                "bytes": size,
-                "keys": table.column("key").to_pylist(),
-                "error": "",
-                "source": "",
-                "bucket": "",
-                "vae_calls": [],
-            }
-        ],
-        schema=_SHARD_RESULT_SCHEMA,
-    )
 
 
 # ---- the build ------------------------------------------------------------------------------------------
@@ -844,12 +536,13 @@ def build_cache(run: RunConfig, options: BuildOptions = BuildOptions()) -> Cache
         ]
     )
 
-    encode_started = time.monotonic()
     text_written = (
         _encode_text(run, family_cls, model_path, text_folder, text_identity, text_todo) if text_todo else {}
     )
     for item in work:
         item.stale_shards = {row["shard"] for row in item.existing.values()}
+    # images/s is measured over the image pipeline alone (read, crop, VAE, write), actor start-up included.
+    encode_started = time.monotonic()
     _encode_latents(run, family_cls, model_path, vae_identity, work, options)
     encode_seconds = time.monotonic() - encode_started
 
@@ -928,7 +621,7 @@ def _encode_text(
     dataset = (
         ray.data.from_items(todo)
         .map_batches(
-            _TextEncoder,
+            stages.TextEncoder,
             fn_constructor_kwargs={
                 "family_name": family_cls.name,
                 "model_path": model_path,
@@ -939,7 +632,7 @@ def _encode_text(
             num_gpus=1 if cluster_gpus() else 0,
         )
         .map_batches(
-            _write_text_shards,
+            stages.write_text_shards,
             fn_kwargs={"cache": folder, "schema": schema, "encoder_key_": identity.key, "build_id": build_id},
             batch_size=write_rows,
             batch_format="pyarrow",
@@ -1004,9 +697,9 @@ def _encode_latents(
         ray.data.from_items(todo)
         # Half a logical CPU each: decoding waits on storage as much as it computes, and distinct
         # resources keep Ray Data from fusing it into the VAE actors (it would then run serially there).
-        .map(_load_and_crop, fn_kwargs={"sources": sources}, num_cpus=0.5)
+        .map(stages.load_and_crop, fn_kwargs={"sources": sources}, num_cpus=0.5)
         .map_batches(
-            _VaeEncoder,
+            stages.VaeEncoder,
             fn_constructor_kwargs={
                 "family_name": family_cls.name,
                 "model_path": model_path,
@@ -1018,7 +711,7 @@ def _encode_latents(
             num_gpus=1 if gpus else 0,
         )
         .map_batches(
-            _write_latent_shards,
+            stages.write_latent_shards,
             fn_kwargs={
                 "caches": {item.dataset.id: item.cache for item in work},
                 "encoder_key_": identity.key,

@@ -1,0 +1,246 @@
+"""The bodies of the cache build's Ray Data stages, run on the cluster's nodes.
+
+Kept apart from the build's orchestration so that a CPU task (probing, decoding and cropping,
+writing shards) imports only PIL, numpy and pyarrow: torch and diffusers load only in the VAE
+and text-encoder actors, which need them. Errors on a file travel as data (an ``error`` field)
+and end in the build's report; only a node that cannot see a dataset at all raises.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from raytuner.cache import format as fmt
+from raytuner.data import discovery
+from raytuner.data.discovery import ListedFile
+from raytuner.storage import Location
+
+
+def probe_batch(
+    batch: dict[str, np.ndarray], sources: Mapping[str, tuple[Location, str]]
+) -> dict[str, list[Any]]:
+    """Ray Data task: probe a batch of listed files on whichever node runs it."""
+    out: dict[str, list[Any]] = defaultdict(list)
+    for row in rows_of(batch):
+        location, caption_strategy = sources[row["dataset_id"]]
+        listed = ListedFile(**{name: row[name] for name in LISTED_FIELDS})
+        probe = discovery.probe_file(listed, location, caption_strategy=caption_strategy)
+        for name, value in discovery.probe_rows([probe])[0].items():
+            out[name].append(value)
+    return dict(out)
+
+
+LISTED_FIELDS = ("dataset_id", "path", "relative", "size", "mtime_ns", "caption_path", "caption_fingerprint")
+
+
+def rows_of(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
+    names = list(batch)
+    count = len(batch[names[0]]) if names else 0
+    return [{name: _plain(batch[name][i]) for name in names} for i in range(count)]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def load_and_crop(row: dict[str, Any], sources: Mapping[str, Location]) -> dict[str, Any]:
+    """CPU task: read, decode, resize to the intermediary, crop the bucket. Errors travel as ``error``."""
+    from PIL import Image
+
+    location = sources[row["dataset_id"]]
+    filesystem, _ = location.resolve()
+    try:
+        image = discovery.open_image(discovery.read_bytes(filesystem, row["path"]))
+        image = image.resize((row["inter_w"], row["inter_h"]), Image.Resampling.LANCZOS)
+        box = (row["left"], row["top"], row["left"] + row["width"], row["top"] + row["height"])
+        row["pixels"] = np.asarray(image.crop(box), dtype=np.uint8)
+        row["error"] = ""
+    except FileNotFoundError:
+        discovery.check_visible(row["dataset_id"], location)
+        row["pixels"], row["error"] = (
+            np.zeros((1, 1, 3), np.uint8),
+            "file disappeared while the cache was built",
+        )
+    except (OSError, discovery.ImageDecodeError) as error:
+        row["pixels"], row["error"] = np.zeros((1, 1, 3), np.uint8), str(error).splitlines()[0]
+    return row
+
+
+class VaeEncoder:
+    """Actor: the family's VAE, loaded once per actor on its GPU (or CPU)."""
+
+    def __init__(
+        self, family_name: str, model_path: str, revision: str | None, local_sources: Mapping[str, Location]
+    ) -> None:
+        import torch
+
+        for dataset_id, location in local_sources.items():
+            discovery.check_visible(dataset_id, location)
+        from raytuner.models.registry import get_family
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.family = get_family(family_name)(model_path, revision=revision, device=device)
+        self.family.load_vae()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        rows = rows_of(batch)
+        by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for index, row in enumerate(rows):
+            if not row["error"]:
+                by_shape[tuple(np.asarray(row["pixels"]).shape)].append(index)
+        latents: dict[int, np.ndarray] = {}
+        for indices in by_shape.values():
+            pixels = (
+                np.stack([np.asarray(rows[i]["pixels"]) for i in indices]).astype(np.float32) / 127.5 - 1.0
+            )
+            tensor = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+            encoded = self.family.encode_images(tensor).cpu().numpy().astype(np.float32)
+            for position, index in enumerate(indices):
+                latents[index] = encoded[position]
+        call = uuid.uuid4().hex  # counts VAE calls in the summary
+        out: dict[str, list[Any]] = defaultdict(list)
+        for index, row in enumerate(rows):
+            row.pop("pixels")
+            row["vae_call"] = call
+            fields = fmt.tensor_fields("latent", latents.get(index, np.zeros((0,), np.float32)))
+            # As text between stages: error rows have another rank, and Ray Data would make a ragged tensor.
+            fields["latent_shape"] = ",".join(str(n) for n in fields["latent_shape"])
+            row.update(fields)
+            for name, value in row.items():
+                out[name].append(value)
+        return dict(out)
+
+
+def write_latent_shards(
+    batch: pa.Table, caches: Mapping[str, Location], encoder_key_: str, build_id: str
+) -> pa.Table:
+    """Task: one Parquet shard per (dataset, bucket) in the batch; returns one row per shard and per error."""
+    rows = batch.to_pylist()
+    out: list[dict[str, Any]] = []
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row["error"]:
+            out.append(
+                {
+                    "dataset_id": row["dataset_id"],
+                    "shard": "",
+                    "bytes": 0,
+                    "keys": [],
+                    "error": row["error"],
+                    "source": row["source"],
+                    "bucket": row["bucket"],
+                }
+            )
+        else:
+            groups[(row["dataset_id"], row["bucket"])].append(row)
+    for (dataset_id, bucket), members in groups.items():
+        table = pa.Table.from_pylist(
+            [
+                {
+                    "key": m["key"],
+                    "dataset_id": m["dataset_id"],
+                    "source": m["source"],
+                    "bucket": m["bucket"],
+                    "width": m["width"],
+                    "height": m["height"],
+                    "original_width": m["original_w"],
+                    "original_height": m["original_h"],
+                    "crop_left": m["left"],
+                    "crop_top": m["top"],
+                    "latent": m["latent"],
+                    "latent_shape": [int(n) for n in str(m["latent_shape"]).split(",")],
+                    "latent_dtype": m["latent_dtype"],
+                }
+                for m in members
+            ],
+            schema=fmt.LATENT_SCHEMA,
+        )
+        relative = f"bucket={bucket}/part-{build_id}-{uuid.uuid4().hex[:12]}.parquet"
+        shard, size = fmt.write_shard(
+            caches[dataset_id], relative, table, encoder_key=encoder_key_, kind="latents"
+        )
+        out.append(
+            {
+                "dataset_id": dataset_id,
+                "shard": shard,
+                "bytes": size,
+                "keys": [m["key"] for m in members],
+                "error": "",
+                "source": "",
+                "bucket": bucket,
+                "vae_calls": sorted({m["vae_call"] for m in members}),
+            }
+        )
+    return pa.Table.from_pylist(out, schema=SHARD_RESULT_SCHEMA)
+
+
+SHARD_RESULT_SCHEMA = pa.schema(
+    {
+        "dataset_id": pa.string(),
+        "shard": pa.string(),
+        "bytes": pa.int64(),
+        "keys": pa.list_(pa.string()),
+        "error": pa.string(),
+        "source": pa.string(),
+        "bucket": pa.string(),
+        "vae_calls": pa.list_(pa.string()),
+    }
+)
+
+
+class TextEncoder:
+    """Actor: the family's text side (Cosmos2: T5; OmniGen: its chat-template tokenizer)."""
+
+    def __init__(self, family_name: str, model_path: str, revision: str | None) -> None:
+        import torch
+
+        from raytuner.models.registry import get_family
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.family = get_family(family_name)(model_path, revision=revision, device=device)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        rows = rows_of(batch)
+        conditioning = self.family.encode_prompts([row["prompt"] for row in rows])
+        out: dict[str, list[Any]] = defaultdict(list)
+        for row, item in zip(rows, conditioning, strict=True):
+            lengths = {int(tensor.shape[0]) for tensor in item.values()}
+            values = {"key": row["key"], "prompt": row["prompt"], "length": max(lengths)}
+            for name in self.family.prompt_tensors:
+                values.update(fmt.tensor_fields(name, item[name].numpy()))
+            for name, value in values.items():
+                out[name].append(value)
+        return dict(out)
+
+
+def write_text_shards(
+    batch: pa.Table, cache: Location, schema: pa.Schema, encoder_key_: str, build_id: str
+) -> pa.Table:
+    table = batch.select(schema.names).cast(schema)
+    relative = f"part-{build_id}-{uuid.uuid4().hex[:12]}.parquet"
+    shard, size = fmt.write_shard(cache, relative, table, encoder_key=encoder_key_, kind="text")
+    return pa.Table.from_pylist(
+        [
+            {
+                "dataset_id": "",
+                "shard": shard,
+                "bytes": size,
+                "keys": table.column("key").to_pylist(),
+                "error": "",
+                "source": "",
+                "bucket": "",
+                "vae_calls": [],
+            }
+        ],
+        schema=SHARD_RESULT_SCHEMA,
+    )
