@@ -154,6 +154,11 @@ def plan_epoch(
     otherwise filled by cycling through its own shuffled samples; the last, partial batch of a
     larger bucket is filled the same way, so no sample is dropped from an epoch. A dataset left
     with no full batch is a :class:`PlanError`.
+
+    SimpleTuner prunes buckets smaller than ``train_batch_size`` (only when a minimum image size is
+    set) and then aborts on any bucket smaller than the whole effective batch; raytuner prunes
+    against the global batch directly, so a bucket too small for a multi-worker run is left out
+    with a warning instead of stopping the run.
     """
     by_bucket: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for sample in samples:

@@ -7,6 +7,7 @@ in small row groups and a few decoded row groups are kept in memory per reader.
 
 from __future__ import annotations
 
+import logging
 import posixpath
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,8 @@ from raytuner.models.base import PromptConditioning
 from raytuner.storage import Location
 
 ROW_GROUPS_KEPT = 32
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -178,10 +181,19 @@ class TrainingData:
     def samples(self) -> list[PlanSample]:
         return [sample for cache in self.latents.values() for sample in cache.samples]
 
-    def plan(self, shape: BatchShape, *, seed: int, epoch: int, prune_buckets: bool = True) -> EpochPlan:
-        return plan_epoch(
-            self.samples, self.sampling, shape, seed=seed, epoch=epoch, prune_buckets=prune_buckets
+    def plan(self, shape: BatchShape, *, seed: int, epoch: int) -> EpochPlan:
+        """The epoch's plan; buckets left out by pruning are named in a warning (at epoch 0)."""
+        plan = plan_epoch(
+            self.samples, self.sampling, shape, seed=seed, epoch=epoch, prune_buckets=self.prune_buckets
         )
+        if plan.pruned and epoch == 0:
+            logger.warning(
+                "aspect bucket(s) with fewer samples than one global batch of %d are left out: %s "
+                '(set "disable_bucket_pruning": true to train on them by repeating their images)',
+                shape.global_size,
+                ", ".join(plan.pruned),
+            )
+        return plan
 
     def batch(
         self, batch: GlobalBatch, keys: Sequence[str], *, seed: int, step: int
@@ -207,6 +219,11 @@ def dataset_sampling(run: RunConfig) -> list[DatasetSampling]:
     ]
 
 
+def prunes_buckets(run: RunConfig) -> bool:
+    """SimpleTuner's bucket pruning, on unless ``disable_bucket_pruning``."""
+    return not run.training.disable_bucket_pruning
+
+
 def open_training_data(run: RunConfig) -> TrainingData:
     """The committed caches of a run's training datasets (``dataset_type`` image), ready to plan and read."""
     from raytuner.cache.build import latent_cache_location, text_cache_location
@@ -218,5 +235,5 @@ def open_training_data(run: RunConfig) -> TrainingData:
         },
         text=TextCache(text_cache_location(run)),
         sampling=dataset_sampling(run),
-        prune_buckets=not run.training.disable_bucket_pruning,
+        prune_buckets=prunes_buckets(run),
     )

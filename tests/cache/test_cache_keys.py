@@ -18,7 +18,7 @@ from raytuner.config import RunConfig
 from raytuner.data import discovery
 from raytuner.data.buckets import Placement, place
 from raytuner.data.plan import BatchShape, PlanError, PlanSample, plan_epoch
-from raytuner.data.reader import dataset_sampling
+from raytuner.data.reader import dataset_sampling, prunes_buckets
 from raytuner.models.registry import get_family
 from tests.cache.helpers import draw_images, image_dataset, text_dataset, write_run_files
 
@@ -273,7 +273,7 @@ def test_disable_bucket_pruning_fills_small_buckets(tmp_path: Path, tiny_cosmos_
         shape,
         seed=1,
         epoch=0,
-        prune_buckets=not pruned.training.disable_bucket_pruning,
+        prune_buckets=prunes_buckets(pruned),
     )
     assert {batch.bucket for batch in plan.batches} == {"64x64"} and plan.pruned == (
         "shapes 96x48 (1 samples)",
@@ -284,7 +284,7 @@ def test_disable_bucket_pruning_fills_small_buckets(tmp_path: Path, tiny_cosmos_
         shape,
         seed=1,
         epoch=0,
-        prune_buckets=not kept.training.disable_bucket_pruning,
+        prune_buckets=prunes_buckets(kept),
     )
     small = [batch for batch in plan.batches if batch.bucket == "96x48"]
     assert len(small) == 1 and small[0].keys == ("shapes-96x48-0", "shapes-96x48-0")
