@@ -21,6 +21,7 @@ deleting that cache's raytuner files); nothing is deleted otherwise.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
@@ -28,12 +29,13 @@ import posixpath
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from raytuner.cache import format as fmt
 from raytuner.cache import stages
@@ -48,7 +50,16 @@ from raytuner.data.buckets import BucketError, BucketSettings, Placement, crop_s
 from raytuner.data.discovery import DiscoveredImage, Listing, Probe, SkippedFile
 from raytuner.models.base import ModelFamily
 from raytuner.models.registry import get_family
-from raytuner.storage import Location, StorageError, describe_error, has_scheme, is_temporary, list_files
+from raytuner.ray_runtime import cluster_gpus
+from raytuner.storage import (
+    Location,
+    StorageError,
+    describe_error,
+    has_scheme,
+    is_temporary,
+    list_files,
+    write_bytes_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -237,8 +248,6 @@ def _read_discovery_index(folder: Location) -> dict[str, Probe]:
     try:
         if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
             return {}
-        import pyarrow.parquet as pq
-
         with filesystem.open_input_file(path) as handle:
             return discovery.probes_from_rows(pq.read_table(handle).to_pylist())
     except (OSError, pa.ArrowException):
@@ -247,14 +256,9 @@ def _read_discovery_index(folder: Location) -> dict[str, Probe]:
 
 
 def _write_discovery_index(folder: Location, probes: Iterable[Probe]) -> None:
-    import io
-
-    import pyarrow.parquet as pq
-
-    from raytuner.storage import write_bytes_atomic
-
+    """Remember what each file held; failures that may pass (an unreadable file) are tried again next time."""
     table = pa.Table.from_pylist(
-        discovery.probe_rows(probes),
+        discovery.probe_rows(probe for probe in probes if not probe.transient),
         schema=pa.schema(
             {
                 "fingerprint": pa.string(),
@@ -449,151 +453,164 @@ def build_cache(run: RunConfig, options: BuildOptions = BuildOptions()) -> Cache
     started = time.monotonic()
     family_cls = get_family(run.training.model_family)
     model_path = model_path_of(run)
-    family = family_cls(model_path, revision=run.training.revision)
-    vae_identity, text_identity = encoder_identities(run, family)
+    vae_identity, text_identity = encoder_identities(
+        run, family_cls(model_path, revision=run.training.revision)
+    )
 
-    work: list[DatasetWork] = []
-    for dataset in image_datasets(run):
-        item = DatasetWork(
-            dataset=dataset,
-            settings=bucket_settings(dataset, run, family_cls),
-            cache=latent_cache_location(run, dataset),
-        )
-        committed, _ = _load_committed(
-            item.cache,
-            kind="latents",
-            encoder=vae_identity,
-            rebuild=options.rebuild,
-            what=f"dataset '{dataset.id}' cache_dir_vae",
-        )
-        item.existing = {
-            key: {k: row[k] for k in ("key", "shard", "row_group", "row")} for key, row in committed.items()
-        }
-        if skips(dataset, "vae") or skips(dataset, "aspect"):
-            if not committed:
-                raise CacheError(
-                    f"dataset '{dataset.id}': skip_file_discovery skips encoding, but {item.cache} holds no cache yet; "
-                    "remove skip_file_discovery for the first build"
-                )
-            item.rows = {
-                key: {k: v for k, v in row.items() if k not in fmt.LOCATION_COLUMNS}
-                for key, row in committed.items()
-            }
-        else:
-            item.listing = discovery.list_dataset(dataset)
-            item.existing.update(
-                _adopt_orphans(
-                    item.cache,
-                    kind="latents",
-                    encoder=vae_identity,
-                    known={row["shard"] for row in committed.values()},
-                )
-            )
-        work.append(item)
-
-    to_list = [item for item in work if item.listing is not None]
-    if to_list:
-        probe_listings(to_list)
-    for item in to_list:
+    work = [
+        _open_latent_cache(run, dataset, family_cls, vae_identity, options) for dataset in image_datasets(run)
+    ]
+    listed = [item for item in work if item.listing is not None]
+    if listed:
+        probe_listings(listed)
+    for item in listed:
         place_images(item, seed=run.seed, vae_key=vae_identity.key)
 
-    # ---- text ----
-    text_folder = text_cache_location(run)
-    text_committed, text_manifest = _load_committed(
-        text_folder,
-        kind="text",
-        encoder=text_identity,
-        rebuild=options.rebuild,
-        what="the text_embeds dataset's cache_dir",
-    )
-    text_existing = {
-        key: {k: row[k] for k in ("key", "prompt", "shard", "row_group", "row")}
-        for key, row in text_committed.items()
-    }
-    for key, location in _adopt_orphans(
-        text_folder,
-        kind="text",
-        encoder=text_identity,
-        known={row["shard"] for row in text_committed.values()},
-    ).items():
-        text_existing.setdefault(key, {**location, "prompt": None})
-    roles = role_prompts(run)
-    prompts: dict[str, str] = {}
-    for item in work:
-        for row in item.rows.values():
-            for caption in row.get("_captions", ()):
-                prompts[caption_key(caption)] = caption
-    for prompt in (roles["empty"], roles["negative"], *roles["validation"].values()):
-        prompts[caption_key(prompt)] = prompt
-    skip_text = any(skips(item.dataset, "text") for item in work) and text_manifest is not None
-    text_todo = (
-        []
-        if skip_text
-        else [
-            {"key": key, "prompt": prompt}
-            for key, prompt in sorted(prompts.items())
-            if key not in text_existing
-        ]
-    )
+    text = _TextWork.open(run, text_identity, options, work)
+    if text.todo:
+        text.written = _encode_text(run, family_cls, model_path, text.folder, text_identity, text.todo)
+    # Text first: once a latent row is committed, its caption is always in the committed text cache.
+    text.commit(family_cls)
 
-    text_written = (
-        _encode_text(run, family_cls, model_path, text_folder, text_identity, text_todo) if text_todo else {}
-    )
     for item in work:
         item.stale_shards = {row["shard"] for row in item.existing.values()}
     # images/s is measured over the image pipeline alone (read, crop, VAE, write), actor start-up included.
     encode_started = time.monotonic()
     _encode_latents(run, family_cls, model_path, vae_identity, work, options)
     encode_seconds = time.monotonic() - encode_started
-
-    # ---- commit ----
-    summaries = []
-    for item in work:
-        summaries.append(_commit_latents(item, vae_identity, run))
-    text_rows = {
-        **text_existing,
-        **{key: {**loc, "prompt": prompts[key]} for key, loc in text_written.items()},
-    }
-    for key, row in text_rows.items():
-        if row.get("prompt") is None:
-            row["prompt"] = prompts.get(key, "")
-    text_index = fmt.index_table(
-        (
-            {name: row[name] for name in ("key", "prompt", "shard", "row_group", "row")}
-            for row in text_rows.values()
-        ),
-        {"key": pa.string(), "prompt": pa.string()},
-    )
-    missing = sorted(set(prompts) - set(text_rows))
-    if missing:
-        raise CacheError(
-            f"{text_folder}: {len(missing)} prompt(s) are not in the text cache and skip_file_discovery skips text; "
-            "remove 'text' from skip_file_discovery"
-        )
-    manifest = fmt.Manifest(
-        kind="text",
-        encoder=text_identity.identity,
-        encoder_key=text_identity.key,
-        shards=len({row["shard"] for row in text_rows.values()}),
-        build=fmt.new_build_id(),
-        extra={
-            "tensors": list(family_cls.prompt_tensors),
-            "roles": {
-                "empty": caption_key(roles["empty"]),
-                "negative": caption_key(roles["negative"]),
-                "validation": {name: caption_key(prompt) for name, prompt in roles["validation"].items()},
-            },
-        },
-    )
-    fmt.commit(text_folder, manifest, text_index)
+    summaries = tuple(_commit_latents(item, vae_identity) for item in work)
     return CacheSummary(
-        datasets=tuple(summaries),
-        prompts=len(prompts),
-        prompts_encoded=len(text_written),
-        text_cache=str(text_folder),
+        datasets=summaries,
+        prompts=len(text.prompts),
+        prompts_encoded=len(text.written),
+        text_cache=str(text.folder),
         seconds=time.monotonic() - started,
         encode_seconds=encode_seconds,
     )
+
+
+def _open_latent_cache(
+    run: RunConfig,
+    dataset: DatasetConfig,
+    family_cls: type[ModelFamily],
+    identity: EncoderIdentity,
+    options: BuildOptions,
+) -> DatasetWork:
+    """One dataset's cache as committed (identity checked), and its files listed unless skipped."""
+    item = DatasetWork(
+        dataset=dataset,
+        settings=bucket_settings(dataset, run, family_cls),
+        cache=latent_cache_location(run, dataset),
+    )
+    committed, _ = _load_committed(
+        item.cache,
+        kind="latents",
+        encoder=identity,
+        rebuild=options.rebuild,
+        what=f"dataset '{dataset.id}' cache_dir_vae",
+    )
+    item.existing = {key: {k: row[k] for k in fmt.LOCATION_KEYS} for key, row in committed.items()}
+    if skips(dataset, "vae") or skips(dataset, "aspect"):
+        if not committed:
+            raise CacheError(
+                f"dataset '{dataset.id}': skip_file_discovery skips encoding, but {item.cache} holds no cache yet; "
+                "remove skip_file_discovery for the first build"
+            )
+        item.rows = {
+            key: {k: v for k, v in row.items() if k not in fmt.LOCATION_COLUMNS}
+            for key, row in committed.items()
+        }
+        return item
+    item.listing = discovery.list_dataset(dataset)
+    known = {row["shard"] for row in committed.values()}
+    item.existing.update(_adopt_orphans(item.cache, kind="latents", encoder=identity, known=known))
+    return item
+
+
+@dataclass(kw_only=True)
+class _TextWork:
+    """The text cache: every prompt the run needs, what is cached already, and what to encode."""
+
+    folder: Location
+    identity: EncoderIdentity
+    roles: dict[str, Any]
+    prompts: dict[str, str]  # caption key -> prompt
+    existing: dict[str, dict[str, Any]]  # caption key -> location (+ prompt)
+    todo: list[dict[str, str]]
+    written: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def open(
+        cls, run: RunConfig, identity: EncoderIdentity, options: BuildOptions, work: Sequence[DatasetWork]
+    ) -> _TextWork:
+        folder = text_cache_location(run)
+        committed, manifest = _load_committed(
+            folder,
+            kind="text",
+            encoder=identity,
+            rebuild=options.rebuild,
+            what="the text_embeds dataset's cache_dir",
+        )
+        existing = {
+            key: {k: row[k] for k in ("prompt", *fmt.LOCATION_KEYS)} for key, row in committed.items()
+        }
+        known = {row["shard"] for row in committed.values()}
+        for key, location in _adopt_orphans(folder, kind="text", encoder=identity, known=known).items():
+            existing.setdefault(key, {**location, "prompt": None})
+        roles = role_prompts(run)
+        prompts = {
+            caption_key(caption): caption
+            for item in work
+            for row in item.rows.values()
+            for caption in row.get("_captions", ())
+        }
+        for prompt in (roles["empty"], roles["negative"], *roles["validation"].values()):
+            prompts[caption_key(prompt)] = prompt
+        skip = manifest is not None and any(skips(item.dataset, "text") for item in work)
+        todo = (
+            [] if skip else [{"key": k, "prompt": p} for k, p in sorted(prompts.items()) if k not in existing]
+        )
+        return cls(
+            folder=folder, identity=identity, roles=roles, prompts=prompts, existing=existing, todo=todo
+        )
+
+    def commit(self, family_cls: type[ModelFamily]) -> None:
+        rows = {**self.existing, **self.written}
+        missing = sorted(set(self.prompts) - set(rows))
+        if missing:
+            raise CacheError(
+                f"{self.folder}: {len(missing)} prompt(s) are not in the text cache and skip_file_discovery skips "
+                "text; remove 'text' from skip_file_discovery"
+            )
+        index = fmt.index_table(
+            (
+                {
+                    "key": key,
+                    "prompt": self.prompts.get(key, row.get("prompt") or ""),
+                    **{k: row[k] for k in fmt.LOCATION_KEYS[1:]},
+                }
+                for key, row in rows.items()
+            ),
+            {"key": pa.string(), "prompt": pa.string()},
+        )
+        manifest = fmt.Manifest(
+            kind="text",
+            encoder=self.identity.identity,
+            encoder_key=self.identity.key,
+            shards=len({row["shard"] for row in rows.values()}),
+            build=fmt.new_build_id(),
+            extra={
+                "tensors": list(family_cls.prompt_tensors),
+                "roles": {
+                    "empty": caption_key(self.roles["empty"]),
+                    "negative": caption_key(self.roles["negative"]),
+                    "validation": {
+                        name: caption_key(prompt) for name, prompt in self.roles["validation"].items()
+                    },
+                },
+            },
+        )
+        fmt.commit(self.folder, manifest, index)
 
 
 def _pool(size: int) -> Any:
@@ -611,8 +628,6 @@ def _encode_text(
     todo: list[dict[str, str]],
 ) -> dict[str, dict[str, Any]]:
     import ray
-
-    from raytuner.ray_runtime import cluster_gpus
 
     logger.info("encoding %d prompt(s) with the %s text side", len(todo), family_cls.name)
     schema = fmt.text_schema(family_cls.prompt_tensors)
@@ -655,8 +670,6 @@ def _encode_latents(
     options: BuildOptions,
 ) -> None:
     import ray
-
-    from raytuner.ray_runtime import cluster_gpus
 
     todo: list[dict[str, Any]] = []
     for item in work:
@@ -735,7 +748,7 @@ def _encode_latents(
                 item.written[location["key"]] = location
 
 
-def _commit_latents(item: DatasetWork, identity: EncoderIdentity, run: RunConfig) -> DatasetSummary:
+def _commit_latents(item: DatasetWork, identity: EncoderIdentity) -> DatasetSummary:
     skipped = item.skipped + item.encode_skipped
     locations = {**item.existing, **item.written}
     live = {key: row for key, row in item.rows.items() if key in locations}
@@ -768,7 +781,7 @@ def _commit_latents(item: DatasetWork, identity: EncoderIdentity, run: RunConfig
         encoder_key=identity.key,
         shards=len(live_shards),
         build=fmt.new_build_id(),
-        extra={"dataset": item.dataset.id, "settings": _settings_record(item.settings)},
+        extra={"dataset": item.dataset.id, "settings": asdict(item.settings)},
     )
     fmt.commit(item.cache, manifest, index)
     # Only now, with the new index committed, are shards no live row points at safe to remove.
@@ -814,15 +827,7 @@ def _bucket_order(label: str) -> tuple[int, int]:
     return (int(width), int(height)) if width.isdigit() and height.isdigit() else (math.inf, 0)  # type: ignore[return-value]
 
 
-def _settings_record(settings: BucketSettings) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(settings)
-
-
 def _write_report(item: DatasetWork, skipped: Sequence[SkippedFile], buckets: Mapping[str, int]) -> str:
-    from raytuner.storage import write_bytes_atomic
-
     report = {
         "dataset": item.dataset.id,
         "source": str(discovery.dataset_location(item.dataset)),

@@ -66,6 +66,8 @@ TEXT_COLUMNS: dict[str, pa.DataType] = {
     "length": pa.int32(),
 }
 LOCATION_COLUMNS: dict[str, pa.DataType] = {"shard": pa.string(), "row_group": pa.int32(), "row": pa.int32()}
+# An index row's key and where its row is: what a build carries over for rows it does not re-encode.
+LOCATION_KEYS = ("key", *LOCATION_COLUMNS)
 
 
 class CacheError(RuntimeError):

@@ -36,6 +36,8 @@ IGNORED_FOLDERS = frozenset(
     {".Spotlight-V100", ".Trashes", ".fseventsd", ".TemporaryItems", ".zfs", ".ipynb_checkpoints"}
 )
 DISCOVERY_INDEX = "raytuner_discovery.parquet"
+# Probe errors that say nothing about the file's content (it may be readable next time).
+TRANSIENT_ERRORS = ("unreadable:", "file disappeared", "caption file unreadable")
 
 
 def dataset_location(dataset: DatasetConfig) -> Location:
@@ -86,6 +88,11 @@ class Probe:
     height: int = 0
     captions: tuple[str, ...] = ()
     error: str = ""
+
+    @property
+    def transient(self) -> bool:
+        """A failure of access, not of content: worth reading the file again next build."""
+        return self.error.startswith(TRANSIENT_ERRORS)
 
 
 @dataclass(frozen=True, kw_only=True)
