@@ -8,7 +8,8 @@ import sys
 from raytuner.cache.build import BuildOptions, CacheSummary, build_cache, check_cache_settings
 from raytuner.cache.format import CacheError
 from raytuner.config import ConfigError, RunConfig, check_run, load_config
-from raytuner.data.plan import PlanError
+from raytuner.data.plan import BatchShape, PlanError
+from raytuner.data.reader import open_training_data
 from raytuner.ray_runtime import ray_session, unwrap_error
 from raytuner.storage import StorageError
 
@@ -35,6 +36,28 @@ def run_cache(run: RunConfig, options: BuildOptions) -> CacheSummary:
             raise
 
 
+def check_batches(run: RunConfig) -> int:
+    """Plan epoch 0 from the committed caches: every training dataset fills a global batch.
+
+    The global batch is SimpleTuner's: ``train_batch_size`` x ``num_processes`` x
+    ``gradient_accumulation_steps``. Raises PlanError ("no images detected in dataset ...").
+    Returns the number of global batches per epoch.
+    """
+    training = run.training
+    shape = BatchShape(
+        per_worker=training.train_batch_size,
+        workers=training.num_processes,
+        accumulation=training.gradient_accumulation_steps,
+    )
+    return len(open_training_data(run).plan(shape, seed=run.seed, epoch=0))
+
+
+def _print_error(error: Exception) -> None:
+    lines = error.problems if isinstance(error, ConfigError) else (str(error),)
+    for line in lines:
+        print(f"error: {line}", file=sys.stderr)
+
+
 def cache_main(
     config: str, *, strict: bool = False, rebuild: bool = False, encoder_actors: int | None = None
 ) -> int:
@@ -42,10 +65,15 @@ def cache_main(
         run = load_config(config, strict=strict)
         summary = run_cache(run, BuildOptions(encoder_actors=encoder_actors, rebuild=rebuild))
     except EXPECTED_ERRORS as error:
-        lines = error.problems if isinstance(error, ConfigError) else (str(error),)
-        for line in lines:
-            print(f"error: {line}", file=sys.stderr)
+        _print_error(error)
         return 2
     print()
     print(summary.table())
+    try:
+        batches = check_batches(run)
+    except EXPECTED_ERRORS as error:
+        # The cache is committed and kept; only the datasets are too small to train on as configured.
+        _print_error(error)
+        return 2
+    print(f"{batches} global batch(es) per epoch")
     return 0

@@ -25,6 +25,7 @@ from PIL import Image
 from raytuner.cache.build import BuildOptions, CacheSummary, caption_key
 from raytuner.cache.command import run_cache
 from raytuner.cache.format import MANIFEST_NAME, REPORT_NAME, CacheError, read_index, read_manifest
+from raytuner.cli import main
 from raytuner.data.buckets import BucketSettings, place
 from raytuner.data.discovery import open_image
 from raytuner.data.plan import BatchShape, DatasetSampling, plan_epoch
@@ -329,3 +330,26 @@ def test_a_cache_from_another_vae_is_refused_then_rebuilt_on_request(
     rebuilt = _build(files, rebuild=True)
     assert rebuilt.encoded == 12
     assert not _committed_keys(tmp_path / "cache" / "vae") & _committed_keys(built["root"] / "cache" / "vae")
+
+
+def test_a_dataset_too_small_for_one_global_batch_is_named_after_the_build(
+    tmp_path: Path, tiny_cosmos_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    draw_images(tmp_path / "images", [(64, 64)])
+    datasets = [
+        image_dataset(tmp_path / "images", tmp_path / "cache" / "vae"),
+        text_dataset(tmp_path / "cache" / "text"),
+    ]
+    files = write_run_files(tmp_path, tiny_cosmos_dir, datasets, train_batch_size=2)
+    assert main(["cache", "--config", str(files.config)]) == 2
+    captured = capsys.readouterr()
+    assert "images/s" in captured.out  # the build itself finished and is kept
+    (error,) = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert error.startswith("error: no images detected in dataset 'shapes': 1 sample(s) per epoch")
+    assert 'raise "repeats"' in error
+    assert _committed_keys(tmp_path / "cache" / "vae")
+
+    datasets[0]["repeats"] = 1
+    (tmp_path / "multidatabackend.json").write_text(json.dumps(datasets))
+    assert main(["cache", "--config", str(files.config)]) == 0
+    assert "1 global batch(es) per epoch" in capsys.readouterr().out
