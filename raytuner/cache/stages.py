@@ -91,7 +91,7 @@ class VaeEncoder:
         self.family.load_vae()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        import torch
+        from raytuner.data.synthetic import to_pixels
 
         rows = rows_of(batch)
         by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
@@ -100,10 +100,7 @@ class VaeEncoder:
                 by_shape[tuple(np.asarray(row["pixels"]).shape)].append(index)
         latents: dict[int, np.ndarray] = {}
         for indices in by_shape.values():
-            pixels = (
-                np.stack([np.asarray(rows[i]["pixels"]) for i in indices]).astype(np.float32) / 127.5 - 1.0
-            )
-            tensor = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+            tensor = to_pixels([np.asarray(rows[i]["pixels"]) for i in indices])
             encoded = self.family.encode_images(tensor).cpu().numpy().astype(np.float32)
             for position, index in enumerate(indices):
                 latents[index] = encoded[position]

@@ -7,6 +7,7 @@ a model can learn the pairing and a person can check the validation images at a 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +87,15 @@ def write_dataset(folder: str | Path, items: list[SyntheticImage]) -> list[Path]
     return paths
 
 
-def to_pixels(images: list[Image.Image]) -> torch.Tensor:
-    """PIL images -> ``[B, 3, H, W]`` float32 in ``[-1, 1]``, as diffusers' image processors give."""
-    arrays = np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0 for image in images])
+def to_pixels(images: Sequence[Image.Image | np.ndarray]) -> torch.Tensor:
+    """PIL images or ``[H, W, 3]`` uint8 arrays -> ``[B, 3, H, W]`` float32 in ``[-1, 1]``, as
+    diffusers' image processors give."""
+    arrays = np.stack(
+        [
+            np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
+            / 127.5
+            - 1.0
+            for image in images
+        ]
+    )
     return torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
