@@ -439,23 +439,37 @@ def role_prompts(run: RunConfig) -> dict[str, Any]:
     return {"empty": "", "negative": training.validation_negative_prompt, "validation": validation}
 
 
-def check_cache_settings(run: RunConfig) -> None:
-    """Everything about the caches that can be refused before Ray starts (raises CacheError)."""
+@dataclass(frozen=True, kw_only=True)
+class Encoders:
+    """The two encoders of a build, identified before any work starts."""
+
+    vae: EncoderIdentity
+    text: EncoderIdentity
+
+
+def check_cache_settings(run: RunConfig) -> Encoders:
+    """Everything about the caches that can be refused before Ray starts (raises CacheError).
+
+    Returns the encoders' identities, which need the model's files (or its hub snapshot) only.
+    """
     family_cls = get_family(run.training.model_family)
     for dataset in image_datasets(run):
         bucket_settings(dataset, run, family_cls)
     text_cache_location(run)
     role_prompts(run)
+    vae, text = encoder_identities(run, family_cls(model_path_of(run), revision=run.training.revision))
+    return Encoders(vae=vae, text=text)
 
 
-def build_cache(run: RunConfig, options: BuildOptions = BuildOptions()) -> CacheSummary:
+def build_cache(
+    run: RunConfig, options: BuildOptions = BuildOptions(), encoders: Encoders | None = None
+) -> CacheSummary:
     """Bring every cache of ``run`` up to date; Ray must be connected (see ``ray_session``)."""
     started = time.monotonic()
     family_cls = get_family(run.training.model_family)
     model_path = model_path_of(run)
-    vae_identity, text_identity = encoder_identities(
-        run, family_cls(model_path, revision=run.training.revision)
-    )
+    encoders = encoders or check_cache_settings(run)
+    vae_identity, text_identity = encoders.vae, encoders.text
 
     work = [
         _open_latent_cache(run, dataset, family_cls, vae_identity, options) for dataset in image_datasets(run)

@@ -25,10 +25,10 @@ def run_cache(run: RunConfig, options: BuildOptions) -> CacheSummary:
     problems = check_run(run)
     if problems:
         raise ConfigError(problems)
-    check_cache_settings(run)
+    encoders = check_cache_settings(run)
     with ray_session():
         try:
-            return build_cache(run, options)
+            return build_cache(run, options, encoders)
         except ray.exceptions.RayError as error:
             inner = unwrap_error(error, EXPECTED_ERRORS)
             if inner is not None:
