@@ -142,9 +142,34 @@ def bucket_settings(dataset: DatasetConfig, run: RunConfig, family: type[ModelFa
         ) from None
 
 
+SKIP_PHASES = ("vae", "aspect", "text")
+# SimpleTuner phases with no raytuner counterpart: its error scan and caption datasets.
+SKIP_PHASES_WITHOUT_EFFECT = ("metadata", "caption")
+
+
+def _skip_words(dataset: DatasetConfig) -> list[str]:
+    return dataset.skip_file_discovery.replace(",", " ").split()
+
+
 def skips(dataset: DatasetConfig, phase: str) -> bool:
     """SimpleTuner's ``skip_file_discovery``: a list of phases (``vae``, ``aspect``, ``text``)."""
-    return phase in dataset.skip_file_discovery.replace(",", " ").split()
+    return phase in _skip_words(dataset)
+
+
+def check_skip_words(dataset: DatasetConfig, where: str) -> None:
+    for word in _skip_words(dataset):
+        if word in SKIP_PHASES_WITHOUT_EFFECT:
+            logger.warning(
+                "%s: dataset '%s': skip_file_discovery '%s' has no effect in raytuner (it has no such phase)",
+                where,
+                dataset.id,
+                word,
+            )
+        elif word not in SKIP_PHASES:
+            raise CacheError(
+                f"{where}: dataset '{dataset.id}': 'skip_file_discovery' = '{dataset.skip_file_discovery}': "
+                f"'{word}' is not a phase; expected words from: {', '.join(SKIP_PHASES)}"
+            )
 
 
 # ---- encoder identities -------------------------------------------------------------------------------
@@ -455,6 +480,7 @@ def check_cache_settings(run: RunConfig) -> Encoders:
     family_cls = get_family(run.training.model_family)
     for dataset in image_datasets(run):
         bucket_settings(dataset, run, family_cls)
+        check_skip_words(dataset, display(run.sources["data_backend_config"]))
     text_cache_location(run)
     role_prompts(run)
     vae, text = encoder_identities(run, family_cls(model_path_of(run), revision=run.training.revision))

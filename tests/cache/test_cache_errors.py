@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from raytuner.cache.build import check_cache_settings
 from raytuner.cache.format import CacheError, read_manifest
 from raytuner.cache.identity import component_identity
 from raytuner.cli import main
@@ -125,3 +126,18 @@ def test_a_damaged_manifest_is_refused_not_overwritten(tmp_path: Path) -> None:
     (tmp_path / "raytuner_cache.json").write_text(json.dumps({"format": "raytuner.cache", "version": 99}))
     with pytest.raises(CacheError, match="cache format version 99"):
         read_manifest(Location(uri=str(tmp_path)))
+
+
+def test_skip_file_discovery_takes_only_phase_names(
+    tmp_path: Path, tiny_cosmos_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "images").mkdir()
+    dataset = image_dataset(tmp_path / "images", tmp_path / "cache", skip_file_discovery="vea")
+    run = write_run_files(tmp_path, tiny_cosmos_dir, [dataset, text_dataset(tmp_path / "text")]).load()
+    with pytest.raises(CacheError) as caught:
+        check_cache_settings(run)
+    assert str(caught.value) == (
+        "multidatabackend.json: dataset 'shapes': 'skip_file_discovery' = 'vea': 'vea' is not a phase; "
+        "expected words from: vae, aspect, text"
+    )
