@@ -26,7 +26,7 @@ import pyarrow.fs as pafs
 
 from raytuner.config.paths import has_scheme
 
-OBJECT_STORE_SCHEMES = ("s3", "gs", "gcs")
+SCHEMES = ("file", "s3", "gs", "gcs")
 
 
 class StorageError(RuntimeError):
@@ -86,7 +86,12 @@ class Location:
 
     def resolve(self) -> tuple[pafs.FileSystem, str]:
         """The filesystem and the path inside it (no scheme)."""
-        return _filesystem(self.scheme, self.uri, self.s3), fs_path(self.uri)
+        if self.scheme not in SCHEMES:
+            raise StorageError(
+                f"{self.uri}: unsupported storage scheme '{self.scheme}://'; "
+                "use a local path, s3://bucket/prefix or gs://bucket/prefix"
+            )
+        return _filesystem(self.scheme, self.s3), fs_path(self.uri)
 
 
 def join(root: str, *parts: str) -> str:
@@ -106,16 +111,13 @@ def fs_path(uri: str) -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def _filesystem(scheme: str, uri: str, s3: S3Settings | None) -> pafs.FileSystem:
+def _filesystem(scheme: str, s3: S3Settings | None) -> pafs.FileSystem:
+    """One client per scheme and settings in each process, shared by every location on it."""
     if scheme == "file":
         return pafs.LocalFileSystem()
     if scheme == "s3":
         return (s3 or S3Settings(endpoint_url=os.environ.get("AWS_ENDPOINT_URL"))).filesystem()
-    if scheme in ("gs", "gcs"):
-        return pafs.GcsFileSystem()
-    raise StorageError(
-        f"{uri}: unsupported storage scheme '{scheme}://'; use a local path, s3://bucket/prefix or gs://bucket/prefix"
-    )
+    return pafs.GcsFileSystem()
 
 
 def describe_error(location: str, error: BaseException) -> str:
@@ -134,14 +136,6 @@ def list_files(location: Location) -> Iterator[pafs.FileInfo]:
     for info in infos:
         if info.type == pafs.FileType.File:
             yield info
-
-
-def exists(location: Location) -> bool:
-    filesystem, path = location.resolve()
-    try:
-        return filesystem.get_file_info(path).type != pafs.FileType.NotFound
-    except (OSError, pa.ArrowException) as error:
-        raise StorageError(describe_error(location.uri, error)) from None
 
 
 def read_bytes(filesystem: pafs.FileSystem, path: str) -> bytes:

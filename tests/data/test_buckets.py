@@ -36,11 +36,12 @@ SIMPLETUNER_CASES = [
     ((1920, 1080), "area", 1.0, (1344, 768), (1365, 768), 1.75),
     ((4000, 3000), "area", 1.0, (1152, 896), (1194, 896), 1.29),
 ]
-
-
-@pytest.mark.parametrize(
+each_simpletuner_case = pytest.mark.parametrize(
     ("original", "resolution_type", "resolution", "bucket", "intermediary", "aspect"), SIMPLETUNER_CASES
 )
+
+
+@each_simpletuner_case
 def test_buckets_match_simpletuner(
     original: tuple[int, int],
     resolution_type: str,
@@ -125,9 +126,7 @@ def test_square_crop_random_is_in_bounds_and_fixed_by_the_seed() -> None:
     assert len(origins) > 1
 
 
-@pytest.mark.parametrize(
-    ("original", "resolution_type", "resolution", "bucket", "intermediary", "aspect"), SIMPLETUNER_CASES
-)
+@each_simpletuner_case
 def test_without_crop_only_the_aspect_overflow_is_cropped(
     original: tuple[int, int],
     resolution_type: str,
