@@ -25,7 +25,7 @@ from tqdm import tqdm
 from raytuner.adapters import AdapterError, build_adapter, load_adapter, save_adapter
 from raytuner.cache.build import BuildOptions
 from raytuner.cache.command import EXPECTED_ERRORS, run_cache
-from raytuner.config import DatasetConfig, RunConfig, check_run, load_config
+from raytuner.config import DatasetConfig, RunConfig, load_config
 from raytuner.config.check import quiet_config_logging
 from raytuner.data.plan import BatchShape, GlobalBatch, sample_generators
 from raytuner.data.reader import TrainingData, open_training_data
@@ -157,9 +157,6 @@ def run_family_demo(config_path: Path, steps: int | None = None) -> DemoResult:
         raise DemoError(f"{config_path}: {error}") from error
     dataset = next(d for d in run.enabled_datasets if d.needs_images)
     _prepare_inputs(run, dataset)
-    problems = check_run(run)
-    if problems:
-        raise DemoError(problems[0])
 
     family = get_family(family_name)(run.training.pretrained_model_name_or_path or "")
     output_dir = run.training.output_dir
@@ -182,16 +179,15 @@ def run_family_demo(config_path: Path, steps: int | None = None) -> DemoResult:
     schedule = flow_schedule_from_config(run.training)
     total_steps = steps if steps is not None else (run.training.max_train_steps or 30)
     lr_scheduler = build_lr_scheduler(optimizer, run.training, total_steps=total_steps)
-    shape = BatchShape(
-        per_worker=run.training.train_batch_size, accumulation=run.training.gradient_accumulation_steps
-    )
+    # One process and one optimizer step per batch: the global batch is train_batch_size
+    # (gradient accumulation comes with raytuner train).
+    shape = BatchShape(per_worker=run.training.train_batch_size)
 
     losses: list[float] = []
     progress = tqdm(total=total_steps, desc=f"{family_name} LoKr", unit="step")
     for step, batch in enumerate(_global_batches(data, shape, run)):
         if step == total_steps:
             break
-        # One process, so rank 0 trains the whole global batch, one micro-step after another.
         keys = batch.slice_for(shape, rank=0)
         latents, conditioning = data.batch(batch, keys, seed=run.seed, step=step)
         seeds = batch.seeds_for(shape, rank=0, seed=run.seed, step=step)
