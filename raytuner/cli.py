@@ -50,6 +50,52 @@ def _cache(args: argparse.Namespace) -> int:
     )
 
 
+def _train(args: argparse.Namespace) -> int:
+    from raytuner.train.launcher import train_main
+    from raytuner.train.settings import RayOverrides
+
+    overrides = RayOverrides(
+        num_workers=args.ray_num_workers,
+        gpus_per_worker=args.ray_gpus_per_worker,
+        cpus_per_worker=args.ray_cpus_per_worker,
+        storage_path=args.ray_storage_path,
+        max_failures=args.ray_max_failures,
+    )
+    return train_main(args.config, strict=args.strict, overrides=overrides)
+
+
+def _add_ray_flags(parser: argparse.ArgumentParser) -> None:
+    """The ray_* keys of config.json as flags; a flag wins over the key."""
+    group = parser.add_argument_group("Ray (override the ray_* keys of config.json)")
+    group.add_argument(
+        "--ray-num-workers",
+        type=int,
+        metavar="N",
+        help="Ray Train workers, one process each (default: ray_num_workers, else num_processes, else 1)",
+    )
+    group.add_argument(
+        "--ray-gpus-per-worker",
+        type=float,
+        metavar="G",
+        help="GPUs each worker requests (default 0: CPU); an autoscaling cluster adds GPU nodes for them",
+    )
+    group.add_argument(
+        "--ray-cpus-per-worker", type=float, metavar="C", help="CPUs each worker requests (default 1)"
+    )
+    group.add_argument(
+        "--ray-storage-path",
+        metavar="PATH_OR_URI",
+        help="checkpoints and, on a cluster, relative outputs and caches: a shared folder, s3:// or gs:// "
+        "(default: output_dir/ray)",
+    )
+    group.add_argument(
+        "--ray-max-failures",
+        type=int,
+        metavar="N",
+        help="worker failures to recover from by restarting at the last checkpoint (-1: no limit; default 0)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raytuner",
@@ -97,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="VAE actors in the encoding pool (default: one per GPU of the cluster, else 1)",
     )
     cache.set_defaults(handler=_cache)
+
+    train = commands.add_parser(
+        "train",
+        help="train a LoKr adapter with Ray Train: check the config, build the cache, train, validate, write the adapter",
+    )
+    train.add_argument("--config", required=True, help="path to config.json")
+    train.add_argument("--strict", action="store_true", help="make 'accepted, not yet supported' keys errors")
+    _add_ray_flags(train)
+    train.set_defaults(handler=_train)
 
     tiny = commands.add_parser("tiny-model", help="write a tiny random-weight diffusers checkpoint (offline)")
     tiny.add_argument("--family", required=True, help="model family, e.g. cosmos2image or omnigen")

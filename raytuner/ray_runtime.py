@@ -22,8 +22,13 @@ def local_logical_cpus() -> int:
 
 
 @contextmanager
-def ray_session() -> Iterator[None]:
-    """Use the Ray already connected, the cluster at ``RAY_ADDRESS``, or start (and stop) a local one."""
+def ray_session(*, dashboard: bool = False) -> Iterator[None]:
+    """Use the Ray already connected, the cluster at ``RAY_ADDRESS``, or start (and stop) a local one.
+
+    ``dashboard`` starts the local Ray's dashboard on 127.0.0.1 (never a public address): Ray
+    Train's clean-up of finished runs queries the State API it serves, and its Train pages show
+    the run's workers.
+    """
     import ray
 
     if ray.is_initialized():
@@ -35,7 +40,12 @@ def ray_session() -> Iterator[None]:
     else:
         cpus = local_logical_cpus()
         logger.info("starting a local Ray with %d logical CPUs (set RAY_ADDRESS to use a cluster)", cpus)
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+        options = (
+            {"include_dashboard": True, "dashboard_host": "127.0.0.1"}
+            if dashboard
+            else {"include_dashboard": False}
+        )
+        ray.init(num_cpus=cpus, log_to_driver=True, **options)
     try:
         yield
     finally:

@@ -127,7 +127,15 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server) -
     temp_dir = tmp_path_factory.mktemp("ray")
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 4, "temp_dir": str(temp_dir), "include_dashboard": False},
+        # The dashboard (on loopback) serves the State API that Ray Train's clean-up of finished runs
+        # queries; without it each run's worker reservations outlive the run.
+        head_node_args={
+            "num_cpus": 4,
+            "temp_dir": str(temp_dir),
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": _free_port(),
+        },
     )
     cluster.add_node(num_cpus=4)
     ray.init(address=cluster.address, log_to_driver=False)

@@ -36,7 +36,7 @@ def run_cache(run: RunConfig, options: BuildOptions) -> CacheSummary:
             raise
 
 
-def check_batches(run: RunConfig) -> int:
+def check_batches(run: RunConfig, *, workers: int | None = None) -> int:
     """Plan epoch 0 from the committed caches: every training dataset fills a global batch.
 
     The global batch is SimpleTuner's: ``train_batch_size`` x ``num_processes`` x
@@ -46,7 +46,7 @@ def check_batches(run: RunConfig) -> int:
     training = run.training
     shape = BatchShape(
         per_worker=training.train_batch_size,
-        workers=training.num_processes,
+        workers=workers or training.ray_num_workers or training.num_processes,
         accumulation=training.gradient_accumulation_steps,
     )
     return len(open_training_data(run).plan(shape, seed=run.seed, epoch=0))

@@ -24,7 +24,9 @@ def _choices(name: str) -> tuple[str, ...]:
 
 
 # SimpleTuner's optimizers raytuner runs (raytuner/train/optim.py builds each); the rest of
-# SimpleTuner's list is refused by name when the config is loaded, before any work starts.
+# SimpleTuner's list is refused by name when the config is loaded, before any work starts. The
+# bnb-* names load everywhere: they need bitsandbytes and a CUDA GPU, which only the machine that
+# builds the optimizer can tell, so raytuner/train/optim.py refuses them there where either is missing.
 RAYTUNER_OPTIMIZERS: tuple[str, ...] = (
     "adamw_bf16",
     "torch-adam",
@@ -38,6 +40,17 @@ RAYTUNER_OPTIMIZERS: tuple[str, ...] = (
     "torch-adafactor",
     "torch-adamax",
     "torch-asgd",
+    "optimi-stableadamw",
+    "optimi-adamw",
+    "optimi-lion",
+    "optimi-radam",
+    "optimi-ranger",
+    "optimi-adan",
+    "optimi-adam",
+    "optimi-sgd",
+    "prodigy",
+    "bnb-adamw8bit",
+    "bnb-lion8bit-paged",
 )
 
 
@@ -94,7 +107,12 @@ class TrainingConfig:
     lr_end: float = field(default=4e-07, metadata=rule(ge=0, example="4e-7"))
     lr_scale: bool = False
     lr_scale_sqrt: bool = False
-    mixed_precision: str = field(default="bf16", metadata=rule(choices=_choices("mixed_precision")))
+    # bf16: the frozen base in bfloat16 under autocast, the LoKr weights in float32 (SimpleTuner's
+    # meaning); fp16 and fp8 training are not implemented.
+    mixed_precision: str = field(
+        default="bf16",
+        metadata=rule(choices=_choices("mixed_precision"), not_yet_supported=("fp16", "fp8")),
+    )
     train_batch_size: int = field(default=4, metadata=rule(ge=1))
     gradient_accumulation_steps: int = field(default=1, metadata=rule(ge=1))
     max_train_steps: int | None = field(default=None, metadata=rule(ge=0, example="10000"))
@@ -136,6 +154,7 @@ class TrainingConfig:
     user_prompt_library: Path | None = field(default=None, metadata=rule(path="input_file"))
     num_eval_images: int = field(default=4, metadata=rule(ge=1))
     eval_steps_interval: int | None = field(default=None, metadata=rule(ge=1))
+    eval_timesteps: int = field(default=28, metadata=rule(ge=1))
 
     # Tracking and publishing
     report_to: str = field(default="none", metadata=rule(choices=_choices("report_to")))
@@ -173,3 +192,10 @@ class TrainingConfig:
     enable_model_cpu_offload: bool = False
     deepspeed_config: str | None = None
     num_processes: int = field(default=1, metadata=rule(ge=1))
+
+    # raytuner's own keys: how the run is laid out on Ray (raytuner/train/settings.py).
+    ray_num_workers: int | None = field(default=None, metadata=rule(ge=1))
+    ray_gpus_per_worker: float | None = field(default=None, metadata=rule(ge=0))
+    ray_cpus_per_worker: float | None = field(default=None, metadata=rule(gt=0))
+    ray_storage_path: str | None = None
+    ray_max_failures: int | None = field(default=None, metadata=rule(ge=-1))

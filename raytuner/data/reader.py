@@ -196,12 +196,34 @@ class TrainingData:
         return plan
 
     def batch(
-        self, batch: GlobalBatch, keys: Sequence[str], *, seed: int, step: int
+        self,
+        batch: GlobalBatch,
+        keys: Sequence[str],
+        *,
+        seed: int,
+        step: int,
+        caption_dropout: float = 0.0,
     ) -> tuple[torch.Tensor, list[PromptConditioning]]:
-        """Latents and prompt conditioning of ``keys`` (a rank's slice of ``batch``) at ``step``."""
+        """Latents and prompt conditioning of ``keys`` (a rank's slice of ``batch``) at ``step``.
+
+        With ``caption_dropout`` (SimpleTuner's ``caption_dropout_probability``) each sample's
+        caption is replaced by the cached empty prompt with that probability, drawn from
+        (seed, key, step) so a sample is dropped or kept the same way whichever rank trains it.
+        """
         cache = self.latents[batch.dataset_id]
         captions = [cache.caption_key(key, seed=seed, step=step) for key in keys]
+        if caption_dropout > 0:
+            empty = self.text.role_key("empty")
+            captions = [
+                empty if caption_dropped(seed, key, step, caption_dropout) else caption
+                for key, caption in zip(keys, captions, strict=True)
+            ]
         return cache.latents(keys), self.text.conditioning(captions)
+
+
+def caption_dropped(seed: int, key: str, step: int, probability: float) -> bool:
+    """Whether a sample trains on the empty prompt at ``step`` (a uniform draw below ``probability``)."""
+    return sample_seed(seed, f"{key}#caption-dropout", step) / 2**63 < probability
 
 
 def training_datasets(run: RunConfig) -> list[DatasetConfig]:
@@ -237,3 +259,14 @@ def open_training_data(run: RunConfig) -> TrainingData:
         sampling=dataset_sampling(run),
         prune_buckets=prunes_buckets(run),
     )
+
+
+def eval_caches(run: RunConfig) -> dict[str, LatentCache]:
+    """The committed latent caches of the ``dataset_type: eval`` datasets (held out of training)."""
+    from raytuner.cache.build import latent_cache_location
+
+    return {
+        dataset.id: LatentCache(dataset.id, latent_cache_location(run, dataset))
+        for dataset in run.enabled_datasets
+        if dataset.dataset_type == "eval"
+    }

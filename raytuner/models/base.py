@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers import DiffusionPipeline, ModelMixin
+from PIL import Image
 
 from raytuner import flow
 
@@ -57,6 +58,8 @@ class ModelFamily(ABC):
     text_components: ClassVar[tuple[str, ...]]
     # Names of the tensors encode_prompts returns per prompt (the text cache's columns).
     prompt_tensors: ClassVar[tuple[str, ...]]
+    # Pipeline components a validation pipeline is built without: it renders from cached conditioning.
+    validation_skipped_components: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -236,4 +239,52 @@ class ModelFamily(ABC):
 
         ``allow_unscreened`` lets a family without its screening package installed run anyway
         (validation inside training); it is never the default for user-facing generation.
+        """
+
+    # ---- validation from cached conditioning ---------------------------------------------------
+
+    def build_validation_pipeline(
+        self, transformer: torch.nn.Module, *, allow_unscreened: bool = True
+    ) -> DiffusionPipeline:
+        """The family's pipeline around ``transformer`` (used as it is, never reloaded), for
+        :meth:`generate_image`: the components in ``validation_skipped_components`` (the text
+        encoder) are neither loaded nor downloaded.
+
+        The VAE is :meth:`load_vae`'s, loaded once per family object, so building again only reads
+        the scheduler's and tokenizer's small files; a caller may also keep the pipeline and reuse
+        it, since it holds the transformer itself. ``allow_unscreened``: see :meth:`pipeline_components`.
+        """
+        components: dict[str, Any] = dict.fromkeys(self.validation_skipped_components)
+        components.update(self.pipeline_components(allow_unscreened=allow_unscreened))
+        pipeline = self.pipeline_class.from_pretrained(
+            self.model_path,
+            transformer=transformer,
+            vae=self.load_vae(),
+            **self._load_kwargs(),
+            **components,
+        )
+        # Validation runs inside training, whose log would fill with one progress bar per image.
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline.to(self.device)
+
+    @abstractmethod
+    def generate_image(
+        self,
+        pipeline: DiffusionPipeline,
+        prompt: str,
+        conditioning: PromptConditioning,
+        negative: PromptConditioning | None,
+        *,
+        width: int,
+        height: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        generator: torch.Generator,
+        disable_cfg: bool = False,
+    ) -> Image.Image:
+        """One image of ``prompt`` through ``pipeline`` (:meth:`build_validation_pipeline`), from
+        the prompt's cached ``conditioning`` rather than its text.
+
+        ``negative`` is the negative prompt's cached conditioning; None asks for the family's own
+        default where it has one. ``disable_cfg`` renders the conditional prediction alone.
         """

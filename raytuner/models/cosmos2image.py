@@ -24,6 +24,12 @@ Upstream conventions followed (diffusers 0.42, ``pipelines/cosmos/pipeline_cosmo
   sampling so that ``flow_schedule_shift`` and ``flow_schedule_auto_shift`` do what the seed says.)
 * **Padding mask.** ``padding_mask = zeros(1, 1, height, width)`` in pixels, which the transformer
   resizes to the latent grid and concatenates as an extra channel.
+* **Validation from the cache.** ``__call__`` takes ``prompt_embeds`` and ``negative_prompt_embeds``
+  instead of text (with ``prompt=None``: it refuses both). Given the cached embeds re-padded as
+  :meth:`collate_conditioning` pads them, it never touches its text encoder, so the validation
+  pipeline is built with ``text_encoder=None, tokenizer=None``. Two things it would otherwise do
+  from the text are done here: screening the prompt with the safety checker, and encoding a
+  negative prompt (``DEFAULT_NEGATIVE_PROMPT`` when none is given) whenever ``guidance_scale > 1``.
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ from diffusers import (
     AutoencoderKLWan,
     Cosmos2TextToImagePipeline,
     CosmosTransformer3DModel,
+    DiffusionPipeline,
 )
+from PIL import Image
 from transformers import AutoTokenizer, T5EncoderModel
 
 from raytuner.models.base import ConditioningBatch, ModelFamily, PromptConditioning
@@ -71,6 +79,8 @@ class Cosmos2Image(ModelFamily):
     sigma_range: ClassVar[tuple[float, float]] = (SIGMA_MIN / (SIGMA_MIN + 1), SIGMA_MAX / (SIGMA_MAX + 1))
     text_components: ClassVar[tuple[str, ...]] = ("tokenizer", "text_encoder")
     prompt_tensors: ClassVar[tuple[str, ...]] = ("prompt_embeds",)
+    # T5 (11B parameters in the released models) is never loaded to render from cached embeds.
+    validation_skipped_components: ClassVar[tuple[str, ...]] = ("text_encoder", "tokenizer")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -173,3 +183,64 @@ class Cosmos2Image(ModelFamily):
         # The pipeline refuses to run without a safety checker (the model licence asks for NVIDIA's
         # guardrail); raytuner.models.safety holds the policy.
         return {"safety_checker": load_safety_checker(allow_unscreened=allow_unscreened)}
+
+    def generate_image(
+        self,
+        pipeline: DiffusionPipeline,
+        prompt: str,
+        conditioning: PromptConditioning,
+        negative: PromptConditioning | None,
+        *,
+        width: int,
+        height: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        generator: torch.Generator,
+        disable_cfg: bool = False,
+    ) -> Image.Image:
+        device = pipeline._execution_device
+        dtype = pipeline.transformer.dtype
+        _screen_prompt(pipeline, prompt, device)
+        # The pipeline's own rule (do_classifier_free_guidance): guidance only above 1.
+        guided = not disable_cfg and guidance_scale > 1.0
+        extra: dict[str, torch.Tensor] = {}
+        if guided:
+            if negative is None:
+                raise ValueError(
+                    f"{self.name}: classifier-free guidance (guidance {guidance_scale}) needs the negative "
+                    "prompt's cached conditioning; without it the pipeline would run its text encoder"
+                )
+            extra["negative_prompt_embeds"] = self._padded_embeds(negative, device, dtype)
+        output = pipeline(
+            prompt_embeds=self._padded_embeds(conditioning, device, dtype),
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale if guided else 1.0,
+            generator=generator,
+            max_sequence_length=MAX_SEQUENCE_LENGTH,
+            **extra,
+        )
+        return output.images[0]
+
+    def _padded_embeds(
+        self, conditioning: PromptConditioning, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
+        # The pipeline hands prompt_embeds to the transformer as they are; its own T5 states are
+        # in the text encoder's dtype, which build_pipeline loads as the transformer's.
+        return self.collate_conditioning([conditioning])["prompt_embeds"].to(device, dtype)
+
+
+def _screen_prompt(pipeline: DiffusionPipeline, prompt: str, device: torch.device) -> None:
+    """The text check ``__call__`` makes only on a prompt given as text, made the same way."""
+    checker = pipeline.safety_checker
+    checker.to(device)
+    try:
+        safe = checker.check_text_safety(prompt)
+    finally:
+        checker.to("cpu")
+    if not safe:
+        raise ValueError(
+            f"Cosmos Guardrail detected unsafe text in the prompt: {prompt}. Please ensure that the "
+            "prompt abides by the NVIDIA Open Model License Agreement."
+        )

@@ -21,16 +21,24 @@ Upstream conventions followed (diffusers 0.42, ``pipelines/omnigen/pipeline_omni
   noise fraction ``sigma`` the transformer gets ``timestep = 1 - sigma`` and predicts
   ``x0 - noise`` (target direction -1). Training ``t`` is drawn as ``sigmoid(N(0, 1))``, OmniGen's
   own scheme (as SimpleTuner's ``OmniGen.sample_flow_sigmas``): no schedule shift applies.
+* **Validation from the cache.** ``__call__`` takes only text: its ``multimodal_processor`` turns
+  the prompt and a fixed negative prompt (the processor's ``negative_prompt`` default) into one
+  batch of ids, masks and position ids, and guidance is always on (``uncond + g * (cond - uncond)``).
+  :meth:`generate_image` lends the pipeline a processor that returns the same batch built from the
+  cached ids instead, so the cached negative prompt is the one used; for no guidance the negative
+  row is the prompt itself, which makes ``uncond`` equal ``cond`` whatever ``g`` is.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
-from diffusers import AutoencoderKL, OmniGenPipeline, OmniGenTransformer2DModel
+from diffusers import AutoencoderKL, DiffusionPipeline, OmniGenPipeline, OmniGenTransformer2DModel
 from diffusers.pipelines.omnigen.processor_omnigen import OmniGenCollator, OmniGenMultiModalProcessor
+from PIL import Image
 from transformers import AutoTokenizer
 
 from raytuner import flow
@@ -38,6 +46,10 @@ from raytuner.models.base import ConditioningBatch, ModelFamily, PromptCondition
 from raytuner.models.registry import register_family
 
 PIXELS_PER_LATENT = 8  # the processor hard-codes 16 pixels per token: VAE x8 times patch 2
+# The negative prompt OmniGenPipeline always uses: __call__ has no negative_prompt argument.
+DEFAULT_NEGATIVE_PROMPT: str = (
+    inspect.signature(OmniGenMultiModalProcessor.__call__).parameters["negative_prompt"].default
+)
 
 
 @register_family
@@ -164,3 +176,66 @@ class OmniGen(ModelFamily):
 
     def pipeline_components(self, *, allow_unscreened: bool) -> dict[str, Any]:
         return {}
+
+    def generate_image(
+        self,
+        pipeline: DiffusionPipeline,
+        prompt: str,
+        conditioning: PromptConditioning,
+        negative: PromptConditioning | None,
+        *,
+        width: int,
+        height: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        generator: torch.Generator,
+        disable_cfg: bool = False,
+    ) -> Image.Image:
+        own = pipeline.multimodal_processor
+        ids = conditioning["input_ids"].tolist()
+        if disable_cfg:
+            negative_ids = ids
+        elif negative is None:
+            negative_ids = own.process_multi_modal_prompt(DEFAULT_NEGATIVE_PROMPT, None)["input_ids"]
+        else:
+            negative_ids = negative["input_ids"].tolist()
+        pipeline.multimodal_processor = _CachedIdsProcessor(self, ids, negative_ids, own.max_image_size)
+        try:
+            output = pipeline(
+                prompt=prompt,
+                height=height,
+                width=width,
+                num_inference_steps=num_inference_steps,
+                max_input_image_size=own.max_image_size,
+                guidance_scale=1.0 if disable_cfg else guidance_scale,
+                generator=generator,
+            )
+        finally:
+            pipeline.multimodal_processor = own
+        return output.images[0]
+
+
+class _CachedIdsProcessor:
+    """Answers the pipeline's one processor call with the batch ``OmniGenMultiModalProcessor``
+    would build for a text-only prompt (prompt row, then negative row), from cached ids."""
+
+    def __init__(self, family: OmniGen, ids: list[int], negative_ids: list[int], max_image_size: int) -> None:
+        self.family = family
+        self.ids = ids
+        self.negative_ids = negative_ids
+        self.max_image_size = max_image_size  # __call__ compares it with its max_input_image_size
+
+    def __call__(
+        self,
+        instructions: Sequence[str],
+        input_images: Sequence[Any] | None = None,
+        *,
+        height: int,
+        width: int,
+        num_images_per_prompt: int = 1,
+        **_: Any,
+    ) -> dict[str, Any]:
+        if len(instructions) != 1 or num_images_per_prompt != 1 or any(input_images or ()):
+            raise ValueError("cached OmniGen conditioning renders one text-only prompt, one image at a time")
+        inputs = self.family.build_model_inputs([self.ids, self.negative_ids], height, width)
+        return {**inputs, "input_pixel_values": []}

@@ -5,6 +5,10 @@ Option by option this follows SimpleTuner's trainer, not the option names' every
 * each optimiser starts from SimpleTuner's own default settings for it (``adamw_bf16`` has
   ``eps=1e-6``, ``torch-adam`` has no weight decay); ``optimizer_config`` overrides them, then
   ``optimizer_beta1``/``optimizer_beta2`` set ``betas``;
+* ``prodigy``'s settings set ``lr=1.0`` over ``learning_rate``, as SimpleTuner's do: Prodigy
+  finds its own step size and ``lr`` only scales it (``optimizer_config`` may still set ``lr``);
+* ``bnb-*`` names need bitsandbytes and a CUDA GPU; where either is missing they are refused
+  before any work starts, naming what is missing and an optimiser that runs there;
 * ``adam_beta1``, ``adam_beta2``, ``adam_epsilon`` and ``adam_weight_decay`` do not reach these
   optimisers: SimpleTuner hands them only to a DeepSpeed-owned optimiser. raytuner keeps that; the
   config loader warns when one of them is set;
@@ -19,6 +23,8 @@ optimiser steps the two agree.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import inspect
 import logging
 import math
@@ -42,15 +48,35 @@ class OptimizerError(ValueError):
 
 
 @dataclass(frozen=True, kw_only=True)
+class _Import:
+    """An optimiser class from a package outside torch, imported only when a config names it.
+
+    bitsandbytes is optional and cannot even be imported on some machines, so nothing of it may be
+    touched before a config asks for it; the other packages are dependencies, imported the same way
+    so that a missing one is named rather than failing raytuner's import.
+    """
+
+    module: str
+    name: str
+    package: str
+    install: str
+    needs_cuda: bool = False
+    # An optimiser that runs without this package or a GPU, for the refusal to suggest.
+    instead: str = "adamw_bf16"
+
+
+@dataclass(frozen=True, kw_only=True)
 class _OptimizerChoice:
-    optimizer_class: type[torch.optim.Optimizer]
+    optimizer_class: type[torch.optim.Optimizer] | _Import
     defaults: Mapping[str, Any]
     # The keyword arguments SimpleTuner's class for this name takes; None: optimizer_class's own.
     accepts: frozenset[str] | None = None
 
 
 def _choice(
-    optimizer_class: type[torch.optim.Optimizer], accepts: frozenset[str] | None = None, **defaults: Any
+    optimizer_class: type[torch.optim.Optimizer] | _Import,
+    accepts: frozenset[str] | None = None,
+    **defaults: Any,
 ) -> _OptimizerChoice:
     return _OptimizerChoice(
         optimizer_class=optimizer_class, defaults=MappingProxyType(defaults), accepts=accepts
@@ -58,6 +84,25 @@ def _choice(
 
 
 _ADAM_BETAS = (0.9, 0.999)
+# The betas SimpleTuner gives every optimi optimiser (but Adan), its Lions and prodigy.
+_OPTIMI_BETAS = (0.9, 0.99)
+
+
+def _optimi(name: str) -> _Import:
+    return _Import(module="optimi", name=name, package="torch-optimi", install="pip install torch-optimi")
+
+
+def _bitsandbytes(name: str, *, instead: str) -> _Import:
+    return _Import(
+        module="bitsandbytes.optim",
+        name=name,
+        package="bitsandbytes",
+        install="pip install 'raytuner[bnb]'",
+        # bitsandbytes' 8-bit state and paged buffers are CUDA kernels and CUDA managed memory.
+        needs_cuda=True,
+        instead=instead,
+    )
+
 
 # SimpleTuner's default settings per optimiser (helpers/training/optimizer_param.py).
 _OPTIMIZERS: Mapping[str, _OptimizerChoice] = MappingProxyType(
@@ -90,6 +135,128 @@ _OPTIMIZERS: Mapping[str, _OptimizerChoice] = MappingProxyType(
         ),
         "torch-adamax": _choice(torch.optim.Adamax, betas=_ADAM_BETAS, weight_decay=0.0, eps=1e-8),
         "torch-asgd": _choice(torch.optim.ASGD, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0.0),
+        # torch-optimi, with SimpleTuner's settings verbatim. kahan_sum=True only acts on bf16/fp16
+        # weights (optimi keeps float32 ones as they are), so on raytuner's float32 LoKr weights it
+        # changes nothing. foreach=True picks optimi's foreach kernels over its Triton ones, as in
+        # SimpleTuner; optimi 0.3 flags that choice with a DeprecationWarning.
+        "optimi-stableadamw": _choice(
+            _optimi("StableAdamW"),
+            betas=_OPTIMI_BETAS,
+            weight_decay=1e-2,
+            eps=1e-6,
+            decouple_lr=False,
+            max_lr=None,
+            kahan_sum=True,
+            foreach=True,
+        ),
+        "optimi-adamw": _choice(
+            _optimi("AdamW"),
+            betas=_OPTIMI_BETAS,
+            eps=1e-6,
+            weight_decay=0.0,
+            decouple_lr=False,
+            kahan_sum=True,
+            max_lr=None,
+        ),
+        "optimi-lion": _choice(
+            _optimi("Lion"),
+            betas=_OPTIMI_BETAS,
+            weight_decay=0.0,
+            decouple_lr=False,
+            max_lr=None,
+            kahan_sum=True,
+            foreach=True,
+        ),
+        "optimi-radam": _choice(
+            _optimi("RAdam"),
+            betas=_OPTIMI_BETAS,
+            weight_decay=0.0,
+            eps=1e-6,
+            decouple_wd=True,
+            decouple_lr=False,
+            kahan_sum=True,
+            foreach=True,
+        ),
+        "optimi-ranger": _choice(
+            _optimi("Ranger"),
+            betas=_OPTIMI_BETAS,
+            weight_decay=0.0,
+            eps=1e-6,
+            k=6,
+            alpha=0.5,
+            decouple_wd=True,
+            decouple_lr=False,
+            max_lr=None,
+            kahan_sum=True,
+            foreach=True,
+        ),
+        "optimi-adan": _choice(
+            _optimi("Adan"),
+            betas=(0.98, 0.92, 0.999),
+            weight_decay=2e-2,
+            eps=1e-6,
+            decouple_lr=False,
+            max_lr=None,
+            adam_wd=False,
+            kahan_sum=True,
+            foreach=True,
+        ),
+        "optimi-adam": _choice(
+            _optimi("Adam"),
+            betas=_OPTIMI_BETAS,
+            eps=1e-6,
+            weight_decay=0.0,
+            decouple_wd=False,
+            decouple_lr=False,
+            kahan_sum=True,
+            max_lr=None,
+        ),
+        "optimi-sgd": _choice(
+            _optimi("SGD"),
+            momentum=0,
+            weight_decay=0.0,
+            dampening=False,
+            decouple_wd=False,
+            decouple_lr=False,
+            max_lr=None,
+            torch_init=False,
+            kahan_sum=True,
+            foreach=True,
+        ),
+        # SimpleTuner's prodigy is ProdigyPlusScheduleFree (prodigy-plus-schedule-free): Prodigy
+        # plus schedule-free averaging, which is only right if the training loop switches the
+        # optimiser between train() and eval() around every save and validation. raytuner runs
+        # prodigyopt's Prodigy, the same step-size adaptation without that averaging, with the
+        # settings of SimpleTuner's prodigy that Prodigy has. Those it lacks (weight_decay_by_lr,
+        # prodigy_steps, use_speed, split_groups, split_groups_mean, factored, factored_fp32,
+        # fused_back_pass, use_stableadamw, use_cautious, use_grams, use_adopt,
+        # stochastic_rounding) are left out rather than dropped with a warning on every run.
+        # lr=1.0 overrides learning_rate because SimpleTuner's settings for prodigy do the same.
+        "prodigy": _choice(
+            _Import(
+                module="prodigyopt", name="Prodigy", package="prodigyopt", install="pip install prodigyopt"
+            ),
+            lr=1.0,
+            betas=_OPTIMI_BETAS,
+            beta3=None,
+            weight_decay=0.0,
+            use_bias_correction=False,
+            d0=1e-6,
+            d_coef=1,
+            eps=1e-8,
+        ),
+        "bnb-adamw8bit": _choice(
+            _bitsandbytes("AdamW8bit", instead="adamw_bf16"),
+            betas=_ADAM_BETAS,
+            weight_decay=1e-2,
+            eps=1e-6,
+        ),
+        "bnb-lion8bit-paged": _choice(
+            _bitsandbytes("PagedLion8bit", instead="optimi-lion"),
+            betas=_OPTIMI_BETAS,
+            weight_decay=0.0,
+            min_8bit_size=4096,
+        ),
     }
 )
 
@@ -169,9 +336,14 @@ def optimizer_settings(training: TrainingConfig, *, world_size: int = 1) -> Opti
             f"'optimizer' = {name!r}: {known}; use one of: {', '.join(SUPPORTED_OPTIMIZERS)}"
         )
 
-    settings: dict[str, Any] = {"lr": effective_learning_rate(training, world_size=world_size)}
+    optimizer_class = _optimizer_class(name, choice)
+    learning_rate = effective_learning_rate(training, world_size=world_size)
+    given = parse_optimizer_config(training.optimizer_config)
+    # SimpleTuner's order: learning_rate, then the name's settings (prodigy's lr=1.0 wins), then
+    # optimizer_config.
+    settings: dict[str, Any] = {"lr": learning_rate}
     settings.update(choice.defaults)
-    settings.update(parse_optimizer_config(training.optimizer_config))
+    settings.update(given)
     if (training.optimizer_beta1 is None) != (training.optimizer_beta2 is None):
         raise OptimizerError(
             "'optimizer_beta1' and 'optimizer_beta2' go together: set both or neither, as SimpleTuner requires"
@@ -179,8 +351,16 @@ def optimizer_settings(training: TrainingConfig, *, world_size: int = 1) -> Opti
     if training.optimizer_beta1 is not None and training.optimizer_beta2 is not None:
         settings["betas"] = (training.optimizer_beta1, training.optimizer_beta2)
 
-    accepts = choice.accepts if choice.accepts is not None else _keyword_names(choice.optimizer_class)
+    accepts = choice.accepts if choice.accepts is not None else _keyword_names(optimizer_class)
     ignored = _ignored_options(training)
+    if "lr" in choice.defaults and "lr" not in given and choice.defaults["lr"] != learning_rate:
+        scaled = " after lr_scale" if training.lr_scale else ""
+        ignored.append(
+            f"'optimizer' = {name!r} runs at lr {choice.defaults['lr']:g}, not 'learning_rate' "
+            f"({learning_rate:g}{scaled}), as in SimpleTuner, whose settings for it set lr: it finds its "
+            "own step size and lr only scales that (1.0 is the advice); set 'optimizer_config' to "
+            "'lr=...' to scale it"
+        )
     dropped = sorted(key for key in settings if key not in accepts)
     if dropped:
         ignored.append(
@@ -190,10 +370,38 @@ def optimizer_settings(training: TrainingConfig, *, world_size: int = 1) -> Opti
     kwargs = {key: value for key, value in settings.items() if key in accepts}
     return OptimizerSettings(
         name=name,
-        optimizer_class=choice.optimizer_class,
+        optimizer_class=optimizer_class,
         kwargs=MappingProxyType(kwargs),
         ignored=tuple(ignored),
     )
+
+
+def _optimizer_class(name: str, choice: _OptimizerChoice) -> type[torch.optim.Optimizer]:
+    """The class for ``name``, imported now; refuses a name this machine cannot run, in one line."""
+    found = choice.optimizer_class
+    if not isinstance(found, _Import):
+        return found
+    needs = [found.package, "a CUDA GPU"] if found.needs_cuda else [found.package]
+    missing = []
+    if importlib.util.find_spec(found.module.split(".")[0]) is None:
+        missing.append(f"{found.package} ({found.install})")
+    if found.needs_cuda and not torch.cuda.is_available():
+        missing.append("a CUDA GPU")
+    instead = f"use an optimizer that runs here instead, e.g. {found.instead!r}"
+    if missing:
+        raise OptimizerError(
+            f"'optimizer' = {name!r} needs {' and '.join(needs)}; missing here: {', '.join(missing)}; {instead}"
+        )
+    try:
+        return getattr(importlib.import_module(found.module), found.name)
+    except (ImportError, AttributeError, RuntimeError, OSError) as error:
+        # A package that is installed but does not load (a CUDA library it cannot find, a version
+        # without this class) fails here, before any work starts, rather than inside a worker.
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise OptimizerError(
+            f"'optimizer' = {name!r}: {found.package} is installed but {found.module}.{found.name} "
+            f"does not load ({reason}); {instead}"
+        ) from error
 
 
 def _keyword_names(optimizer_class: type[torch.optim.Optimizer]) -> frozenset[str]:

@@ -1,20 +1,157 @@
-"""One optimisation step of LoKr flow-matching training, shared by the loop, the demo and the tests."""
+"""One optimisation step of LoKr flow-matching training: plain PyTorch, no Ray.
+
+The loop, the demo, the benchmarks and the tests all call :func:`optimizer_step`. It takes the
+micro-batches of one global step on this worker (``gradient_accumulation_steps`` of them), runs
+forward and backward on each, averages the adapter gradients over the workers through the
+``reduce_mean`` it is given (``None`` on one process), clips and steps the optimiser.
+
+Regularisation batches (``is_regularisation_data``) are trained as SimpleTuner trains them for
+adapters: the target is the base model's own prediction for the same noisy latents with the
+adapter switched off (its multiplier set to 0), so the adapter learns to leave those images as the
+base model would draw them, instead of learning them as ordinary data.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from lycoris import LycorisNetwork
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from raytuner import flow
 from raytuner.models.base import ConditioningBatch, ModelFamily
 
+# Averages a flat tensor over the workers (all-reduce sum / world size), in place or returned.
+ReduceMean = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MicroBatch:
+    """One worker's share of one accumulation micro-step."""
+
+    latents: torch.Tensor
+    conditioning: ConditioningBatch
+    # One generator per sample (seeded by seed, sample key and step), or one for the batch.
+    generators: torch.Generator | Sequence[torch.Generator] | None = None
+    is_regularisation: bool = False
+
 
 @dataclass(frozen=True, kw_only=True)
 class StepResult:
+    """Means over every micro-batch of every worker (``regularisation_loss`` only where present)."""
+
     loss: float
     grad_norm: float
+    regularisation_loss: float | None = None
+
+
+@contextlib.contextmanager
+def adapter_disabled(network: LycorisNetwork) -> Iterator[None]:
+    """The base model alone: the adapter's multiplier is 0 inside the block (SimpleTuner's way)."""
+    multiplier = float(getattr(network, "multiplier", 1.0))
+    network.set_multiplier(0.0)
+    try:
+        yield
+    finally:
+        network.set_multiplier(multiplier)
+
+
+def autocast(device: torch.device, mixed_precision: str) -> contextlib.AbstractContextManager[None]:
+    """bf16 autocast for ``mixed_precision`` ``bf16``; nothing for ``no``."""
+    if mixed_precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def micro_batch_loss(
+    family: ModelFamily,
+    transformer: torch.nn.Module,
+    network: LycorisNetwork,
+    batch: MicroBatch,
+    schedule: flow.FlowSchedule,
+    *,
+    mixed_precision: str = "no",
+) -> torch.Tensor:
+    """The float32 flow-matching loss of one micro-batch (regularisation: against the base model)."""
+    if not batch.is_regularisation:
+        with autocast(family.device, mixed_precision):
+            return family.training_loss(
+                transformer, batch.latents, batch.conditioning, schedule, generator=batch.generators
+            ).loss
+    latents = batch.latents.to(family.device, torch.float32)
+    noise, sigmas = family.sample_noise_and_sigmas(latents, schedule, generator=batch.generators)
+    noisy_latents = flow.add_noise(latents, noise, sigmas)
+    with autocast(family.device, mixed_precision):
+        with torch.no_grad(), adapter_disabled(network):
+            target = family.predict(transformer, noisy_latents, sigmas, batch.conditioning).float()
+        prediction = family.predict(transformer, noisy_latents, sigmas, batch.conditioning)
+    return flow.flow_matching_loss(prediction, target)
+
+
+def optimizer_step(
+    family: ModelFamily,
+    transformer: torch.nn.Module,
+    network: LycorisNetwork,
+    parameters: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    micro_batches: Sequence[MicroBatch],
+    schedule: flow.FlowSchedule,
+    *,
+    max_grad_norm: float | None = None,
+    grad_clip_method: str = "value",
+    mixed_precision: str = "no",
+    reduce_mean: ReduceMean | None = None,
+) -> StepResult:
+    """Accumulate gradients over ``micro_batches``, average them over workers, clip, step."""
+    if not micro_batches:
+        raise ValueError("optimizer_step needs at least one micro-batch")
+    optimizer.zero_grad(set_to_none=True)
+    losses = torch.zeros(2, dtype=torch.float64)  # ordinary, regularisation
+    counts = torch.zeros(2, dtype=torch.float64)
+    for batch in micro_batches:
+        loss = micro_batch_loss(
+            family, transformer, network, batch, schedule, mixed_precision=mixed_precision
+        )
+        (loss / len(micro_batches)).backward()
+        slot = int(batch.is_regularisation)
+        losses[slot] += float(loss.detach())
+        counts[slot] += 1
+
+    gradients = [
+        p.grad if p.grad is not None else torch.zeros_like(p, memory_format=torch.preserve_format)
+        for p in parameters
+    ]
+    if reduce_mean is not None:
+        # One collective for the gradients and the loss figures: the adapter is small, and one
+        # all-reduce after the last micro-step is what DDP's no_sync() accumulation amounts to.
+        device = gradients[0].device
+        flat = _flatten_dense_tensors([g.float() for g in gradients])
+        totals = torch.cat([losses, counts]).to(device=device, dtype=flat.dtype)
+        reduced = reduce_mean(torch.cat([flat, totals]))
+        flat, totals = reduced[: flat.numel()], reduced[flat.numel() :].double().cpu()
+        losses, counts = totals[:2], totals[2:]
+        for parameter, gradient in zip(parameters, _unflatten_dense_tensors(flat, gradients), strict=True):
+            parameter.grad = gradient.to(parameter.dtype)
+    else:
+        for parameter, gradient in zip(parameters, gradients, strict=True):
+            parameter.grad = gradient
+
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+    if max_grad_norm is not None and max_grad_norm > 0:
+        if grad_clip_method == "norm":
+            torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+        else:
+            torch.nn.utils.clip_grad_value_(parameters, max_grad_norm)
+    optimizer.step()
+
+    mean = (losses / counts.clamp(min=1e-12)).tolist()
+    total = float(losses.sum() / counts.sum())
+    return StepResult(
+        loss=total, grad_norm=float(grad_norm), regularisation_loss=mean[1] if counts[1] > 0 else None
+    )
 
 
 def train_step(
@@ -30,7 +167,7 @@ def train_step(
     max_grad_norm: float | None = None,
     grad_clip_method: str = "value",
 ) -> StepResult:
-    """Forward, backward, clip (SimpleTuner's ``value`` or ``norm``), optimiser step."""
+    """One ordinary batch, one process: forward, backward, clip (``value`` or ``norm``), step."""
     optimizer.zero_grad(set_to_none=True)
     output = family.training_loss(transformer, latents, conditioning, schedule, generator=generator)
     output.loss.backward()

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 import math
 import re
 from pathlib import Path
 from typing import Any
 
+import optimi
+import prodigyopt
 import pytest
 import torch
 
-from raytuner.config import TrainingConfig
+from raytuner.config import TrainingConfig, load_config
 from raytuner.config.training import RAYTUNER_OPTIMIZERS
 from raytuner.train.optim import (
     SUPPORTED_LR_SCHEDULERS,
@@ -20,8 +24,14 @@ from raytuner.train.optim import (
     build_lr_scheduler,
     build_optimizer,
     effective_learning_rate,
+    optimizer_settings,
     parse_optimizer_config,
 )
+
+# SimpleTuner passes foreach=True to optimi, which optimi 0.3 answers with this DeprecationWarning.
+OPTIMI_FOREACH = "ignore:Parameter `foreach` is deprecated:DeprecationWarning"
+HAS_BITSANDBYTES = importlib.util.find_spec("bitsandbytes") is not None
+CAN_RUN_BITSANDBYTES = HAS_BITSANDBYTES and torch.cuda.is_available()
 
 
 def training(**options: Any) -> TrainingConfig:
@@ -65,11 +75,23 @@ EXPECTED_CLASSES = {
     "torch-adafactor": torch.optim.Adafactor,
     "torch-adamax": torch.optim.Adamax,
     "torch-asgd": torch.optim.ASGD,
+    "optimi-stableadamw": optimi.StableAdamW,
+    "optimi-adamw": optimi.AdamW,
+    "optimi-lion": optimi.Lion,
+    "optimi-radam": optimi.RAdam,
+    "optimi-ranger": optimi.Ranger,
+    "optimi-adan": optimi.Adan,
+    "optimi-adam": optimi.Adam,
+    "optimi-sgd": optimi.SGD,
+    "prodigy": prodigyopt.Prodigy,
 }
+# Built only where bitsandbytes imports and a CUDA GPU is present; class names in bitsandbytes.optim.
+BITSANDBYTES_CLASSES = {"bnb-adamw8bit": "AdamW8bit", "bnb-lion8bit-paged": "PagedLion8bit"}
 
 
 def test_supported_names_are_the_torch_optimizers_and_simpletuners_schedules() -> None:
-    assert set(SUPPORTED_OPTIMIZERS) == set(EXPECTED_CLASSES) == set(RAYTUNER_OPTIMIZERS)
+    assert set(SUPPORTED_OPTIMIZERS) == set(EXPECTED_CLASSES) | set(BITSANDBYTES_CLASSES)
+    assert set(SUPPORTED_OPTIMIZERS) == set(RAYTUNER_OPTIMIZERS)
     assert set(SUPPORTED_LR_SCHEDULERS) == {
         "linear",
         "sine",
@@ -81,7 +103,8 @@ def test_supported_names_are_the_torch_optimizers_and_simpletuners_schedules() -
     }
 
 
-@pytest.mark.parametrize("name", SUPPORTED_OPTIMIZERS)
+@pytest.mark.filterwarnings(OPTIMI_FOREACH)
+@pytest.mark.parametrize("name", EXPECTED_CLASSES)
 def test_optimizer_picks_its_class_and_takes_a_step(name: str) -> None:
     model = tiny_model()
     before = model.weight.detach().clone()
@@ -106,11 +129,189 @@ def test_optimizer_picks_its_class_and_takes_a_step(name: str) -> None:
         ("torch-adafactor", {"beta2_decay": -0.8, "eps": (None, 1e-3), "d": 1.0, "weight_decay": 0.0}),
         ("torch-adamax", {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}),
         ("torch-asgd", {"lambd": 1e-4, "alpha": 0.75, "t0": 1e6, "weight_decay": 0.0}),
+        (
+            "optimi-stableadamw",
+            {"beta1": 0.9, "beta2": 0.99, "weight_decay": 1e-2, "eps": 1e-6, "decouple_lr": False}
+            | {"max_lr": None, "kahan_sum": True, "foreach": True},
+        ),
+        (
+            "optimi-adamw",
+            {"beta1": 0.9, "beta2": 0.99, "eps": 1e-6, "weight_decay": 0.0, "decouple_lr": False}
+            | {"kahan_sum": True, "max_lr": None},
+        ),
+        (
+            "optimi-lion",
+            {"beta1": 0.9, "beta2": 0.99, "weight_decay": 0.0, "decouple_lr": False, "max_lr": None}
+            | {"kahan_sum": True, "foreach": True},
+        ),
+        (
+            "optimi-radam",
+            {"beta1": 0.9, "beta2": 0.99, "weight_decay": 0.0, "eps": 1e-6, "decouple_wd": True}
+            | {"decouple_lr": False, "kahan_sum": True, "foreach": True},
+        ),
+        (
+            "optimi-ranger",
+            {"beta1": 0.9, "beta2": 0.99, "weight_decay": 0.0, "eps": 1e-6, "k": 6, "alpha": 0.5}
+            | {"decouple_wd": True, "decouple_lr": False, "max_lr": None, "kahan_sum": True, "foreach": True},
+        ),
+        (
+            "optimi-adan",
+            {"beta1": 0.98, "beta2": 0.92, "beta3": 0.999, "weight_decay": 2e-2, "eps": 1e-6}
+            | {"decouple_lr": False, "max_lr": None, "adam_wd": False, "kahan_sum": True, "foreach": True},
+        ),
+        (
+            "optimi-adam",
+            {"beta1": 0.9, "beta2": 0.99, "eps": 1e-6, "weight_decay": 0.0, "decouple_wd": False}
+            | {"decouple_lr": False, "kahan_sum": True, "max_lr": None},
+        ),
+        (
+            "optimi-sgd",
+            {"momentum": 0, "weight_decay": 0.0, "dampening": False, "decouple_wd": False}
+            | {"decouple_lr": False, "max_lr": None, "torch_init": False, "kahan_sum": True, "foreach": True},
+        ),
+        (
+            "prodigy",
+            {"lr": 1.0, "betas": (0.9, 0.99), "beta3": None, "weight_decay": 0.0}
+            | {"use_bias_correction": False, "d0": 1e-6, "d_coef": 1, "eps": 1e-8},
+        ),
     ],
 )
+@pytest.mark.filterwarnings(OPTIMI_FOREACH)
 def test_optimizer_starts_from_simpletuners_defaults(name: str, expected: dict[str, Any]) -> None:
+    # optimi keeps betas as beta1, beta2 (and Adan's beta3) in its parameter groups.
     settings = group(training(optimizer=name))
     assert {key: settings[key] for key in expected} == expected
+
+
+@pytest.mark.parametrize("name", SUPPORTED_OPTIMIZERS)
+def test_optimizer_defaults_are_all_settings_its_class_takes(name: str) -> None:
+    # A default the class does not take would be dropped with a warning on every run.
+    config = training(optimizer=name, learning_rate=1.0)
+    try:
+        settings = optimizer_settings(config)
+    except OptimizerError:
+        assert name in BITSANDBYTES_CLASSES and not CAN_RUN_BITSANDBYTES
+        return
+    assert settings.ignored == ()
+
+
+@pytest.mark.filterwarnings(OPTIMI_FOREACH)
+@pytest.mark.parametrize(
+    ("name", "optimizer_config", "expected"),
+    [
+        ("optimi-lion", "weight_decay=0.1,kahan_sum=false,foreach=false", {"weight_decay": 0.1}),
+        ("optimi-adamw", "eps=1e-8,decouple_lr=true", {"eps": 1e-8, "decouple_lr": True, "max_lr": 1e-3}),
+        ("optimi-adan", "adam_wd=true", {"adam_wd": True, "weight_decay": 2e-2}),
+        ("prodigy", "d_coef=0.5,use_bias_correction=true,lr=0.5", {"d_coef": 0.5, "lr": 0.5}),
+        ("prodigy", "weight_decay=0.01,d0=1e-5", {"weight_decay": 0.01, "d0": 1e-5, "d": 1e-5}),
+    ],
+)
+def test_optimizer_config_reaches_the_optimi_and_prodigy_optimizers(
+    name: str, optimizer_config: str, expected: dict[str, Any]
+) -> None:
+    config = training(optimizer=name, learning_rate=1e-3, optimizer_config=optimizer_config)
+    model = tiny_model()
+    before = model.weight.detach().clone()
+    optimizer = build_optimizer(model.parameters(), config)
+    settings = optimizer.param_groups[0]
+    assert {key: settings[key] for key in expected} == expected
+    for key, value in parse_optimizer_config(optimizer_config).items():
+        assert settings[key] == value
+    model(torch.ones(4, 3)).square().sum().backward()
+    optimizer.step()
+    assert not torch.equal(model.weight.detach(), before)
+
+
+def test_prodigy_runs_at_lr_1_over_learning_rate_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    # SimpleTuner's settings for prodigy carry lr=1.0, which replaces learning_rate.
+    with caplog.at_level(logging.WARNING, logger="raytuner.train.optim"):
+        assert group(training(optimizer="prodigy", learning_rate=1e-4))["lr"] == 1.0
+    assert "'optimizer' = 'prodigy' runs at lr 1, not 'learning_rate' (0.0001)" in caplog.text
+    assert "set 'optimizer_config' to 'lr=...'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="raytuner.train.optim"):
+        assert group(training(optimizer="prodigy", learning_rate=1.0))["lr"] == 1.0
+        assert group(training(optimizer="prodigy", optimizer_config="lr=0.3"))["lr"] == 0.3
+    assert caplog.text == ""
+
+
+def test_prodigy_adapts_its_step_size() -> None:
+    model = tiny_model()
+    optimizer = build_optimizer(model.parameters(), training(optimizer="prodigy"))
+    for _ in range(20):
+        optimizer.zero_grad()
+        model(torch.ones(4, 3)).square().sum().backward()
+        optimizer.step()
+    assert optimizer.param_groups[0]["d"] > 1e-6
+
+
+# --- bitsandbytes: CUDA only -------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(CAN_RUN_BITSANDBYTES, reason="this machine has bitsandbytes and a CUDA GPU")
+@pytest.mark.parametrize("name", BITSANDBYTES_CLASSES)
+def test_bitsandbytes_optimizer_without_cuda_or_package_names_what_is_missing(name: str) -> None:
+    with pytest.raises(OptimizerError) as raised:
+        optimizer_settings(training(optimizer=name))
+    message = str(raised.value)
+    assert message.startswith(f"'optimizer' = {name!r} needs bitsandbytes and a CUDA GPU; missing here: ")
+    missing = message.split("; missing here: ")[1]
+    assert ("bitsandbytes (pip install 'raytuner[bnb]')" in missing) == (not HAS_BITSANDBYTES)
+    assert ("a CUDA GPU" in missing) == (not torch.cuda.is_available())
+    assert re.search(
+        r"; use an optimizer that runs here instead, e\.g\. '(adamw_bf16|optimi-lion)'$", message
+    )
+    assert "\n" not in message
+    with pytest.raises(OptimizerError, match="^" + re.escape(message) + "$"):
+        build_optimizer(tiny_model().parameters(), training(optimizer=name))
+
+
+@pytest.mark.skipif(CAN_RUN_BITSANDBYTES, reason="this machine has bitsandbytes and a CUDA GPU")
+def test_config_naming_a_bitsandbytes_optimizer_loads_and_is_refused_before_work(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    datasets = [
+        {"id": "images", "type": "local", "instance_data_dir": "images", "caption_strategy": "filename"},
+        {"id": "text", "type": "local", "dataset_type": "text_embeds", "default": True, "cache_dir": "text"},
+    ]
+    files = {
+        "config.json": {
+            "model_family": "cosmos2image",
+            "model_type": "lora",
+            "lora_type": "lycoris",
+            "lycoris_config": str(tmp_path / "lycoris_config.json"),
+            "data_backend_config": str(tmp_path / "multidatabackend.json"),
+            "output_dir": str(tmp_path / "output"),
+            "optimizer": "bnb-lion8bit-paged",
+        },
+        "multidatabackend.json": datasets,
+        "lycoris_config.json": {"algo": "lokr", "multiplier": 1.0, "linear_dim": 10000, "factor": 4},
+    }
+    for file_name, body in files.items():
+        (tmp_path / file_name).write_text(json.dumps(body))
+    run = load_config(tmp_path / "config.json")
+    assert run.training.optimizer == "bnb-lion8bit-paged"
+    with pytest.raises(OptimizerError, match=r"^'optimizer' = 'bnb-lion8bit-paged' needs bitsandbytes"):
+        optimizer_settings(run.training)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", BITSANDBYTES_CLASSES)
+def test_bitsandbytes_optimizer_builds_and_steps_on_cuda(name: str) -> None:
+    bitsandbytes_optim = pytest.importorskip("bitsandbytes.optim")
+    torch.manual_seed(0)
+    # 8192 weights: over SimpleTuner's min_8bit_size of 4096, so the state is kept in 8 bits.
+    model = torch.nn.Linear(64, 128).cuda()
+    before = model.weight.detach().clone()
+    optimizer = build_optimizer(model.parameters(), training(optimizer=name, learning_rate=1e-3))
+    assert type(optimizer) is getattr(bitsandbytes_optim, BITSANDBYTES_CLASSES[name])
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.ones(4, 64, device="cuda")).square().sum().backward()
+        optimizer.step()
+    torch.cuda.synchronize()
+    assert not torch.equal(model.weight.detach(), before)
+    assert torch.isfinite(model.weight).all()
+    assert optimizer.state[model.weight]["state1"].dtype == torch.uint8
 
 
 def test_adamw_bf16_runs_adamw_with_adamw_bf16_defaults_on_float32_weights() -> None:
@@ -128,9 +329,9 @@ def test_adamw_bf16_runs_adamw_with_adamw_bf16_defaults_on_float32_weights() -> 
 @pytest.mark.parametrize(
     ("name", "verdict"),
     [
-        ("prodigy", "not supported by raytuner yet"),
-        ("bnb-adamw8bit", "not supported by raytuner yet"),
-        ("optimi-lion", "not supported by raytuner yet"),
+        ("bnb-adam8bit", "not supported by raytuner yet"),
+        ("bnb-lion8bit", "not supported by raytuner yet"),
+        ("soap", "not supported by raytuner yet"),
         ("adamw_schedulefree", "not supported by raytuner yet"),
         ("torch-sparseadam", "not supported by raytuner yet"),
         ("adamw9000", "unknown"),

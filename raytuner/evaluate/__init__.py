@@ -1,0 +1,1 @@
+"""Evaluation during training: validation images, evaluation loss, metrics and plots."""

@@ -1,0 +1,326 @@
+"""``raytuner train``: check the config, build the cache, run the TorchTrainer, write the outputs.
+
+Everything that can be wrong with the files is found before Ray starts; everything that can be
+wrong with the data is found before the workers start (the cache step and the epoch plan). The
+Ray Train run is pinned to a stable name under ``ray_storage_path``, so running the same command
+again resumes it (Ray Train V2's own restore) when ``resume_from_checkpoint`` is ``latest``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from raytuner.cache.build import BuildOptions, cache_location, image_datasets, text_dataset
+from raytuner.cache.command import EXPECTED_ERRORS, check_batches, run_cache
+from raytuner.config import ConfigError, RunConfig, load_config, record_seed
+from raytuner.config.paths import display, has_scheme
+from raytuner.data.plan import PlanError
+from raytuner.evaluate.metrics import read_metrics, report_to_problem
+from raytuner.ray_runtime import ray_session, unwrap_error
+from raytuner.storage import Location, StorageError
+from raytuner.train.layout import LayoutError, on_cluster, place_under_shared_root, write_marker
+from raytuner.train.loop import FailureInjection, TrainJob, train_worker
+from raytuner.train.optim import OptimizerError, build_lr_scheduler, optimizer_settings
+from raytuner.train.settings import RayOverrides, RaySettings, SettingsError, resolve_settings, run_name
+from raytuner.train.state import CheckpointError, read_manifest
+
+logger = logging.getLogger(__name__)
+
+# Test aid: "step=K[,rank=R][,marker=PATH]" makes that worker exit abruptly once at step K.
+INJECT_FAILURE_ENV = "RAYTUNER_INJECT_FAILURE"
+TRAIN_ERRORS = (
+    *EXPECTED_ERRORS,
+    SettingsError,
+    LayoutError,
+    OptimizerError,
+    CheckpointError,
+    PlanError,
+)
+_FRESH_RUN_VALUES = ("", "none", "false")
+_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+
+
+class TrainError(RuntimeError):
+    """A one-line reason the training run failed or cannot start."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainOutcome:
+    output_dir: Path
+    adapter: Path
+    steps: int
+    eval_loss: float | None
+    checkpoint: str | None
+
+
+def check_training_settings(run: RunConfig, settings: RaySettings) -> list[str]:
+    """What would stop the workers, found before Ray starts (one line each)."""
+    training = run.training
+    where = display(run.sources["config"])
+    problems = []
+    try:
+        optimizer_settings(training, world_size=settings.num_workers)
+    except OptimizerError as error:
+        problems.append(f"{where}: {error}")
+    report_problem = report_to_problem(training.report_to)
+    if report_problem:
+        problems.append(f"{where}: {report_problem}")
+    if training.mixed_precision not in ("no", "bf16"):
+        problems.append(
+            f"{where}: 'mixed_precision' = {training.mixed_precision!r}: not implemented yet; use 'bf16' "
+            "(base model in bfloat16, adapter in float32) or 'no'"
+        )
+    if training.lr_scheduler == "polynomial" or training.lr_scheduler == "sine":
+        # These schedules check their settings when built; build one on a throwaway parameter.
+        import torch
+
+        probe = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=training.learning_rate)
+        try:
+            build_lr_scheduler(probe, training, total_steps=max(training.max_train_steps or 0, 2))
+        except OptimizerError as error:
+            problems.append(f"{where}: {error}")
+    try:
+        from raytuner.evaluate.validation import parse_validation_resolutions
+
+        if training.validation_prompt or training.user_prompt_library:
+            parse_validation_resolutions(training.validation_resolution)
+    except ValueError as error:
+        problems.append(f"{where}: {error}")
+    resume = _resume_path(run)
+    if resume is not None and not has_scheme(resume):
+        try:
+            read_manifest(Path(resume))
+        except CheckpointError as error:
+            problems.append(f"{where}: 'resume_from_checkpoint': {error}")
+    return problems
+
+
+def _resume_path(run: RunConfig) -> str | None:
+    """``resume_from_checkpoint`` when it names a checkpoint folder (not ``latest`` or off)."""
+    value = run.training.resume_from_checkpoint
+    if value is None or value.strip().lower() in (*_FRESH_RUN_VALUES, "latest"):
+        return None
+    return value if has_scheme(value) else str(Path(value).expanduser().resolve())
+
+
+def _resumes_latest(run: RunConfig) -> bool:
+    value = run.training.resume_from_checkpoint
+    return value is not None and value.strip().lower() == "latest"
+
+
+def _storage(settings: RaySettings) -> tuple[object | None, str]:
+    """What RunConfig takes: a pyarrow filesystem for object storage (S3 endpoint from the env)."""
+    if not has_scheme(settings.storage_path):
+        return None, settings.storage_path
+    filesystem, path = Location(uri=settings.storage_path).resolve()
+    return filesystem, path
+
+
+def _previous_run_exists(settings: RaySettings, name: str) -> bool:
+    filesystem, path = _storage(settings)
+    if filesystem is None:
+        return (Path(path) / name / _SNAPSHOT_FILE).is_file()
+    import pyarrow.fs as pafs
+
+    info = filesystem.get_file_info(f"{path}/{name}/{_SNAPSHOT_FILE}")  # type: ignore[attr-defined]
+    return info.type == pafs.FileType.File
+
+
+def _steps(run: RunConfig, steps_per_epoch: int) -> int:
+    training = run.training
+    if training.max_train_steps:
+        return training.max_train_steps
+    return training.num_train_epochs * steps_per_epoch
+
+
+def _marker_locations(run: RunConfig, settings: RaySettings, name: str) -> list[Location]:
+    locations = [Location(uri=settings.storage_path).child(name), Location(uri=str(run.training.output_dir))]
+    return locations
+
+
+def build_trainer(job: TrainJob, settings: RaySettings) -> object:
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources = {"CPU": settings.cpus_per_worker}
+    if settings.use_gpu:
+        resources["GPU"] = settings.gpus_per_worker
+    filesystem, storage_path = _storage(settings)
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(
+            num_workers=settings.num_workers, use_gpu=settings.use_gpu, resources_per_worker=resources
+        ),
+        torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
+        run_config=RayRunConfig(
+            name=job.run_name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,  # type: ignore[arg-type]
+            failure_config=FailureConfig(max_failures=settings.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=job.run.training.checkpoints_total_limit),
+        ),
+    )
+
+
+def run_training(
+    run: RunConfig,
+    settings: RaySettings,
+    *,
+    build_options: BuildOptions | None = None,
+    ray_metrics: bool = True,
+) -> TrainOutcome:
+    """Cache, train and write the outputs of a loaded run, on the connected Ray (or a local one)."""
+    import ray
+
+    if on_cluster():
+        _place_on_cluster(run, settings)
+    name = run_name(run)
+    problems = check_training_settings(run, settings)
+    if problems:
+        raise ConfigError(problems)
+    if not _resumes_latest(run) and _previous_run_exists(settings, name):
+        raise TrainError(
+            f"{settings.storage_path}/{name} holds checkpoints of an earlier run of this output_dir and "
+            "'resume_from_checkpoint' is not 'latest': set it to 'latest' to continue that run, or choose "
+            "another output_dir or ray_storage_path (nothing was deleted)"
+        )
+    with ray_session(dashboard=True):
+        run.training.output_dir.mkdir(parents=True, exist_ok=True)
+        record_seed(run)  # a drawn seed is kept, so resuming this output_dir replays the same plan
+        summary = run_cache(run, build_options or BuildOptions())
+        logger.info("cache:\n%s", summary.table())
+        steps_per_epoch = check_batches(run, workers=settings.num_workers)
+        total_steps = _steps(run, steps_per_epoch)
+        locations = _marker_locations(run, settings, name)
+        marker = write_marker(locations)
+        from raytuner.cache.build import role_prompts
+
+        injection = os.environ.get(INJECT_FAILURE_ENV)
+        job = TrainJob(
+            run=run,
+            run_name=name,
+            total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch,
+            marker=marker,
+            marker_locations=tuple(locations),
+            start_from=_resume_path(run),
+            inject_failure=FailureInjection.parse(
+                injection, default_marker=str(run.training.output_dir / ".injected-failure")
+            )
+            if injection
+            else None,
+            ray_metrics=ray_metrics,
+            validation_prompts=dict(role_prompts(run)["validation"]),
+        )
+        logger.info(
+            "Ray Train run %s: %d worker(s) x {CPU: %g, GPU: %g}, %d steps (%d per epoch), checkpoints in %s/%s",
+            name,
+            settings.num_workers,
+            settings.cpus_per_worker,
+            settings.gpus_per_worker,
+            total_steps,
+            steps_per_epoch,
+            settings.storage_path,
+            name,
+        )
+        from raytuner.train.outputs import write_config_copies
+
+        write_config_copies(run, run.training.output_dir)
+        trainer = build_trainer(job, settings)
+        try:
+            result = trainer.fit()  # type: ignore[attr-defined]
+        except ray.exceptions.RayError as error:
+            raise _training_error(error) from None
+        except Exception as error:
+            if type(error).__module__.startswith("ray."):
+                raise _training_error(error) from None
+            raise
+    return _finish(run, result, total_steps)
+
+
+def _training_error(error: BaseException) -> Exception:
+    inner = unwrap_error(error, TRAIN_ERRORS)
+    failures = getattr(error, "worker_failures", None)
+    if inner is None and failures:
+        first = next(iter(failures.values()))
+        inner = unwrap_error(first, TRAIN_ERRORS) or first
+    if isinstance(inner, TRAIN_ERRORS):
+        return inner
+    text = str(inner or error).strip().splitlines()
+    return TrainError(f"training failed: {text[-1] if text else type(error).__name__}")
+
+
+def _place_on_cluster(run: RunConfig, settings: RaySettings) -> None:
+    training = run.training
+    if not has_scheme(settings.storage_path) and Path(settings.storage_path).resolve().is_relative_to(
+        Path.cwd().resolve()
+    ):
+        raise LayoutError(
+            "on a cluster, set ray_storage_path (or --ray-storage-path) to object storage (s3://…, gs://…) "
+            "or a folder every node mounts: the job's working directory is a temporary copy on the head node"
+        )
+    moved = place_under_shared_root(run, settings.storage_path)
+    for line in moved:
+        logger.info("on the cluster: %s", line)
+    logger.info("output_dir: %s", training.output_dir)
+    for dataset in image_datasets(run):
+        if dataset.cache_dir_vae:
+            logger.info(
+                "dataset '%s' latent cache: %s", dataset.id, cache_location(dataset, dataset.cache_dir_vae)
+            )
+    text = text_dataset(run)
+    if text.cache_dir:
+        logger.info("text cache: %s", cache_location(text, text.cache_dir))
+
+
+def _finish(run: RunConfig, result: object, total_steps: int) -> TrainOutcome:
+    from raytuner.adapters import ADAPTER_FILENAME
+    from raytuner.train.outputs import write_loss_curve, write_model_card, write_validation_grid
+
+    output_dir = run.training.output_dir
+    adapter = output_dir / ADAPTER_FILENAME
+    if not adapter.is_file():
+        raise TrainError(f"training finished but {adapter} was not written; see the workers' log above")
+    entries = read_metrics(output_dir / "logs" / "metrics.jsonl")
+    evals = [e["eval_loss"] for e in entries if e.get("kind") == "eval"]
+    eval_loss = evals[-1] if evals else None
+    write_model_card(run, output_dir, steps=total_steps, eval_loss=eval_loss)
+    write_loss_curve(output_dir, title=f"{run.training.model_family} LoKr: {display(output_dir)}")
+    write_validation_grid(output_dir)
+    checkpoint = getattr(result, "checkpoint", None)
+    return TrainOutcome(
+        output_dir=output_dir,
+        adapter=adapter,
+        steps=total_steps,
+        eval_loss=eval_loss,
+        checkpoint=getattr(checkpoint, "path", None),
+    )
+
+
+def train_main(config: str, *, strict: bool = False, overrides: RayOverrides | None = None) -> int:
+    """The ``raytuner train`` command: exit 0 with the outputs written, 2 with one ``error:`` line."""
+    try:
+        run = load_config(config, strict=strict)
+        settings = resolve_settings(run, overrides)
+        outcome = run_training(run, settings)
+    except (*TRAIN_ERRORS, TrainError, StorageError) as error:
+        lines = error.problems if isinstance(error, ConfigError) else (str(error),)
+        for line in lines:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    print()
+    print(f"adapter:     {outcome.adapter}")
+    print(f"model card:  {outcome.output_dir / 'README.md'}")
+    print(f"loss curve:  {outcome.output_dir / 'loss.png'}")
+    print(f"validation:  {outcome.output_dir / 'validation'}")
+    if outcome.eval_loss is not None:
+        print(f"eval loss:   {outcome.eval_loss:.4f}")
+    if outcome.checkpoint:
+        print(f"checkpoint:  {outcome.checkpoint}")
+    return 0

@@ -1,0 +1,452 @@
+"""The per-worker training loop that Ray Train runs on every worker.
+
+Every worker builds the same model, the same adapter (seeded) and the same epoch plan, trains on
+its slice of each global batch and averages gradients with the others after the last
+accumulation micro-step. Rank 0 writes what a person reads (metrics, validation images, the final
+adapter); every worker takes part in checkpoints (its own RNG state) and in ``ray.train.report``,
+which is a barrier: all workers call it once per step.
+
+Resuming needs nothing but the step: the plan is a pure function of the cache, the seed and the
+batch shape, and each sample's noise, sigma and caption dropout come from (seed, key, step).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raytuner.adapters import build_adapter, save_adapter
+from raytuner.config import RunConfig
+from raytuner.data.plan import BatchShape, EpochPlan, sample_generators
+from raytuner.data.reader import TrainingData, eval_caches, open_training_data
+from raytuner.evaluate.eval_loss import EvalSample, eval_samples, evaluation_loss
+from raytuner.evaluate.metrics import MetricsLog, ProgressLine
+from raytuner.models.registry import get_family
+from raytuner.storage import Location
+from raytuner.train import state as checkpoint_state
+from raytuner.train.ema import AdapterEMA
+from raytuner.train.layout import SharedRootMarker, check_marker
+from raytuner.train.optim import build_lr_scheduler, build_optimizer
+from raytuner.train.schedule import flow_schedule_from_config
+from raytuner.train.step import MicroBatch, optimizer_step
+
+logger = logging.getLogger(__name__)
+
+EMA_FOLDER = "ema"
+UNCLIPPED_OPTIMIZERS = ("optimi-stableadamw", "prodigy")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FailureInjection:
+    """Test aid: the worker of ``rank`` exits abruptly at ``step``, once (``marker`` records it)."""
+
+    step: int
+    rank: int
+    marker: str
+
+    @classmethod
+    def parse(cls, text: str, *, default_marker: str) -> FailureInjection:
+        """``step=K[,rank=R][,marker=PATH]`` (from ``RAYTUNER_INJECT_FAILURE``)."""
+        fields = dict(part.split("=", 1) for part in text.split(",") if part.strip())
+        return cls(
+            step=int(fields["step"]),
+            rank=int(fields.get("rank", 0)),
+            marker=fields.get("marker", default_marker),
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainJob:
+    """Everything a worker needs, sent by the driver through ``train_loop_config``."""
+
+    run: RunConfig
+    run_name: str
+    total_steps: int
+    steps_per_epoch: int
+    marker: SharedRootMarker
+    marker_locations: tuple[Location, ...]
+    start_from: str | None = None  # resume_from_checkpoint as a path: the starting state
+    inject_failure: FailureInjection | None = None
+    ray_metrics: bool = True
+    validation_prompts: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Reporter:
+    """How the loop talks to Ray Train (or to a test): report, and the checkpoint to resume from."""
+
+    report: Callable[[dict[str, Any], Path | None, str | None], None]
+    restored_checkpoint: Callable[[], Any]  # a ray.train.Checkpoint or None
+
+
+def _peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Worker:
+    """One worker's state and steps."""
+
+    def __init__(self, job: TrainJob, *, rank: int, world_size: int, device: torch.device) -> None:
+        self.job = job
+        self.run = job.run
+        self.training = job.run.training
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device
+        self.seed = job.run.seed
+        self.shape = BatchShape(
+            per_worker=self.training.train_batch_size,
+            workers=world_size,
+            accumulation=self.training.gradient_accumulation_steps,
+        )
+        base_dtype = torch.bfloat16 if self.training.mixed_precision == "bf16" else torch.float32
+        family_class = get_family(self.training.model_family)
+        self.family = family_class(
+            family_class.resolve_model_path(
+                self.training.model_flavour, self.training.pretrained_model_name_or_path
+            ),
+            revision=self.training.revision,
+            device=device,
+            dtype=base_dtype,
+        )
+        self.transformer = self.family.load_transformer().requires_grad_(False)
+        if self.training.gradient_checkpointing and getattr(
+            self.transformer, "_supports_gradient_checkpointing", False
+        ):
+            self.transformer.enable_gradient_checkpointing()
+        self.transformer.train()
+        assert self.run.lycoris is not None, "the config check requires a lycoris_config"
+        self.network, self.adapter_report = build_adapter(
+            self.transformer, self.run.lycoris, module_aliases=self.family.module_aliases, seed=self.seed
+        )
+        # The adapter trains in float32 whatever the base model's precision.
+        self.network.to(device=device, dtype=torch.float32)
+        self.parameters = [p for p in self.network.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.parameters, self.training, world_size=world_size)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, self.training, total_steps=job.total_steps)
+        self.ema = (
+            AdapterEMA(self.parameters, decay=self.training.ema_decay) if self.training.use_ema else None
+        )
+        self.schedule = flow_schedule_from_config(self.training)
+        # SimpleTuner never clips for the optimisers that bound their own updates.
+        self.max_grad_norm = (
+            None if self.training.optimizer in UNCLIPPED_OPTIMIZERS else self.training.max_grad_norm
+        )
+        self.data: TrainingData = open_training_data(self.run)
+        self._plans: dict[int, EpochPlan] = {}
+        self.eval_caches = eval_caches(self.run)
+        self.eval_set: list[EvalSample] = (
+            eval_samples(self.eval_caches, self.training.num_eval_images) if self.eval_caches else []
+        )
+        self.step = 0
+        self.eval_loss: float | None = None
+        self.metrics: MetricsLog | None = None
+        self._validator: Any = None
+        if rank == 0:
+            self.metrics = MetricsLog(
+                self.training.output_dir,
+                report_to=self.training.report_to,
+                run_name=job.run_name,
+                ray_metrics=job.ray_metrics,
+            )
+
+    # ---- collectives ---------------------------------------------------------------------------
+
+    def _distributed(self) -> bool:
+        return self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    def reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        torch.distributed.all_reduce(tensor)
+        return tensor / self.world_size
+
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        torch.distributed.all_reduce(tensor)
+        return tensor
+
+    # ---- data ----------------------------------------------------------------------------------
+
+    def plan(self, epoch: int) -> EpochPlan:
+        if epoch not in self._plans:
+            self._plans = {epoch: self.data.plan(self.shape, seed=self.seed, epoch=epoch)}
+        return self._plans[epoch]
+
+    def micro_batches(self, step: int) -> list[MicroBatch]:
+        epoch, index = divmod(step, self.job.steps_per_epoch)
+        batch = self.plan(epoch).batches[index]
+        dropout = 0.0 if batch.is_regularisation else self.training.caption_dropout_probability
+        micro = []
+        for micro_step in range(self.shape.accumulation):
+            keys = batch.slice_for(self.shape, rank=self.rank, micro_step=micro_step)
+            latents, conditioning = self.data.batch(
+                batch, keys, seed=self.seed, step=step, caption_dropout=dropout
+            )
+            seeds = batch.seeds_for(
+                self.shape, rank=self.rank, micro_step=micro_step, seed=self.seed, step=step
+            )
+            micro.append(
+                MicroBatch(
+                    latents=latents.to(self.device),
+                    conditioning=self.family.collate_conditioning(conditioning),
+                    generators=sample_generators(seeds),
+                    is_regularisation=batch.is_regularisation,
+                )
+            )
+        return micro
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def restore(self, folder: Path, *, source: str) -> None:
+        info = checkpoint_state.read_manifest(folder)
+        saved = checkpoint_state.read_state(folder)
+        self.network.load_state_dict(saved["adapter"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+        if self.ema is not None:
+            if saved.get("ema") is not None:
+                self.ema.load_state_dict(saved["ema"])
+            else:
+                logger.warning("%s holds no EMA weights; the EMA starts from the restored adapter", source)
+                self.ema = AdapterEMA(self.parameters, decay=self.training.ema_decay)
+        rng = checkpoint_state.read_rng(folder, self.rank)
+        if rng is not None and info.world_size == self.world_size:
+            checkpoint_state.restore_rng(rng)
+        if info.steps_per_epoch != self.job.steps_per_epoch and self.rank == 0:
+            logger.warning(
+                "%s was written with %d steps per epoch, this run plans %d (the data or batch shape "
+                "changed): training continues from step %d on the new plan",
+                source,
+                info.steps_per_epoch,
+                self.job.steps_per_epoch,
+                info.step,
+            )
+        self.step = info.step
+        self.eval_loss = saved.get("eval_loss")
+        if self.rank == 0:
+            logger.info("resumed from %s at step %d", source, self.step)
+
+    def write_checkpoint(self, folder: Path) -> None:
+        checkpoint_state.write_rng(folder, self.rank)
+        if self.rank != 0:
+            return
+        save_adapter(self.network, folder, metadata=self.adapter_metadata())
+        if self.ema is not None:
+            with self.ema.swapped_in():
+                save_adapter(self.network, folder / EMA_FOLDER, metadata=self.adapter_metadata(ema=True))
+        checkpoint_state.write_state(
+            folder,
+            {
+                "adapter": self.network.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "lr_scheduler": self.lr_scheduler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "step": self.step,
+                "eval_loss": self.eval_loss,
+            },
+        )
+        checkpoint_state.write_manifest(
+            folder, step=self.step, world_size=self.world_size, steps_per_epoch=self.job.steps_per_epoch
+        )
+
+    def adapter_metadata(self, *, ema: bool = False) -> dict[str, Any]:
+        return {
+            "raytuner_family": self.training.model_family,
+            "raytuner_step": str(self.step),
+            "raytuner_ema": "true" if ema else "false",
+            "lycoris_config": self.run.to_dict()["lycoris"],
+        }
+
+    # ---- evaluation and validation -------------------------------------------------------------
+
+    def evaluate(self) -> float | None:
+        if not self.eval_set:
+            return None
+        loss = evaluation_loss(
+            self.family,
+            self.transformer,
+            self.eval_set,
+            self.eval_caches,
+            self.data.text,
+            timesteps=self.training.eval_timesteps,
+            batch_size=self.training.train_batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            mixed_precision=self.training.mixed_precision,
+            reduce_sum=self.reduce_sum if self._distributed() else None,
+        )
+        if self.metrics is not None:
+            self.metrics.log({"step": self.step, "kind": "eval", "eval_loss": loss})
+        return loss
+
+    def validate(self) -> None:
+        """Rank 0 renders the validation prompts (and with EMA weights) into validation/step_N/."""
+        if self.rank != 0 or not self.job.validation_prompts:
+            return
+        if self._validator is None:
+            from raytuner.train.validate import Validator
+
+            self._validator = Validator(self)
+        images = self._validator.render()
+        if self.metrics is not None:
+            self.metrics.images("validation", images, self.step)
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def due(self, interval: int | None) -> bool:
+        return bool(interval) and self.step % int(interval) == 0
+
+    def train(self, reporter: Reporter) -> None:
+        restored = reporter.restored_checkpoint()
+        if restored is not None:
+            with restored.as_directory() as folder:
+                self.restore(Path(folder), source="the run's latest checkpoint")
+        elif self.job.start_from:
+            from ray.train import Checkpoint
+
+            with Checkpoint(self.job.start_from).as_directory() as folder:
+                self.restore(Path(folder), source=self.job.start_from)
+        if self.step == 0:
+            self.eval_loss = self.evaluate()  # the baseline
+        progress = ProgressLine(self.job.total_steps, start_step=self.step, label=self.training.model_family)
+        samples_per_step = self.shape.global_size
+        if self.rank == 0:
+            logger.info(
+                "training %s: steps %d..%d, %d worker(s), global batch %d (%d x %d workers x %d accumulation); %s",
+                self.job.run_name,
+                self.step + 1,
+                self.job.total_steps,
+                self.world_size,
+                samples_per_step,
+                self.shape.per_worker,
+                self.world_size,
+                self.shape.accumulation,
+                self.adapter_report.summary(),
+            )
+        while self.step < self.job.total_steps:
+            started = time.perf_counter()
+            micro = self.micro_batches(self.step)
+            data_seconds = time.perf_counter() - started
+            learning_rate = float(self.lr_scheduler.get_last_lr()[0])
+            result = optimizer_step(
+                self.family,
+                self.transformer,
+                self.network,
+                self.parameters,
+                self.optimizer,
+                micro,
+                self.schedule,
+                max_grad_norm=self.max_grad_norm,
+                grad_clip_method=self.training.grad_clip_method,
+                mixed_precision=self.training.mixed_precision,
+                reduce_mean=self.reduce_mean if self._distributed() else None,
+            )
+            self.lr_scheduler.step()
+            if self.ema is not None:
+                self.ema.update()
+            self.step += 1
+            step_seconds = time.perf_counter() - started
+            final = self.step == self.job.total_steps
+            if self.due(self.training.eval_steps_interval) or (final and self.eval_set):
+                self.eval_loss = self.evaluate()
+            metrics: dict[str, Any] = {
+                "step": self.step,
+                "epoch": (self.step - 1) // self.job.steps_per_epoch,
+                "loss": result.loss,
+                "lr": learning_rate,
+                "grad_norm": result.grad_norm,
+                "samples_per_second": samples_per_step / step_seconds,
+                "step_time_s": step_seconds,
+                "data_wait_fraction": data_seconds / step_seconds,
+                "peak_memory_mib": _peak_memory_mib(self.device),
+            }
+            if result.regularisation_loss is not None:
+                metrics["regularisation_loss"] = result.regularisation_loss
+            if self.eval_loss is not None:
+                # Repeated in every report, so a Tune scheduler never sees a report without it.
+                metrics["eval_loss"] = self.eval_loss
+            if self.metrics is not None:
+                self.metrics.log(metrics)
+            if self.due(self.training.validation_step_interval) or final:
+                self.validate()
+            self.maybe_fail()
+            checkpoint_due = self.due(self.training.checkpoint_step_interval) or final
+            self.report(reporter, metrics, checkpoint=checkpoint_due)
+            if self.rank == 0:
+                progress.update(self.step, metrics, force=final)
+        if self.rank == 0:
+            self.write_outputs()
+            if self.metrics is not None:
+                self.metrics.close()
+
+    def report(self, reporter: Reporter, metrics: dict[str, Any], *, checkpoint: bool) -> None:
+        if not checkpoint:
+            reporter.report(metrics, None, None)
+            return
+        folder = Path(tempfile.mkdtemp(prefix="raytuner-checkpoint-"))
+        try:
+            self.write_checkpoint(folder)
+            reporter.report(metrics, folder, f"checkpoint-{self.step:07d}")
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def maybe_fail(self) -> None:
+        injection = self.job.inject_failure
+        if injection is None or injection.step != self.step or injection.rank != self.rank:
+            return
+        marker = Path(injection.marker)
+        if marker.exists():
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"failed at step {self.step}\n")
+        logger.error("injected failure: worker %d exits at step %d", self.rank, self.step)
+        os._exit(17)  # as abrupt as a killed process: no cleanup, no report
+
+    def write_outputs(self) -> None:
+        """The final adapter (and its EMA twin) in ``output_dir``, loadable with the seeds' recipe."""
+        output_dir = self.training.output_dir
+        path = save_adapter(self.network, output_dir, metadata=self.adapter_metadata())
+        logger.info("adapter written to %s", path)
+        if self.ema is not None:
+            with self.ema.swapped_in():
+                ema_path = save_adapter(
+                    self.network, output_dir / EMA_FOLDER, metadata=self.adapter_metadata(ema=True)
+                )
+            logger.info("EMA adapter written to %s", ema_path)
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker``."""
+    import ray.train
+    import ray.train.torch
+
+    job: TrainJob = config["job"]
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("LyCORIS").setLevel(logging.WARNING)
+    # Ray Train logs every report at INFO (its logger is named after the module's file); raytuner's
+    # progress line says the same once every few seconds.
+    from ray.train.v2._internal.execution import context as train_context
+
+    train_context.logger.setLevel(logging.WARNING)
+    import ray
+
+    check_marker(job.marker, list(job.marker_locations), node=ray.get_runtime_context().get_node_id()[:12])
+    worker = Worker(job, rank=rank, world_size=world_size, device=ray.train.torch.get_device())
+
+    def report(metrics: dict[str, Any], folder: Path | None, name: str | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if folder is not None else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+    worker.train(Reporter(report=report, restored_checkpoint=ray.train.get_checkpoint))

@@ -1,0 +1,174 @@
+"""The per-worker step without Ray: accumulation, regularisation data, bf16, gradient checkpointing, EMA."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from lycoris import LycorisNetwork
+
+from raytuner import flow
+from raytuner.adapters import build_adapter
+from raytuner.config.lycoris import parse_lycoris
+from raytuner.data.synthetic import synthetic_images, to_pixels
+from raytuner.models.base import ModelFamily
+from raytuner.models.registry import get_family
+from raytuner.train.ema import AdapterEMA
+from raytuner.train.step import MicroBatch, adapter_disabled, micro_batch_loss, optimizer_step
+
+SCHEDULE = flow.FlowSchedule(shift=3.0)
+LOKR = parse_lycoris(
+    {"algo": "lokr", "multiplier": 1.0, "linear_dim": 10000, "linear_alpha": 1, "factor": 4},
+    where="test",
+    strict=True,
+).config
+
+
+@dataclass
+class Setup:
+    family: ModelFamily
+    transformer: torch.nn.Module
+    network: LycorisNetwork
+    parameters: list[torch.nn.Parameter]
+    latents: torch.Tensor
+    conditioning: list
+
+
+def make_setup(model: Path, *, dtype: torch.dtype = torch.float32, seed: int = 3) -> Setup:
+    family = get_family("cosmos2image")(model, dtype=dtype)
+    items = synthetic_images(4, width=64, height=64, seed=1)
+    latents = family.encode_images(to_pixels([item.image for item in items]))
+    conditioning = family.encode_prompts([item.caption for item in items])
+    transformer = family.load_transformer().requires_grad_(False)
+    assert LOKR is not None
+    network, _ = build_adapter(transformer, LOKR, module_aliases=family.module_aliases, seed=seed)
+    network.to(dtype=torch.float32)
+    parameters = [p for p in network.parameters() if p.requires_grad]
+    return Setup(family, transformer, network, parameters, latents, conditioning)
+
+
+def micro(setup: Setup, start: int, stop: int, *, regularisation: bool = False) -> MicroBatch:
+    return MicroBatch(
+        latents=setup.latents[start:stop],
+        conditioning=setup.family.collate_conditioning(setup.conditioning[start:stop]),
+        generators=[torch.Generator().manual_seed(100 + i) for i in range(start, stop)],
+        is_regularisation=regularisation,
+    )
+
+
+def perturb(setup: Setup) -> None:
+    """Give the adapter a visible effect (a fresh LoKr adds nothing: one factor starts at zero)."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in setup.parameters:
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+
+
+def test_two_accumulation_micro_steps_equal_one_step_on_the_whole_batch(tiny_cosmos_dir: Path) -> None:
+    whole, split = make_setup(tiny_cosmos_dir), make_setup(tiny_cosmos_dir)
+    for setup in (whole, split):
+        perturb(setup)
+    results = []
+    for setup, batches in ((whole, [micro(whole, 0, 4)]), (split, [micro(split, 0, 2), micro(split, 2, 4)])):
+        optimizer = torch.optim.SGD(setup.parameters, lr=0.1)
+        results.append(
+            optimizer_step(
+                setup.family, setup.transformer, setup.network, setup.parameters, optimizer, batches, SCHEDULE
+            )
+        )
+    assert results[0].loss == pytest.approx(results[1].loss, rel=1e-5)
+    assert results[0].grad_norm == pytest.approx(results[1].grad_norm, rel=1e-4)
+    for a, b in zip(whole.parameters, split.parameters, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_regularisation_data_is_trained_towards_the_base_models_own_prediction(tiny_cosmos_dir: Path) -> None:
+    setup = make_setup(tiny_cosmos_dir)
+    ordinary, regularisation = micro(setup, 0, 2), micro(setup, 0, 2, regularisation=True)
+    with torch.no_grad():
+        # A fresh adapter changes nothing, so the base model already matches its own prediction:
+        # the regularisation loss is zero where the ordinary flow-matching loss is not.
+        assert micro_batch_loss(setup.family, setup.transformer, setup.network, regularisation, SCHEDULE) == 0
+        assert micro_batch_loss(setup.family, setup.transformer, setup.network, ordinary, SCHEDULE) > 0.1
+    perturb(setup)
+    with torch.no_grad():
+        start = float(
+            micro_batch_loss(setup.family, setup.transformer, setup.network, regularisation, SCHEDULE)
+        )
+    assert start > 0
+    optimizer = torch.optim.AdamW(setup.parameters, lr=1e-2)
+    results = [
+        optimizer_step(
+            setup.family,
+            setup.transformer,
+            setup.network,
+            setup.parameters,
+            optimizer,
+            [regularisation],
+            SCHEDULE,
+        )
+        for _ in range(15)
+    ]
+    # Every step reports its loss as the regularisation loss, and the adapter is pulled back
+    # towards leaving the base model's prediction alone.
+    assert all(r.regularisation_loss == pytest.approx(r.loss) for r in results)
+    assert results[-1].loss < 0.5 * start, [r.loss for r in results]
+
+
+def test_adapter_disabled_restores_the_multiplier(tiny_cosmos_dir: Path) -> None:
+    setup = make_setup(tiny_cosmos_dir)
+    setup.network.set_multiplier(0.75)
+    with adapter_disabled(setup.network):
+        assert all(lora.multiplier == 0 for lora in setup.network.loras)
+    assert all(lora.multiplier == 0.75 for lora in setup.network.loras)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_cosmos_dir: Path) -> None:
+    plain, checkpointed = make_setup(tiny_cosmos_dir), make_setup(tiny_cosmos_dir)
+    checkpointed.transformer.enable_gradient_checkpointing()
+    for setup in (plain, checkpointed):
+        perturb(setup)
+        setup.transformer.train()
+        loss = micro_batch_loss(setup.family, setup.transformer, setup.network, micro(setup, 0, 2), SCHEDULE)
+        loss.backward()
+    for a, b in zip(plain.parameters, checkpointed.parameters, strict=True):
+        assert a.grad is not None and b.grad is not None
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_bf16_mixed_precision_trains_a_float32_adapter_on_a_bfloat16_base(tiny_cosmos_dir: Path) -> None:
+    setup = make_setup(tiny_cosmos_dir, dtype=torch.bfloat16)
+    assert next(setup.transformer.parameters()).dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in setup.parameters)
+    optimizer = torch.optim.AdamW(setup.parameters, lr=1e-2)
+    before = [p.detach().clone() for p in setup.parameters]
+    result = optimizer_step(
+        setup.family,
+        setup.transformer,
+        setup.network,
+        setup.parameters,
+        optimizer,
+        [micro(setup, 0, 2)],
+        SCHEDULE,
+        mixed_precision="bf16",
+    )
+    assert torch.isfinite(torch.tensor(result.loss)) and result.grad_norm > 0
+    assert all(p.dtype == torch.float32 for p in setup.parameters)
+    assert any(not torch.equal(a, b) for a, b in zip(before, setup.parameters, strict=True))
+
+
+def test_ema_follows_the_weights_at_its_decay_and_swaps_in_and_out() -> None:
+    parameter = torch.nn.Parameter(torch.zeros(3))
+    ema = AdapterEMA([parameter], decay=0.9)
+    with torch.no_grad():
+        parameter.fill_(1.0)
+    ema.update()
+    torch.testing.assert_close(ema.averages[0], torch.full((3,), 0.1))
+    with ema.swapped_in():
+        torch.testing.assert_close(parameter.detach(), torch.full((3,), 0.1))
+    torch.testing.assert_close(parameter.detach(), torch.ones(3))
+    restored = AdapterEMA([parameter], decay=0.9)
+    restored.load_state_dict(ema.state_dict())
+    torch.testing.assert_close(restored.averages[0], ema.averages[0])
