@@ -87,6 +87,22 @@ class Reporter:
 
     report: Callable[[dict[str, Any], Path | None, str | None], None]
     restored_checkpoint: Callable[[], Any]  # a ray.train.Checkpoint or None
+    # Every checkpoint folder in the run's storage, newest first (ray.train.Checkpoint objects).
+    stored_checkpoints: Callable[[], list[Any]] = lambda: []
+
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:07d}"
+
+
+def checkpoint_step(path: str) -> int | None:
+    """The step of a folder named by :func:`checkpoint_name`, else None."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    suffix = name.removeprefix(CHECKPOINT_PREFIX)
+    return int(suffix) if name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else None
 
 
 def _peak_memory_mib(device: torch.device) -> float:
@@ -236,6 +252,33 @@ class Worker:
         if self.rank == 0:
             logger.info("resumed from %s at step %d", source, self.step)
 
+    def restore_latest(self, reporter: Reporter) -> bool:
+        """Restore the run's newest whole checkpoint; False when it has none.
+
+        Ray Train registers a reported checkpoint when its controller next polls the workers, so
+        a worker that dies right after a report can leave the newest checkpoint written and
+        uploaded but unregistered. Such a folder is used when its manifest shows it whole; a
+        folder that is not whole is passed over for the next older one.
+        """
+        registered = reporter.restored_checkpoint()
+        registered_step = checkpoint_step(registered.path) if registered is not None else None
+        for stored in reporter.stored_checkpoints():
+            step = checkpoint_step(stored.path)
+            if step is None or (registered_step is not None and step <= registered_step):
+                break
+            try:
+                with stored.as_directory() as folder:
+                    self.restore(Path(folder), source=f"checkpoint {stored.path}")
+                return True
+            except checkpoint_state.CheckpointError as error:
+                if self.rank == 0:
+                    logger.warning("passing over an incomplete checkpoint: %s", error)
+        if registered is None:
+            return False
+        with registered.as_directory() as folder:
+            self.restore(Path(folder), source=f"the run's latest checkpoint {registered.path}")
+        return True
+
     def write_checkpoint(self, folder: Path) -> None:
         checkpoint_state.write_rng(folder, self.rank)
         if self.rank != 0:
@@ -307,10 +350,8 @@ class Worker:
         return bool(interval) and self.step % int(interval) == 0
 
     def train(self, reporter: Reporter) -> None:
-        restored = reporter.restored_checkpoint()
-        if restored is not None:
-            with restored.as_directory() as folder:
-                self.restore(Path(folder), source="the run's latest checkpoint")
+        if self.restore_latest(reporter):
+            pass
         elif self.job.start_from:
             from ray.train import Checkpoint
 
@@ -396,7 +437,7 @@ class Worker:
         folder = Path(tempfile.mkdtemp(prefix="raytuner-checkpoint-"))
         try:
             self.write_checkpoint(folder)
-            reporter.report(metrics, folder, f"checkpoint-{self.step:07d}")
+            reporter.report(metrics, folder, checkpoint_name(self.step))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -449,4 +490,23 @@ def train_worker(config: dict[str, Any]) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if folder is not None else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
-    worker.train(Reporter(report=report, restored_checkpoint=ray.train.get_checkpoint))
+    storage = context.get_storage()
+
+    def stored_checkpoints() -> list[Any]:
+        import pyarrow.fs as pafs
+
+        filesystem, root = storage.storage_filesystem, storage.experiment_fs_path
+        infos = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+        folders = [
+            info.path
+            for info in infos
+            if info.type == pafs.FileType.Directory and checkpoint_step(info.path) is not None
+        ]
+        folders.sort(key=lambda path: checkpoint_step(path) or 0, reverse=True)
+        return [ray.train.Checkpoint(path=path, filesystem=filesystem) for path in folders]
+
+    worker.train(
+        Reporter(
+            report=report, restored_checkpoint=ray.train.get_checkpoint, stored_checkpoints=stored_checkpoints
+        )
+    )

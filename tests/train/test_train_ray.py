@@ -1,0 +1,238 @@
+"""``raytuner train`` end to end on the session's 2-node Ray: real Ray Train, tiny checkpoints, CPU.
+
+One Cosmos2 configuration is trained several ways that must all give the same adapter, since the
+plan, each sample's noise, sigma and caption dropout depend only on (seed, sample, step):
+
+* 2 workers x batch 2 (the full run: EMA, validation, eval loss, checkpoints, every output);
+* 1 worker x batch 2 x 2 accumulation steps (the same global batch of 4);
+* that run stopped at step 3 and resumed from ``latest``, and started again from a checkpoint path;
+* that run with a worker killed at step 5 and restarted by Ray Train from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from raytuner.adapters import ADAPTER_FILENAME, load_adapter
+from raytuner.config import RunConfig
+from raytuner.evaluate.metrics import read_metrics
+from raytuner.models.registry import get_family
+from raytuner.train.launcher import INJECT_FAILURE_ENV, TrainError, TrainOutcome, run_training
+from raytuner.train.settings import RayOverrides, resolve_settings
+from tests.cache.helpers import draw_images, image_dataset, text_dataset, write_run_files
+
+pytestmark = pytest.mark.slow
+
+STEPS = 6
+SECRET = "hf_raytuner_test_secret_value"
+# Different float summation orders (two gradient all-reduce halves vs. one accumulated sum) after
+# six AdamW steps: agreement well inside this, while one different step moves weights by ~1e-2.
+ADAPTER_TOLERANCE = 2e-4
+
+
+@dataclass(frozen=True)
+class Data:
+    datasets: list[dict[str, Any]]
+    model: Path
+
+
+@pytest.fixture(scope="module")
+def cosmos_data(tmp_path_factory: pytest.TempPathFactory, tiny_cosmos_dir: Path) -> Data:
+    """8 training and 2 eval images, one shared cache for every run of this module."""
+    root = tmp_path_factory.mktemp("train-data")
+    draw_images(root / "images", [(64, 64)] * 8)
+    draw_images(root / "eval", [(64, 64)] * 2, start=20)
+    square = {"resolution_type": "pixel", "crop": True, "crop_aspect": "square"}
+    return Data(
+        datasets=[
+            image_dataset(root / "images", root / "cache/vae", **square),
+            image_dataset(
+                root / "eval", root / "cache/vae-eval", id="held-out", dataset_type="eval", **square
+            ),
+            text_dataset(root / "cache/text"),
+        ],
+        model=tiny_cosmos_dir,
+    )
+
+
+BASE: dict[str, Any] = {
+    "train_batch_size": 2,
+    "learning_rate": 3e-2,
+    "optimizer": "torch-adamw",
+    "lr_scheduler": "constant",
+    "mixed_precision": "no",
+    "gradient_checkpointing": False,
+    "caption_dropout_probability": 0.3,
+    "max_train_steps": STEPS,
+    "checkpoint_step_interval": 2,
+    "checkpoints_total_limit": 2,
+    "validation_step_interval": 3,
+    "validation_resolution": "32x32",
+    "validation_num_inference_steps": 2,
+    "validation_guidance": 2.0,
+    "eval_timesteps": 4,
+    "use_ema": True,
+    "ema_decay": 0.9,
+    "report_to": "tensorboard",
+    "hf_token": SECRET,
+}
+
+
+def load_run(root: Path, data: Data, **config: Any) -> RunConfig:
+    return write_run_files(root, data.model, data.datasets, **{**BASE, **config}).load()
+
+
+def train(root: Path, data: Data, *, workers: int, max_failures: int = 0, **config: Any) -> TrainOutcome:
+    run = load_run(root, data, **config)
+    settings = resolve_settings(run, RayOverrides(num_workers=workers, max_failures=max_failures))
+    return run_training(run, settings)
+
+
+def adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def assert_same_adapter(a: Path, b: Path, tolerance: float = ADAPTER_TOLERANCE) -> None:
+    first, second = adapter_tensors(a), adapter_tensors(b)
+    assert first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], atol=tolerance, rtol=tolerance, msg=key)
+
+
+def train_lines(output_dir: Path) -> list[dict[str, Any]]:
+    return [
+        e for e in read_metrics(output_dir / "logs" / "metrics.jsonl") if e.get("kind", "train") == "train"
+    ]
+
+
+def checkpoints(output_dir: Path) -> list[str]:
+    return sorted(p.name for p in (output_dir / "ray").glob("*/checkpoint-*"))
+
+
+@pytest.fixture(scope="module")
+def two_workers(ray_cluster, cosmos_data: Data, tmp_path_factory) -> TrainOutcome:
+    return train(tmp_path_factory.mktemp("two-workers"), cosmos_data, workers=2)
+
+
+@pytest.fixture(scope="module")
+def one_worker_accumulating(ray_cluster, cosmos_data: Data, tmp_path_factory) -> TrainOutcome:
+    return train(tmp_path_factory.mktemp("one-worker"), cosmos_data, workers=1, gradient_accumulation_steps=2)
+
+
+def test_two_workers_train_validate_evaluate_and_write_every_output(two_workers: TrainOutcome) -> None:
+    output = two_workers.output_dir
+    lines = train_lines(output)
+    assert [line["step"] for line in lines] == list(range(1, STEPS + 1))
+    # Every report carries the latest eval loss, from the step-0 baseline on.
+    assert all("eval_loss" in line for line in lines)
+    evals = [e for e in read_metrics(output / "logs" / "metrics.jsonl") if e.get("kind") == "eval"]
+    assert [e["step"] for e in evals] == [0, STEPS]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    for key in ("loss", "lr", "grad_norm", "samples_per_second", "step_time_s", "data_wait_fraction"):
+        assert all(isinstance(line[key], float) for line in lines), key
+
+    for step in (3, STEPS):
+        names = sorted(p.name for p in (output / "validation" / f"step_{step}").glob("*.png"))
+        assert names == [
+            "unconditional-32x32-ema.png",
+            "unconditional-32x32.png",
+            "validation-32x32-ema.png",
+            "validation-32x32.png",
+        ]
+    for picture in ("loss.png", "validation/grid.png"):
+        assert (output / picture).stat().st_size > 0, picture
+    assert list((output / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+
+    # checkpoints_total_limit 2 of the checkpoints at steps 2, 4 and 6.
+    assert checkpoints(output) == ["checkpoint-0000004", "checkpoint-0000006"]
+    card = (output / "README.md").read_text()
+    assert "create_lycoris_from_weights" in card and "Cosmos2TextToImagePipeline" in card
+    for name in ("config.json", "multidatabackend.json", "lycoris_config.json"):
+        assert (output / "config" / name).is_file()
+    for path in output.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_the_adapter_and_its_ema_twin_load_with_the_seeds_recipe(
+    two_workers: TrainOutcome, cosmos_data: Data
+) -> None:
+    family = get_family("cosmos2image")
+    for path in (two_workers.adapter, two_workers.output_dir / "ema" / ADAPTER_FILENAME):
+        transformer = family.transformer_class.from_pretrained(cosmos_data.model, subfolder="transformer")
+        assert load_adapter(path, transformer, merge=True).loras
+    trained, averaged = (
+        adapter_tensors(two_workers.adapter),
+        adapter_tensors(two_workers.output_dir / "ema" / ADAPTER_FILENAME),
+    )
+    assert any(not torch.equal(trained[key], averaged[key]) for key in trained)
+
+
+def test_one_worker_with_accumulation_matches_two_workers(
+    two_workers: TrainOutcome, one_worker_accumulating: TrainOutcome
+) -> None:
+    assert_same_adapter(two_workers.adapter, one_worker_accumulating.adapter)
+    first, second = train_lines(two_workers.output_dir), train_lines(one_worker_accumulating.output_dir)
+    assert [a["loss"] for a in first] == pytest.approx([b["loss"] for b in second], rel=1e-4)
+
+
+def test_resume_from_latest_continues_the_step_count_and_the_curve(
+    ray_cluster, cosmos_data: Data, tmp_path: Path, one_worker_accumulating: TrainOutcome
+) -> None:
+    options = {"workers": 1, "gradient_accumulation_steps": 2}
+    train(tmp_path, cosmos_data, max_train_steps=3, **options)
+    assert [line["step"] for line in train_lines(tmp_path / "output")] == [1, 2, 3]
+    resumed = train(tmp_path, cosmos_data, **options)
+    lines = train_lines(resumed.output_dir)
+    assert [line["step"] for line in lines] == list(range(1, STEPS + 1))
+    # The continued run started from step 3's state: its first step is 4, none trained twice.
+    raw = [json.loads(line) for line in (resumed.output_dir / "logs/metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in raw if e.get("kind", "train") == "train"] == list(range(1, STEPS + 1))
+    assert_same_adapter(resumed.adapter, one_worker_accumulating.adapter)
+
+
+def test_a_checkpoint_path_is_the_starting_state_of_a_new_run(
+    ray_cluster, cosmos_data: Data, tmp_path: Path, one_worker_accumulating: TrainOutcome
+) -> None:
+    checkpoint = next((one_worker_accumulating.output_dir / "ray").glob("*/checkpoint-0000004"))
+    started = train(
+        tmp_path,
+        cosmos_data,
+        workers=1,
+        gradient_accumulation_steps=2,
+        resume_from_checkpoint=str(checkpoint),
+    )
+    assert [line["step"] for line in train_lines(started.output_dir)] == [5, 6]
+    assert_same_adapter(started.adapter, one_worker_accumulating.adapter)
+
+
+def test_a_killed_worker_is_replaced_and_the_run_reaches_its_last_step(
+    ray_cluster, cosmos_data: Data, tmp_path: Path, one_worker_accumulating: TrainOutcome, monkeypatch
+) -> None:
+    marker = tmp_path / "failed-once"
+    monkeypatch.setenv(INJECT_FAILURE_ENV, f"step=5,rank=0,marker={marker}")
+    outcome = train(tmp_path, cosmos_data, workers=1, max_failures=1, gradient_accumulation_steps=2)
+    assert marker.is_file()
+    raw = [json.loads(line) for line in (outcome.output_dir / "logs/metrics.jsonl").read_text().splitlines()]
+    steps = [e["step"] for e in raw if e.get("kind", "train") == "train"]
+    # Step 5 was trained, then the worker died before its report; the restarted group resumed
+    # from the checkpoint at step 4 and trained 5 and 6 again, from that state.
+    assert steps == [1, 2, 3, 4, 5, 5, 6]
+    assert outcome.steps == STEPS
+    assert_same_adapter(outcome.adapter, one_worker_accumulating.adapter)
+
+
+def test_a_run_without_retries_fails_with_one_line(
+    ray_cluster, cosmos_data: Data, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv(INJECT_FAILURE_ENV, f"step=1,rank=0,marker={tmp_path / 'failed'}")
+    with pytest.raises(TrainError) as raised:
+        train(tmp_path, cosmos_data, workers=1, max_train_steps=2, validation_prompt=None)
+    assert "\n" not in str(raised.value)
