@@ -1,49 +1,38 @@
-"""The offline demo: tiny checkpoints, synthetic images, LoKr training, an adapter and validation images.
+"""The offline demo: tiny checkpoints, synthetic images, the Parquet cache, Ray Train, an adapter.
 
 Everything runs on CPU without a network: for each family it builds a tiny random-weight
-checkpoint of the real diffusers architecture, draws a captioned synthetic dataset, loads the
-family's demo ``config.json`` exactly as a user's file is loaded, builds the Parquet latent and
-text cache with Ray Data on a local Ray, trains a LoKr adapter with flow matching on the seeded
-epoch plan read back from that cache, saves ``pytorch_lora_weights.safetensors`` and renders the
-validation prompt with the base model and with the adapter loaded by the seeds' recipe.
+checkpoint of the real diffusers architecture, draws a captioned synthetic dataset of shapes and
+colours with a held-out evaluation set, and then runs exactly what ``raytuner train`` runs on
+``configs/demo/<family>/config.json``: Ray Data encodes the cache, a 2-worker Ray Train
+``TorchTrainer`` trains the LoKr adapter with DDP on gloo, validates from the cached prompts,
+measures the stable eval loss at the start and the end, checkpoints, and writes the adapter, its
+EMA twin, the model card, the loss curve and the validation grid.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
 import logging
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from PIL import Image
-from tqdm import tqdm
-
-from raytuner.adapters import AdapterError, build_adapter, load_adapter, save_adapter
-from raytuner.cache.build import BuildOptions
-from raytuner.cache.command import EXPECTED_ERRORS, run_cache
-from raytuner.config import DatasetConfig, RunConfig, load_config
-from raytuner.config.check import quiet_config_logging
-from raytuner.data.plan import BatchShape, GlobalBatch, sample_generators
-from raytuner.data.reader import TrainingData, open_training_data
+from raytuner.cache.build import image_datasets
+from raytuner.config import RunConfig, load_config
+from raytuner.config.datasets import DatasetConfig
 from raytuner.data.synthetic import synthetic_images, write_dataset
-from raytuner.models.base import ModelFamily
-from raytuner.models.registry import get_family
+from raytuner.evaluate.metrics import read_metrics
 from raytuner.models.safety import is_tiny_checkpoint
 from raytuner.models.tiny import build_tiny_checkpoint
 from raytuner.ray_runtime import ray_session
-from raytuner.train.optim import OptimizerError, build_lr_scheduler, build_optimizer, optimizer_settings
-from raytuner.train.schedule import flow_schedule_from_config
-from raytuner.train.step import train_step
+from raytuner.train.launcher import TRAIN_ERRORS, TrainError, TrainOutcome, run_training
+from raytuner.train.settings import RayOverrides, resolve_settings
 
 logger = logging.getLogger(__name__)
 
 DEMO_CONFIGS = Path("configs/demo")
 DEMO_FAMILIES = ("cosmos2image", "omnigen")
 DEMO_IMAGES = 8
+DEMO_EVAL_IMAGES = 4
 
 
 class DemoError(RuntimeError):
@@ -53,223 +42,79 @@ class DemoError(RuntimeError):
 @dataclass(frozen=True, kw_only=True)
 class DemoResult:
     family: str
-    images: int
-    encoded: int
-    steps: int
+    outcome: TrainOutcome
     first_loss: float
     last_loss: float
-    adapter: Path
-    validation_image: Path
-    loss_plot: Path
+    first_eval_loss: float | None
 
 
-def _validation_size(value: str) -> tuple[int, int]:
-    """The first ``WxH`` (or square ``N``) of SimpleTuner's ``validation_resolution``."""
-    first = value.split(",")[0].strip().lower()
-    width, _, height = first.partition("x")
-    return int(width), int(height or width)
+def _prepare_inputs(run: RunConfig) -> None:
+    """Build the tiny checkpoint and draw the datasets the demo config points at, when missing.
 
-
-def _prepare_inputs(run: RunConfig, dataset: DatasetConfig) -> None:
-    """Build the tiny checkpoint and draw the dataset the demo config points at, when missing."""
+    Training and held-out images come from one seeded draw of distinct shape/colour combinations,
+    so the evaluation images are never training images.
+    """
     model_path = Path(run.training.pretrained_model_name_or_path or "")
     if not is_tiny_checkpoint(model_path):
         build_tiny_checkpoint(run.training.model_family, model_path)
-    folder = dataset.instance_data_dir
-    assert folder is not None
-    if not folder.is_dir() or not any(folder.glob("*.png")):
-        size = int(dataset.resolution or 64)
-        write_dataset(folder, synthetic_images(DEMO_IMAGES, width=size, height=size, seed=run.seed))
-
-
-def _save_loss_plot(losses: list[float], path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(5, 3))
-    axes.plot(range(1, len(losses) + 1), losses, marker=".")
-    axes.set(xlabel="step", ylabel="flow-matching loss", title=title)
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
-
-
-def _side_by_side(images: list[Image.Image], labels: list[str], path: Path) -> Path:
-    from PIL import ImageDraw
-
-    width, height = images[0].size
-    canvas = Image.new("RGB", (width * len(images), height + 14), "white")
-    draw = ImageDraw.Draw(canvas)
-    for index, (image, label) in enumerate(zip(images, labels, strict=True)):
-        canvas.paste(image, (index * width, 14))
-        draw.text((index * width + 2, 1), label, fill="black")
-    canvas.save(path)
-    return path
-
-
-def _generate(family: ModelFamily, run: RunConfig, pipeline: object) -> Image.Image:
-    width, height = _validation_size(run.training.validation_resolution)
-    return pipeline(  # type: ignore[operator]
-        prompt=run.training.validation_prompt,
-        height=height,
-        width=width,
-        num_inference_steps=run.training.validation_num_inference_steps,
-        guidance_scale=run.training.validation_guidance,
-        generator=torch.Generator().manual_seed(run.training.validation_seed or run.seed),
-    ).images[0]
-
-
-def _load_demo_config(config_path: Path) -> RunConfig:
-    """Load a demo config, summing up rather than listing the keys raytuner's training lacks yet.
-
-    The demo's own single-process loop reads max_train_steps, train_batch_size, resolution and the
-    validation keys, which the compatibility table still lists as not yet supported by training.
-    """
-    with quiet_config_logging():
-        run = load_config(config_path)
-    unsupported = [warning for warning in run.warnings if ": accepted, not yet supported: " in warning]
-    for warning in run.warnings:
-        if warning not in unsupported:
-            logger.warning(warning)
-    if unsupported:
-        logger.info(
-            "%s: %d key(s) are not yet supported by raytuner's training; the demo's own loop reads "
-            "max_train_steps, train_batch_size, resolution and the validation keys "
-            "(`raytuner check-config --config %s` lists them all)",
-            config_path,
-            len(unsupported),
-            config_path,
-        )
-    return run
+    datasets: list[DatasetConfig] = image_datasets(run)
+    size = int(datasets[0].resolution or 64)
+    items = synthetic_images(DEMO_IMAGES + DEMO_EVAL_IMAGES, width=size, height=size, seed=run.seed)
+    for dataset in datasets:
+        folder = dataset.instance_data_dir
+        assert folder is not None
+        if folder.is_dir() and any(folder.glob("*.png")):
+            continue
+        chosen = items[DEMO_IMAGES:] if dataset.dataset_type == "eval" else items[:DEMO_IMAGES]
+        write_dataset(folder, chosen)
 
 
 def run_family_demo(config_path: Path, steps: int | None = None) -> DemoResult:
-    run = _load_demo_config(config_path)
-    family_name = run.training.model_family
-    # Refuse an optimiser raytuner cannot run before building or drawing anything.
-    try:
-        optimizer_settings(run.training)
-    except OptimizerError as error:
-        raise DemoError(f"{config_path}: {error}") from error
-    dataset = next(d for d in run.enabled_datasets if d.needs_images)
-    _prepare_inputs(run, dataset)
-
-    family = get_family(family_name)(run.training.pretrained_model_name_or_path or "")
-    output_dir = run.training.output_dir
-    output_dir.mkdir(parents=True, exist_ok=True)
-    resolved = run.to_dict()
-    (output_dir / "raytuner_config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
-
-    # The cache step: Ray Data encodes the images and captions into Parquet (only what is new).
-    cache = run_cache(run, BuildOptions())
-    logger.info("%s cache:\n%s", family_name, cache.table())
-    data = open_training_data(run)
-
-    transformer = family.load_transformer()
-    assert run.lycoris is not None
-    network, report = build_adapter(
-        transformer, run.lycoris, module_aliases=family.module_aliases, seed=run.seed
-    )
-    parameters = [p for p in network.parameters() if p.requires_grad]
-    optimizer = build_optimizer(parameters, run.training)
-    schedule = flow_schedule_from_config(run.training)
-    total_steps = steps if steps is not None else (run.training.max_train_steps or 30)
-    lr_scheduler = build_lr_scheduler(optimizer, run.training, total_steps=total_steps)
-    # One process and one optimizer step per batch: the global batch is train_batch_size
-    # (gradient accumulation comes with raytuner train).
-    shape = BatchShape(per_worker=run.training.train_batch_size)
-
-    losses: list[float] = []
-    progress = tqdm(total=total_steps, desc=f"{family_name} LoKr", unit="step")
-    for step, batch in enumerate(_global_batches(data, shape, run)):
-        if step == total_steps:
-            break
-        keys = batch.slice_for(shape, rank=0)
-        latents, conditioning = data.batch(batch, keys, seed=run.seed, step=step)
-        seeds = batch.seeds_for(shape, rank=0, seed=run.seed, step=step)
-        result = train_step(
-            family,
-            transformer,
-            parameters,
-            optimizer,
-            latents,
-            family.collate_conditioning(conditioning),
-            schedule,
-            generator=sample_generators(seeds),
-            max_grad_norm=run.training.max_grad_norm,
-            grad_clip_method=run.training.grad_clip_method,
-        )
-        lr_scheduler.step()
-        losses.append(result.loss)
-        progress.update()
-        progress.set_postfix(loss=f"{result.loss:.4f}")
-    progress.close()
-
-    adapter = save_adapter(
-        network,
-        output_dir,
-        metadata={"raytuner_family": family_name, "lycoris_config": resolved["lycoris"]},
-    )
-    loss_plot = _save_loss_plot(losses, output_dir / "loss.png", f"{family_name}: LoKr on synthetic shapes")
-
-    # Tiny random-weight models have nothing to screen; validation runs unscreened, logged once.
-    pipeline = family.build_pipeline(**family.pipeline_components(allow_unscreened=True))
-    base_image = _generate(family, run, pipeline)
-    load_adapter(adapter, pipeline.transformer, scale=1.0, merge=True)
-    adapted_image = _generate(family, run, pipeline)
-    validation_dir = output_dir / "validation"
-    validation_dir.mkdir(exist_ok=True)
-    validation_image = _side_by_side(
-        [base_image, adapted_image], ["base", "LoKr"], validation_dir / f"step{total_steps:05d}.png"
-    )
-    logger.info("%s: %s", family_name, report.summary())
+    run = load_config(config_path)
+    if steps is not None:
+        run.training.max_train_steps = steps
+    _prepare_inputs(run)
+    outcome = run_training(run, resolve_settings(run, RayOverrides()))
+    entries = read_metrics(outcome.output_dir / "logs" / "metrics.jsonl")
+    losses = [e["loss"] for e in entries if e.get("kind", "train") == "train"]
+    evals = [e["eval_loss"] for e in entries if e.get("kind") == "eval"]
     return DemoResult(
-        family=family_name,
-        images=cache.datasets[0].images,
-        encoded=cache.encoded,
-        steps=total_steps,
+        family=run.training.model_family,
+        outcome=outcome,
         first_loss=losses[0],
         last_loss=losses[-1],
-        adapter=adapter,
-        validation_image=validation_image,
-        loss_plot=loss_plot,
+        first_eval_loss=evals[0] if evals else None,
     )
-
-
-def _global_batches(data: TrainingData, shape: BatchShape, run: RunConfig) -> Iterator[GlobalBatch]:
-    """The seeded epoch plans, one epoch after another."""
-    for epoch in itertools.count():
-        yield from data.plan(shape, seed=run.seed, epoch=epoch).batches
 
 
 def _summary_table(results: list[DemoResult]) -> str:
     header = (
         "family",
-        "cached images",
-        "encoded now",
         "steps",
         "first loss",
         "last loss",
+        "eval loss (start -> end)",
         "adapter",
         "validation",
     )
-    rows = [
-        (
-            r.family,
-            str(r.images),
-            str(r.encoded),
-            str(r.steps),
-            f"{r.first_loss:.4f}",
-            f"{r.last_loss:.4f}",
-            str(r.adapter),
-            str(r.validation_image),
+    rows = []
+    for r in results:
+        evaluation = (
+            f"{r.first_eval_loss:.4f} -> {r.outcome.eval_loss:.4f}"
+            if r.first_eval_loss is not None and r.outcome.eval_loss is not None
+            else "-"
         )
-        for r in results
-    ]
+        rows.append(
+            (
+                r.family,
+                str(r.outcome.steps),
+                f"{r.first_loss:.4f}",
+                f"{r.last_loss:.4f}",
+                evaluation,
+                str(r.outcome.adapter),
+                str(r.outcome.output_dir / "validation" / "grid.png"),
+            )
+        )
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
@@ -292,11 +137,14 @@ def demo_main(
                 raise DemoError(
                     f"demo config {config_path} not found: run from the repository root or pass --configs DIR"
                 )
-        with ray_session():
+        # One local Ray for every family (with its dashboard on 127.0.0.1, as raytuner train starts it).
+        with ray_session(dashboard=True):
             for config_path in config_paths:
                 results.append(run_family_demo(config_path, steps))
-    except (DemoError, OptimizerError, AdapterError, *EXPECTED_ERRORS) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (DemoError, TrainError, *TRAIN_ERRORS) as error:
+        lines = getattr(error, "problems", None) or (str(error),)
+        for line in lines:
+            print(f"error: {line}", file=sys.stderr)
         return 2
     print()
     print(_summary_table(results))

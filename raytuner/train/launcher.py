@@ -22,7 +22,13 @@ from raytuner.data.plan import PlanError
 from raytuner.evaluate.metrics import read_metrics, report_to_problem
 from raytuner.ray_runtime import ray_session, unwrap_error
 from raytuner.storage import Location, StorageError
-from raytuner.train.layout import LayoutError, on_cluster, place_under_shared_root, write_marker
+from raytuner.train.layout import (
+    LayoutError,
+    on_cluster,
+    pin_local_paths,
+    place_under_shared_root,
+    write_marker,
+)
 from raytuner.train.loop import FailureInjection, TrainJob, train_worker
 from raytuner.train.optim import OptimizerError, build_lr_scheduler, optimizer_settings
 from raytuner.train.settings import RayOverrides, RaySettings, SettingsError, resolve_settings, run_name
@@ -142,6 +148,14 @@ def _marker_locations(run: RunConfig, settings: RaySettings, name: str) -> list[
     return locations
 
 
+# Ray Train's controller takes each worker's report off a one-slot queue when it polls, every
+# 2 s by default: a worker reporting every step would wait up to 2 s per step. Polling every
+# 0.1 s keeps a step's report off its critical path (Ray Train hands this variable on to its
+# controller); a value set in the environment wins.
+REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+REPORT_POLL_S = "0.1"
+
+
 def build_trainer(job: TrainJob, settings: RaySettings) -> object:
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
@@ -151,6 +165,7 @@ def build_trainer(job: TrainJob, settings: RaySettings) -> object:
     if settings.use_gpu:
         resources["GPU"] = settings.gpus_per_worker
     filesystem, storage_path = _storage(settings)
+    os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
     return TorchTrainer(
         train_worker,
         train_loop_config={"job": job},
@@ -180,6 +195,13 @@ def run_training(
 
     if on_cluster():
         _place_on_cluster(run, settings)
+    for line in pin_local_paths(run):
+        if on_cluster():
+            logger.warning(
+                "%s of the head node's copy of the job: workers on other nodes cannot read it; "
+                "use a hub id or a folder every node mounts",
+                line,
+            )
     name = run_name(run)
     problems = check_training_settings(run, settings)
     if problems:

@@ -93,6 +93,39 @@ def place_under_shared_root(run: RunConfig, root: str, *, working_dir: Path | No
     return moved
 
 
+def pin_local_paths(run: RunConfig, *, working_dir: Path | None = None) -> list[str]:
+    """Make relative local paths absolute, against the driver's working directory.
+
+    Ray Train starts each worker in a working directory of its own, so a relative model folder
+    or cache folder would point somewhere else there. Hub ids and URIs are left alone. Returns
+    one line per model folder that only this node can see, for a warning on a cluster.
+    """
+    working_dir = (working_dir or Path.cwd()).resolve()
+    training = run.training
+    only_here = []
+    for key in ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path"):
+        value = getattr(training, key)
+        if not value or has_scheme(value):
+            continue
+        path = Path(value).expanduser()
+        if not path.is_absolute() and (working_dir / path).is_dir():
+            setattr(training, key, str(working_dir / path))
+            only_here.append(f"{key} {value} is inside the working directory")
+    datasets = []
+    for dataset in run.datasets:
+        changes: dict[str, str] = {}
+        for key in ("cache_dir_vae", "cache_dir"):
+            value = getattr(dataset, key)
+            if not value or has_scheme(value) or Path(value).is_absolute():
+                continue
+            if dataset.type == "aws":
+                continue  # a prefix inside the dataset's bucket
+            changes[key] = str(working_dir / value)
+        datasets.append(replace(dataset, **changes) if changes else dataset)
+    run.datasets = datasets
+    return only_here
+
+
 def write_marker(locations: list[Location]) -> SharedRootMarker:
     """Write a marker with a fresh token at each location (the driver, before the workers start)."""
     token = secrets.token_hex(16)

@@ -22,6 +22,9 @@ from safetensors.torch import load_file
 
 from raytuner.adapters import ADAPTER_FILENAME, load_adapter
 from raytuner.config import RunConfig
+from raytuner.data.plan import BatchShape
+from raytuner.data.reader import caption_dropped, eval_caches, open_training_data
+from raytuner.evaluate.eval_loss import eval_samples, evaluation_loss
 from raytuner.evaluate.metrics import read_metrics
 from raytuner.models.registry import get_family
 from raytuner.train.launcher import INJECT_FAILURE_ENV, TrainError, TrainOutcome, run_training
@@ -78,6 +81,7 @@ BASE: dict[str, Any] = {
     "validation_num_inference_steps": 2,
     "validation_guidance": 2.0,
     "eval_timesteps": 4,
+    "eval_steps_interval": 4,
     "use_ema": True,
     "ema_decay": 0.9,
     "report_to": "tensorboard",
@@ -133,7 +137,7 @@ def test_two_workers_train_validate_evaluate_and_write_every_output(two_workers:
     # Every report carries the latest eval loss, from the step-0 baseline on.
     assert all("eval_loss" in line for line in lines)
     evals = [e for e in read_metrics(output / "logs" / "metrics.jsonl") if e.get("kind") == "eval"]
-    assert [e["step"] for e in evals] == [0, STEPS]
+    assert [e["step"] for e in evals] == [0, 4, STEPS]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     for key in ("loss", "lr", "grad_norm", "samples_per_second", "step_time_s", "data_wait_fraction"):
         assert all(isinstance(line[key], float) for line in lines), key
@@ -236,3 +240,39 @@ def test_a_run_without_retries_fails_with_one_line(
     with pytest.raises(TrainError) as raised:
         train(tmp_path, cosmos_data, workers=1, max_train_steps=2, validation_prompt=None)
     assert "\n" not in str(raised.value)
+
+
+def test_caption_dropout_trains_on_the_cached_empty_prompt(
+    two_workers: TrainOutcome, cosmos_data: Data, tmp_path: Path
+) -> None:
+    run = load_run(tmp_path, cosmos_data)
+    data = open_training_data(run)
+    batch = data.plan(BatchShape(per_worker=2, workers=2), seed=run.seed, epoch=0).batches[0]
+    empty = data.text.conditioning([data.text.role_key("empty")])[0]["prompt_embeds"]
+    _, kept = data.batch(batch, batch.keys, seed=run.seed, step=1, caption_dropout=0.0)
+    _, dropped = data.batch(batch, batch.keys, seed=run.seed, step=1, caption_dropout=1.0)
+    assert all(torch.equal(item["prompt_embeds"], empty) for item in dropped)
+    assert not any(torch.equal(item["prompt_embeds"], empty) for item in kept)
+    # caption_dropout_probability 0.3: about 3 draws in 10, the same on every rank and every run.
+    draws = [caption_dropped(run.seed, key, step, 0.3) for key in batch.keys for step in range(250)]
+    assert 0.25 < sum(draws) / len(draws) < 0.35
+    assert draws == [caption_dropped(run.seed, key, step, 0.3) for key in batch.keys for step in range(250)]
+
+
+def test_eval_loss_is_stable_and_uses_the_configured_images_and_noise_levels(
+    two_workers: TrainOutcome, cosmos_data: Data, tmp_path: Path
+) -> None:
+    run = load_run(tmp_path, cosmos_data, num_eval_images=4)
+    family = get_family("cosmos2image")(cosmos_data.model)
+    transformer = family.load_transformer()
+    caches, text = eval_caches(run), open_training_data(run).text
+    assert len(eval_samples(caches, run.training.num_eval_images)) == 2  # all the held-out images
+    assert len(eval_samples(caches, 1)) == 1
+
+    def loss(timesteps: int, limit: int = 4) -> float:
+        samples = eval_samples(caches, limit)
+        return evaluation_loss(family, transformer, samples, caches, text, timesteps=timesteps, batch_size=2)
+
+    assert loss(4) == loss(4)  # fixed noise and noise levels: the same weights, the same number
+    assert loss(4) != loss(8)
+    assert loss(4, limit=1) != loss(4)

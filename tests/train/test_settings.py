@@ -1,0 +1,153 @@
+"""The Ray layout of a run without Ray: ray_* keys and flags, cluster paths, the shared-root check,
+checkpoint manifests, and the errors a bad training config gets before any work starts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from raytuner.cli import main
+from raytuner.config import ConfigError, RunConfig
+from raytuner.storage import Location
+from raytuner.train import state
+from raytuner.train.launcher import _steps, check_training_settings
+from raytuner.train.layout import (
+    LayoutError,
+    check_marker,
+    pin_local_paths,
+    place_under_shared_root,
+    write_marker,
+)
+from raytuner.train.loop import FailureInjection, checkpoint_name, checkpoint_step
+from raytuner.train.settings import RayOverrides, resolve_settings, run_name
+from tests.cache.helpers import image_dataset, text_dataset, write_run_files
+
+
+def load(tmp_path: Path, model: Path, **config: object) -> RunConfig:
+    datasets = [image_dataset(tmp_path / "images", "cache/vae"), text_dataset("cache/text")]
+    (tmp_path / "images").mkdir(exist_ok=True)
+    return write_run_files(tmp_path, model, datasets, **config).load()
+
+
+def test_ray_num_workers_defaults_to_num_processes_and_flags_win(
+    tmp_path: Path, tiny_cosmos_dir: Path
+) -> None:
+    assert resolve_settings(load(tmp_path, tiny_cosmos_dir)).num_workers == 1
+    run = load(tmp_path, tiny_cosmos_dir, num_processes=4)
+    settings = resolve_settings(run)
+    # Sized from the config alone: no GPU needs to be up when the job is submitted.
+    assert (settings.num_workers, settings.gpus_per_worker, settings.cpus_per_worker) == (4, 0.0, 1.0)
+    run = load(tmp_path, tiny_cosmos_dir, num_processes=4, ray_num_workers=2, ray_gpus_per_worker=1)
+    settings = resolve_settings(run)
+    assert (settings.num_workers, settings.use_gpu) == (2, True)
+    overridden = resolve_settings(run, RayOverrides(num_workers=3, gpus_per_worker=0, max_failures=-1))
+    assert (overridden.num_workers, overridden.use_gpu, overridden.max_failures) == (3, False, -1)
+
+
+def test_checkpoints_live_under_output_dir_unless_ray_storage_path_says_otherwise(
+    tmp_path: Path, tiny_cosmos_dir: Path
+) -> None:
+    run = load(tmp_path, tiny_cosmos_dir)
+    assert resolve_settings(run).storage_path == str(run.training.output_dir / "ray")
+    run = load(tmp_path, tiny_cosmos_dir, ray_storage_path="s3://bucket/runs/")
+    assert resolve_settings(run).storage_path == "s3://bucket/runs"
+    # The run's name is stable for one output_dir (Ray Train's restore finds it) and differs for another.
+    assert run_name(run) == run_name(load(tmp_path, tiny_cosmos_dir, ray_storage_path="s3://bucket/runs/"))
+    assert run_name(run) != run_name(load(tmp_path, tiny_cosmos_dir, output_dir=str(tmp_path / "other")))
+
+
+def test_num_train_epochs_sets_the_step_count_when_max_train_steps_is_unset(
+    tmp_path: Path, tiny_cosmos_dir: Path
+) -> None:
+    run = load(tmp_path, tiny_cosmos_dir, max_train_steps=0, num_train_epochs=3)
+    assert _steps(run, steps_per_epoch=5) == 15
+    assert (
+        _steps(load(tmp_path, tiny_cosmos_dir, max_train_steps=7, num_train_epochs=3), steps_per_epoch=5) == 7
+    )
+
+
+def test_on_a_cluster_relative_outputs_and_caches_move_under_the_shared_root(
+    tmp_path: Path, tiny_cosmos_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_copy = tmp_path / "job"
+    job_copy.mkdir()
+    monkeypatch.chdir(job_copy)
+    run = load(job_copy, tiny_cosmos_dir, output_dir="output/run")
+    shared = tmp_path / "shared"
+    moved = place_under_shared_root(run, str(shared))
+    assert run.training.output_dir == shared / "output/run"
+    assert {d.id: d.cache_dir_vae or d.cache_dir for d in run.datasets} == {
+        "shapes": str(shared / "cache/vae"),
+        "text-embeds": str(shared / "cache/text"),
+    }
+    assert len(moved) == 3
+    with pytest.raises(LayoutError, match="object storage"):
+        place_under_shared_root(load(job_copy, tiny_cosmos_dir, output_dir="output/run"), "s3://bucket/root")
+
+
+def test_relative_model_and_cache_paths_are_pinned_for_the_workers(
+    tmp_path: Path, tiny_cosmos_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").symlink_to(tiny_cosmos_dir.parent)
+    run = load(tmp_path, Path("models") / tiny_cosmos_dir.name)
+    assert pin_local_paths(run)
+    assert run.training.pretrained_model_name_or_path == str(tmp_path / "models" / tiny_cosmos_dir.name)
+    assert all(Path(d.cache_dir_vae or d.cache_dir or "").is_absolute() for d in run.datasets)
+
+
+def test_a_worker_that_cannot_see_the_shared_root_fails_clearly(tmp_path: Path) -> None:
+    seen, unseen = Location(uri=str(tmp_path / "seen")), Location(uri=str(tmp_path / "unseen"))
+    marker = write_marker([seen])
+    check_marker(marker, [seen], node="node-1")
+    with pytest.raises(LayoutError, match=r"worker on node node-1: .*unseen is not readable here"):
+        check_marker(marker, [unseen], node="node-1")
+    other = write_marker([unseen])
+    (tmp_path / "unseen" / "raytuner_shared_root.json").write_text(json.dumps({"token": "x"}))
+    with pytest.raises(LayoutError, match="another run's marker"):
+        check_marker(other, [unseen], node="node-2")
+
+
+def test_a_checkpoint_is_refused_unless_written_whole(tmp_path: Path) -> None:
+    folder = tmp_path / checkpoint_name(4)
+    state.write_state(folder, {"step": 4})
+    state.write_rng(folder, 0)
+    with pytest.raises(state.CheckpointError, match=r"no raytuner_checkpoint\.json"):
+        state.read_manifest(folder)
+    state.write_manifest(folder, step=4, world_size=2, steps_per_epoch=3)
+    info = state.read_manifest(folder)
+    assert (info.step, info.world_size, info.steps_per_epoch) == (4, 2, 3)
+    assert checkpoint_step(str(folder)) == 4 and checkpoint_step(str(tmp_path / "other")) is None
+    data = (folder / state.STATE_NAME).read_bytes()
+    (folder / state.STATE_NAME).write_bytes(data[: len(data) // 2])
+    with pytest.raises(state.CheckpointError, match="missing or truncated"):
+        state.read_manifest(folder)
+
+
+def test_a_bad_training_config_is_refused_before_ray_starts(
+    tmp_path: Path, tiny_cosmos_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = load(tmp_path, tiny_cosmos_dir, report_to="wandb", validation_resolution="64x")
+    problems = "\n".join(check_training_settings(run, resolve_settings(run)))
+    assert "'report_to' = 'wandb': not implemented yet" in problems
+    assert "validation_resolution '64x'" in problems
+    with pytest.raises(ConfigError, match="'fp16' is not supported yet; use one of: no, bf16"):
+        load(tmp_path, tiny_cosmos_dir, mixed_precision="fp16")
+    half_written = tmp_path / "half"
+    state.write_state(half_written, {"step": 1})
+    config = write_run_files(
+        tmp_path,
+        tiny_cosmos_dir,
+        [image_dataset(tmp_path / "images", "cache/vae"), text_dataset("cache/text")],
+        resume_from_checkpoint=str(half_written),
+    ).config
+    assert main(["train", "--config", str(config)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "resume_from_checkpoint" in error[0] and "not a complete" in error[0]
+
+
+def test_failure_injection_is_parsed_from_its_environment_form() -> None:
+    parsed = FailureInjection.parse("step=5,rank=1", default_marker="m")
+    assert (parsed.step, parsed.rank, parsed.marker) == (5, 1, "m")
