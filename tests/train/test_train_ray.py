@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -276,3 +277,19 @@ def test_eval_loss_is_stable_and_uses_the_configured_images_and_noise_levels(
     assert loss(4) == loss(4)  # fixed noise and noise levels: the same weights, the same number
     assert loss(4) != loss(8)
     assert loss(4, limit=1) != loss(4)
+
+
+def test_checkpoints_on_object_storage_are_written_and_resumed_from(
+    ray_cluster, s3_server, cosmos_data: Data, tmp_path: Path
+) -> None:
+    bucket = s3_server.create_bucket("raytuner-runs")
+    storage = f"s3://{bucket}/checkpoints"
+    options = {"workers": 1, "ray_storage_path": storage, "validation_prompt": None, "use_ema": False}
+    first = train(tmp_path, cosmos_data, max_train_steps=2, checkpoint_step_interval=1, **options)
+    filesystem = s3_server.filesystem()
+    listed = filesystem.get_file_info(pafs.FileSelector(f"{bucket}/checkpoints", recursive=True))
+    names = {info.path.rsplit("/", 1)[-1] for info in listed}
+    assert {"raytuner_checkpoint.json", "training_state.pt", ADAPTER_FILENAME} <= names
+    assert first.checkpoint is not None and "checkpoint-0000002" in first.checkpoint
+    resumed = train(tmp_path, cosmos_data, max_train_steps=3, checkpoint_step_interval=1, **options)
+    assert [line["step"] for line in train_lines(resumed.output_dir)] == [1, 2, 3]
