@@ -39,8 +39,9 @@ def run_cache(run: RunConfig, options: BuildOptions) -> CacheSummary:
 def check_batches(run: RunConfig, *, workers: int | None = None) -> int:
     """Plan epoch 0 from the committed caches: every training dataset fills a global batch.
 
-    The global batch is SimpleTuner's: ``train_batch_size`` x ``num_processes`` x
-    ``gradient_accumulation_steps``. Raises PlanError ("no images detected in dataset ...").
+    The global batch is SimpleTuner's: ``train_batch_size`` x workers x
+    ``gradient_accumulation_steps``, with ``workers`` as given, else ``ray_num_workers``, else
+    ``num_processes``. Raises PlanError ("no images detected in dataset ...").
     Returns the number of global batches per epoch.
     """
     training = run.training
