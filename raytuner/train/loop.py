@@ -350,9 +350,7 @@ class Worker:
         return bool(interval) and self.step % int(interval) == 0
 
     def train(self, reporter: Reporter) -> None:
-        if self.restore_latest(reporter):
-            pass
-        elif self.job.start_from:
+        if not self.restore_latest(reporter) and self.job.start_from:
             from ray.train import Checkpoint
 
             with Checkpoint(self.job.start_from).as_directory() as folder:

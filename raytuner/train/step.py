@@ -69,7 +69,7 @@ def autocast(device: torch.device, mixed_precision: str) -> contextlib.AbstractC
 def micro_batch_loss(
     family: ModelFamily,
     transformer: torch.nn.Module,
-    network: LycorisNetwork,
+    network: LycorisNetwork | None,
     batch: MicroBatch,
     schedule: flow.FlowSchedule,
     *,
@@ -81,6 +81,8 @@ def micro_batch_loss(
             return family.training_loss(
                 transformer, batch.latents, batch.conditioning, schedule, generator=batch.generators
             ).loss
+    if network is None:
+        raise ValueError("a regularisation batch needs the adapter network, to switch it off")
     latents = batch.latents.to(family.device, torch.float32)
     noise, sigmas = family.sample_noise_and_sigmas(latents, schedule, generator=batch.generators)
     noisy_latents = flow.add_noise(latents, noise, sigmas)
@@ -94,7 +96,7 @@ def micro_batch_loss(
 def optimizer_step(
     family: ModelFamily,
     transformer: torch.nn.Module,
-    network: LycorisNetwork,
+    network: LycorisNetwork | None,
     parameters: list[torch.nn.Parameter],
     optimizer: torch.optim.Optimizer,
     micro_batches: Sequence[MicroBatch],
@@ -167,15 +169,15 @@ def train_step(
     max_grad_norm: float | None = None,
     grad_clip_method: str = "value",
 ) -> StepResult:
-    """One ordinary batch, one process: forward, backward, clip (``value`` or ``norm``), step."""
-    optimizer.zero_grad(set_to_none=True)
-    output = family.training_loss(transformer, latents, conditioning, schedule, generator=generator)
-    output.loss.backward()
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in adapter_parameters if p.grad is not None])
-    if max_grad_norm is not None and max_grad_norm > 0:
-        if grad_clip_method == "norm":
-            torch.nn.utils.clip_grad_norm_(adapter_parameters, max_grad_norm)
-        else:
-            torch.nn.utils.clip_grad_value_(adapter_parameters, max_grad_norm)
-    optimizer.step()
-    return StepResult(loss=float(output.loss.detach()), grad_norm=float(grad_norm))
+    """One ordinary batch on one process: :func:`optimizer_step` with a single micro-batch."""
+    return optimizer_step(
+        family,
+        transformer,
+        None,
+        adapter_parameters,
+        optimizer,
+        [MicroBatch(latents=latents, conditioning=conditioning, generators=generator)],
+        schedule,
+        max_grad_norm=max_grad_norm,
+        grad_clip_method=grad_clip_method,
+    )
