@@ -17,6 +17,18 @@ logger = logging.getLogger(__name__)
 MIN_LOCAL_CPUS = 8
 
 
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def local_logical_cpus() -> int:
     return max(MIN_LOCAL_CPUS, 2 * (os.cpu_count() or 1))
 
@@ -40,12 +52,20 @@ def ray_session(*, dashboard: bool = False) -> Iterator[None]:
     else:
         cpus = local_logical_cpus()
         logger.info("starting a local Ray with %d logical CPUs (set RAY_ADDRESS to use a cluster)", cpus)
-        options = (
-            {"include_dashboard": True, "dashboard_host": "127.0.0.1"}
-            if dashboard
-            else {"include_dashboard": False}
-        )
-        ray.init(num_cpus=cpus, log_to_driver=True, **options)
+        options: dict[str, object] = {"include_dashboard": False}
+        if dashboard:
+            port = free_port()
+            options = {
+                "include_dashboard": True,
+                "dashboard_host": "127.0.0.1",
+                "dashboard_port": port,
+                # Ray Train's placement-group cleaner asks the State API for its controller without
+                # an address, which otherwise means the last Ray started on this machine: with two
+                # Rays up it would ask the wrong one and remove a live run's workers.
+                "runtime_env": {"env_vars": {API_SERVER_ENV: f"http://127.0.0.1:{port}"}},
+            }
+        # address="local": a Ray of our own, never one another process started on this machine.
+        ray.init(address="local", num_cpus=cpus, log_to_driver=True, **options)
     try:
         yield
     finally:

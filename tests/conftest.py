@@ -125,6 +125,11 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server) -
     from ray.cluster_utils import Cluster
 
     temp_dir = tmp_path_factory.mktemp("ray")
+    dashboard_port = _free_port()
+    # Ray Train's placement-group cleaner finds the State API through this variable, not through
+    # the last Ray started on the machine (the demo and job-submit tests start others).
+    saved_api_server = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     cluster = Cluster(
         initialize_head=True,
         # The dashboard (on loopback) serves the State API that Ray Train's clean-up of finished runs
@@ -134,7 +139,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server) -
             "temp_dir": str(temp_dir),
             "include_dashboard": True,
             "dashboard_host": "127.0.0.1",
-            "dashboard_port": _free_port(),
+            "dashboard_port": dashboard_port,
         },
     )
     cluster.add_node(num_cpus=4)
@@ -145,6 +150,10 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server) -
     finally:
         ray.shutdown()
         cluster.shutdown()
+        if saved_api_server is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = saved_api_server
 
 
 # Runs after every other test: it checks that the tests named by the compatibility table passed.

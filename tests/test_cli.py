@@ -65,7 +65,8 @@ def test_offline_demo_runs_end_to_end(tmp_path: Path) -> None:
     command = [str(Path(sys.executable).with_name("raytuner")), "demo", "--steps", "4"]
     # The demo starts its own local Ray; give it a temp dir of its own (short: Ray puts sockets there).
     ray_temp = tempfile.mkdtemp(prefix="rt-demo-")
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    # The demo starts a Ray of its own: nothing of the session's Ray may leak into it.
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
     try:
         finished = subprocess.run(
             command,
