@@ -230,11 +230,16 @@ def test_the_readme_states_the_current_counts() -> None:
 
 
 def _asserts_something(function: Any) -> bool:
-    """True when the test's own body holds an assert or a pytest.raises / pytest.warns block."""
+    """True when the test's own body holds an assert, a pytest.raises / pytest.warns block, or a
+    call to an ``assert_*`` function (``torch.testing.assert_close`` and the like)."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
     for node in ast.walk(tree):
         if isinstance(node, ast.Assert):
             return True
+        if isinstance(node, ast.Call):
+            name = getattr(node.func, "attr", None) or getattr(node.func, "id", "")
+            if name.startswith("assert_"):
+                return True
         if (
             isinstance(node, ast.Attribute)
             and node.attr in ("raises", "warns")
