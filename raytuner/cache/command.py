@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from raytuner.cache.build import BuildOptions, CacheSummary, build_cache, check_cache_settings
+from raytuner.cache.build import BuildOptions, CacheSummary, Encoders, build_cache, check_cache_settings
 from raytuner.cache.format import CacheError
 from raytuner.config import ConfigError, RunConfig, check_run, load_config
 from raytuner.data.plan import BatchShape, PlanError
@@ -18,14 +18,23 @@ logger = logging.getLogger(__name__)
 EXPECTED_ERRORS = (ConfigError, CacheError, StorageError, PlanError)
 
 
-def run_cache(run: RunConfig, options: BuildOptions) -> CacheSummary:
-    """Build the caches of a loaded run, on the connected Ray (or a local one); Ray errors unwrapped."""
-    import ray
-
+def check_cache_inputs(run: RunConfig) -> Encoders:
+    """Everything the cache build needs, checked before Ray starts: datasets, settings, encoders."""
     problems = check_run(run)
     if problems:
         raise ConfigError(problems)
-    encoders = check_cache_settings(run)
+    return check_cache_settings(run)
+
+
+def run_cache(run: RunConfig, options: BuildOptions, encoders: Encoders | None = None) -> CacheSummary:
+    """Build the caches of a loaded run, on the connected Ray (or a local one); Ray errors unwrapped.
+
+    ``encoders`` is :func:`check_cache_inputs`' result when the caller checked already.
+    """
+    import ray
+
+    if encoders is None:
+        encoders = check_cache_inputs(run)
     with ray_session():
         try:
             return build_cache(run, options, encoders)

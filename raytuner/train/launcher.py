@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raytuner.cache.build import BuildOptions, cache_location, image_datasets, text_dataset
-from raytuner.cache.command import EXPECTED_ERRORS, check_batches, run_cache
+from raytuner.cache.command import EXPECTED_ERRORS, check_batches, check_cache_inputs, run_cache
 from raytuner.config import ConfigError, RunConfig, load_config, record_seed
 from raytuner.config.paths import display, has_scheme
 from raytuner.data.plan import PlanError
@@ -206,6 +206,8 @@ def run_training(
     problems = check_training_settings(run, settings)
     if problems:
         raise ConfigError(problems)
+    # Datasets, cache settings and both encoders are checked here, before Ray starts.
+    encoders = check_cache_inputs(run)
     if not _resumes_latest(run) and _previous_run_exists(settings, name):
         raise TrainError(
             f"{settings.storage_path}/{name} holds checkpoints of an earlier run of this output_dir and "
@@ -215,7 +217,7 @@ def run_training(
     with ray_session(dashboard=True):
         run.training.output_dir.mkdir(parents=True, exist_ok=True)
         record_seed(run)  # a drawn seed is kept, so resuming this output_dir replays the same plan
-        summary = run_cache(run, build_options or BuildOptions())
+        summary = run_cache(run, build_options or BuildOptions(), encoders)
         logger.info("cache:\n%s", summary.table())
         steps_per_epoch = check_batches(run, workers=settings.num_workers)
         total_steps = _steps(run, steps_per_epoch)

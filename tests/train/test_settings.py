@@ -151,3 +151,21 @@ def test_a_bad_training_config_is_refused_before_ray_starts(
 def test_failure_injection_is_parsed_from_its_environment_form() -> None:
     parsed = FailureInjection.parse("step=5,rank=1", default_marker="m")
     assert (parsed.step, parsed.rank, parsed.marker) == (5, 1, "m")
+
+
+def test_a_missing_dataset_folder_is_refused_before_ray_starts(
+    tmp_path: Path,
+    tiny_cosmos_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = write_run_files(
+        tmp_path,
+        tiny_cosmos_dir,
+        [image_dataset(tmp_path / "no-such-folder", "cache/vae"), text_dataset("cache/text")],
+    ).config
+    with caplog.at_level("INFO"):
+        assert main(["train", "--config", str(config)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "'instance_data_dir'" in line and "folder does not exist" in line
+    assert not any("starting a local Ray" in record.getMessage() for record in caplog.records)
