@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from raytuner.ray_runtime import free_port
+
 # Tests never reach a model hub: everything they load is built offline by raytuner itself.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -60,21 +62,13 @@ class S3Server:
         return name
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     """moto's S3 server bound to 127.0.0.1; its address and keys are exported as AWS_* variables
     before Ray starts, so Ray workers on every node reach it through the default credential chain."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     info = S3Server(endpoint_url=f"http://127.0.0.1:{port}")
@@ -125,7 +119,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server) -
     from ray.cluster_utils import Cluster
 
     temp_dir = tmp_path_factory.mktemp("ray")
-    dashboard_port = _free_port()
+    dashboard_port = free_port()
     # Ray Train's placement-group cleaner finds the State API through this variable, not through
     # the last Ray started on the machine (the demo and job-submit tests start others).
     saved_api_server = os.environ.get("RAY_API_SERVER_ADDRESS")

@@ -10,7 +10,6 @@ used (the first by cache key, so always the same ones); the workers split them a
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 
 from raytuner import flow
 from raytuner.config.run import RunConfig
+from raytuner.data.plan import sample_generators, sample_seed
 from raytuner.data.reader import LatentCache, TextCache
 from raytuner.models.base import ModelFamily
 from raytuner.train.step import autocast
@@ -57,11 +57,6 @@ def eval_sigmas(count: int) -> torch.Tensor:
     return torch.linspace(1.0, 1.0 / count, count)
 
 
-def _noise_seed(key: str) -> int:
-    digest = hashlib.sha256(f"{EVAL_NOISE_SEED}:eval:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
 @torch.no_grad()
 def evaluation_loss(
     family: ModelFamily,
@@ -96,14 +91,10 @@ def evaluation_loss(
                 conditioning = family.collate_conditioning(
                     text.conditioning([cache.caption_key(key, seed=0, step=0) for key in chunk])
                 )
-                noise = torch.stack(
-                    [
-                        torch.randn(
-                            latents.shape[1:], generator=torch.Generator().manual_seed(_noise_seed(k))
-                        )
-                        for k in chunk
-                    ]
-                ).to(latents.device)
+                # The training loop's per-sample generators, at a seed no training step uses.
+                generators = sample_generators([sample_seed(EVAL_NOISE_SEED, f"eval:{k}", 0) for k in chunk])
+                noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
+                noise = noise.to(latents.device)
                 target = flow.velocity_target(latents, noise, direction=family.target_direction)
                 for level in levels.tolist():
                     sigmas = torch.full((len(chunk),), level, device=latents.device)

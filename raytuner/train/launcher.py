@@ -14,9 +14,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from raytuner.cache.build import BuildOptions, cache_location, image_datasets, text_dataset
+import torch
+
+from raytuner.cache.build import BuildOptions, cache_location, image_datasets, role_prompts, text_dataset
 from raytuner.cache.command import EXPECTED_ERRORS, check_batches, check_cache_inputs, run_cache
-from raytuner.config import ConfigError, RunConfig, load_config, record_seed
+from raytuner.config import ConfigError, RunConfig, TrainingConfig, load_config, record_seed
 from raytuner.config.paths import display, has_scheme
 from raytuner.data.plan import PlanError
 from raytuner.evaluate.metrics import read_metrics, report_to_problem
@@ -30,7 +32,13 @@ from raytuner.train.layout import (
     write_marker,
 )
 from raytuner.train.loop import FailureInjection, TrainJob, train_worker
-from raytuner.train.optim import OptimizerError, build_lr_scheduler, optimizer_settings
+from raytuner.train.optim import (
+    OptimizerError,
+    build_lr_scheduler,
+    effective_learning_rate,
+    optimizer_settings,
+)
+from raytuner.train.outputs import write_config_copies
 from raytuner.train.settings import RayOverrides, RaySettings, SettingsError, resolve_settings, run_name
 from raytuner.train.state import CheckpointError, read_manifest
 
@@ -75,20 +83,13 @@ def check_training_settings(run: RunConfig, settings: RaySettings) -> list[str]:
     report_problem = report_to_problem(training.report_to)
     if report_problem:
         problems.append(f"{where}: {report_problem}")
-    if training.mixed_precision not in ("no", "bf16"):
-        problems.append(
-            f"{where}: 'mixed_precision' = {training.mixed_precision!r}: not implemented yet; use 'bf16' "
-            "(base model in bfloat16, adapter in float32) or 'no'"
-        )
-    if training.lr_scheduler == "polynomial" or training.lr_scheduler == "sine":
-        # These schedules check their settings when built; build one on a throwaway parameter.
-        import torch
-
-        probe = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=training.learning_rate)
-        try:
-            build_lr_scheduler(probe, training, total_steps=max(training.max_train_steps or 0, 2))
-        except OptimizerError as error:
-            problems.append(f"{where}: {error}")
+    # With num_train_epochs the step count is known only once the epoch is planned; the schedule
+    # is checked again then (run_training), against the real count.
+    schedule_problem = lr_schedule_problem(
+        training, training.max_train_steps or training.lr_warmup_steps + 1, world_size=settings.num_workers
+    )
+    if schedule_problem:
+        problems.append(f"{where}: {schedule_problem}")
     try:
         from raytuner.evaluate.validation import parse_validation_resolutions
 
@@ -103,6 +104,25 @@ def check_training_settings(run: RunConfig, settings: RaySettings) -> list[str]:
         except CheckpointError as error:
             problems.append(f"{where}: 'resume_from_checkpoint': {error}")
     return problems
+
+
+def lr_schedule_problem(training: TrainingConfig, total_steps: int, *, world_size: int) -> str | None:
+    """Why ``lr_scheduler`` cannot run ``total_steps`` steps as configured, or None.
+
+    Only ``polynomial`` and ``sine`` can refuse their settings, which they check when built, so
+    one is built on a throwaway parameter; the others are not built here, which would log their
+    notes (cosine's fallback half-period) a second time.
+    """
+    if training.lr_scheduler not in ("polynomial", "sine"):
+        return None
+    probe = torch.optim.SGD(
+        [torch.nn.Parameter(torch.zeros(1))], lr=effective_learning_rate(training, world_size=world_size)
+    )
+    try:
+        build_lr_scheduler(probe, training, total_steps=total_steps)
+    except OptimizerError as error:
+        return str(error)
+    return None
 
 
 def _resume_path(run: RunConfig) -> str | None:
@@ -141,11 +161,6 @@ def _steps(run: RunConfig, steps_per_epoch: int) -> int:
     if training.max_train_steps:
         return training.max_train_steps
     return training.num_train_epochs * steps_per_epoch
-
-
-def _marker_locations(run: RunConfig, settings: RaySettings, name: str) -> list[Location]:
-    locations = [Location(uri=settings.storage_path).child(name), Location(uri=str(run.training.output_dir))]
-    return locations
 
 
 # Ray Train's controller takes each worker's report off a one-slot queue when it polls, every
@@ -221,10 +236,13 @@ def run_training(
         logger.info("cache:\n%s", summary.table())
         steps_per_epoch = check_batches(run, workers=settings.num_workers)
         total_steps = _steps(run, steps_per_epoch)
-        locations = _marker_locations(run, settings, name)
-        marker = write_marker(locations)
-        from raytuner.cache.build import role_prompts
-
+        schedule_problem = lr_schedule_problem(run.training, total_steps, world_size=settings.num_workers)
+        if schedule_problem:
+            raise ConfigError([f"{display(run.sources['config'])}: {schedule_problem}"])
+        # The workers read the driver's marker back from the checkpoint root and from output_dir.
+        marker = write_marker(
+            [Location(uri=settings.storage_path).child(name), Location(uri=str(run.training.output_dir))]
+        )
         injection = os.environ.get(INJECT_FAILURE_ENV)
         job = TrainJob(
             run=run,
@@ -232,7 +250,6 @@ def run_training(
             total_steps=total_steps,
             steps_per_epoch=steps_per_epoch,
             marker=marker,
-            marker_locations=tuple(locations),
             start_from=_resume_path(run),
             inject_failure=FailureInjection.parse(
                 injection, default_marker=str(run.training.output_dir / ".injected-failure")
@@ -253,8 +270,6 @@ def run_training(
             settings.storage_path,
             name,
         )
-        from raytuner.train.outputs import write_config_copies
-
         write_config_copies(run, run.training.output_dir)
         trainer = build_trainer(job, settings)
         try:

@@ -16,6 +16,7 @@ import logging
 import os
 import posixpath
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -36,7 +37,7 @@ class LayoutError(ValueError):
 class SharedRootMarker:
     """What the driver wrote and each worker must read back, at each location."""
 
-    locations: tuple[str, ...]
+    locations: tuple[Location, ...]
     token: str
 
 
@@ -74,23 +75,37 @@ def place_under_shared_root(run: RunConfig, root: str, *, working_dir: Path | No
             )
         training.output_dir = Path(_join(root, str(relative_output)))
         moved.append(f"output_dir -> {training.output_dir}")
+
+    def under_root(value: str) -> str | None:
+        relative = Path(value) if not Path(value).is_absolute() else _inside(Path(value), working_dir)
+        return None if relative is None else _join(root, str(relative))
+
+    for dataset_id, key, value in _rewrite_local_caches(run, under_root):
+        moved.append(f"dataset '{dataset_id}' {key} -> {value}")
+    return moved
+
+
+def _rewrite_local_caches(run: RunConfig, rewrite: Callable[[str], str | None]) -> list[tuple[str, str, str]]:
+    """Apply ``rewrite`` to every local cache folder of ``run`` (None leaves it); returns the changes.
+
+    URIs are left alone, and so is a relative ``cache_dir_vae`` of a ``type: aws`` dataset: it is
+    a prefix inside the dataset's own bucket, already shared.
+    """
+    changed: list[tuple[str, str, str]] = []
     datasets = []
     for dataset in run.datasets:
         changes: dict[str, str] = {}
         for key in ("cache_dir_vae", "cache_dir"):
             value = getattr(dataset, key)
-            if not value or has_scheme(value):
+            if not value or has_scheme(value) or (dataset.type == "aws" and not value.startswith("/")):
                 continue
-            if dataset.type == "aws" and not value.startswith("/"):
-                continue  # a prefix inside the dataset's own bucket, already shared
-            relative = Path(value) if not Path(value).is_absolute() else _inside(Path(value), working_dir)
-            if relative is None:
-                continue
-            changes[key] = _join(root, str(relative))
-            moved.append(f"dataset '{dataset.id}' {key} -> {changes[key]}")
+            rewritten = rewrite(value)
+            if rewritten is not None:
+                changes[key] = rewritten
+                changed.append((dataset.id, key, rewritten))
         datasets.append(replace(dataset, **changes) if changes else dataset)
     run.datasets = datasets
-    return moved
+    return changed
 
 
 def pin_local_paths(run: RunConfig, *, working_dir: Path | None = None) -> list[str]:
@@ -111,18 +126,7 @@ def pin_local_paths(run: RunConfig, *, working_dir: Path | None = None) -> list[
         if not path.is_absolute() and (working_dir / path).is_dir():
             setattr(training, key, str(working_dir / path))
             only_here.append(f"{key} {value} is inside the working directory")
-    datasets = []
-    for dataset in run.datasets:
-        changes: dict[str, str] = {}
-        for key in ("cache_dir_vae", "cache_dir"):
-            value = getattr(dataset, key)
-            if not value or has_scheme(value) or Path(value).is_absolute():
-                continue
-            if dataset.type == "aws":
-                continue  # a prefix inside the dataset's bucket
-            changes[key] = str(working_dir / value)
-        datasets.append(replace(dataset, **changes) if changes else dataset)
-    run.datasets = datasets
+    _rewrite_local_caches(run, lambda value: None if Path(value).is_absolute() else str(working_dir / value))
     return only_here
 
 
@@ -137,12 +141,12 @@ def write_marker(locations: list[Location]) -> SharedRootMarker:
             raise LayoutError(
                 f"cannot write the shared-root marker: {describe_error(location.uri, error)}"
             ) from None
-    return SharedRootMarker(locations=tuple(location.uri for location in locations), token=token)
+    return SharedRootMarker(locations=tuple(locations), token=token)
 
 
-def check_marker(marker: SharedRootMarker, locations: list[Location], *, node: str) -> None:
+def check_marker(marker: SharedRootMarker, *, node: str) -> None:
     """Fail clearly when this worker cannot read the driver's marker at every location."""
-    for location in locations:
+    for location in marker.locations:
         problem = None
         try:
             filesystem, path = location.child(MARKER_NAME).resolve()

@@ -32,7 +32,6 @@ from raytuner.data.reader import TrainingData, eval_caches, open_training_data
 from raytuner.evaluate.eval_loss import EvalSample, eval_samples, evaluation_loss
 from raytuner.evaluate.metrics import MetricsLog, ProgressLine
 from raytuner.models.registry import get_family
-from raytuner.storage import Location
 from raytuner.train import state as checkpoint_state
 from raytuner.train.ema import AdapterEMA
 from raytuner.train.layout import SharedRootMarker, check_marker
@@ -74,7 +73,6 @@ class TrainJob:
     total_steps: int
     steps_per_epoch: int
     marker: SharedRootMarker
-    marker_locations: tuple[Location, ...]
     start_from: str | None = None  # resume_from_checkpoint as a path: the starting state
     inject_failure: FailureInjection | None = None
     ray_metrics: bool = True
@@ -481,7 +479,7 @@ def train_worker(config: dict[str, Any]) -> None:
     train_context.logger.setLevel(logging.WARNING)
     import ray
 
-    check_marker(job.marker, list(job.marker_locations), node=ray.get_runtime_context().get_node_id()[:12])
+    check_marker(job.marker, node=ray.get_runtime_context().get_node_id()[:12])
     worker = Worker(job, rank=rank, world_size=world_size, device=ray.train.torch.get_device())
 
     def report(metrics: dict[str, Any], folder: Path | None, name: str | None) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from raytuner.config import RunConfig
@@ -103,7 +103,3 @@ def run_name(run: RunConfig) -> str:
     stem = _NAME_CHARACTERS.sub("-", Path(output_dir).name).strip("-") or "run"
     digest = hashlib.sha256(output_dir.encode()).hexdigest()[:8]
     return f"raytuner-{stem}-{digest}"
-
-
-def with_storage(settings: RaySettings, storage_path: str) -> RaySettings:
-    return replace(settings, storage_path=storage_path.rstrip("/"))

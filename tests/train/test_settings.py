@@ -3,6 +3,7 @@ checkpoint manifests, and the errors a bad training config gets before any work 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -101,13 +102,14 @@ def test_relative_model_and_cache_paths_are_pinned_for_the_workers(
 def test_a_worker_that_cannot_see_the_shared_root_fails_clearly(tmp_path: Path) -> None:
     seen, unseen = Location(uri=str(tmp_path / "seen")), Location(uri=str(tmp_path / "unseen"))
     marker = write_marker([seen])
-    check_marker(marker, [seen], node="node-1")
+    check_marker(marker, node="node-1")
+    # A location the driver wrote to but this worker's node does not share: nothing is there.
     with pytest.raises(LayoutError, match=r"worker on node node-1: .*unseen is not readable here"):
-        check_marker(marker, [unseen], node="node-1")
+        check_marker(dataclasses.replace(marker, locations=(seen, unseen)), node="node-1")
     other = write_marker([unseen])
     (tmp_path / "unseen" / "raytuner_shared_root.json").write_text(json.dumps({"token": "x"}))
     with pytest.raises(LayoutError, match="another run's marker"):
-        check_marker(other, [unseen], node="node-2")
+        check_marker(other, node="node-2")
 
 
 def test_a_checkpoint_is_refused_unless_written_whole(tmp_path: Path) -> None:
