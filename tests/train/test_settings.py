@@ -13,7 +13,7 @@ from raytuner.cli import main
 from raytuner.config import ConfigError, RunConfig
 from raytuner.storage import Location
 from raytuner.train import state
-from raytuner.train.launcher import _steps, check_training_settings
+from raytuner.train.launcher import _steps, check_training_settings, lr_schedule_problem
 from raytuner.train.layout import (
     LayoutError,
     check_marker,
@@ -171,3 +171,16 @@ def test_a_missing_dataset_folder_is_refused_before_ray_starts(
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "'instance_data_dir'" in line and "folder does not exist" in line
     assert not any("starting a local Ray" in record.getMessage() for record in caplog.records)
+
+
+def test_a_warm_up_longer_than_the_known_steps_is_refused_and_an_epoch_run_waits_for_its_plan(
+    tmp_path: Path, tiny_cosmos_dir: Path
+) -> None:
+    schedule = {"lr_scheduler": "polynomial", "lr_warmup_steps": 50, "learning_rate": 1e-4, "lr_end": 1e-6}
+    run = load(tmp_path, tiny_cosmos_dir, max_train_steps=20, **schedule)
+    (problem,) = check_training_settings(run, resolve_settings(run))
+    assert "'lr_warmup_steps' = 50 leaves no steps to decay over" in problem
+    # With num_train_epochs the step count is known once the epoch is planned, and checked then.
+    run = load(tmp_path, tiny_cosmos_dir, max_train_steps=0, num_train_epochs=100, **schedule)
+    assert check_training_settings(run, resolve_settings(run)) == []
+    assert lr_schedule_problem(run.training, 20, world_size=1) is not None
