@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +120,9 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server) -
     from ray.cluster_utils import Cluster
 
     temp_dir = tmp_path_factory.mktemp("ray")
+    # Cluster() records its address in the machine's default Ray folder whatever temp_dir says,
+    # and fails where that folder does not exist yet (a fresh machine).
+    (Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray").mkdir(exist_ok=True)
     dashboard_port = free_port()
     # Ray Train's placement-group cleaner finds the State API through this variable, not through
     # the last Ray started on the machine (the demo and job-submit tests start others).

@@ -242,6 +242,23 @@ def _check_training(training: TrainingConfig, *, where: str, findings: KeyFindin
             f"{where}: 'enable_group_offload' and 'enable_model_cpu_offload' are both true: expected at most one; "
             "keep enable_group_offload"
         )
+    if (
+        training.enable_group_offload
+        and training.group_offload_type == "leaf_level"
+        and training.group_offload_to_disk_path is not None
+    ):
+        # Checked with diffusers 0.42: after the first optimiser step the leaf-level groups read
+        # back from disk hold wrong weights (the loss turns to NaN); block_level from disk is exact.
+        findings.problems.append(
+            f"{where}: 'group_offload_type' leaf_level with 'group_offload_to_disk_path': leaf-level groups "
+            "read back from disk do not train correctly; use block_level to offload to disk, or leaf_level "
+            "without group_offload_to_disk_path (CPU memory)"
+        )
+    if training.enable_group_offload and training.deepspeed_config:
+        findings.problems.append(
+            f"{where}: 'enable_group_offload' and 'deepspeed_config' are both set: expected one memory strategy; "
+            "use group offload on one small GPU, DeepSpeed ZeRO across several"
+        )
 
 
 def _check_flow_schedule(

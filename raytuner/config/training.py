@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from raytuner.config.fields import rule
 from raytuner.config.surface import option_choices, value_aliases
@@ -190,7 +191,9 @@ class TrainingConfig:
     group_offload_text_encoder: bool = False
     group_offload_vae: bool = False
     enable_model_cpu_offload: bool = False
-    deepspeed_config: str | None = None
+    # A DeepSpeed JSON file, JSON text, an inline object, or a generated one: zero2, zero3,
+    # zero2-offload, zero3-offload (raytuner/train/zero.py).
+    deepspeed_config: str | dict[str, Any] | None = None
     num_processes: int = field(default=1, metadata=rule(ge=1))
 
     # raytuner's own keys: how the run is laid out on Ray (raytuner/train/settings.py).

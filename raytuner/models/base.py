@@ -91,12 +91,13 @@ class ModelFamily(ABC):
     def _load_kwargs(self) -> dict[str, Any]:
         return {"revision": self.revision} if self.revision else {}
 
-    def load_transformer(self) -> ModelMixin:
-        """A fresh copy of the base transformer, on ``self.device`` in ``self.dtype``."""
+    def load_transformer(self, *, device: torch.device | None = None) -> ModelMixin:
+        """A fresh copy of the base transformer in ``self.dtype``, on ``device`` (default
+        ``self.device``; group offload loads it onto the CPU and moves groups itself)."""
         transformer = self.transformer_class.from_pretrained(
             self.model_path, subfolder="transformer", dtype=self.dtype, **self._load_kwargs()
         )
-        return transformer.to(self.device)
+        return transformer.to(device or self.device)
 
     def load_vae(self) -> ModelMixin:
         """The frozen VAE in float32 (loaded once), on ``self.device``."""

@@ -41,6 +41,7 @@ from raytuner.train.optim import (
 from raytuner.train.outputs import write_config_copies
 from raytuner.train.settings import RayOverrides, RaySettings, SettingsError, resolve_settings, run_name
 from raytuner.train.state import CheckpointError, read_manifest
+from raytuner.train.zero import DeepSpeedConfigError, deepspeed_plan
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,10 @@ def check_training_settings(run: RunConfig, settings: RaySettings) -> list[str]:
             parse_validation_resolutions(training.validation_resolution)
     except ValueError as error:
         problems.append(f"{where}: {error}")
+    try:
+        deepspeed_plan(run, world_size=settings.num_workers)
+    except DeepSpeedConfigError as error:
+        problems.append(str(error))
     resume = _resume_path(run)
     if resume is not None and not has_scheme(resume):
         try:
@@ -258,6 +263,7 @@ def run_training(
             else None,
             ray_metrics=ray_metrics,
             validation_prompts=dict(role_prompts(run)["validation"]),
+            deepspeed=deepspeed_plan(run, world_size=settings.num_workers),
         )
         logger.info(
             "Ray Train run %s: %d worker(s) x {CPU: %g, GPU: %g}, %d steps (%d per epoch), checkpoints in %s/%s",

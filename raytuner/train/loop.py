@@ -12,6 +12,7 @@ batch shape, and each sample's noise, sigma and caption dropout come from (seed,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
@@ -35,9 +36,23 @@ from raytuner.models.registry import get_family
 from raytuner.train import state as checkpoint_state
 from raytuner.train.ema import AdapterEMA
 from raytuner.train.layout import SharedRootMarker, check_marker
+from raytuner.train.offload import (
+    OFFLOAD_DEVICE,
+    OffloadedWeights,
+    apply_group_offload,
+    plan_group_offload,
+    remove_disk_copy,
+)
 from raytuner.train.optim import build_lr_scheduler, build_optimizer
 from raytuner.train.schedule import flow_schedule_from_config
-from raytuner.train.step import MicroBatch, optimizer_step
+from raytuner.train.step import MicroBatch, StepResult, optimizer_step
+from raytuner.train.zero import (
+    DeepSpeedPlan,
+    DeepSpeedTraining,
+    engine_state_problem,
+    saved_with_engine,
+    use_cpu_accelerator,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +92,7 @@ class TrainJob:
     inject_failure: FailureInjection | None = None
     ray_metrics: bool = True
     validation_prompts: dict[str, str] = field(default_factory=dict)
+    deepspeed: DeepSpeedPlan | None = None  # the DeepSpeed strategy, planned by the driver
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,7 +151,11 @@ class Worker:
             device=device,
             dtype=base_dtype,
         )
-        self.transformer = self.family.load_transformer().requires_grad_(False)
+        # Group offload keeps the base's weights on the CPU and moves one group at a time.
+        self.offload = plan_group_offload(self.training, device=device, run_name=job.run_name, rank=rank)
+        self.transformer = self.family.load_transformer(
+            device=OFFLOAD_DEVICE if self.offload is not None else device
+        ).requires_grad_(False)
         if self.training.gradient_checkpointing and getattr(
             self.transformer, "_supports_gradient_checkpointing", False
         ):
@@ -147,9 +167,26 @@ class Worker:
         )
         # The adapter trains in float32 whatever the base model's precision.
         self.network.to(device=device, dtype=torch.float32)
+        self.offloaded_weights: OffloadedWeights | None = None
+        if self.offload is not None:
+            apply_group_offload(self.transformer, self.offload, onload_device=device)
+            self.offloaded_weights = OffloadedWeights(self.transformer, onload_device=device)
         self.parameters = [p for p in self.network.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.parameters, self.training, world_size=world_size)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, self.training, total_steps=job.total_steps)
+        self.deepspeed: DeepSpeedTraining | None = None
+        if job.deepspeed is not None:
+            if rank == 0:
+                logger.info("DeepSpeed: %s", job.deepspeed.describe())
+                for note in job.deepspeed.notes:
+                    logger.warning(note)
+            self.deepspeed = DeepSpeedTraining(
+                job.deepspeed,
+                transformer=self.transformer,
+                network=self.network,
+                parameters=self.parameters,
+                optimizer=self.optimizer,
+            )
         self.ema = (
             AdapterEMA(self.parameters, decay=self.training.ema_decay) if self.training.use_ema else None
         )
@@ -224,8 +261,7 @@ class Worker:
     def restore(self, folder: Path, *, source: str) -> None:
         info = checkpoint_state.read_manifest(folder)
         saved = checkpoint_state.read_state(folder)
-        self.network.load_state_dict(saved["adapter"])
-        self.optimizer.load_state_dict(saved["optimizer"])
+        self.restore_weights(folder, saved, info, source=source)
         self.lr_scheduler.load_state_dict(saved["lr_scheduler"])
         if self.ema is not None:
             if saved.get("ema") is not None:
@@ -249,6 +285,37 @@ class Worker:
         self.eval_loss = saved.get("eval_loss")
         if self.rank == 0:
             logger.info("resumed from %s at step %d", source, self.step)
+
+    def restore_weights(
+        self, folder: Path, saved: dict[str, Any], info: checkpoint_state.CheckpointInfo, *, source: str
+    ) -> None:
+        """The adapter and optimizer state, through the DeepSpeed engine where this run has one.
+
+        A checkpoint moves between strategies and worker counts with its adapter, EMA, schedule
+        and step; only optimizer state that cannot fit the new layout (ZeRO partitions for another
+        worker count, or another strategy's format) starts fresh, and the log says so.
+        """
+        if self.deepspeed is not None:
+            if saved_with_engine(folder) and info.world_size == self.world_size:
+                problem = engine_state_problem(folder, world_size=self.world_size)
+                if problem is not None:
+                    raise checkpoint_state.CheckpointError(problem)
+                self.deepspeed.load(folder)
+                return
+            self.deepspeed.set_adapter(self.network, saved["adapter"])
+            reason = (
+                f"holds DeepSpeed state partitioned for {info.world_size} workers, this run has {self.world_size}"
+                if saved_with_engine(folder)
+                else "holds no DeepSpeed state (written without deepspeed_config)"
+            )
+        else:
+            self.network.load_state_dict(saved["adapter"])
+            if saved.get("optimizer") is not None:
+                self.optimizer.load_state_dict(saved["optimizer"])
+                return
+            reason = "holds DeepSpeed optimizer state, and this run does not use DeepSpeed"
+        if self.rank == 0:
+            logger.warning("%s %s: the adapter is restored, the optimizer state starts fresh", source, reason)
 
     def restore_latest(self, reporter: Reporter) -> bool:
         """Restore the run's newest whole checkpoint; False when it has none.
@@ -279,6 +346,8 @@ class Worker:
 
     def write_checkpoint(self, folder: Path) -> None:
         checkpoint_state.write_rng(folder, self.rank)
+        if self.deepspeed is not None:
+            self.deepspeed.save(folder)  # every worker writes its own optimizer partition
         if self.rank != 0:
             return
         save_adapter(self.network, folder, metadata=self.adapter_metadata())
@@ -288,8 +357,9 @@ class Worker:
         checkpoint_state.write_state(
             folder,
             {
-                "adapter": self.network.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                "adapter": self.adapter_state(),
+                # Under DeepSpeed the optimizer state is the engine's, in deepspeed/ beside this.
+                "optimizer": self.optimizer.state_dict() if self.deepspeed is None else None,
                 "lr_scheduler": self.lr_scheduler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
                 "step": self.step,
@@ -299,6 +369,11 @@ class Worker:
         checkpoint_state.write_manifest(
             folder, step=self.step, world_size=self.world_size, steps_per_epoch=self.job.steps_per_epoch
         )
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        # Plain tensors: LyCORIS hands out its Parameter objects, which DeepSpeed tags with
+        # unpicklable process groups.
+        return {name: value.detach() for name, value in self.network.state_dict().items()}
 
     def adapter_metadata(self, *, ema: bool = False) -> dict[str, Any]:
         return {
@@ -313,6 +388,9 @@ class Worker:
     def evaluate(self) -> float | None:
         if not self.eval_set:
             return None
+        # Under ZeRO-3 every forward of the base gathers its layers from all workers, so each
+        # worker evaluates the whole set in lockstep instead of its share.
+        lockstep = self.lockstep()
         loss = evaluation_loss(
             self.family,
             self.transformer,
@@ -321,23 +399,36 @@ class Worker:
             self.data.text,
             timesteps=self.training.eval_timesteps,
             batch_size=self.training.train_batch_size,
-            rank=self.rank,
-            world_size=self.world_size,
+            rank=0 if lockstep else self.rank,
+            world_size=1 if lockstep else self.world_size,
             mixed_precision=self.training.mixed_precision,
-            reduce_sum=self.reduce_sum if self._distributed() else None,
+            reduce_sum=self.reduce_sum if self._distributed() and not lockstep else None,
         )
         if self.metrics is not None:
             self.metrics.log({"step": self.step, "kind": "eval", "eval_loss": loss})
         return loss
 
+    def lockstep(self) -> bool:
+        """Whether the base's weights are partitioned (ZeRO-3), so every worker runs every forward."""
+        return self.deepspeed is not None and self.deepspeed.partitions_base and self._distributed()
+
     def validate(self) -> None:
-        """Rank 0 renders the validation prompts (and with EMA weights) into validation/step_N/."""
-        if self.rank != 0 or not self.job.validation_prompts:
+        """Rank 0 renders the validation prompts (and with EMA weights) into validation/step_N/.
+
+        Under ZeRO-3 every worker renders the same images in lockstep, since each layer of the
+        base is gathered from all of them; only rank 0 keeps what it renders.
+        """
+        lockstep = self.lockstep()
+        if not self.job.validation_prompts or (self.rank != 0 and not lockstep):
             return
         if self._validator is None:
             from raytuner.train.validate import Validator
 
             self._validator = Validator(self)
+        if self.rank != 0:
+            with tempfile.TemporaryDirectory(prefix="raytuner-validation-") as scratch:
+                self._validator.render(folder=Path(scratch))
+            return
         images = self._validator.render()
         if self.metrics is not None:
             self.metrics.images("validation", images, self.step)
@@ -346,6 +437,34 @@ class Worker:
 
     def due(self, interval: int | None) -> bool:
         return bool(interval) and self.step % int(interval) == 0
+
+    def optimizer_step(self, micro: list[MicroBatch]) -> StepResult:
+        reduce_mean = self.reduce_mean if self._distributed() else None
+        if self.deepspeed is not None:
+            # The engine reduces, clips (deepspeed_config's gradient_clipping) and steps the optimizer.
+            return self.deepspeed.step(
+                self.family,
+                self.network,
+                micro,
+                self.schedule,
+                mixed_precision=self.training.mixed_precision,
+                reduce_mean=reduce_mean,
+            )
+        saving = self.offloaded_weights.saving() if self.offloaded_weights else contextlib.nullcontext()
+        with saving:
+            return optimizer_step(
+                self.family,
+                self.transformer,
+                self.network,
+                self.parameters,
+                self.optimizer,
+                micro,
+                self.schedule,
+                max_grad_norm=self.max_grad_norm,
+                grad_clip_method=self.training.grad_clip_method,
+                mixed_precision=self.training.mixed_precision,
+                reduce_mean=reduce_mean,
+            )
 
     def train(self, reporter: Reporter) -> None:
         if not self.restore_latest(reporter) and self.job.start_from:
@@ -375,19 +494,7 @@ class Worker:
             micro = self.micro_batches(self.step)
             data_seconds = time.perf_counter() - started
             learning_rate = float(self.lr_scheduler.get_last_lr()[0])
-            result = optimizer_step(
-                self.family,
-                self.transformer,
-                self.network,
-                self.parameters,
-                self.optimizer,
-                micro,
-                self.schedule,
-                max_grad_norm=self.max_grad_norm,
-                grad_clip_method=self.training.grad_clip_method,
-                mixed_precision=self.training.mixed_precision,
-                reduce_mean=self.reduce_mean if self._distributed() else None,
-            )
+            result = self.optimizer_step(micro)
             self.lr_scheduler.step()
             if self.ema is not None:
                 self.ema.update()
@@ -480,7 +587,10 @@ def train_worker(config: dict[str, Any]) -> None:
     import ray
 
     check_marker(job.marker, node=ray.get_runtime_context().get_node_id()[:12])
-    worker = Worker(job, rank=rank, world_size=world_size, device=ray.train.torch.get_device())
+    device = ray.train.torch.get_device()
+    if job.deepspeed is not None:
+        use_cpu_accelerator(device)
+    worker = Worker(job, rank=rank, world_size=world_size, device=device)
 
     def report(metrics: dict[str, Any], folder: Path | None, name: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if folder is not None else None
@@ -501,8 +611,13 @@ def train_worker(config: dict[str, Any]) -> None:
         folders.sort(key=lambda path: checkpoint_step(path) or 0, reverse=True)
         return [ray.train.Checkpoint(path=path, filesystem=filesystem) for path in folders]
 
-    worker.train(
-        Reporter(
-            report=report, restored_checkpoint=ray.train.get_checkpoint, stored_checkpoints=stored_checkpoints
+    try:
+        worker.train(
+            Reporter(
+                report=report,
+                restored_checkpoint=ray.train.get_checkpoint,
+                stored_checkpoints=stored_checkpoints,
+            )
         )
-    )
+    finally:
+        remove_disk_copy(worker.offload)

@@ -7,6 +7,7 @@ prompts and the negative prompt come from the text cache, so no text encoder is 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
@@ -37,11 +38,12 @@ class Validator:
         self.settings: ValidationSettings = validation_settings(run, text, worker.family)
         self._pipeline: Any = None
 
-    def render(self) -> list[tuple[str, Image.Image]]:
+    def render(self, folder: Path | None = None) -> list[tuple[str, Image.Image]]:
+        """Render into ``folder`` (default ``output_dir/validation/step_N``)."""
         worker = self.worker
         if self._pipeline is None:
             self._pipeline = worker.family.build_validation_pipeline(worker.transformer)
-        folder = worker.training.output_dir / "validation" / f"step_{worker.step}"
+        folder = folder or worker.training.output_dir / "validation" / f"step_{worker.step}"
         images = render_validation(
             worker.family,
             worker.transformer,

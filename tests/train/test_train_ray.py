@@ -50,7 +50,10 @@ class Data:
 @pytest.fixture(scope="module")
 def cosmos_data(tmp_path_factory: pytest.TempPathFactory, tiny_cosmos_dir: Path) -> Data:
     """8 training and 2 eval images, one shared cache for every run of this module."""
-    root = tmp_path_factory.mktemp("train-data")
+    return cosmos_training_data(tmp_path_factory.mktemp("train-data"), tiny_cosmos_dir)
+
+
+def cosmos_training_data(root: Path, tiny_cosmos_dir: Path) -> Data:
     draw_images(root / "images", [(64, 64)] * 8)
     draw_images(root / "eval", [(64, 64)] * 2, start=20)
     square = {"resolution_type": "pixel", "crop": True, "crop_aspect": "square"}

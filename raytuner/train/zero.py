@@ -1,0 +1,460 @@
+"""DeepSpeed ZeRO inside a Ray Train worker (SimpleTuner's ``deepspeed_config``).
+
+``deepspeed_config`` is what SimpleTuner users pass: a path to a DeepSpeed JSON file, the JSON
+itself as text, or (in ``config.json``) an inline object. raytuner also generates the two
+configurations most LoKr runs want, by name: ``zero2`` and ``zero3``, each with ``-offload`` for
+the optimizer state in CPU memory.
+
+raytuner owns what ``config.json`` already says, so a DeepSpeed file may leave those values to it
+(absent or ``"auto"``, as with Accelerate) but may not contradict them: the batch shape
+(``train_batch_size``, ``gradient_accumulation_steps``, the worker count), clipping
+(``max_grad_norm``), precision (``mixed_precision``) and the optimizer and its schedule, which
+raytuner builds from ``config.json`` and hands to the engine.
+
+How the pieces sit on the engine:
+
+- The engine wraps one module holding the frozen base transformer and its LyCORIS network, so
+  ZeRO-3 partitions the base weights across the workers (the memory it saves).
+- The LoKr factors are small (kilobytes to a few megabytes) and are read inside the adapted
+  layers' forward, which ZeRO-3's hooks do not see as theirs. They are kept whole on every worker
+  (ZeRO-3 "persistent" parameters: their gradients and optimizer state are still partitioned),
+  so the EMA, validation and the exported adapter read them as with data parallelism.
+- Mixed precision is raytuner's own (base in bfloat16 under autocast, LoKr in float32), not
+  DeepSpeed's ``bf16`` mode, which would cast the LoKr weights to bfloat16 as well.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raytuner import flow
+from raytuner.config import RunConfig
+from raytuner.config.paths import display
+from raytuner.config.training import TrainingConfig
+from raytuner.models.base import ModelFamily
+from raytuner.train.step import MicroBatch, ReduceMean, StepResult, micro_batch_loss
+
+logger = logging.getLogger(__name__)
+
+# Generated configurations: name -> (ZeRO stage, optimizer state offloaded to CPU memory).
+GENERATED_CONFIGS: dict[str, tuple[int, bool]] = {
+    "zero2": (2, False),
+    "zero2-offload": (2, True),
+    "zero3": (3, False),
+    "zero3-offload": (3, True),
+}
+SUPPORTED_STAGES = (2, 3)
+ENGINE_FOLDER = "deepspeed"  # inside a raytuner checkpoint folder
+ENGINE_TAG = "zero"
+# Sections raytuner fills from config.json; a file may leave them out or say "auto".
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+OWNED_SECTIONS = {
+    "optimizer": "raytuner builds the optimizer from config.json's 'optimizer' and 'learning_rate'",
+    "scheduler": "raytuner builds the schedule from config.json's 'lr_scheduler' and 'lr_warmup_steps'",
+}
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+
+
+class DeepSpeedConfigError(ValueError):
+    """A ``deepspeed_config`` raytuner cannot run; the message is one line naming key and fix."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeepSpeedPlan:
+    """The engine configuration a worker passes to ``deepspeed.initialize`` (minus the adapter's
+    persistence threshold, which needs the model), with the notes the driver logs once."""
+
+    config: dict[str, Any]
+    stage: int
+    offload_optimizer: str
+    offload_param: str
+    notes: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        parts = [f"ZeRO stage {self.stage}"]
+        if self.offload_optimizer != "none":
+            parts.append(f"optimizer state offloaded to {self.offload_optimizer}")
+        if self.offload_param != "none":
+            parts.append(f"parameters offloaded to {self.offload_param}")
+        return ", ".join(parts)
+
+
+def read_deepspeed_config(
+    value: str | Mapping[str, Any], *, where: str, base_dir: Path | None = None
+) -> dict[str, Any]:
+    """``deepspeed_config`` as a dict: a generated name, inline JSON, a mapping or a file path."""
+    label = f"{where}: 'deepspeed_config'"
+    if isinstance(value, Mapping):
+        return json.loads(json.dumps(value))  # a deep, JSON-clean copy
+    text = value.strip()
+    if text in GENERATED_CONFIGS:
+        stage, offload = GENERATED_CONFIGS[text]
+        return generated_config(stage, offload_optimizer=offload)
+    if text.startswith("{"):
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DeepSpeedConfigError(
+                f"{label} is not valid JSON ({error.msg} at character {error.pos}): fix the text, or give a file path"
+            ) from None
+    else:
+        path = Path(text).expanduser()
+        if not path.is_absolute() and base_dir is not None and not path.exists():
+            path = base_dir / path
+        if not path.is_file():
+            names = ", ".join(GENERATED_CONFIGS)
+            raise DeepSpeedConfigError(
+                f"{label} = {text!r}: expected a DeepSpeed JSON file, JSON text or one of {names}; no such file"
+            )
+        try:
+            parsed = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise DeepSpeedConfigError(
+                f"{path}: not valid JSON ({error.msg}, line {error.lineno}): fix the file"
+            ) from None
+    if not isinstance(parsed, dict):
+        raise DeepSpeedConfigError(
+            f"{label}: expected a JSON object of DeepSpeed settings, got {type(parsed).__name__}"
+        )
+    return parsed
+
+
+def generated_config(stage: int, *, offload_optimizer: bool = False) -> dict[str, Any]:
+    """raytuner's defaults for ZeRO ``stage`` (2 or 3); batch and clipping come from config.json."""
+    zero: dict[str, Any] = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if stage == 3:
+        # Gather nothing into one file at save time: raytuner exports the adapter itself.
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    return {"zero_optimization": zero}
+
+
+def _offload_device(zero: Mapping[str, Any], section: str, *, where: str) -> str:
+    spec = zero.get(section)
+    if spec is None:
+        return "none"
+    if not isinstance(spec, Mapping):
+        raise DeepSpeedConfigError(
+            f'{where}: \'zero_optimization.{section}\' = {spec!r}: expected an object such as {{"device": "cpu"}}'
+        )
+    device = str(spec.get("device", "none")).lower()
+    if device not in OFFLOAD_DEVICES:
+        raise DeepSpeedConfigError(
+            f"{where}: 'zero_optimization.{section}.device' = {device!r}: expected one of {', '.join(OFFLOAD_DEVICES)}"
+        )
+    if device == "nvme" and not spec.get("nvme_path"):
+        raise DeepSpeedConfigError(
+            f"{where}: 'zero_optimization.{section}': device nvme needs 'nvme_path', a folder on a fast local disk"
+        )
+    return device
+
+
+def _is_auto(value: Any) -> bool:
+    return isinstance(value, str) and value.strip().lower() == "auto"
+
+
+def plan_deepspeed(
+    user: Mapping[str, Any], training: TrainingConfig, *, world_size: int, where: str
+) -> DeepSpeedPlan:
+    """Check ``user`` against config.json and fill in what raytuner owns; raise one error line."""
+    config: dict[str, Any] = json.loads(json.dumps(user))
+    notes: list[str] = []
+    for section, owner in OWNED_SECTIONS.items():
+        if section in config:
+            raise DeepSpeedConfigError(
+                f"{where}: deepspeed_config has a '{section}' section: {owner}; remove the section"
+            )
+    zero = config.get("zero_optimization")
+    if not isinstance(zero, dict):
+        raise DeepSpeedConfigError(
+            f"{where}: deepspeed_config has no 'zero_optimization' object: expected e.g. "
+            '{"zero_optimization": {"stage": 2}}, or "deepspeed_config": "zero2"'
+        )
+    stage = zero.get("stage", 0)
+    if stage not in SUPPORTED_STAGES:
+        raise DeepSpeedConfigError(
+            f"{where}: 'zero_optimization.stage' = {stage!r}: expected 2 or 3 (for plain data parallelism remove deepspeed_config)"
+        )
+    offload_optimizer = _offload_device(zero, "offload_optimizer", where=where)
+    offload_param = _offload_device(zero, "offload_param", where=where)
+    if offload_param != "none" and stage != 3:
+        raise DeepSpeedConfigError(
+            f"{where}: 'zero_optimization.offload_param' needs stage 3 (stage is {stage}): set \"stage\": 3 or remove offload_param"
+        )
+    # Accelerate-style "auto" inside zero_optimization: DeepSpeed's own defaults decide.
+    for key in [key for key, value in zero.items() if _is_auto(value)]:
+        del zero[key]
+
+    if config.get("fp16", {}).get("enabled") is True:
+        raise DeepSpeedConfigError(
+            f"{where}: deepspeed_config enables fp16: fp16 training is not supported; remove the fp16 section and use mixed_precision bf16"
+        )
+    bf16 = config.pop("bf16", None) or config.pop("bfloat16", None)
+    if isinstance(bf16, Mapping) and bf16.get("enabled") is True:
+        if training.mixed_precision != "bf16":
+            raise DeepSpeedConfigError(
+                f"{where}: deepspeed_config enables bf16 but mixed_precision is {training.mixed_precision!r}: "
+                'set "mixed_precision": "bf16" in config.json or remove the bf16 section'
+            )
+        notes.append(
+            "deepspeed_config bf16: trained as raytuner's mixed_precision bf16 (base in bfloat16 under "
+            "autocast, LoKr weights in float32)"
+        )
+
+    wanted = {
+        "train_micro_batch_size_per_gpu": training.train_batch_size,
+        "gradient_accumulation_steps": training.gradient_accumulation_steps,
+        "train_batch_size": training.train_batch_size * training.gradient_accumulation_steps * world_size,
+    }
+    for key in BATCH_KEYS:
+        given = config.get(key)
+        if given is not None and not _is_auto(given) and given != wanted[key]:
+            raise DeepSpeedConfigError(
+                f"{where}: deepspeed_config '{key}' = {given!r} but config.json and the worker count give "
+                f"{wanted[key]} (train_batch_size {training.train_batch_size} x gradient_accumulation_steps "
+                f'{training.gradient_accumulation_steps} x {world_size} workers): set it to "auto" or remove it'
+            )
+        config[key] = wanted[key]
+
+    clipping = config.get("gradient_clipping")
+    unclipped = training.optimizer in ("optimi-stableadamw", "prodigy")
+    if clipping is None or _is_auto(clipping):
+        clipping = 0.0 if unclipped else float(training.max_grad_norm or 0.0)
+        config["gradient_clipping"] = clipping
+    if clipping and training.grad_clip_method == "value":
+        notes.append(
+            f"DeepSpeed clips gradients by their global norm: max_grad_norm {clipping} is applied as a norm "
+            "limit, not per value (grad_clip_method value has no DeepSpeed equivalent)"
+        )
+    # Client optimizers (every raytuner optimizer) are what ZeRO calls "untested"; with the
+    # optimizer state offloaded they run on the CPU partitions, which DeepSpeed only allows when
+    # told that its own CPU Adam is not wanted.
+    config["zero_allow_untested_optimizer"] = True
+    if offload_optimizer != "none":
+        config.setdefault("zero_force_ds_cpu_optimizer", False)
+    config.setdefault("steps_per_print", 2**31 - 1)  # raytuner's progress line says it already
+    config.setdefault("wall_clock_breakdown", False)
+    return DeepSpeedPlan(
+        config=config,
+        stage=int(stage),
+        offload_optimizer=offload_optimizer,
+        offload_param=offload_param,
+        notes=tuple(notes),
+    )
+
+
+def deepspeed_plan(run: RunConfig, *, world_size: int) -> DeepSpeedPlan | None:
+    """The run's DeepSpeed plan (None without ``deepspeed_config``); raises one error line."""
+    value = run.training.deepspeed_config
+    if not value:
+        return None
+    config_path = run.sources["config"]
+    where = display(config_path)
+    user = read_deepspeed_config(value, where=where, base_dir=config_path.parent)
+    plan = plan_deepspeed(user, run.training, world_size=world_size, where=where)
+    missing = deepspeed_missing(plan)
+    if missing is not None:
+        raise DeepSpeedConfigError(f"{where}: 'deepspeed_config': {missing}")
+    return plan
+
+
+def deepspeed_missing(plan: DeepSpeedPlan) -> str | None:
+    """What keeps this machine from running ``plan`` (the package, an extension), or None."""
+    # find_spec, not import: importing DeepSpeed picks an accelerator and logs; the driver only asks.
+    if importlib.util.find_spec("deepspeed") is None:
+        return "DeepSpeed is not installed: pip install 'raytuner[deepspeed]'"
+    if "nvme" in (plan.offload_optimizer, plan.offload_param):
+        from deepspeed.ops.op_builder import AsyncIOBuilder
+
+        if not AsyncIOBuilder().is_compatible(verbose=False):
+            return (
+                "NVMe offload needs DeepSpeed's async_io extension, which cannot be built here (libaio "
+                "missing?): install libaio-dev and reinstall deepspeed, or offload to cpu"
+            )
+    return None
+
+
+def use_cpu_accelerator(device: torch.device) -> None:
+    """DeepSpeed picks its accelerator on import; on a CPU worker make it the CPU one."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+class AdaptedTransformer(torch.nn.Module):
+    """The base transformer and its LyCORIS network as the one module DeepSpeed wraps."""
+
+    def __init__(self, transformer: torch.nn.Module, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.network = network
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.transformer(*args, **kwargs)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        # LyCORIS hands out its Parameter objects themselves; DeepSpeed tags those with process
+        # groups, which cannot be pickled into a checkpoint. Plain tensors can.
+        state = super().state_dict(*args, **kwargs)
+        for key, value in state.items():
+            if isinstance(value, torch.nn.Parameter):
+                state[key] = value.detach()
+        return state
+
+
+class EngineForward:
+    """What the family's ``predict`` calls during training: the engine, with the base's dtype."""
+
+    def __init__(self, engine: Any, dtype: torch.dtype) -> None:
+        self.engine = engine
+        self.dtype = dtype
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.engine(*args, **kwargs)
+
+
+class DeepSpeedTraining:
+    """One worker's DeepSpeed engine around the adapted transformer and raytuner's optimizer."""
+
+    def __init__(
+        self,
+        plan: DeepSpeedPlan,
+        *,
+        transformer: torch.nn.Module,
+        network: torch.nn.Module,
+        parameters: Sequence[torch.nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+    ) -> None:
+        import deepspeed
+
+        self.plan = plan
+        self.parameters = list(parameters)
+        config = json.loads(json.dumps(plan.config))
+        if plan.stage == 3:
+            # Keep every LoKr factor whole (see the module docstring); the base's layers are far
+            # larger than any factor, so they stay partitioned.
+            needed = max(p.numel() for p in self.parameters) + 1
+            zero = config["zero_optimization"]
+            zero["stage3_param_persistence_threshold"] = max(
+                int(zero.get("stage3_param_persistence_threshold", 0) or 0), needed
+            )
+        self.model = AdaptedTransformer(transformer, network)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, config=config, dist_init_required=False
+        )
+        self.forward = EngineForward(self.engine, dtype=getattr(transformer, "dtype", torch.float32))
+        if plan.stage == 3:
+            # Persistent parameters are gathered on first use and then kept; gather them now, so
+            # the step-0 evaluation and the EMA see them whole before any forward.
+            self.parameters[0].all_gather(param_list=self.parameters)
+            if any(p.numel() == 0 for p in self.parameters):
+                raise RuntimeError("ZeRO-3 kept LoKr tensors partitioned; expected them whole (persistent)")
+
+    @property
+    def stage(self) -> int:
+        return self.plan.stage
+
+    @property
+    def partitions_base(self) -> bool:
+        """ZeRO-3: the base's weights are split over the workers, so every forward of the base
+        (evaluation, validation) runs on every worker in lockstep."""
+        return self.plan.stage == 3
+
+    def step(
+        self,
+        family: ModelFamily,
+        network: torch.nn.Module,
+        micro_batches: Sequence[MicroBatch],
+        schedule: flow.FlowSchedule,
+        *,
+        mixed_precision: str,
+        reduce_mean: ReduceMean | None,
+    ) -> StepResult:
+        """One optimiser step through the engine: it scales by the accumulation, reduces, clips."""
+        losses = torch.zeros(2, dtype=torch.float64)
+        counts = torch.zeros(2, dtype=torch.float64)
+        for batch in micro_batches:
+            loss = micro_batch_loss(
+                family, self.forward, network, batch, schedule, mixed_precision=mixed_precision
+            )  # type: ignore[arg-type]
+            self.engine.backward(loss)
+            self.engine.step()  # an optimiser step only at the accumulation boundary
+            slot = int(batch.is_regularisation)
+            losses[slot] += float(loss.detach())
+            counts[slot] += 1
+        if not self.engine.is_gradient_accumulation_boundary() and self.engine.micro_steps % len(
+            micro_batches
+        ):
+            raise RuntimeError("DeepSpeed's accumulation boundary and raytuner's step disagree")
+        if reduce_mean is not None:
+            totals = reduce_mean(torch.cat([losses, counts]).float().to(self.engine.device)).double().cpu()
+            losses, counts = totals[:2], totals[2:]
+        grad_norm = self.engine.get_global_grad_norm()
+        mean = (losses / counts.clamp(min=1e-12)).tolist()
+        return StepResult(
+            loss=float(losses.sum() / counts.sum()),
+            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            regularisation_loss=mean[1] if counts[1] > 0 else None,
+        )
+
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[None]:
+        """The LoKr weights whole inside the block, on every worker (they always are: checked)."""
+        if self.plan.stage == 3 and any(p.numel() == 0 for p in self.parameters):
+            raise RuntimeError("a LoKr tensor is partitioned; expected ZeRO-3 to keep them whole")
+        yield
+
+    def save(self, folder: Path) -> None:
+        """Every worker writes its shard of the engine state (optimizer partitions) into ``folder``."""
+        self.engine.save_checkpoint(
+            str(folder / ENGINE_FOLDER), tag=ENGINE_TAG, exclude_frozen_parameters=True, save_latest=False
+        )
+
+    def load(self, folder: Path) -> None:
+        """Restore the engine state written by :meth:`save` with the same worker count."""
+        path, _ = self.engine.load_checkpoint(
+            str(folder / ENGINE_FOLDER),
+            tag=ENGINE_TAG,
+            load_module_strict=False,  # the frozen base is not in the checkpoint
+            load_lr_scheduler_states=False,  # raytuner's own schedule is restored beside it
+        )
+        if path is None:
+            raise FileNotFoundError(f"{folder / ENGINE_FOLDER}: no DeepSpeed state with tag {ENGINE_TAG}")
+
+    def set_adapter(self, network: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+        """Load adapter weights into the module and the engine's master copies (a checkpoint from
+        another worker count, whose optimizer partitions do not fit this one)."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        network.load_state_dict(state)  # the whole LoKr factors every worker holds
+        for parameter in self.parameters:
+            safe_set_full_fp32_param(parameter, parameter.detach().to(torch.float32).clone())
+
+
+def engine_state_problem(folder: Path, *, world_size: int) -> str | None:
+    """Why the engine state in a checkpoint folder is not whole, or None.
+
+    Every worker uploads its own optimizer partition into the shared folder; rank 0's manifest
+    cannot list the others' files, so each rank's partition is looked for here.
+    """
+    engine_dir = folder / ENGINE_FOLDER / ENGINE_TAG
+    for rank in range(world_size):
+        partition = engine_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        if not partition.is_file() or partition.stat().st_size == 0:
+            return f"{folder}: worker {rank}'s DeepSpeed optimizer partition is missing; the checkpoint is incomplete"
+    return None
+
+
+def saved_with_engine(folder: Path) -> bool:
+    """Whether a raytuner checkpoint folder holds DeepSpeed engine state."""
+    return (folder / ENGINE_FOLDER / ENGINE_TAG).is_dir()
