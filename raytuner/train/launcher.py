@@ -41,7 +41,7 @@ from raytuner.train.optim import (
 from raytuner.train.outputs import write_config_copies
 from raytuner.train.settings import RayOverrides, RaySettings, SettingsError, resolve_settings, run_name
 from raytuner.train.state import CheckpointError, read_manifest
-from raytuner.train.zero import DeepSpeedConfigError, deepspeed_plan
+from raytuner.train.zero import DeepSpeedConfigError, DeepSpeedPlan, deepspeed_plan
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,15 @@ def check_training_settings(run: RunConfig, settings: RaySettings) -> list[str]:
         except CheckpointError as error:
             problems.append(f"{where}: 'resume_from_checkpoint': {error}")
     return problems
+
+
+def strategy_summary(training: TrainingConfig, deepspeed: DeepSpeedPlan | None) -> str:
+    """How the workers hold the model, in a few words for the start-of-run line."""
+    if deepspeed is not None:
+        return f"DeepSpeed {deepspeed.describe()}"
+    if training.enable_group_offload:
+        return f"data parallel, base group-offloaded ({training.group_offload_type})"
+    return "data parallel"
 
 
 def lr_schedule_problem(training: TrainingConfig, total_steps: int, *, world_size: int) -> str | None:
@@ -266,11 +275,12 @@ def run_training(
             deepspeed=deepspeed_plan(run, world_size=settings.num_workers),
         )
         logger.info(
-            "Ray Train run %s: %d worker(s) x {CPU: %g, GPU: %g}, %d steps (%d per epoch), checkpoints in %s/%s",
+            "Ray Train run %s: %d worker(s) x {CPU: %g, GPU: %g}, %s, %d steps (%d per epoch), checkpoints in %s/%s",
             name,
             settings.num_workers,
             settings.cpus_per_worker,
             settings.gpus_per_worker,
+            strategy_summary(run.training, job.deepspeed),
             total_steps,
             steps_per_epoch,
             settings.storage_path,

@@ -11,6 +11,7 @@ import pytest
 
 from raytuner.config import ConfigError
 from raytuner.config.training import TrainingConfig
+from raytuner.train.launcher import strategy_summary, train_main
 from raytuner.train.zero import (
     DeepSpeedConfigError,
     DeepSpeedPlan,
@@ -18,7 +19,7 @@ from raytuner.train.zero import (
     plan_deepspeed,
     read_deepspeed_config,
 )
-from tests.cache.helpers import write_run_files
+from tests.cache.helpers import image_dataset, text_dataset, write_run_files
 
 WHERE = "config.json"
 
@@ -172,8 +173,6 @@ def test_the_loader_refuses_two_memory_strategies_and_leaf_offload_to_disk(
 
 
 def test_an_inline_deepspeed_object_loads_from_config_json(tmp_path: Path, tiny_cosmos_dir: Path) -> None:
-    from tests.cache.helpers import image_dataset, text_dataset
-
     datasets = [
         image_dataset(tmp_path / "images", tmp_path / "cache/vae"),
         text_dataset(tmp_path / "cache/text"),
@@ -184,3 +183,32 @@ def test_an_inline_deepspeed_object_loads_from_config_json(tmp_path: Path, tiny_
     )
     run = files.load()
     assert run.training.deepspeed_config == {"zero_optimization": {"stage": 3}}
+
+
+def test_raytuner_train_refuses_a_bad_deepspeed_config_before_ray_starts(
+    tmp_path: Path, tiny_cosmos_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+
+    (tmp_path / "images").mkdir()
+    datasets = [
+        image_dataset(tmp_path / "images", tmp_path / "cache/vae"),
+        text_dataset(tmp_path / "cache/text"),
+    ]
+    files = write_run_files(
+        tmp_path,
+        tiny_cosmos_dir,
+        datasets,
+        deepspeed_config={"zero_optimization": {"stage": 2}, "optimizer": {}},
+    )
+    assert train_main(str(files.config)) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert any("has a 'optimizer' section" in line for line in lines), err
+    assert not (tmp_path / "output").exists()  # nothing was started or written
+
+
+def test_the_start_line_names_the_strategy() -> None:
+    assert strategy_summary(training(), None) == "data parallel"
+    assert "group-offloaded (block_level)" in strategy_summary(training(enable_group_offload=True), None)
+    zero3 = plan(generated_config(3, offload_optimizer=True))
+    assert strategy_summary(training(), zero3) == "DeepSpeed ZeRO stage 3, optimizer state offloaded to cpu"
