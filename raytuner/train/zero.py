@@ -383,6 +383,7 @@ class DeepSpeedTraining:
         """One optimiser step through the engine: it scales by the accumulation, reduces, clips."""
         losses = torch.zeros(2, dtype=torch.float64)
         counts = torch.zeros(2, dtype=torch.float64)
+        steps_before = self.engine.global_steps
         for batch in micro_batches:
             loss = micro_batch_loss(
                 family, self.forward, network, batch, schedule, mixed_precision=mixed_precision
@@ -392,10 +393,11 @@ class DeepSpeedTraining:
             slot = int(batch.is_regularisation)
             losses[slot] += float(loss.detach())
             counts[slot] += 1
-        if not self.engine.is_gradient_accumulation_boundary() and self.engine.micro_steps % len(
-            micro_batches
-        ):
-            raise RuntimeError("DeepSpeed's accumulation boundary and raytuner's step disagree")
+        if self.engine.global_steps != steps_before + 1:
+            raise RuntimeError(
+                f"DeepSpeed stepped {self.engine.global_steps - steps_before} times for one raytuner step: "
+                "its gradient_accumulation_steps and raytuner's disagree"
+            )
         if reduce_mean is not None:
             totals = reduce_mean(torch.cat([losses, counts]).float().to(self.engine.device)).double().cpu()
             losses, counts = totals[:2], totals[2:]

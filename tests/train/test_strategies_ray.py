@@ -140,3 +140,19 @@ def test_group_offload_to_disk_trains_the_same_adapter_and_cleans_up(
     assert offload.is_dir() and not list(offload.iterdir())
     lines = train_lines(outcome.output_dir)
     assert all(torch.isfinite(torch.tensor(line["loss"])) for line in lines)
+
+
+def test_zero2_with_offloaded_optimizer_state_and_accumulation_trains_the_same_adapter(
+    ray_cluster, cosmos_data: Data, data_parallel: TrainOutcome, tmp_path: Path
+) -> None:
+    # One worker, two accumulation micro-steps through the engine: the same global batch of 4.
+    outcome = train(
+        tmp_path,
+        cosmos_data,
+        workers=1,
+        gradient_accumulation_steps=2,
+        deepspeed_config="zero2-offload",
+        **RUN,
+    )
+    assert_same_adapter(data_parallel.adapter, outcome.adapter)
+    assert [line["step"] for line in train_lines(outcome.output_dir)] == list(range(1, STEPS + 1))
