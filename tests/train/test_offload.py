@@ -18,7 +18,7 @@ from raytuner.train.offload import (
     remove_disk_copy,
 )
 from raytuner.train.step import optimizer_step
-from tests.train.test_step import SCHEDULE, make_setup, micro, perturb
+from tests.train.test_step import SCHEDULE, Setup, make_setup, micro, perturb
 
 CPU = torch.device("cpu")
 
@@ -32,8 +32,9 @@ def training(**keys: object) -> TrainingConfig:
     return TrainingConfig(**{**values, **keys})  # type: ignore[arg-type]
 
 
-def train_steps(setup, steps: int) -> list[float]:
-    optimizer = torch.optim.AdamW(setup.parameters, lr=3e-2)
+def train_steps(setup: Setup, steps: int, *, lr: float = 3e-2) -> list[float]:
+    """Plain AdamW steps on the first four samples; their losses."""
+    optimizer = torch.optim.AdamW(setup.parameters, lr=lr)
     losses = []
     for _ in range(steps):
         result = optimizer_step(
