@@ -13,22 +13,17 @@ from a ``--working-dir`` holding only relative paths, so raytuner places the out
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import re
 import secrets
-import signal
-import socket
+import shutil
 import subprocess
-import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -36,14 +31,19 @@ import pytest
 from raytuner.adapters import ADAPTER_FILENAME
 from raytuner.evaluate.metrics import read_metrics
 from tests.cache.helpers import draw_images, image_dataset, text_dataset, write_run_files
+from tests.ray_head import (
+    RAY,
+    Head,
+    free_ports,
+    head_environment,
+    short_temp_dir,
+    start_head_process,
+    write_token,
+)
 
 pytestmark = pytest.mark.slow
 
 STEPS = 4
-RAY = str(Path(sys.executable).with_name("ray"))
-# Ray's Unix socket paths live under the temp dir (<temp>/session_<date>_<pid>/sockets/plasma_store)
-# and must fit in sun_path (108 bytes): leave room for the ~65 characters Ray appends.
-MAX_TEMP_DIR_LENGTH = 40
 HEAD_START_TIMEOUT_S = 120
 JOB_TIMEOUT_S = 900
 METRICS_GRACE_S = 30
@@ -51,198 +51,46 @@ HEAD_STOP_TIMEOUT_S = 60
 LOSS_SAMPLE = re.compile(r"^ray_raytuner_train_loss\{(?P<tags>[^}]*)\}\s+(?P<value>\S+)\s*$", re.MULTILINE)
 
 
-def _free_ports(count: int) -> list[int]:
-    """Distinct ports free on loopback now (held open together so that none is handed out twice)."""
-    probes = []
-    try:
-        for _ in range(count):
-            probe = socket.socket()
-            probe.bind(("127.0.0.1", 0))
-            probes.append(probe)
-        return [int(probe.getsockname()[1]) for probe in probes]
-    finally:
-        for probe in probes:
-            probe.close()
-
-
-def _clean_environment() -> dict[str, str]:
-    """This process's environment without any Ray setting (the session cluster's included)."""
-    return {name: value for name, value in os.environ.items() if not name.startswith("RAY_")}
-
-
-def _session_processes(session_id: int, temp_dir: Path) -> list[int]:
-    """PIDs of processes in the head's session, or running with a cwd or command line under its temp dir."""
-    found = []
-    marker = str(temp_dir)
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            # Fields after the parenthesised command name: state ppid pgrp session ...
-            session = int(stat.rsplit(")", 1)[1].split()[3])
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            try:
-                cwd = os.readlink(entry / "cwd")
-            except OSError:
-                cwd = ""
-        except (OSError, IndexError, ValueError):
-            continue
-        if session == session_id or marker in cmdline or cwd.startswith(marker):
-            found.append(int(entry.name))
-    return sorted(pid for pid in found if pid != os.getpid())
-
-
 @dataclass
-class Head:
-    """A head node this test started: its process, addresses, token and client environments."""
+class SubmitHead(Head):
+    """The head, with its Prometheus endpoint."""
 
-    process: subprocess.Popen[bytes]
-    temp_dir: Path
-    token_path: Path
-    dashboard_url: str
-    metrics_url: str
-    log_path: Path
-    stopped: bool = field(default=False)
-
-    def client_env(self, *, token: str | None = "file") -> dict[str, str]:
-        """A job client's environment: the head's token file (``"file"``), a token value, or none."""
-        env = _clean_environment() | {"RAY_ADDRESS": self.dashboard_url}
-        if token == "file":
-            env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path)}
-        elif token is not None:
-            env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-        return env
-
-    def ray(
-        self, *args: str, timeout: float = 120, token: str | None = "file", cwd: Path | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [RAY, *args],
-            env=self.client_env(token=token),
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-
-    def stop(self) -> list[int]:
-        """SIGTERM the ``ray start --block`` process and wait; kill by PID whatever of it is left.
-
-        Returns the PIDs that had to be killed (empty when the head shut down on its own).
-        """
-        if self.stopped:
-            return []
-        self.stopped = True
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=HEAD_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=30)
-        deadline = time.monotonic() + 20
-        left = _session_processes(self.process.pid, self.temp_dir)
-        while left and time.monotonic() < deadline:
-            time.sleep(0.5)
-            left = _session_processes(self.process.pid, self.temp_dir)
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        return left
-
-    def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
-
-
-def _wait_until_ready(head: Head) -> None:
-    """The dashboard answers an authenticated request, and the job server lists jobs."""
-    token = head.token_path.read_text().strip()
-    deadline = time.monotonic() + HEAD_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if head.process.poll() is not None:
-            raise AssertionError(f"ray start exited with {head.process.returncode}:\n{head.log_tail()}")
-        request = urllib.request.Request(
-            f"{head.dashboard_url}/api/jobs/", headers={"Authorization": f"Bearer {token}"}
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(1)
-    raise AssertionError(
-        f"the head's job server did not answer in {HEAD_START_TIMEOUT_S} s:\n{head.log_tail()}"
-    )
+    metrics_url: str = ""
 
 
 @pytest.fixture
-def ray_head(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
+def ray_head(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SubmitHead]:
     """A token-authenticated head node on loopback, owned (and stopped) by this test."""
-    temp_dir = tmp_path_factory.mktemp("rh")  # short: under the base temp dir, not this test's folder
-    assert len(str(temp_dir)) <= MAX_TEMP_DIR_LENGTH, (
-        f"Ray temp dir {temp_dir} is too long for Ray's socket paths; use a shorter --basetemp"
-    )
-    token_path = tmp_path / "auth_token"
-    token_path.write_text(secrets.token_hex(32))  # what `ray get-auth-token --generate` writes
-    token_path.chmod(0o600)
-    gcs, dashboard, metrics, agent, client = _free_ports(5)
-    env = _clean_environment() | {
-        # The venv's scripts (`raytuner`) on PATH, as when the venv is activated before `ray start`.
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN_PATH": str(token_path),
-        "HF_HUB_OFFLINE": "1",
-        # Ray Train's placement-group cleaner asks the State API whether the controller is alive
-        # without an address; Ray then takes the latest cluster recorded in the machine-wide
-        # ray_current_cluster file of its default temp dir (written by `ray start` and by
-        # ray.cluster_utils.Cluster, so any other Ray on this machine), finds no such actor there
-        # and removes the run's placement group. Naming this cluster's API server
-        # keeps every process of this head talking to its own dashboard.
-        "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}",
-        # Nothing to drain on a test head: shut down at once on SIGTERM (default: wait 30 s).
-        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-    }
+    temp_dir, remove_temp_dir = short_temp_dir(tmp_path_factory, "rh")
+    token_path = write_token(tmp_path / "auth_token")
+    gcs, dashboard, metrics, agent, client = free_ports(5)
     log_path = tmp_path / "head.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                RAY,
-                "start",
-                "--head",
-                "--block",
-                "--node-ip-address=127.0.0.1",
-                f"--temp-dir={temp_dir}",
-                "--num-cpus=8",
-                "--include-dashboard=true",
-                "--dashboard-host=127.0.0.1",
-                f"--port={gcs}",
-                f"--dashboard-port={dashboard}",
-                f"--metrics-export-port={metrics}",
-                f"--dashboard-agent-listen-port={agent}",
-                f"--ray-client-server-port={client}",
-                "--disable-usage-stats",
-            ],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own session: every process it starts can be found and stopped
-        )
-    head = Head(
+    process = start_head_process(
+        temp_dir=temp_dir,
+        gcs_port=gcs,
+        dashboard_port=dashboard,
+        agent_port=agent,
+        client_port=client,
+        env=head_environment(token_path, dashboard),
+        log_path=log_path,
+        extra_args=["--node-ip-address=127.0.0.1", "--num-cpus=8", f"--metrics-export-port={metrics}"],
+    )
+    head = SubmitHead(
         process=process,
         temp_dir=temp_dir,
         token_path=token_path,
         dashboard_url=f"http://127.0.0.1:{dashboard}",
-        metrics_url=f"http://127.0.0.1:{metrics}/metrics",
         log_path=log_path,
+        stop_timeout_s=HEAD_STOP_TIMEOUT_S,
+        metrics_url=f"http://127.0.0.1:{metrics}/metrics",
     )
     try:
-        _wait_until_ready(head)
+        head.wait_until_ready(HEAD_START_TIMEOUT_S)
         yield head
     finally:
         head.stop()
+        if remove_temp_dir:
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 class MetricsPoller(threading.Thread):
@@ -300,7 +148,7 @@ def _job_files(root: Path, model: Path, storage: Path) -> Path:
 
 
 def test_submitted_job_trains_with_token_and_publishes_metrics(
-    ray_head: Head, tmp_path: Path, tiny_cosmos_dir: Path
+    ray_head: SubmitHead, tmp_path: Path, tiny_cosmos_dir: Path
 ) -> None:
     storage = tmp_path / "storage"
     job = _job_files(tmp_path, tiny_cosmos_dir, storage)
