@@ -247,6 +247,18 @@ def lokr_merge_differs_from_training() -> bool:
     return not torch.allclose(trained, merged, atol=1e-4, rtol=1e-4)
 
 
+def plain_tensors(state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` with every Parameter detached into a plain tensor, ready for ``torch.save``.
+
+    LyCORIS's modules put their Parameter objects themselves into ``state_dict()``; DeepSpeed tags
+    those with process groups, which cannot be pickled into a checkpoint.
+    """
+    return {
+        key: value.detach() if isinstance(value, torch.nn.Parameter) else value
+        for key, value in state.items()
+    }
+
+
 def save_adapter(
     network: LycorisNetwork,
     path: str | Path,

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from raytuner.adapters import build_adapter, save_adapter
+from raytuner.adapters import build_adapter, plain_tensors, save_adapter
 from raytuner.config import RunConfig
 from raytuner.data.plan import BatchShape, EpochPlan, sample_generators
 from raytuner.data.reader import TrainingData, eval_caches, open_training_data
@@ -357,7 +357,7 @@ class Worker:
         checkpoint_state.write_state(
             folder,
             {
-                "adapter": self.adapter_state(),
+                "adapter": plain_tensors(self.network.state_dict()),
                 # Under DeepSpeed the optimizer state is the engine's, in deepspeed/ beside this.
                 "optimizer": self.optimizer.state_dict() if self.deepspeed is None else None,
                 "lr_scheduler": self.lr_scheduler.state_dict(),
@@ -369,11 +369,6 @@ class Worker:
         checkpoint_state.write_manifest(
             folder, step=self.step, world_size=self.world_size, steps_per_epoch=self.job.steps_per_epoch
         )
-
-    def adapter_state(self) -> dict[str, torch.Tensor]:
-        # Plain tensors: LyCORIS hands out its Parameter objects, which DeepSpeed tags with
-        # unpicklable process groups.
-        return {name: value.detach() for name, value in self.network.state_dict().items()}
 
     def adapter_metadata(self, *, ema: bool = False) -> dict[str, Any]:
         return {

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,17 +137,10 @@ class OffloadedWeights:
     """
 
     def __init__(self, transformer: torch.nn.Module, *, onload_device: torch.device) -> None:
-        from diffusers.hooks import HookRegistry
-        from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
-
         self.onload_device = onload_device
         # id(parameter) -> (parameter, file of its group on disk or None, its key in that file)
         self.sources: dict[int, tuple[torch.nn.Parameter, Path | None, str | None]] = {}
-        for submodule in transformer.modules():
-            registry = getattr(submodule, "_diffusers_hook", None)
-            hook = registry.get_hook(_GROUP_OFFLOADING) if isinstance(registry, HookRegistry) else None
-            if hook is None:
-                continue
+        for hook in group_offload_hooks(transformer):
             group = hook.group
             tensor_to_key = getattr(group, "tensor_to_key", None) if group.offload_to_disk_path else None
             members = [p for module in group.modules for p in module.parameters()] + list(group.parameters)
@@ -178,16 +172,21 @@ class OffloadedWeights:
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
 
-def has_group_offload_hooks(module: torch.nn.Module) -> bool:
-    """Whether diffusers' group offload hooks are installed anywhere in ``module``."""
+def group_offload_hooks(module: torch.nn.Module) -> Iterator[Any]:
+    """diffusers' group offload hooks installed in ``module`` and its submodules (each has a ``group``)."""
     from diffusers.hooks import HookRegistry
     from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
 
     for submodule in module.modules():
         registry = getattr(submodule, "_diffusers_hook", None)
-        if isinstance(registry, HookRegistry) and registry.get_hook(_GROUP_OFFLOADING) is not None:
-            return True
-    return False
+        hook = registry.get_hook(_GROUP_OFFLOADING) if isinstance(registry, HookRegistry) else None
+        if hook is not None:
+            yield hook
+
+
+def has_group_offload_hooks(module: torch.nn.Module) -> bool:
+    """Whether diffusers' group offload hooks are installed anywhere in ``module``."""
+    return next(group_offload_hooks(module), None) is not None
 
 
 def remove_disk_copy(plan: GroupOffloadPlan | None) -> None:

@@ -25,12 +25,11 @@ How the pieces sit on the engine:
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from typing import Any
 import torch
 
 from raytuner import flow
+from raytuner.adapters import plain_tensors
 from raytuner.config import RunConfig
 from raytuner.config.paths import display
 from raytuner.config.training import TrainingConfig
@@ -303,13 +303,7 @@ class AdaptedTransformer(torch.nn.Module):
         return self.transformer(*args, **kwargs)
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        # LyCORIS hands out its Parameter objects themselves; DeepSpeed tags those with process
-        # groups, which cannot be pickled into a checkpoint. Plain tensors can.
-        state = super().state_dict(*args, **kwargs)
-        for key, value in state.items():
-            if isinstance(value, torch.nn.Parameter):
-                state[key] = value.detach()
-        return state
+        return plain_tensors(super().state_dict(*args, **kwargs))
 
 
 class EngineForward:
@@ -361,10 +355,6 @@ class DeepSpeedTraining:
                 raise RuntimeError("ZeRO-3 kept LoKr tensors partitioned; expected them whole (persistent)")
 
     @property
-    def stage(self) -> int:
-        return self.plan.stage
-
-    @property
     def partitions_base(self) -> bool:
         """ZeRO-3: the base's weights are split over the workers, so every forward of the base
         (evaluation, validation) runs on every worker in lockstep."""
@@ -408,13 +398,6 @@ class DeepSpeedTraining:
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
             regularisation_loss=mean[1] if counts[1] > 0 else None,
         )
-
-    @contextlib.contextmanager
-    def gathered(self) -> Iterator[None]:
-        """The LoKr weights whole inside the block, on every worker (they always are: checked)."""
-        if self.plan.stage == 3 and any(p.numel() == 0 for p in self.parameters):
-            raise RuntimeError("a LoKr tensor is partitioned; expected ZeRO-3 to keep them whole")
-        yield
 
     def save(self, folder: Path) -> None:
         """Every worker writes its shard of the engine state (optimizer partitions) into ``folder``."""

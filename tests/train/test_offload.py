@@ -11,8 +11,10 @@ import torch
 from raytuner.config.training import TrainingConfig
 from raytuner.train.offload import (
     OFFLOAD_DEVICE,
+    GroupOffloadPlan,
     OffloadedWeights,
     apply_group_offload,
+    group_offload_hooks,
     has_group_offload_hooks,
     plan_group_offload,
     remove_disk_copy,
@@ -50,7 +52,9 @@ def train_steps(setup: Setup, steps: int, *, lr: float = 3e-2) -> list[float]:
     return losses
 
 
-def offloaded_setup(model: Path, plan_keys: dict[str, object], root: Path, *, checkpointing: bool = False):
+def offloaded_setup(
+    model: Path, plan_keys: dict[str, object], *, checkpointing: bool = False
+) -> tuple[Setup, GroupOffloadPlan, OffloadedWeights]:
     setup = make_setup(model)
     perturb(setup)
     if checkpointing:
@@ -83,7 +87,7 @@ def test_offloaded_base_trains_exactly_like_the_resident_one(
     keys: dict[str, object] = {"group_offload_type": offload_type, "gradient_checkpointing": checkpointing}
     if to_disk:
         keys["group_offload_to_disk_path"] = tmp_path / "offload"
-    offloaded, plan, weights = offloaded_setup(tiny_cosmos_dir, keys, tmp_path, checkpointing=checkpointing)
+    offloaded, plan, weights = offloaded_setup(tiny_cosmos_dir, keys, checkpointing=checkpointing)
     assert has_group_offload_hooks(offloaded.transformer)
     assert not has_group_offload_hooks(resident.transformer)
 
@@ -109,7 +113,7 @@ def test_without_backward_safe_weights_disk_offload_corrupts_training(
     """Why OffloadedWeights exists: autograd's saved weights are swapped out under it."""
     resident = make_setup(tiny_cosmos_dir)
     perturb(resident)
-    offloaded, _, _ = offloaded_setup(tiny_cosmos_dir, {"group_offload_to_disk_path": tmp_path}, tmp_path)
+    offloaded, _, _ = offloaded_setup(tiny_cosmos_dir, {"group_offload_to_disk_path": tmp_path})
     expected, got = train_steps(resident, 2), train_steps(offloaded, 2)
     assert got[0] == pytest.approx(expected[0], rel=1e-6)
     assert got[1] != pytest.approx(expected[1], rel=1e-3)
@@ -168,21 +172,12 @@ def test_the_fallback_is_said_in_the_log(tiny_cosmos_dir: Path, caplog: pytest.L
 
 
 def _groups(transformer: torch.nn.Module) -> int:
-    from diffusers.hooks import HookRegistry
-    from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
-
-    groups = set()
-    for module in transformer.modules():
-        registry = getattr(module, "_diffusers_hook", None)
-        hook = registry.get_hook(_GROUP_OFFLOADING) if isinstance(registry, HookRegistry) else None
-        if hook is not None:
-            groups.add(id(hook.group))
-    return len(groups)
+    return len({id(hook.group) for hook in group_offload_hooks(transformer)})
 
 
 def test_blocks_per_group_sets_how_many_blocks_move_together(tiny_cosmos_dir: Path, tmp_path: Path) -> None:
-    one, _, _ = offloaded_setup(tiny_cosmos_dir, {"group_offload_blocks_per_group": 1}, tmp_path)
-    two, plan, _ = offloaded_setup(tiny_cosmos_dir, {"group_offload_blocks_per_group": 2}, tmp_path)
+    one, _, _ = offloaded_setup(tiny_cosmos_dir, {"group_offload_blocks_per_group": 1})
+    two, plan, _ = offloaded_setup(tiny_cosmos_dir, {"group_offload_blocks_per_group": 2})
     assert plan.blocks_per_group == 2
     # The tiny transformer has 2 blocks: one group each, or both in one (plus the layers outside them).
     assert _groups(one.transformer) == _groups(two.transformer) + 1
