@@ -64,6 +64,12 @@ def _train(args: argparse.Namespace) -> int:
     return train_main(args.config, strict=args.strict, overrides=overrides)
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from raytuner.tune.command import tune_main
+
+    return tune_main(args.config, args.sweep, strict=args.strict)
+
+
 def _add_ray_flags(parser: argparse.ArgumentParser) -> None:
     """The ray_* keys of config.json as flags; a flag wins over the key."""
     group = parser.add_argument_group("Ray (override the ray_* keys of config.json)")
@@ -152,6 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--strict", action="store_true", help="make 'accepted, not yet supported' keys errors")
     _add_ray_flags(train)
     train.set_defaults(handler=_train)
+
+    tune = commands.add_parser(
+        "tune",
+        help="sweep learning rate, LoKr factor, flow shift and more with Ray Tune + Optuna TPE + ASHA over one cache",
+    )
+    tune.add_argument(
+        "--config", required=True, help="path to config.json: the base config, the first point tried"
+    )
+    tune.add_argument(
+        "--sweep",
+        required=True,
+        help="path to sweep.json: parameters, fixed settings, num_samples, sampler, early_stopping, resources_per_trial",
+    )
+    tune.add_argument("--strict", action="store_true", help="make 'accepted, not yet supported' keys errors")
+    tune.set_defaults(handler=_tune)
 
     tiny = commands.add_parser("tiny-model", help="write a tiny random-weight diffusers checkpoint (offline)")
     tiny.add_argument("--family", required=True, help="model family, e.g. cosmos2image or omnigen")

@@ -97,6 +97,7 @@ class DatasetWork:
     bytes_by_bucket: Counter[str] = field(default_factory=Counter)
     encode_skipped: list[SkippedFile] = field(default_factory=list)
     vae_calls: set[str] = field(default_factory=set)
+    encoded_before: int = 0  # the folder's lifetime count of encoded rows, from its manifest
 
 
 # ---- locations and settings ---------------------------------------------------------------------------
@@ -542,7 +543,7 @@ def _open_latent_cache(
         settings=bucket_settings(dataset, run, family_cls),
         cache=latent_cache_location(run, dataset),
     )
-    committed, _ = _load_committed(
+    committed, manifest = _load_committed(
         item.cache,
         kind="latents",
         encoder=identity,
@@ -550,6 +551,7 @@ def _open_latent_cache(
         what=f"dataset '{dataset.id}' cache_dir_vae",
     )
     item.existing = {key: {k: row[k] for k in fmt.LOCATION_KEYS} for key, row in committed.items()}
+    item.encoded_before = manifest.encoded if manifest is not None else 0
     if skips(dataset, "vae") or skips(dataset, "aspect"):
         if not committed:
             raise CacheError(
@@ -578,6 +580,7 @@ class _TextWork:
     existing: dict[str, dict[str, Any]]  # caption key -> location (+ prompt)
     todo: list[dict[str, str]]
     written: dict[str, dict[str, Any]] = field(default_factory=dict)
+    encoded_before: int = 0  # the folder's lifetime count of encoded prompts, from its manifest
 
     @classmethod
     def open(
@@ -611,7 +614,13 @@ class _TextWork:
             [] if skip else [{"key": k, "prompt": p} for k, p in sorted(prompts.items()) if k not in existing]
         )
         return cls(
-            folder=folder, identity=identity, roles=roles, prompts=prompts, existing=existing, todo=todo
+            folder=folder,
+            identity=identity,
+            roles=roles,
+            prompts=prompts,
+            existing=existing,
+            todo=todo,
+            encoded_before=manifest.encoded if manifest is not None else 0,
         )
 
     def commit(self, family_cls: type[ModelFamily]) -> None:
@@ -639,6 +648,7 @@ class _TextWork:
             encoder_key=self.identity.key,
             shards=len({row["shard"] for row in rows.values()}),
             build=fmt.new_build_id(),
+            encoded=self.encoded_before + len(self.written),
             extra={
                 "tensors": list(family_cls.prompt_tensors),
                 "roles": {
@@ -821,6 +831,7 @@ def _commit_latents(item: DatasetWork, identity: EncoderIdentity) -> DatasetSumm
         encoder_key=identity.key,
         shards=len(live_shards),
         build=fmt.new_build_id(),
+        encoded=item.encoded_before + len(item.written),
         extra={"dataset": item.dataset.id, "settings": asdict(item.settings)},
     )
     fmt.commit(item.cache, manifest, index)

@@ -169,6 +169,9 @@ class Manifest:
     shards: int = 0
     build: str | None = None
     updated: float = 0.0
+    # Rows encoded into this folder over all its builds: a build that re-encodes nothing leaves it
+    # as it was, which is how a sweep shows that no trial encoded anything.
+    encoded: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -185,6 +188,7 @@ class Manifest:
                     "shards": self.shards,
                     "build": self.build,
                     "updated": self.updated,
+                    "encoded": self.encoded,
                     **({"extra": self.extra} if self.extra else {}),
                 },
                 indent=2,
@@ -225,6 +229,7 @@ def read_manifest(folder: Location) -> Manifest | None:
         shards=int(raw.get("shards", 0)),
         build=raw.get("build"),
         updated=float(raw.get("updated", 0.0)),
+        encoded=int(raw.get("encoded", 0)),
         extra=raw.get("extra", {}),
     )
 

@@ -80,7 +80,7 @@ def load_config(path: str | Path, *, strict: bool = False) -> RunConfig:
     lycoris: LycorisConfig | None = None
     if training is not None:
         _check_model(training, explicit=set(values), where=where, findings=findings)
-        _check_training(training, where=where, findings=findings)
+        check_training(training, where=where, findings=findings)
         _check_flow_schedule(training, explicit=set(values), where=where, findings=findings)
         _resolve_training_paths(
             training, config_path=config_path, where=where, sources=sources, findings=findings
@@ -231,7 +231,7 @@ def _check_model(training: TrainingConfig, *, explicit: set[str], where: str, fi
         )
 
 
-def _check_training(training: TrainingConfig, *, where: str, findings: KeyFindings) -> None:
+def check_training(training: TrainingConfig, *, where: str, findings: KeyFindings) -> None:
     if not training.max_train_steps and training.num_train_epochs == 0:
         findings.problems.append(
             f"{where}: 'max_train_steps' and 'num_train_epochs' are both 0 or unset: expected one of them > 0; "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,7 +153,7 @@ def _resumes_latest(run: RunConfig) -> bool:
     return value is not None and value.strip().lower() == "latest"
 
 
-def _storage(settings: RaySettings) -> tuple[object | None, str]:
+def storage_filesystem(settings: RaySettings) -> tuple[object | None, str]:
     """What RunConfig takes: a pyarrow filesystem for object storage (S3 endpoint from the env)."""
     if not has_scheme(settings.storage_path):
         return None, settings.storage_path
@@ -161,7 +162,7 @@ def _storage(settings: RaySettings) -> tuple[object | None, str]:
 
 
 def _previous_run_exists(settings: RaySettings, name: str) -> bool:
-    filesystem, path = _storage(settings)
+    filesystem, path = storage_filesystem(settings)
     if filesystem is None:
         return (Path(path) / name / _SNAPSHOT_FILE).is_file()
     import pyarrow.fs as pafs
@@ -170,7 +171,7 @@ def _previous_run_exists(settings: RaySettings, name: str) -> bool:
     return info.type == pafs.FileType.File
 
 
-def _steps(run: RunConfig, steps_per_epoch: int) -> int:
+def total_steps(run: RunConfig, steps_per_epoch: int) -> int:
     training = run.training
     if training.max_train_steps:
         return training.max_train_steps
@@ -185,7 +186,8 @@ REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 REPORT_POLL_S = "0.1"
 
 
-def build_trainer(job: TrainJob, settings: RaySettings) -> object:
+def build_trainer(job: TrainJob, settings: RaySettings, *, callbacks: Sequence[object] = ()) -> object:
+    """The run's TorchTrainer; ``callbacks`` are Ray Train callbacks (a Tune trial passes its reporter)."""
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -193,7 +195,7 @@ def build_trainer(job: TrainJob, settings: RaySettings) -> object:
     resources = {"CPU": settings.cpus_per_worker}
     if settings.use_gpu:
         resources["GPU"] = settings.gpus_per_worker
-    filesystem, storage_path = _storage(settings)
+    filesystem, storage_path = storage_filesystem(settings)
     os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
     return TorchTrainer(
         train_worker,
@@ -208,7 +210,38 @@ def build_trainer(job: TrainJob, settings: RaySettings) -> object:
             storage_filesystem=filesystem,  # type: ignore[arg-type]
             failure_config=FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=job.run.training.checkpoints_total_limit),
+            callbacks=list(callbacks) or None,  # type: ignore[arg-type]
         ),
+    )
+
+
+def prepare_job(run: RunConfig, settings: RaySettings, *, name: str, ray_metrics: bool = True) -> TrainJob:
+    """The workers' job for a run whose cache is built: steps planned, shared-root marker written."""
+    steps_per_epoch = check_batches(run, workers=settings.num_workers)
+    steps = total_steps(run, steps_per_epoch)
+    schedule_problem = lr_schedule_problem(run.training, steps, world_size=settings.num_workers)
+    if schedule_problem:
+        raise ConfigError([f"{display(run.sources['config'])}: {schedule_problem}"])
+    # The workers read the driver's marker back from the checkpoint root and from output_dir.
+    marker = write_marker(
+        [Location(uri=settings.storage_path).child(name), Location(uri=str(run.training.output_dir))]
+    )
+    injection = os.environ.get(INJECT_FAILURE_ENV)
+    return TrainJob(
+        run=run,
+        run_name=name,
+        total_steps=steps,
+        steps_per_epoch=steps_per_epoch,
+        marker=marker,
+        start_from=_resume_path(run),
+        inject_failure=FailureInjection.parse(
+            injection, default_marker=str(run.training.output_dir / ".injected-failure")
+        )
+        if injection
+        else None,
+        ray_metrics=ray_metrics,
+        validation_prompts=dict(role_prompts(run)["validation"]),
+        deepspeed=deepspeed_plan(run, world_size=settings.num_workers),
     )
 
 
@@ -223,7 +256,7 @@ def run_training(
     import ray
 
     if on_cluster():
-        _place_on_cluster(run, settings)
+        place_on_cluster(run, settings)
     for line in pin_local_paths(run):
         if on_cluster():
             logger.warning(
@@ -248,32 +281,7 @@ def run_training(
         record_seed(run)  # a drawn seed is kept, so resuming this output_dir replays the same plan
         summary = run_cache(run, build_options or BuildOptions(), encoders)
         logger.info("cache:\n%s", summary.table())
-        steps_per_epoch = check_batches(run, workers=settings.num_workers)
-        total_steps = _steps(run, steps_per_epoch)
-        schedule_problem = lr_schedule_problem(run.training, total_steps, world_size=settings.num_workers)
-        if schedule_problem:
-            raise ConfigError([f"{display(run.sources['config'])}: {schedule_problem}"])
-        # The workers read the driver's marker back from the checkpoint root and from output_dir.
-        marker = write_marker(
-            [Location(uri=settings.storage_path).child(name), Location(uri=str(run.training.output_dir))]
-        )
-        injection = os.environ.get(INJECT_FAILURE_ENV)
-        job = TrainJob(
-            run=run,
-            run_name=name,
-            total_steps=total_steps,
-            steps_per_epoch=steps_per_epoch,
-            marker=marker,
-            start_from=_resume_path(run),
-            inject_failure=FailureInjection.parse(
-                injection, default_marker=str(run.training.output_dir / ".injected-failure")
-            )
-            if injection
-            else None,
-            ray_metrics=ray_metrics,
-            validation_prompts=dict(role_prompts(run)["validation"]),
-            deepspeed=deepspeed_plan(run, world_size=settings.num_workers),
-        )
+        job = prepare_job(run, settings, name=name, ray_metrics=ray_metrics)
         logger.info(
             "Ray Train run %s: %d worker(s) x {CPU: %g, GPU: %g}, %s, %d steps (%d per epoch), checkpoints in %s/%s",
             name,
@@ -281,8 +289,8 @@ def run_training(
             settings.cpus_per_worker,
             settings.gpus_per_worker,
             strategy_summary(run.training, job.deepspeed),
-            total_steps,
-            steps_per_epoch,
+            job.total_steps,
+            job.steps_per_epoch,
             settings.storage_path,
             name,
         )
@@ -291,15 +299,15 @@ def run_training(
         try:
             result = trainer.fit()  # type: ignore[attr-defined]
         except ray.exceptions.RayError as error:
-            raise _training_error(error) from None
+            raise training_error(error) from None
         except Exception as error:
             if type(error).__module__.startswith("ray."):
-                raise _training_error(error) from None
+                raise training_error(error) from None
             raise
-    return _finish(run, result, total_steps)
+    return finish_outputs(run, result, job.total_steps)
 
 
-def _training_error(error: BaseException) -> Exception:
+def training_error(error: BaseException) -> Exception:
     inner = unwrap_error(error, TRAIN_ERRORS)
     failures = getattr(error, "worker_failures", None)
     if inner is None and failures:
@@ -311,7 +319,7 @@ def _training_error(error: BaseException) -> Exception:
     return TrainError(f"training failed: {text[-1] if text else type(error).__name__}")
 
 
-def _place_on_cluster(run: RunConfig, settings: RaySettings) -> None:
+def place_on_cluster(run: RunConfig, settings: RaySettings) -> None:
     training = run.training
     if not has_scheme(settings.storage_path) and Path(settings.storage_path).resolve().is_relative_to(
         Path.cwd().resolve()
@@ -334,7 +342,8 @@ def _place_on_cluster(run: RunConfig, settings: RaySettings) -> None:
         logger.info("text cache: %s", cache_location(text, text.cache_dir))
 
 
-def _finish(run: RunConfig, result: object, total_steps: int) -> TrainOutcome:
+def finish_outputs(run: RunConfig, result: object, total_steps: int) -> TrainOutcome:
+    """Model card, loss curve and validation grid of a finished run, and where its adapter is."""
     from raytuner.adapters import ADAPTER_FILENAME
     from raytuner.train.outputs import write_loss_curve, write_model_card, write_validation_grid
 
