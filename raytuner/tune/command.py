@@ -36,12 +36,14 @@ from raytuner.train.launcher import (
 from raytuner.train.layout import on_cluster, pin_local_paths
 from raytuner.train.settings import RaySettings, resolve_settings
 from raytuner.tune import results as sweep_results
+from raytuner.tune.early_stopping import stopped_trials
 from raytuner.tune.sweep import Sweep, read_sweep
 from raytuner.tune.trial import TRIALS_FOLDER, TrialPlan, run_trial
 
 logger = logging.getLogger(__name__)
 
 RECORD_FILE = "sweep_record.json"
+SCHEDULER_STATE_FILE = "sweep_scheduler_state.pkl"
 EXIT_INTERRUPTED = 130
 # The Tune function of a trial holds one CPU while its Ray Train workers run.
 TRIAL_DRIVER_CPUS = 1.0
@@ -137,11 +139,12 @@ def _check_record(sweep: Sweep, output_dir: Path) -> bool:
     return False
 
 
-def build_tuner(plan: TrialPlan, *, max_steps: int, max_concurrent: int) -> Any:
+def build_tuner(plan: TrialPlan, *, max_steps: int, max_concurrent: int, output_dir: Path) -> Any:
     """A new Tuner, or the interrupted one restored from the sweep's folder under the storage path."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
+
+    from raytuner.tune.early_stopping import ResumableASHA
 
     sweep, settings = plan.sweep, plan.settings
     trainable = tune.with_parameters(run_trial, plan=plan)
@@ -152,9 +155,12 @@ def build_tuner(plan: TrialPlan, *, max_steps: int, max_concurrent: int) -> Any:
         return tune.Tuner.restore(
             experiment, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=filesystem
         )
+    scheduler_state = output_dir / SCHEDULER_STATE_FILE
+    scheduler_state.unlink(missing_ok=True)  # left by a sweep stopped before Tune saved anything
     scheduler = None
     if sweep.early_stopping is not None:
-        scheduler = ASHAScheduler(
+        scheduler = ResumableASHA(
+            state_file=scheduler_state,
             time_attr="step",
             metric=sweep.metric,
             mode="min",
@@ -162,6 +168,8 @@ def build_tuner(plan: TrialPlan, *, max_steps: int, max_concurrent: int) -> Any:
             grace_period=sweep.early_stopping.grace_for(max_steps, sweep.base.training.eval_steps_interval),
             reduction_factor=sweep.early_stopping.reduction_factor,
             brackets=sweep.early_stopping.brackets,
+            # A trial that reaches the last step ends by itself, with its adapter written.
+            stop_last_trials=False,
         )
     # metric and mode go to the searcher and the scheduler themselves: wrapped in the concurrency
     # limiter, the searcher would not receive them from TuneConfig.
@@ -232,10 +240,13 @@ def run_sweep(run: RunConfig, sweep: Sweep, *, build_options: BuildOptions | Non
             {"seed": sweep.seed, **sweep.sampler},
             "off" if sweep.early_stopping is None else f"ASHA on {sweep.metric}",
         )
-        tuner = build_tuner(plan, max_steps=max_steps, max_concurrent=max_concurrent)
+        tuner = build_tuner(plan, max_steps=max_steps, max_concurrent=max_concurrent, output_dir=output_dir)
         grid = tuner.fit()
-    interrupted = _interrupted(grid, sweep.num_samples)
-    outcomes = sweep_results.collect_outcomes(grid, sweep, trials_dir, interrupted=interrupted)
+    stopped = stopped_trials(output_dir / SCHEDULER_STATE_FILE) if sweep.early_stopping else set()
+    outcomes = sweep_results.collect_outcomes(grid, sweep, trials_dir, stopped=stopped)
+    interrupted = len(outcomes) < sweep.num_samples or any(
+        trial.status == sweep_results.UNFINISHED for trial in outcomes
+    )
     best = sweep_results.best_outcome(outcomes)
     table = sweep_results.results_table(outcomes, sweep, best)
     sweep_results.write_csv(outcomes, sweep, output_dir / sweep_results.RESULTS_CSV)
@@ -248,14 +259,6 @@ def run_sweep(run: RunConfig, sweep: Sweep, *, build_options: BuildOptions | Non
     return SweepOutcome(
         outcomes=outcomes, best=best, interrupted=interrupted, output_dir=output_dir, table=table
     )
-
-
-def _interrupted(grid: Any, num_samples: int) -> bool:
-    """Whether Tune stopped before every trial ended (Ctrl+C): it then returns what it has."""
-    trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None)
-    if trials is None:
-        return len(grid) < num_samples
-    return len(trials) < num_samples or any(trial.status not in ("TERMINATED", "ERROR") for trial in trials)
 
 
 def tune_main(config: str, sweep_file: str, *, strict: bool = False) -> int:

@@ -69,9 +69,13 @@ class TrialOutcome:
 
 
 def collect_outcomes(
-    result_grid: Any, sweep: Sweep, trials_dir: Path, *, interrupted: bool
+    result_grid: Any, sweep: Sweep, trials_dir: Path, *, stopped: set[str]
 ) -> list[TrialOutcome]:
-    """The trials of a ``ResultGrid``, in the order Tune created them (the base config first)."""
+    """The trials of a ``ResultGrid``, in the order Tune created them (the base config first).
+
+    ``stopped`` holds the ids of the trials early stopping ended; any other trial without an error
+    or an adapter was cut short by an interruption.
+    """
     outcomes = []
     for result in result_grid:
         metrics = dict(result.metrics or {})
@@ -88,7 +92,7 @@ def collect_outcomes(
         elif (output_dir / ADAPTER_FILENAME).is_file():
             status, error = COMPLETED, None
         else:
-            status, error = (UNFINISHED if interrupted else STOPPED), None
+            status, error = (STOPPED if trial_id in stopped else UNFINISHED), None
         value = metrics.get(sweep.metric)
         outcomes.append(
             TrialOutcome(
@@ -239,12 +243,19 @@ def plot_curves(outcomes: Sequence[TrialOutcome], sweep: Sweep, path: Path) -> P
 
 
 def parameter_importances(outcomes: Sequence[TrialOutcome], sweep: Sweep) -> dict[str, float] | None:
-    """optuna's fANOVA importance of each swept key over the completed trials; None with fewer than 2."""
+    """optuna's fANOVA importance of each swept key; None with fewer than 2 trials to go on.
+
+    Every trial that reported the metric counts with its last value, a trial stopped early with
+    the value it was stopped at: the values Ray Tune gave the sampler, so this is the importance
+    the study itself would show.
+    """
     import optuna
     from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 
     completed = [
-        outcome for outcome in outcomes if outcome.status == COMPLETED and outcome.metric is not None
+        outcome
+        for outcome in outcomes
+        if outcome.status in (COMPLETED, STOPPED) and outcome.metric is not None
     ]
     if len(completed) < 2:
         return None
@@ -268,7 +279,11 @@ def plot_importances(importances: dict[str, float], sweep: Sweep, path: Path) ->
     axes = figure.add_subplot()
     keys = list(reversed(importances))
     axes.barh(keys, [importances[key] for key in keys])
-    axes.set(xlabel=f"importance for {sweep.metric} (fANOVA)", xlim=(0, 1), title=f"sweep {sweep.name}")
+    axes.set(
+        xlabel=f"importance for the last reported {sweep.metric} (fANOVA)",
+        xlim=(0, 1),
+        title=f"sweep {sweep.name}",
+    )
     axes.grid(alpha=0.3, axis="x")
     figure.tight_layout()
     figure.savefig(path, dpi=100)

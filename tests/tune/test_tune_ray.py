@@ -1,0 +1,302 @@
+"""``raytuner tune`` end to end: real Ray Tune, Optuna and ASHA over tiny Cosmos2 training runs.
+
+One seeded 4-trial sweep, one trial at a time, is run twice: in this process on the session's
+Ray, and as ``raytuner tune`` in a subprocess that is interrupted (Ctrl+C) during its second trial
+and then run again. The scenario is built for early stopping: the base config has the highest
+learning rate in the range, so after 2 steps every other trial's eval loss is behind it and ASHA
+(reduction factor 2, first rung at step 2) stops it; TPE starts after 2 trials, so trials 3 and
+4 are its suggestions given the first two results.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from safetensors.torch import load_file
+
+from raytuner.adapters import ADAPTER_FILENAME
+from raytuner.cache.format import read_manifest
+from raytuner.config import load_config
+from raytuner.evaluate.metrics import read_metrics
+from raytuner.storage import Location
+from raytuner.tune import results as sweep_results
+from raytuner.tune.command import SweepOutcome, run_sweep
+from raytuner.tune.sweep import read_sweep
+from tests.cache.helpers import write_run_files
+from tests.ray_head import clean_environment, short_temp_dir
+from tests.train.test_train_ray import Data, cosmos_training_data
+
+pytestmark = pytest.mark.slow
+
+STEPS = 6
+BASE_LEARNING_RATE = 3e-2
+CONFIG: dict[str, Any] = {
+    "train_batch_size": 2,
+    "learning_rate": BASE_LEARNING_RATE,
+    "optimizer": "torch-adamw",
+    "lr_scheduler": "constant",
+    "mixed_precision": "no",
+    "gradient_checkpointing": False,
+    "max_train_steps": STEPS,
+    "checkpoint_step_interval": 2,
+    "validation_step_interval": STEPS,
+    "validation_resolution": "32x32",
+    "validation_num_inference_steps": 2,
+    "eval_timesteps": 4,
+    "eval_steps_interval": 2,
+    "report_to": "tensorboard",
+}
+SWEEP: dict[str, Any] = {
+    "name": "test-sweep",
+    "num_samples": 4,
+    "max_concurrent_trials": 1,
+    "seed": 5,
+    "parameters": {
+        "learning_rate": {"type": "loguniform", "low": 1e-4, "high": BASE_LEARNING_RATE},
+        "factor": {"type": "choice", "values": [2, 4]},
+        "flow_schedule_shift": {"type": "uniform", "low": 1.0, "high": 3.0},
+    },
+    "fixed": {"flow_schedule_auto_shift": False},
+    "sampler": {"n_startup_trials": 2},
+    "early_stopping": {"grace_period": 2, "reduction_factor": 2},
+    "resources_per_trial": {"num_workers": 1},
+}
+
+
+@dataclass(frozen=True)
+class Sweep:
+    config: Path
+    sweep: Path
+    outcome: SweepOutcome
+    cache_counts: dict[str, tuple[int, int]]  # cache folder -> (rows, rows ever encoded)
+
+
+def write_sweep_files(root: Path, data: Data) -> tuple[Path, Path]:
+    files = write_run_files(root, data.model, data.datasets, **CONFIG)
+    sweep = root / "sweep.json"
+    sweep.write_text(json.dumps(SWEEP, indent=2))
+    return files.config, sweep
+
+
+def cache_counts(data: Data) -> dict[str, tuple[int, int]]:
+    folders = [d["cache_dir_vae"] for d in data.datasets if "cache_dir_vae" in d]
+    folders += [d["cache_dir"] for d in data.datasets if d.get("dataset_type") == "text_embeds"]
+    counts = {}
+    for folder in folders:
+        manifest = read_manifest(Location(uri=str(folder)))
+        assert manifest is not None, folder
+        counts[folder] = (manifest.rows, manifest.encoded)
+    return counts
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory, tiny_cosmos_dir: Path) -> Data:
+    """8 training and 2 eval images; their cache is built by the first sweep."""
+    return cosmos_training_data(tmp_path_factory.mktemp("tune-data"), tiny_cosmos_dir)
+
+
+@pytest.fixture(scope="module")
+def sweep_in_process(ray_cluster, data: Data, tmp_path_factory: pytest.TempPathFactory) -> Sweep:
+    config, sweep_file = write_sweep_files(tmp_path_factory.mktemp("tune-a"), data)
+    run = load_config(config)
+    outcome = run_sweep(run, read_sweep(sweep_file, run))
+    return Sweep(config=config, sweep=sweep_file, outcome=outcome, cache_counts=cache_counts(data))
+
+
+def assert_same_points(first: list[dict[str, Any]], second: list[dict[str, Any]]) -> None:
+    assert len(first) == len(second)
+    for a, b in zip(first, second, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-9), (key, first, second)
+
+
+def test_a_four_trial_sweep_writes_the_table_plots_best_config_and_adapter(sweep_in_process: Sweep) -> None:
+    outcome = sweep_in_process.outcome
+    assert not outcome.interrupted
+    trials = outcome.outcomes
+    assert [trial.number for trial in trials] == [1, 2, 3, 4]
+    base = trials[0]
+    assert base.point == {"learning_rate": BASE_LEARNING_RATE, "factor": 4, "flow_schedule_shift": 3.0}
+    assert base.status == sweep_results.COMPLETED and base.steps == STEPS
+    output_dir = outcome.output_dir
+    rows = (output_dir / sweep_results.RESULTS_CSV).read_text().splitlines()
+    assert len(rows) == 1 + 4 and rows[0].startswith("trial,trial_id,status,learning_rate,factor")
+    assert (output_dir / sweep_results.CURVES_PNG).stat().st_size > 0
+    assert (output_dir / sweep_results.IMPORTANCE_PNG).stat().st_size > 0
+    for trial in trials:
+        assert trial.curve and trial.curve[0][0] == 0  # eval loss from the baseline on
+        assert f" {trial.trial_id} " in f" {outcome.table} "
+
+    best = outcome.best
+    assert best is not None and best.status == sweep_results.COMPLETED
+    completed = [trial for trial in trials if trial.status == sweep_results.COMPLETED]
+    assert best.metric == min(trial.metric for trial in completed)
+    copied = load_file(str(output_dir / "best" / ADAPTER_FILENAME))
+    trained = load_file(str(best.output_dir / ADAPTER_FILENAME))
+    assert copied.keys() == trained.keys() and all(copied[k].equal(trained[k]) for k in copied)
+    assert (output_dir / "best" / "README.md").is_file()
+
+    # best_config.json is a config raytuner train takes as it is, with the best trial's values.
+    best_run = load_config(output_dir / sweep_results.BEST_CONFIG)
+    assert best_run.training.learning_rate == pytest.approx(best.point["learning_rate"])
+    assert best_run.training.flow_schedule_shift == pytest.approx(best.point["flow_schedule_shift"])
+    assert best_run.training.flow_schedule_auto_shift is False
+    assert best_run.lycoris is not None and best_run.lycoris.factor == best.point["factor"]
+    assert best_run.training.ray_num_workers == 1
+    assert best_run.training.output_dir == output_dir / "best_run"
+
+
+def test_asha_stops_the_trials_that_fall_behind_at_the_first_rung(sweep_in_process: Sweep) -> None:
+    trials = sweep_in_process.outcome.outcomes
+    stopped = [trial for trial in trials if trial.status == sweep_results.STOPPED]
+    assert stopped, [(t.number, t.status, t.point) for t in trials]
+    base_at_rung = dict(trials[0].curve)[2]
+    for trial in stopped:
+        assert 2 <= trial.steps < STEPS
+        assert not (trial.output_dir / ADAPTER_FILENAME).exists()
+        assert dict(trial.curve)[2] > base_at_rung  # behind the base config when it was stopped
+    assert "stopped early" in (sweep_in_process.outcome.output_dir / sweep_results.RESULTS_CSV).read_text()
+
+
+def test_later_trials_are_tpe_suggestions_given_the_earlier_results(sweep_in_process: Sweep) -> None:
+    """Replaying the sweep's results into optuna's seeded TPE gives back the trials' points."""
+    import optuna
+
+    run = load_config(sweep_in_process.config)
+    sweep = read_sweep(sweep_in_process.sweep, run)
+    study = optuna.create_study(direction="minimize", sampler=sweep.sampler_instance())
+    study.enqueue_trial(sweep.base_point)
+    space = sweep.space()
+    for trial in sweep_in_process.outcome.outcomes:
+        asked = study.ask(fixed_distributions=space)
+        assert_same_points([asked.params], [trial.point])
+        assert trial.metric is not None
+        study.tell(asked, trial.metric)
+    # Told other results, TPE proposes another last point: the suggestions follow the results.
+    other = optuna.create_study(direction="minimize", sampler=sweep.sampler_instance())
+    other.enqueue_trial(sweep.base_point)
+    for trial in sweep_in_process.outcome.outcomes[:3]:
+        asked = other.ask(fixed_distributions=space)
+        other.tell(asked, -trial.metric)
+    assert other.ask(fixed_distributions=space).params != sweep_in_process.outcome.outcomes[3].point
+
+
+def test_the_cache_is_encoded_once_and_no_trial_encodes_anything(sweep_in_process: Sweep) -> None:
+    counts = sweep_in_process.cache_counts
+    assert len(counts) == 3
+    for folder, (rows, encoded) in counts.items():
+        # Every row was encoded exactly once, by the build before the first trial.
+        assert rows > 0 and encoded == rows, folder
+
+
+def _launch(config: Path, sweep: Path, log: Path, temp_dir: Path) -> subprocess.Popen[bytes]:
+    env = {**clean_environment(), "RAY_TMPDIR": str(temp_dir)}
+    handle = log.open("wb")
+    return subprocess.Popen(
+        [sys.executable, "-m", "raytuner.cli", "tune", "--config", str(config), "--sweep", str(sweep)],
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=config.parent,
+    )
+
+
+def _wait_for(
+    condition, process: subprocess.Popen[bytes], log: Path, *, timeout: float = 400, poll: float = 1.0
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"raytuner tune exited {process.returncode} early:\n{log.read_text()[-4000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"timed out:\n{log.read_text()[-4000:]}")
+        time.sleep(poll)
+
+
+def _started_trials(trials_dir: Path) -> list[Path]:
+    return [p.parent for p in sorted(trials_dir.glob("*/trial.json"), key=lambda p: p.stat().st_mtime)]
+
+
+def _logged_steps(trial: Path) -> set[int]:
+    path = trial / "logs" / "metrics.jsonl"
+    return {int(entry["step"]) for entry in read_metrics(path)} if path.is_file() else set()
+
+
+def test_an_interrupted_sweep_resumes_where_it_stopped(
+    sweep_in_process: Sweep, data: Data, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Ctrl+C as trial 3 starts; the same command again finishes the sweep.
+
+    Trial 3 passes ASHA's first rung and is stopped at the second (step 4) in the uninterrupted
+    sweep; resumed, it must be stopped there again, which needs ASHA's rungs from before the
+    interruption. The resumed sweep is the first one's first three trials (TPE's suggestion for
+    trial k depends only on the k - 1 results before it). The signal goes while trial 3's workers
+    start (seconds), not between two of its steps (a fraction of one): a trial resumed from a
+    checkpoint is Ray Train's own restore of the trial's pinned run, tested in the training tests.
+    """
+    reference = sweep_in_process.outcome.outcomes[:3]
+    assert reference[2].status == sweep_results.STOPPED and reference[2].steps == 4
+    root = tmp_path_factory.mktemp("tune-b")
+    config, sweep_file = write_sweep_files(root, data)
+    sweep_file.write_text(json.dumps({**SWEEP, "num_samples": 3}, indent=2))
+    temp_dir, remove_temp = short_temp_dir(tmp_path_factory, "rt")
+    trials_dir = root / "output" / "trials"
+    first = second = None
+    try:
+        first = _launch(config, sweep_file, root / "first.log", temp_dir)
+
+        def third_trial_starting() -> bool:
+            return len(_started_trials(trials_dir)) == 3
+
+        _wait_for(third_trial_starting, first, root / "first.log", poll=0.1)
+        assert not _logged_steps(_started_trials(trials_dir)[2])
+        first.send_signal(signal.SIGINT)  # Ctrl+C
+        assert first.wait(timeout=180) == 130, (root / "first.log").read_text()[-4000:]
+        assert "run the same command again to resume it" in (root / "first.log").read_text()
+        ended = _started_trials(trials_dir)[:2]
+        histories = [(trial / "logs" / "metrics.jsonl").read_text() for trial in ended]
+        adapter_time = (ended[0] / ADAPTER_FILENAME).stat().st_mtime_ns
+
+        second = _launch(config, sweep_file, root / "second.log", temp_dir)
+        assert second.wait(timeout=600) == 0, (root / "second.log").read_text()[-4000:]
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.kill()
+        if remove_temp:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+    log = (root / "second.log").read_text()
+    assert "(resumed)" in log
+    # The trials that had ended are not trained again.
+    assert [(trial / "logs" / "metrics.jsonl").read_text() for trial in ended] == histories
+    assert (ended[0] / ADAPTER_FILENAME).stat().st_mtime_ns == adapter_time
+    rows = [
+        row.split(",") for row in (root / "output" / sweep_results.RESULTS_CSV).read_text().splitlines()[1:]
+    ]
+    resumed = [json.loads((trials_dir / row[1] / "trial.json").read_text())["point"] for row in rows]
+    # The same seeded sweep suggests the same points and stops the same trials, interrupted or not.
+    assert_same_points(resumed, [trial.point for trial in reference])
+    assert [row[2] for row in rows] == [trial.status for trial in reference]
+    third = dict((step, loss) for step, loss in reference[2].curve)
+    resumed_curve = {
+        int(e["step"]): e["eval_loss"]
+        for e in read_metrics(trials_dir / rows[2][1] / "logs" / "metrics.jsonl")
+        if e.get("kind") == "eval"
+    }
+    assert resumed_curve.keys() == third.keys()
+    for step, loss in third.items():
+        assert resumed_curve[step] == pytest.approx(loss, rel=1e-5), step
+    assert (root / "output" / sweep_results.BEST_CONFIG).is_file()
+    # This sweep read the first one's cache: still every row encoded once.
+    assert cache_counts(data) == sweep_in_process.cache_counts
