@@ -82,17 +82,26 @@ def collect_outcomes(
         config = dict(result.config or {})
         trial_id, number = _trial_id_and_number(result, metrics)
         output_dir = trials_dir / trial_id
-        entries = read_metrics(output_dir / "logs" / "metrics.jsonl") if output_dir.is_dir() else []
+        last_step = int(metrics.get("step", 0) or 0)
+        # A stopped trial's workers train on while Tune tears it down: what they log after the last
+        # report Tune acted on is not part of the trial's record.
+        entries = [
+            entry
+            for entry in (read_metrics(output_dir / "logs" / "metrics.jsonl") if output_dir.is_dir() else [])
+            if int(entry["step"]) <= last_step
+        ]
         evals = [(int(e["step"]), float(e["eval_loss"])) for e in entries if e.get("kind") == "eval"]
         losses = [
             (int(e["step"]), float(e["loss"])) for e in entries if "loss" in e and e.get("kind") != "eval"
         ]
         if result.error is not None:
             status, error = ERROR, _one_line(result.error)
+        elif trial_id in stopped:
+            status, error = STOPPED, None
         elif (output_dir / ADAPTER_FILENAME).is_file():
             status, error = COMPLETED, None
         else:
-            status, error = (STOPPED if trial_id in stopped else UNFINISHED), None
+            status, error = UNFINISHED, None
         value = metrics.get(sweep.metric)
         outcomes.append(
             TrialOutcome(
@@ -100,7 +109,7 @@ def collect_outcomes(
                 number=number,
                 point={parameter.key: config.get(parameter.key) for parameter in sweep.parameters},
                 status=status,
-                steps=int(metrics.get("step", 0) or 0),
+                steps=last_step,
                 metric=float(value) if isinstance(value, int | float) and math.isfinite(value) else None,
                 best_eval_loss=min((loss for _, loss in evals), default=None),
                 output_dir=output_dir,

@@ -163,7 +163,6 @@ def test_asha_stops_the_trials_that_fall_behind_at_the_first_rung(sweep_in_proce
     base_at_rung = dict(trials[0].curve)[2]
     for trial in stopped:
         assert 2 <= trial.steps < STEPS
-        assert not (trial.output_dir / ADAPTER_FILENAME).exists()
         assert dict(trial.curve)[2] > base_at_rung  # behind the base config when it was stopped
     assert "stopped early" in (sweep_in_process.outcome.output_dir / sweep_results.RESULTS_CSV).read_text()
 
