@@ -67,7 +67,9 @@ def main() -> int:
     if completed.returncode != 0:
         print(completed.stdout[-3000:], completed.stderr[-3000:], sep="\n")
         return completed.returncode
-    build = re.search(r"whole build ([0-9.]+) s", completed.stdout + completed.stderr)
+    build = re.search(
+        r"(\d+) image\(s\) through the VAE .*whole build ([0-9.]+) s", completed.stdout + completed.stderr
+    )
 
     rows = []
     for result_file in sorted((work / "output" / "ray" / "bench").glob("run_trial_*/result.json")):
@@ -93,9 +95,8 @@ def main() -> int:
     print(f"{'#':>2}  {'trial':8}  {'start-up s':>10}  {'steps s':>8}  {'evals etc. s':>12}  {'trial s':>8}")
     for number, trial_id, to_first, steps, rest, total in sorted(rows):
         print(f"{number:>2}  {trial_id:8}  {to_first:10.1f}  {steps:8.2f}  {rest:12.1f}  {total:8.1f}")
-    print(
-        f"sweep wall time {wall:.1f} s (cache build {build.group(1) if build else '?'} s), outputs in {work}"
-    )
+    cache = f"{build.group(1)} image(s) encoded, {build.group(2)} s" if build else "?"
+    print(f"sweep wall time {wall:.1f} s (its one cache build: {cache}), outputs in {work}")
     return 0
 
 
