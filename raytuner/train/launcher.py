@@ -253,7 +253,6 @@ def run_training(
     ray_metrics: bool = True,
 ) -> TrainOutcome:
     """Cache, train and write the outputs of a loaded run, on the connected Ray (or a local one)."""
-    import ray
 
     if on_cluster():
         place_on_cluster(run, settings)
@@ -295,16 +294,22 @@ def run_training(
             name,
         )
         write_config_copies(run, run.training.output_dir)
-        trainer = build_trainer(job, settings)
-        try:
-            result = trainer.fit()  # type: ignore[attr-defined]
-        except ray.exceptions.RayError as error:
-            raise training_error(error) from None
-        except Exception as error:
-            if type(error).__module__.startswith("ray."):
-                raise training_error(error) from None
-            raise
+        result = fit(build_trainer(job, settings))
     return finish_outputs(run, result, job.total_steps)
+
+
+def fit(trainer: object) -> object:
+    """``trainer.fit()``, with a failure inside Ray as raytuner's own one-line error."""
+    import ray
+
+    try:
+        return trainer.fit()  # type: ignore[attr-defined]
+    except ray.exceptions.RayError as error:
+        raise training_error(error) from None
+    except Exception as error:
+        if type(error).__module__.startswith("ray."):
+            raise training_error(error) from None
+        raise
 
 
 def training_error(error: BaseException) -> Exception:

@@ -260,15 +260,58 @@ def _shift_problems(
 
 
 def _integer(
-    raw: dict[str, Any], key: str, default: int | None, *, where: str, problems: list[str], low: int
+    raw: dict[str, Any],
+    key: str,
+    default: int | None,
+    *,
+    where: str,
+    problems: list[str],
+    low: int,
+    section: str = "",
 ) -> int | None:
+    """``raw[key]`` as an integer >= ``low`` (``default`` when absent or bad, with a problem)."""
     value = raw.get(key, default)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        problems.append(f"{where}: '{key}' = {value!r}: expected an integer >= {low}")
+        problems.append(f"{where}: {section}'{key}' = {value!r}: expected an integer >= {low}")
         return default
     return value
+
+
+def _number(
+    raw: dict[str, Any],
+    key: str,
+    default: float | None,
+    *,
+    where: str,
+    problems: list[str],
+    section: str,
+    above: float,
+    inclusive: bool = False,
+) -> float | None:
+    """``raw[key]`` as a number > ``above`` (>= with ``inclusive``); ``default`` when absent or bad."""
+    value = raw.get(key, default)
+    if value is None:
+        return None
+    in_range = value >= above if inclusive else value > above
+    if isinstance(value, bool) or not isinstance(value, int | float) or not in_range:
+        problems.append(
+            f"{where}: {section}'{key}' = {value!r}: expected a number {'>=' if inclusive else '>'} {above:g}"
+        )
+        return default
+    return float(value)
+
+
+def _known_keys(
+    raw: dict[str, Any], allowed: tuple[str, ...], *, section: str, where: str, problems: list[str]
+) -> None:
+    for key in raw:
+        if key not in allowed:
+            problems.append(
+                f"{where}: {section} '{key}' is not known{did_you_mean(key, allowed)}; "
+                f"expected one of: {', '.join(allowed)}"
+            )
 
 
 def _metric(value: Any, run: RunConfig, *, where: str, problems: list[str]) -> str:
@@ -339,27 +382,22 @@ def _early_stopping(raw: Any, *, where: str, problems: list[str]) -> EarlyStoppi
             '({"grace_period": 100, "reduction_factor": 3}) or false'
         )
         return None
-    for key in raw:
-        if key not in EARLY_STOPPING_KEYS:
-            problems.append(
-                f"{where}: early_stopping '{key}' is not an ASHA setting{did_you_mean(key, EARLY_STOPPING_KEYS)}; "
-                f"expected one of: {', '.join(EARLY_STOPPING_KEYS)}"
-            )
-    grace = raw.get("grace_period")
-    if grace is not None and (isinstance(grace, bool) or not isinstance(grace, int) or grace < 1):
-        problems.append(
-            f"{where}: early_stopping 'grace_period' = {grace!r}: expected a number of steps >= 1"
-        )
-        grace = None
-    factor = raw.get("reduction_factor", DEFAULT_REDUCTION_FACTOR)
-    if isinstance(factor, bool) or not isinstance(factor, int | float) or factor <= 1:
-        problems.append(f"{where}: early_stopping 'reduction_factor' = {factor!r}: expected a number > 1")
-        factor = DEFAULT_REDUCTION_FACTOR
-    brackets = raw.get("brackets", 1)
-    if isinstance(brackets, bool) or not isinstance(brackets, int) or brackets < 1:
-        problems.append(f"{where}: early_stopping 'brackets' = {brackets!r}: expected an integer >= 1")
-        brackets = 1
-    return EarlyStopping(grace_period=grace, reduction_factor=float(factor), brackets=brackets)
+    _known_keys(raw, EARLY_STOPPING_KEYS, section="early_stopping", where=where, problems=problems)
+    section = "early_stopping "
+    grace = _integer(raw, "grace_period", None, low=1, section=section, where=where, problems=problems)
+    factor = _number(
+        raw,
+        "reduction_factor",
+        DEFAULT_REDUCTION_FACTOR,
+        above=1,
+        section=section,
+        where=where,
+        problems=problems,
+    )
+    brackets = _integer(raw, "brackets", 1, low=1, section=section, where=where, problems=problems)
+    return EarlyStopping(
+        grace_period=grace, reduction_factor=factor or DEFAULT_REDUCTION_FACTOR, brackets=brackets or 1
+    )
 
 
 def _resources(raw: Any, *, where: str, problems: list[str]) -> RayOverrides:
@@ -368,31 +406,25 @@ def _resources(raw: Any, *, where: str, problems: list[str]) -> RayOverrides:
             f'{where}: "resources_per_trial" = {raw!r}: expected an object with {", ".join(RESOURCE_KEYS)}'
         )
         return RayOverrides()
-    for key in raw:
-        if key not in RESOURCE_KEYS:
-            problems.append(
-                f"{where}: resources_per_trial '{key}' is not known{did_you_mean(key, RESOURCE_KEYS)}; "
-                f"expected one of: {', '.join(RESOURCE_KEYS)}"
-            )
-    workers = raw.get("num_workers")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        problems.append(f"{where}: resources_per_trial 'num_workers' = {workers!r}: expected an integer >= 1")
-        workers = None
-    amounts: dict[str, float | None] = {}
-    for key, low_ok in (("cpus_per_worker", lambda v: v > 0), ("gpus_per_worker", lambda v: v >= 0)):
-        value = raw.get(key)
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int | float) or not low_ok(value)
-        ):
-            problems.append(
-                f"{where}: resources_per_trial '{key}' = {value!r}: expected a number > 0 (GPUs: >= 0)"
-            )
-            value = None
-        amounts[key] = None if value is None else float(value)
+    _known_keys(raw, RESOURCE_KEYS, section="resources_per_trial", where=where, problems=problems)
+    section = "resources_per_trial "
     return RayOverrides(
-        num_workers=workers,
-        cpus_per_worker=amounts["cpus_per_worker"],
-        gpus_per_worker=amounts["gpus_per_worker"],
+        num_workers=_integer(
+            raw, "num_workers", None, low=1, section=section, where=where, problems=problems
+        ),
+        cpus_per_worker=_number(
+            raw, "cpus_per_worker", None, above=0, section=section, where=where, problems=problems
+        ),
+        gpus_per_worker=_number(
+            raw,
+            "gpus_per_worker",
+            None,
+            above=0,
+            inclusive=True,
+            section=section,
+            where=where,
+            problems=problems,
+        ),
     )
 
 

@@ -44,11 +44,10 @@ def trial_output_dir(trials_dir: Path, trial_id: str) -> Path:
 
 def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     """The Tune function: train one point of the search space with Ray Train, reporting to Tune."""
-    import ray
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raytuner.train.launcher import build_trainer, finish_outputs, prepare_job, training_error
+    from raytuner.train.launcher import build_trainer, finish_outputs, fit, prepare_job
     from raytuner.train.outputs import write_config_copies
 
     trial_id = ray.tune.get_context().get_trial_id()
@@ -68,13 +67,5 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     job = prepare_job(run, plan.settings, name=plan.train_run_name(trial_id), ray_metrics=plan.ray_metrics)
     write_config_copies(run, output_dir)
     logger.info("trial %s: %s, %d steps, outputs in %s", trial_id, point, job.total_steps, output_dir)
-    trainer = build_trainer(job, plan.settings, callbacks=[TuneReportCallback()])
-    try:
-        result = trainer.fit()  # type: ignore[attr-defined]
-    except ray.exceptions.RayError as error:
-        raise training_error(error) from None
-    except Exception as error:
-        if type(error).__module__.startswith("ray."):
-            raise training_error(error) from None
-        raise
+    result = fit(build_trainer(job, plan.settings, callbacks=[TuneReportCallback()]))
     finish_outputs(run, result, job.total_steps)
