@@ -21,7 +21,7 @@ from typing import Any
 
 from raytuner.cache.build import BuildOptions
 from raytuner.cache.command import check_batches, check_cache_inputs, run_cache
-from raytuner.config import ConfigError, RunConfig, load_config, record_seed
+from raytuner.config import ConfigError, load_config, record_seed
 from raytuner.config.paths import display
 from raytuner.ray_runtime import ray_session
 from raytuner.storage import StorageError
@@ -197,8 +197,11 @@ def build_tuner(plan: TrialPlan, *, max_steps: int, max_concurrent: int, output_
     )
 
 
-def run_sweep(run: RunConfig, sweep: Sweep, *, build_options: BuildOptions | None = None) -> SweepOutcome:
-    """Check, cache once, run the trials on the connected Ray (or a local one), write the results."""
+def run_sweep(sweep: Sweep, *, build_options: BuildOptions | None = None) -> SweepOutcome:
+    """Check, cache once, run the trials on the connected Ray (or a local one), write the results.
+
+    ``sweep.base`` (the loaded config with the sweep's ``fixed`` settings) is what every trial starts from.
+    """
     import ray
 
     base = sweep.base
@@ -266,7 +269,7 @@ def tune_main(config: str, sweep_file: str, *, strict: bool = False) -> int:
     try:
         run = load_config(config, strict=strict)
         sweep = read_sweep(sweep_file, run)
-        outcome = run_sweep(run, sweep)
+        outcome = run_sweep(sweep)
     except (*TRAIN_ERRORS, TrainError, SweepError, StorageError) as error:
         lines = error.problems if isinstance(error, ConfigError) else (str(error),)
         for line in lines:

@@ -108,7 +108,7 @@ def data(tmp_path_factory: pytest.TempPathFactory, tiny_cosmos_dir: Path) -> Dat
 def sweep_in_process(ray_cluster, data: Data, tmp_path_factory: pytest.TempPathFactory) -> Sweep:
     config, sweep_file = write_sweep_files(tmp_path_factory.mktemp("tune-a"), data)
     run = load_config(config)
-    outcome = run_sweep(run, read_sweep(sweep_file, run))
+    outcome = run_sweep(read_sweep(sweep_file, run))
     return Sweep(config=config, sweep=sweep_file, outcome=outcome, cache_counts=cache_counts(data))
 
 
