@@ -13,7 +13,7 @@ from raytuner.cli import main
 from raytuner.config import ConfigError, RunConfig
 from raytuner.storage import Location
 from raytuner.train import state
-from raytuner.train.launcher import _steps, check_training_settings, lr_schedule_problem
+from raytuner.train.launcher import check_training_settings, lr_schedule_problem, total_steps
 from raytuner.train.layout import (
     LayoutError,
     check_marker,
@@ -63,9 +63,10 @@ def test_num_train_epochs_sets_the_step_count_when_max_train_steps_is_unset(
     tmp_path: Path, tiny_cosmos_dir: Path
 ) -> None:
     run = load(tmp_path, tiny_cosmos_dir, max_train_steps=0, num_train_epochs=3)
-    assert _steps(run, steps_per_epoch=5) == 15
+    assert total_steps(run, steps_per_epoch=5) == 15
     assert (
-        _steps(load(tmp_path, tiny_cosmos_dir, max_train_steps=7, num_train_epochs=3), steps_per_epoch=5) == 7
+        total_steps(load(tmp_path, tiny_cosmos_dir, max_train_steps=7, num_train_epochs=3), steps_per_epoch=5)
+        == 7
     )
 
 
