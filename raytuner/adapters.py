@@ -285,31 +285,113 @@ def save_adapter(
     return path
 
 
+@dataclass(frozen=True, kw_only=True)
+class AdapterFileInfo:
+    """What an adapter file says about itself, read without loading its tensors."""
+
+    path: Path
+    module_names: frozenset[str]  # LyCORIS module names (the part of each key before the first dot)
+    metadata: dict[str, str]
+
+    @property
+    def family(self) -> str | None:
+        """The model family raytuner trained it for (``raytuner_family`` metadata), if recorded."""
+        return self.metadata.get("raytuner_family")
+
+
+_SAFETENSORS_HEADER_LIMIT = 100 * 1024 * 1024  # safetensors itself refuses larger headers
+
+
+def inspect_adapter_file(path: str | Path) -> AdapterFileInfo:
+    """Check that ``path`` is a whole LyCORIS safetensors file and read its module names and metadata.
+
+    The safetensors format is an 8-byte little-endian header length, a JSON header naming every
+    tensor's byte range, then the data. That layout is read here, before ``safetensors`` opens the
+    file, so that a truncated download and a file of another format get messages that say so
+    (safetensors' own errors read "invalid header length" or "header too large" for both).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise AdapterError(f"adapter file {path} does not exist")
+    if path.is_dir():
+        raise AdapterError(f"adapter {path} is a folder without {ADAPTER_FILENAME}")
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        header_length = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
+        header_bytes = handle.read(header_length) if 0 < header_length <= _SAFETENSORS_HEADER_LIMIT else b""
+    try:
+        header = json.loads(header_bytes.decode("utf-8")) if header_bytes else None
+    except (UnicodeDecodeError, ValueError):
+        header = None
+    if not isinstance(header, dict):
+        if header_length and 8 + header_length > size and prefix[:1] != b"{" and header_length < size * 64:
+            raise AdapterError(
+                f"adapter file {path} is truncated ({size:,} bytes; its header alone says {8 + header_length:,}): "
+                "download or copy it again"
+            )
+        raise AdapterError(
+            f"adapter file {path} is not a safetensors file ({size:,} bytes that do not start with a "
+            f"safetensors header): raytuner reads LyCORIS adapters saved as {ADAPTER_FILENAME}"
+        )
+    raw_metadata = header.pop("__metadata__", None) or {}
+    data_end = max(
+        (int(entry["data_offsets"][1]) for entry in header.values() if isinstance(entry, dict)), default=0
+    )
+    if 8 + header_length + data_end > size:
+        raise AdapterError(
+            f"adapter file {path} is truncated ({size:,} bytes of {8 + header_length + data_end:,}): "
+            "download or copy it again"
+        )
+    module_names = frozenset(key.split(".", 1)[0] for key in header)
+    if not module_names:
+        raise AdapterError(f"adapter file {path} holds no tensors")
+    metadata = {str(key): str(value) for key, value in dict(raw_metadata).items()}
+    return AdapterFileInfo(path=path, module_names=module_names, metadata=metadata)
+
+
 def load_adapter(
     path: str | Path,
     model: torch.nn.Module,
     *,
     scale: float = 1.0,
     merge: bool = True,
+    family: str | None = None,
 ) -> LycorisNetwork:
     """Load an adapter into ``model`` the way the seeds' inference example does.
 
     ``merge=True`` folds the weights into the model (``wrapper.merge_to()``); otherwise the
-    modules are applied as hooks and can be removed again with ``restore()``.
+    modules are applied as hooks and can be removed again with ``restore()``. The file is checked
+    first (:func:`inspect_adapter_file`); with ``family``, an adapter raytuner recorded as trained
+    for another family is refused by name, and any adapter whose modules are not all in ``model``
+    is refused, since merging part of an adapter gives a model nobody trained.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise AdapterError(f"adapter file {path} does not exist")
+    info = inspect_adapter_file(path)
+    path = info.path
+    if family is not None and info.family is not None and info.family != family:
+        raise AdapterError(
+            f"adapter file {path} was trained for {info.family} (its raytuner_family metadata), "
+            f"not for this {family} model: pass the model it was trained on"
+        )
     try:
         network, _ = create_lycoris_from_weights(scale, str(path), model)
-    except Exception as error:  # safetensors raises its own error types for a damaged file
+    except Exception as error:  # a damaged tensor, or shapes that do not fit this model
+        first_line = (str(error).strip().splitlines() or [""])[0]
         raise AdapterError(
-            f"adapter file {path} could not be read as a LyCORIS safetensors file ({type(error).__name__}: {error})"
+            f"adapter file {path} does not fit {type(model).__name__} ({type(error).__name__}: {first_line}): "
+            "was it trained for another model or model size?"
         ) from error
     if not network.loras:
         raise AdapterError(
-            f"adapter file {path} matches no module of {type(model).__name__}: "
-            "was it trained for another model family?"
+            f"adapter file {path} matches no module of {type(model).__name__}: was it trained for another "
+            f"model family, or is it not a LyCORIS file (keys 'lycoris_<module>.<weight>'; this one has e.g. "
+            f"{sorted(info.module_names)[0]!r})?"
+        )
+    unmatched = info.module_names - {lora.lora_name for lora in network.loras}
+    if unmatched:
+        raise AdapterError(
+            f"adapter file {path}: {len(unmatched)} of its {len(info.module_names)} modules are not in "
+            f"{type(model).__name__} (e.g. {sorted(unmatched)[0]}): was it trained for another model?"
         )
     if merge:
         network.merge_to()

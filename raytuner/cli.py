@@ -70,6 +70,33 @@ def _tune(args: argparse.Namespace) -> int:
     return tune_main(args.config, args.sweep, strict=args.strict)
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from raytuner.generate.command import GenerateOptions, generate_main
+
+    return generate_main(
+        GenerateOptions(
+            model=args.model,
+            family=args.family,
+            revision=args.revision,
+            adapter=args.adapter,
+            scale=args.scale,
+            prompt=args.prompt,
+            prompts=args.prompts,
+            negative_prompt=args.negative_prompt,
+            guidance=args.guidance,
+            steps=args.steps,
+            resolution=args.resolution,
+            seed=args.seed,
+            num_images=args.num_images,
+            out=args.out,
+            dtype=args.dtype,
+            no_safety_checker=args.no_safety_checker,
+            clip_model=args.clip_model,
+            actors=args.actors,
+        )
+    )
+
+
 def _add_ray_flags(parser: argparse.ArgumentParser) -> None:
     """The ray_* keys of config.json as flags; a flag wins over the key."""
     group = parser.add_argument_group("Ray (override the ray_* keys of config.json)")
@@ -173,6 +200,80 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tune.add_argument("--strict", action="store_true", help="make 'accepted, not yet supported' keys errors")
     tune.set_defaults(handler=_tune)
+
+    generate = commands.add_parser(
+        "generate",
+        help="render images from a base model or a trained LoKr adapter (merged with lycoris); "
+        "a prompts file renders on a Ray Data actor pool, resumably",
+    )
+    generate.add_argument(
+        "--model", required=True, help="the base model: a diffusers pipeline folder or hub id"
+    )
+    generate.add_argument(
+        "--adapter",
+        help="LoKr adapter: a .safetensors file, an output_dir holding pytorch_lora_weights.safetensors, "
+        "or a hub repo id (default: the base model alone)",
+    )
+    generate.add_argument(
+        "--scale", type=float, default=1.0, help="adapter multiplier when merging (default 1.0)"
+    )
+    prompts = generate.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", help="render this prompt")
+    prompts.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="render every prompt of a .txt file (one per line) or a .json file (a list, or a "
+        "user_prompt_library) with Ray Data; already rendered images are skipped",
+    )
+    generate.add_argument("--negative-prompt", help="negative prompt (default: the family pipeline's own)")
+    generate.add_argument(
+        "--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's)"
+    )
+    generate.add_argument("--steps", type=int, help="inference steps (default: the pipeline's)")
+    generate.add_argument(
+        "--resolution", metavar="WxH", help="image size in pixels, WxH or N (default: the pipeline's)"
+    )
+    generate.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of each prompt's first image; the next ones count up (default 0)",
+    )
+    generate.add_argument(
+        "--num-images", type=int, default=1, metavar="N", help="images per prompt (default 1)"
+    )
+    generate.add_argument(
+        "--out", default="generated", help="folder for the images and index.json (default ./generated)"
+    )
+    generate.add_argument(
+        "--dtype",
+        choices=("auto", "bf16", "fp16", "fp32"),
+        default="auto",
+        help="weights' precision (default auto: bf16 on a GPU, fp32 on the CPU)",
+    )
+    generate.add_argument(
+        "--no-safety-checker",
+        action="store_true",
+        help="Cosmos2: render without cosmos_guardrail's safety checker; the index records the images as "
+        "not screened",
+    )
+    generate.add_argument(
+        "--clip-model",
+        metavar="PATH_OR_HUB_ID",
+        help="score every image against its prompt with this CLIP model (e.g. openai/clip-vit-large-patch14)",
+    )
+    generate.add_argument(
+        "--family",
+        help="model family (default: read from the model's model_index.json; needed for an uncached hub id offline)",
+    )
+    generate.add_argument("--revision", help="hub revision of --model")
+    generate.add_argument(
+        "--actors",
+        type=int,
+        metavar="N",
+        help="with --prompts: pipelines rendering in parallel (default: one per GPU of the cluster, else 1)",
+    )
+    generate.set_defaults(handler=_generate)
 
     tiny = commands.add_parser("tiny-model", help="write a tiny random-weight diffusers checkpoint (offline)")
     tiny.add_argument("--family", required=True, help="model family, e.g. cosmos2image or omnigen")

@@ -1,0 +1,134 @@
+"""Many images on a Ray Data actor pool: one pipeline per actor, one GPU each when the cluster has them.
+
+Requests stream through ``map_batches`` (``compute=ActorPoolStrategy``) one at a time; each actor
+loads the pipeline and merges the adapter once, renders, and sends the PNG back. The driver alone
+writes files and the index, so the output folder needs to be reachable from the driver only (on a
+cluster: the head node), and an interrupted run keeps every image that had arrived.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm import tqdm
+
+from raytuner.generate.index import GenerationIndex
+from raytuner.generate.prompts import ImageRequest
+from raytuner.generate.render import ImageRenderer, Rendered
+from raytuner.generate.settings import GenerateError, GenerationSettings
+
+logger = logging.getLogger(__name__)
+
+
+class RenderActor:
+    """Ray Data actor: the run's pipeline, built once, rendering each request of a batch."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.renderer = ImageRenderer(GenerationSettings.from_dict(settings), progress=False)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {
+            name: [] for name in ("request", "png", "width", "height", "seconds", "refused", "clip_score")
+        }
+        for text in batch["request"]:
+            rendered = self.renderer.render(ImageRequest(**json.loads(str(text))))
+            out["request"].append(str(text))
+            out["png"].append(rendered.png or b"")
+            out["width"].append(rendered.width)
+            out["height"].append(rendered.height)
+            out["seconds"].append(rendered.seconds)
+            out["refused"].append(rendered.refused or "")
+            out["clip_score"].append(math.nan if rendered.clip_score is None else rendered.clip_score)
+        return out
+
+
+def default_actors() -> int:
+    """One actor per GPU of the cluster, else one."""
+    from raytuner.ray_runtime import cluster_gpus
+
+    return max(1, cluster_gpus())
+
+
+def render_on_ray(
+    settings: GenerationSettings,
+    requests: Sequence[ImageRequest],
+    index: GenerationIndex,
+    *,
+    actors: int | None = None,
+    cpus_per_actor: float = 1.0,
+) -> int:
+    """Render ``requests`` on the connected Ray; each image is recorded in ``index`` as it arrives.
+
+    Returns how many were rendered. An error inside an actor (a model or adapter that does not
+    load there) comes back as the one-line :class:`GenerateError` it raised.
+    """
+    import ray
+
+    from raytuner.ray_runtime import cluster_gpus
+
+    gpus = cluster_gpus()
+    size = actors or default_actors()
+    size = min(size, len(requests))
+    logger.info(
+        "rendering %d image(s) on %d Ray Data actor(s) (%s each)",
+        len(requests),
+        size,
+        "1 GPU" if gpus else f"{cpus_per_actor:g} CPU",
+    )
+    dataset = ray.data.from_items(
+        [{"request": json.dumps(request.to_dict(), ensure_ascii=False)} for request in requests],
+        override_num_blocks=min(len(requests), 64),
+    ).map_batches(
+        RenderActor,
+        fn_constructor_kwargs={"settings": settings.to_dict()},
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=size),
+        num_gpus=1 if gpus else 0,
+        num_cpus=cpus_per_actor,
+    )
+    rendered_count = 0
+    try:
+        with tqdm(total=len(requests), desc="images", unit="image") as progress:
+            for row in dataset.iter_rows():
+                index.add(_rendered_from_row(row))
+                rendered_count += 1
+                progress.update(1)
+    except Exception as error:
+        inner = _generate_error_in(error)
+        if inner is not None:
+            raise inner from None
+        raise
+    return rendered_count
+
+
+def _rendered_from_row(row: dict[str, Any]) -> Rendered:
+    clip_score = float(row["clip_score"])
+    return Rendered(
+        request=ImageRequest(**json.loads(row["request"])),
+        png=bytes(row["png"]) or None,
+        width=int(row["width"]),
+        height=int(row["height"]),
+        seconds=float(row["seconds"]),
+        refused=str(row["refused"]) or None,
+        clip_score=None if math.isnan(clip_score) else clip_score,
+    )
+
+
+def _generate_error_in(error: BaseException) -> GenerateError | None:
+    """The GenerateError an actor raised, without Ray's wrapping (whose text is a traceback)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        cause = getattr(current, "cause", None)
+        if isinstance(cause, GenerateError):
+            current = cause
+            continue
+        if isinstance(current, GenerateError) and type(current) is GenerateError:
+            return current
+        current = cause if isinstance(cause, BaseException) else (current.__cause__ or current.__context__)
+    return None
