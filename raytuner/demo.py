@@ -6,7 +6,8 @@ colours with a held-out evaluation set, and then runs exactly what ``raytuner tr
 ``configs/demo/<family>/config.json``: Ray Data encodes the cache, a 2-worker Ray Train
 ``TorchTrainer`` trains the LoKr adapter with DDP on gloo, validates from the cached prompts,
 measures the stable eval loss at the start and the end, checkpoints, and writes the adapter, its
-EMA twin, the model card, the loss curve and the validation grid.
+EMA twin, the model card, the loss curve and the validation grid. Then ``raytuner generate`` renders
+the validation prompt with the adapter merged in, as a user would after training.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from raytuner.config import RunConfig, load_config
 from raytuner.config.datasets import DatasetConfig
 from raytuner.data.synthetic import synthetic_images, write_dataset
 from raytuner.evaluate.metrics import read_metrics
+from raytuner.generate.settings import GenerateError
 from raytuner.models.safety import is_tiny_checkpoint
 from raytuner.models.tiny import build_tiny_checkpoint
 from raytuner.ray_runtime import ray_session
@@ -46,6 +48,7 @@ class DemoResult:
     first_loss: float
     last_loss: float
     first_eval_loss: float | None
+    generated: Path | None
 
 
 def _prepare_inputs(run: RunConfig) -> None:
@@ -78,13 +81,37 @@ def run_family_demo(config_path: Path, steps: int | None = None) -> DemoResult:
     entries = read_metrics(outcome.output_dir / "logs" / "metrics.jsonl")
     losses = [e["loss"] for e in entries if e.get("kind", "train") == "train"]
     evals = [e["eval_loss"] for e in entries if e.get("kind") == "eval"]
+    generated = _generate_with_adapter(run, outcome)
     return DemoResult(
         family=run.training.model_family,
         outcome=outcome,
         first_loss=losses[0],
         last_loss=losses[-1],
         first_eval_loss=evals[0] if evals else None,
+        generated=generated,
     )
+
+
+def _generate_with_adapter(run: RunConfig, outcome: TrainOutcome) -> Path | None:
+    """The validation prompt rendered by ``raytuner generate`` from the base model and the new adapter."""
+    from raytuner.generate.command import GenerateOptions, run_generate
+
+    training = run.training
+    result = run_generate(
+        GenerateOptions(
+            model=str(training.pretrained_model_name_or_path),
+            adapter=str(outcome.adapter),
+            prompt=training.validation_prompt or "a photo",
+            negative_prompt=training.validation_negative_prompt,
+            guidance=training.validation_guidance,
+            steps=training.validation_num_inference_steps,
+            resolution=training.validation_resolution,
+            seed=training.validation_seed or 0,
+            num_images=2,
+            out=str(outcome.output_dir / "generated"),
+        )
+    )
+    return result.grid
 
 
 def _summary_table(results: list[DemoResult]) -> str:
@@ -96,6 +123,7 @@ def _summary_table(results: list[DemoResult]) -> str:
         "eval loss (start -> end)",
         "adapter",
         "validation",
+        "generated",
     )
     rows = []
     for r in results:
@@ -113,6 +141,7 @@ def _summary_table(results: list[DemoResult]) -> str:
                 evaluation,
                 str(r.outcome.adapter),
                 str(r.outcome.output_dir / "validation" / "grid.png"),
+                str(r.generated or "-"),
             )
         )
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
@@ -141,7 +170,7 @@ def demo_main(
         with ray_session(dashboard=True):
             for config_path in config_paths:
                 results.append(run_family_demo(config_path, steps))
-    except (DemoError, TrainError, *TRAIN_ERRORS) as error:
+    except (DemoError, TrainError, GenerateError, *TRAIN_ERRORS) as error:
         lines = getattr(error, "problems", None) or (str(error),)
         for line in lines:
             print(f"error: {line}", file=sys.stderr)

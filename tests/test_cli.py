@@ -94,6 +94,10 @@ def test_offline_demo_runs_end_to_end(tmp_path: Path) -> None:
         assert (output / "validation/grid.png").is_file()
         assert (output / "loss.png").is_file()
         assert (output / "README.md").is_file()
+        # raytuner generate rendered the validation prompt with the trained adapter merged in.
+        generated = json.loads((output / "generated/index.json").read_text())
+        assert generated["settings"]["adapter_sha256"] and len(generated["images"]) == 2
+        assert (output / "generated/grid.png").is_file()
         assert (tmp_path / "output/demo/cache/vae" / family / "raytuner_cache.json").is_file()
         recorded = json.loads((output / "config/config.json").read_text())
         assert recorded["model_family"] == family
