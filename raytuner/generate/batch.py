@@ -32,7 +32,8 @@ class RenderActor:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {
-            name: [] for name in ("request", "png", "width", "height", "seconds", "refused", "clip_score")
+            name: []
+            for name in ("request", "png", "width", "height", "seconds", "refused", "clip_score", "dtype")
         }
         for text in batch["request"]:
             rendered = self.renderer.render(ImageRequest(**json.loads(str(text))))
@@ -43,6 +44,7 @@ class RenderActor:
             out["seconds"].append(rendered.seconds)
             out["refused"].append(rendered.refused or "")
             out["clip_score"].append(math.nan if rendered.clip_score is None else rendered.clip_score)
+            out["dtype"].append(rendered.dtype)
         return out
 
 
@@ -115,6 +117,7 @@ def _rendered_from_row(row: dict[str, Any]) -> Rendered:
         seconds=float(row["seconds"]),
         refused=str(row["refused"]) or None,
         clip_score=None if math.isnan(clip_score) else clip_score,
+        dtype=str(row["dtype"]),
     )
 
 

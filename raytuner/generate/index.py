@@ -89,6 +89,7 @@ class GenerationIndex:
             "height": rendered.height,
             "steps": self.settings.steps,
             "guidance": self.settings.guidance,
+            "dtype": rendered.dtype,
             "screened": self.settings.screening.screened,
             "refused": rendered.refused,
             "clip_score": rendered.clip_score,

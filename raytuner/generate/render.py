@@ -41,6 +41,7 @@ class Rendered:
     seconds: float
     refused: str | None = None
     clip_score: float | None = None
+    dtype: str = ""  # the precision it was rendered in ("auto" resolves per device)
 
 
 def torch_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -105,7 +106,15 @@ class ImageRenderer:
         start = time.perf_counter()
         refusal = self._screen_prompt(request.prompt)
         if refusal:
-            return Rendered(request=request, png=None, width=0, height=0, seconds=0.0, refused=refusal)
+            return Rendered(
+                request=request,
+                png=None,
+                width=0,
+                height=0,
+                seconds=0.0,
+                refused=refusal,
+                dtype=self.dtype_name,
+            )
         call: dict[str, Any] = {
             "prompt": request.prompt,
             "num_inference_steps": self.settings.steps,
@@ -134,7 +143,12 @@ class ImageRenderer:
             height=image.height,
             seconds=time.perf_counter() - start,
             clip_score=clip_score,
+            dtype=self.dtype_name,
         )
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
 
     def _call(self, call: dict[str, Any], negative: str | None) -> Image.Image:
         if self.settings.family != "omnigen":

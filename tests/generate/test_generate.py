@@ -108,6 +108,7 @@ def test_one_image_with_the_adapter_is_the_seeds_recipe_image(
     adapted = index_of(adapted_out)
     entry = adapted["images"][0]
     assert (entry["prompt"], entry["seed"], entry["width"], entry["height"]) == (prompt, 3, 64, 64)
+    assert entry["dtype"] == "float32"  # --dtype auto on the CPU
     assert adapted["settings"]["adapter_sha256"] and adapted["settings"]["family"] == family
     assert adapted["screened"] is False
 
