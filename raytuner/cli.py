@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(handler=_generate)
 
     tiny = commands.add_parser("tiny-model", help="write a tiny random-weight diffusers checkpoint (offline)")
-    tiny.add_argument("--family", required=True, help="model family, e.g. cosmos2image or omnigen")
+    tiny.add_argument("--family", required=True, help="cosmos2image, omnigen, or clip (a tiny CLIP)")
     tiny.add_argument("--out", required=True, help="folder to write the checkpoint to")
     tiny.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     tiny.set_defaults(handler=_tiny_model)

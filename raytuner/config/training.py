@@ -24,6 +24,12 @@ def _choices(name: str) -> tuple[str, ...]:
     return option_choices(name)
 
 
+# SimpleTuner's evaluation_type choices (its cmd_args.py); None and "none" turn evaluation off.
+EVALUATION_TYPES: tuple[str, ...] = ("none", "clip")
+# SimpleTuner's default for pretrained_evaluation_model_name_or_path.
+DEFAULT_EVALUATION_MODEL = "openai/clip-vit-large-patch14-336"
+
+
 # SimpleTuner's optimizers raytuner runs (raytuner/train/optim.py builds each); the rest of
 # SimpleTuner's list is refused by name when the config is loaded, before any work starts. The
 # bnb-* names load everywhere: they need bitsandbytes and a CUDA GPU, which only the machine that
@@ -156,6 +162,10 @@ class TrainingConfig:
     num_eval_images: int = field(default=4, metadata=rule(ge=1))
     eval_steps_interval: int | None = field(default=None, metadata=rule(ge=1))
     eval_timesteps: int = field(default=28, metadata=rule(ge=1))
+    # "clip": every validation round scores its images against their prompts with the CLIP model
+    # below and logs clip_score (raytuner/evaluate/clip_score.py, raytuner/train/validate.py).
+    evaluation_type: str | None = field(default=None, metadata=rule(choices=EVALUATION_TYPES))
+    pretrained_evaluation_model_name_or_path: str = DEFAULT_EVALUATION_MODEL
 
     # Tracking and publishing
     report_to: str = field(default="none", metadata=rule(choices=_choices("report_to")))
@@ -164,6 +174,13 @@ class TrainingConfig:
     hub_model_id: str | None = None
     push_to_hub: bool = False
     push_checkpoints_to_hub: bool = False
+    # Publishing (raytuner/hub.py): checkpoint uploads off the training thread, the repo's
+    # visibility when it is created, and the card's not-for-all-audiences tag, which SimpleTuner
+    # adds unless the model is marked safe for work.
+    push_to_hub_background: bool = False
+    model_card_private: bool = False
+    model_card_safe_for_work: bool = False
+    model_card_note: str | None = None
     hf_token: str | None = field(default=None, repr=False)
     webhook_config: str | None = None
 

@@ -5,12 +5,15 @@ complete diffusers model folder for a family: the real diffusers/transformers cl
 sizes and seeded random weights, small tokenizers built in memory from a fixed corpus (T5's
 Unigram, Phi-3's byte-fallback BPE), and the scheduler configuration the published checkpoint
 ships. The folder loads component by component (`<Class>.from_pretrained(folder, subfolder=...)`)
-and as a whole (`<Pipeline>.from_pretrained(folder)`), exactly like the real one. A marker file
-(`raytuner_tiny.json`) says it is a test model. Nothing here touches the network.
+and as a whole (`<Pipeline>.from_pretrained(folder)`), exactly like the real one. `build_tiny_clip`
+writes the same kind of stand-in for the CLIP model behind `evaluation_type: "clip"`, in
+transformers' format. A marker file (`raytuner_tiny.json`) says it is a test model. Nothing here
+touches the network.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -28,6 +31,9 @@ import torch
 from raytuner.models.safety import TINY_CHECKPOINT_MARKER, PassThroughSafetyChecker
 
 KNOWN_FAMILIES = ("cosmos2image", "omnigen")
+# `raytuner tiny-model --family clip` writes the tiny CLIP: an evaluation model, not a model family.
+CLIP_KIND = "clip"
+TINY_MODEL_KINDS = (*KNOWN_FAMILIES, CLIP_KIND)
 
 # Caption-like sentences the tiny tokenizers are trained on. The prompt templates the pipelines
 # add (OmniGen's instruction line, Cosmos2's default negative prompt) are in here too, so they
@@ -202,6 +208,35 @@ _OMNIGEN_VAE = {
 _OMNIGEN_SCHEDULER_INIT = {"num_train_timesteps": 1, "invert_sigmas": True, "shift": 1.0}
 
 
+# --- clip -----------------------------------------------------------------------------------------
+
+# OpenAI CLIP's layout at a tiny size: a 77-token text context (so prompts truncate where the real
+# ones do), end-of-text as the padding token, and the image processor's resize, centre crop and
+# normalisation with OpenAI's statistics, only to 32x32 pixels in 8x8 patches.
+_CLIP_MAX_LENGTH = 77
+_CLIP_BOS = "<|startoftext|>"
+_CLIP_EOS = "<|endoftext|>"
+_CLIP_END_OF_WORD = "</w>"
+_CLIP_BPE_MERGES = 256
+_CLIP_IMAGE_SIZE = 32
+_CLIP_PROJECTION_DIM = 16
+_CLIP_TEXT = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "max_position_embeddings": _CLIP_MAX_LENGTH,
+}
+_CLIP_VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": _CLIP_IMAGE_SIZE,
+    "patch_size": 8,
+}
+
+
 # --- building -------------------------------------------------------------------------------------
 
 
@@ -215,6 +250,24 @@ def build_tiny_checkpoint(family: str, out_dir: str | Path, *, seed: int = 0) ->
     """
     if family not in _BUILDERS:
         raise ValueError(f"unknown model family {family!r} (known: {', '.join(KNOWN_FAMILIES)})")
+    return _write_tiny_folder(family, _BUILDERS[family], out_dir, seed=seed)
+
+
+def build_tiny_clip(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """Write a tiny random-weight CLIP in transformers' format: `CLIPModel`, CLIP's byte-level BPE
+    tokenizer and `CLIPImageProcessor`, loadable with `from_pretrained(folder)` like a hub CLIP.
+
+    It stands in for `pretrained_evaluation_model_name_or_path` (`evaluation_type: "clip"`) where no
+    real CLIP can be downloaded; its scores are those of random weights, meaningful only as numbers
+    to compare. Seeds, replacement and the marker file work as in `build_tiny_checkpoint`.
+    """
+    return _write_tiny_folder(CLIP_KIND, _build_clip, out_dir, seed=seed)
+
+
+def _write_tiny_folder(
+    kind: str, build: Callable[[Path], dict[str, int]], out_dir: str | Path, *, seed: int
+) -> Path:
+    """Build into a staging folder beside `out_dir`, add the marker, then move it into place."""
     out_dir = Path(out_dir).resolve()
     _check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -222,9 +275,9 @@ def build_tiny_checkpoint(family: str, out_dir: str | Path, *, seed: int = 0) ->
     staging.chmod(0o755)  # mkdtemp makes it private; the checkpoint is shared with other workers
     try:
         with _seeded_torch(seed):
-            parameter_counts = _BUILDERS[family](staging)
+            parameter_counts = build(staging)
         marker = {
-            "family": family,
+            "family": kind,
             "test_model": True,
             "seed": seed,
             "note": "random weights; a test model built offline by raytuner",
@@ -241,14 +294,18 @@ def build_tiny_checkpoint(family: str, out_dir: str | Path, *, seed: int = 0) ->
 
 
 def tiny_model_main(family: str, out: str, seed: int = 0) -> int:
-    """`raytuner tiny-model`: build a tiny checkpoint, print where it is and what it holds."""
-    if family not in KNOWN_FAMILIES:
+    """`raytuner tiny-model`: build a tiny checkpoint (or, for `clip`, the tiny CLIP evaluation
+    model), print where it is and what it holds."""
+    if family not in TINY_MODEL_KINDS:
         print(
             f"error: unknown model family {family!r} (known: {', '.join(KNOWN_FAMILIES)})",
             file=sys.stderr,
         )
         return 2
-    folder = build_tiny_checkpoint(family, out, seed=seed)
+    if family == CLIP_KIND:
+        folder = build_tiny_clip(out, seed=seed)
+    else:
+        folder = build_tiny_checkpoint(family, out, seed=seed)
     marker = json.loads((folder / TINY_CHECKPOINT_MARKER).read_text(encoding="utf-8"))
     counts = ", ".join(f"{name} {count:,}" for name, count in marker["parameter_counts"].items())
     print(folder)
@@ -358,6 +415,36 @@ _BUILDERS: dict[str, Callable[[Path], dict[str, int]]] = {
 }
 
 
+def _build_clip(folder: Path) -> dict[str, int]:
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = _train_clip_tokenizer()
+    special_ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    model = CLIPModel(
+        CLIPConfig(
+            text_config={**_CLIP_TEXT, "vocab_size": len(tokenizer), **special_ids},
+            vision_config=_CLIP_VISION,
+            projection_dim=_CLIP_PROJECTION_DIM,
+        )
+    ).eval()
+    # CLIPImageProcessor's defaults are OpenAI CLIP's (bicubic resize of the short edge, centre
+    # crop, OpenAI's mean and std); only the size is tiny.
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": _CLIP_IMAGE_SIZE},
+        crop_size={"height": _CLIP_IMAGE_SIZE, "width": _CLIP_IMAGE_SIZE},
+    )
+    model.save_pretrained(folder)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return {
+        "text": _parameter_count(model.text_model) + _parameter_count(model.text_projection),
+        "vision": _parameter_count(model.vision_model) + _parameter_count(model.visual_projection),
+    }
+
+
 # --- tokenizers -----------------------------------------------------------------------------------
 # Built from the fixed corpus above, reproducibly: the tokenizers do not depend on the seed (only
 # weights do), so a prompt has the same token ids in every build.
@@ -429,3 +516,72 @@ def _train_llama_tokenizer():  # -> transformers.LlamaTokenizerFast
         add_eos_token=False,
         model_max_length=_OMNIGEN_MAX_LENGTH,
     )
+
+
+def _train_clip_tokenizer():  # -> transformers.CLIPTokenizer
+    """CLIP's byte-level BPE with word-final `</w>` pieces, learnt from the corpus, as `CLIPTokenizer`.
+
+    The vocabulary has OpenAI CLIP's layout: the 256 byte symbols, the same with `</w>`, the
+    merges' results in merge order, then start- and end-of-text last (the highest ids, so
+    either way CLIP finds the end token to pool from). Every byte is a piece, so no text maps to
+    an unknown token. Words are cut by CLIP's own normaliser and pre-tokenizer (lent by a default
+    `CLIPTokenizer`); the merges are counted here rather than learnt with
+    `tokenizers.trainers.BpeTrainer`, which breaks ties between equally frequent pairs
+    differently from one process to the next.
+    """
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    clip_rules = CLIPTokenizer().backend_tokenizer
+    words: Counter[tuple[str, ...]] = Counter()
+    for line in _TOKENIZER_CORPUS:
+        for word, _ in clip_rules.pre_tokenizer.pre_tokenize_str(clip_rules.normalizer.normalize_str(line)):
+            words[(*word[:-1], word[-1] + _CLIP_END_OF_WORD)] += 1
+    merges = _count_bpe_merges(words, _CLIP_BPE_MERGES)
+    alphabet = sorted(ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for piece in (
+        *alphabet,
+        *(symbol + _CLIP_END_OF_WORD for symbol in alphabet),
+        *(left + right for left, right in merges),
+        _CLIP_BOS,
+        _CLIP_EOS,
+    ):
+        vocab.setdefault(piece, len(vocab))
+    return CLIPTokenizer(
+        vocab=vocab,
+        merges=merges,
+        bos_token=_CLIP_BOS,
+        eos_token=_CLIP_EOS,
+        pad_token=_CLIP_EOS,  # OpenAI CLIP pads with end-of-text
+        unk_token=_CLIP_EOS,
+        model_max_length=_CLIP_MAX_LENGTH,
+    )
+
+
+def _count_bpe_merges(words: Counter[tuple[str, ...]], count: int) -> list[tuple[str, str]]:
+    """Up to `count` BPE merges: each time the most frequent adjacent pair, ties to the smallest pair."""
+    merges: list[tuple[str, str]] = []
+    while len(merges) < count:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for symbols, frequency in words.items():
+            for pair in itertools.pairwise(symbols):
+                pairs[pair] += frequency
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        merged: Counter[tuple[str, ...]] = Counter()
+        for symbols, frequency in words.items():
+            joined: list[str] = []
+            index = 0
+            while index < len(symbols):
+                if symbols[index : index + 2] == best:
+                    joined.append(symbols[index] + symbols[index + 1])
+                    index += 2
+                else:
+                    joined.append(symbols[index])
+                    index += 1
+            merged[tuple(joined)] += frequency
+        words = merged
+    return merges

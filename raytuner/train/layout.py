@@ -118,7 +118,11 @@ def pin_local_paths(run: RunConfig, *, working_dir: Path | None = None) -> list[
     working_dir = (working_dir or Path.cwd()).resolve()
     training = run.training
     only_here = []
-    for key in ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path"):
+    for key in (
+        "pretrained_model_name_or_path",
+        "pretrained_vae_model_name_or_path",
+        "pretrained_evaluation_model_name_or_path",
+    ):
         value = getattr(training, key)
         if not value or has_scheme(value):
             continue

@@ -112,8 +112,8 @@ def test_cosine_with_warmup_is_read_as_cosine(write_run: Any) -> None:
 NOT_YET_SUPPORTED: dict[str, Any] = {
     "checkpoint_epoch_interval": 2,
     "validation_on_startup": True,
-    "push_to_hub": True,
-    "push_checkpoints_to_hub": True,
+    "post_upload_script": "notify.sh",
+    "publishing_config": "publishing.json",
     "webhook_config": "webhooks.json",
     "base_model_precision": "int8-quanto",
     "enable_model_cpu_offload": True,
@@ -132,7 +132,7 @@ NOT_YET_SUPPORTED: dict[str, Any] = {
     "disable_tf32": True,
     "aspect_bucket_disable_rebuild": True,
     "post_checkpoint_script": "upload.sh",
-    "evaluation_type": "clip",
+    "twinflow_enabled": True,
     "adam_beta1": 0.5,
 }
 

@@ -16,9 +16,11 @@ from safetensors.torch import load_file, save_file
 
 from raytuner.adapters import build_adapter, save_adapter
 from raytuner.cli import main
+from raytuner.evaluate.clip_score import ClipScorer
 from raytuner.generate.command import GenerateOptions, run_generate
 from raytuner.models.registry import get_family
 from raytuner.models.safety import TINY_CHECKPOINT_MARKER, PassThroughSafetyChecker
+from raytuner.models.tiny import build_tiny_clip
 from tests.test_adapters import seed_lycoris_config
 
 FAMILIES = ("cosmos2image", "omnigen")
@@ -42,6 +44,11 @@ def adapters(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPat
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
         files[name] = save_adapter(network, root / name, metadata={"raytuner_family": name})
     return files
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
 
 
 def generate(*args: str) -> int:
@@ -119,8 +126,8 @@ def test_one_image_with_the_adapter_is_the_seeds_recipe_image(
     assert not np.array_equal(base_image, adapted_image), "the merged adapter changed nothing"
 
 
-def test_a_folder_adapter_and_several_images_per_prompt(
-    tiny_omnigen_dir: Path, adapters: dict[str, Path], tmp_path: Path
+def test_a_folder_adapter_several_images_per_prompt_and_their_clip_scores(
+    tiny_omnigen_dir: Path, adapters: dict[str, Path], tiny_clip: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
     code = generate(
@@ -138,10 +145,17 @@ def test_a_folder_adapter_and_several_images_per_prompt(
         "dark",
         "--out",
         str(out),
+        "--clip-model",
+        str(tiny_clip),
         *FAST,
     )
     assert code == 0
-    entries = index_of(out)["images"]
+    index = index_of(out)
+    entries = index["images"]
+    scorer = ClipScorer(str(tiny_clip))
+    scores = [scorer.score([Image.open(out / e["file"])], [e["prompt"]])[0] for e in entries]
+    assert [e["clip_score"] for e in entries] == pytest.approx(scores, abs=1e-4)
+    assert index["clip_score_mean"] == pytest.approx(sum(scores) / 2, abs=1e-4)
     assert [e["seed"] for e in entries] == [10, 11]
     assert {e["negative_prompt"] for e in entries} == {"dark"}
     assert not np.array_equal(pixels(out / entries[0]["file"]), pixels(out / entries[1]["file"]))
@@ -242,7 +256,7 @@ def test_flags_and_folders_that_cannot_work_are_one_line_errors(
 
 
 def test_a_prompts_file_renders_on_ray_data_and_resumes(
-    ray_cluster, tiny_cosmos_dir: Path, adapters: dict[str, Path], tmp_path: Path
+    ray_cluster, tiny_cosmos_dir: Path, adapters: dict[str, Path], tiny_clip: Path, tmp_path: Path
 ) -> None:
     prompts = tmp_path / "prompts.json"
     library = {"cube": "a red cube", "ball": "a blue ball", "cone": "a green cone"}
@@ -258,6 +272,7 @@ def test_a_prompts_file_renders_on_ray_data_and_resumes(
         resolution="64x64",
         out=str(out),
         actors=2,
+        clip_model=str(tiny_clip),
     )
     first = run_generate(options)
     assert (first.rendered, first.skipped) == (6, 0)
@@ -267,6 +282,11 @@ def test_a_prompts_file_renders_on_ray_data_and_resumes(
     cube = next(e for e in entries if e["name"] == "cube" and e["seed"] == 5)
     expected = seeds_recipe(tiny_cosmos_dir, "cosmos2image", adapters["cosmos2image"], "a red cube", 5)
     assert np.array_equal(pixels(out / cube["file"]), expected)
+    # Each actor scored its images with its own copy of the CLIP model.
+    scorer = ClipScorer(str(tiny_clip))
+    expected_scores = [scorer.score([Image.open(out / e["file"])], [e["prompt"]])[0] for e in entries]
+    assert [e["clip_score"] for e in entries] == pytest.approx(expected_scores, abs=1e-4)
+    assert first.clip_score_mean == pytest.approx(sum(expected_scores) / 6, abs=1e-4)
 
     again = run_generate(options)
     assert (again.rendered, again.skipped) == (0, 6)
