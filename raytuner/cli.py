@@ -308,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # LyCORIS logs every module it creates at INFO on stdout; raytuner prints its own summary.
     logging.getLogger("LyCORIS").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    # The Hub client's HTTP library logs every request at INFO; raytuner says what it uploads.
+    logging.getLogger("httpx2").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     # No command ever downloads from a hub unless the user points it at one on purpose.
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     return int(args.handler(args))

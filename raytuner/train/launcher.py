@@ -8,6 +8,7 @@ again resumes it (Ray Train V2's own restore) when ``resume_from_checkpoint`` is
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -22,7 +23,9 @@ from raytuner.cache.command import EXPECTED_ERRORS, check_batches, check_cache_i
 from raytuner.config import ConfigError, RunConfig, TrainingConfig, load_config, record_seed
 from raytuner.config.paths import display, has_scheme
 from raytuner.data.plan import PlanError
+from raytuner.evaluate.clip_score import ClipScoreError, clip_evaluation_problem
 from raytuner.evaluate.metrics import read_metrics, report_to_problem
+from raytuner.hub import HubError, HubTarget, hub_problems, open_repo, publish_run
 from raytuner.ray_runtime import ray_session, unwrap_error
 from raytuner.storage import Location, StorageError
 from raytuner.train.layout import (
@@ -55,6 +58,7 @@ TRAIN_ERRORS = (
     OptimizerError,
     CheckpointError,
     PlanError,
+    ClipScoreError,  # a CLIP model that a worker cannot load after all (the hub, another node's disk)
 )
 _FRESH_RUN_VALUES = ("", "none", "false")
 _SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
@@ -71,6 +75,7 @@ class TrainOutcome:
     steps: int
     eval_loss: float | None
     checkpoint: str | None
+    hub_url: str | None = None  # the Hub repo the run was published to
 
 
 def check_training_settings(run: RunConfig, settings: RaySettings) -> list[str]:
@@ -85,6 +90,9 @@ def check_training_settings(run: RunConfig, settings: RaySettings) -> list[str]:
     report_problem = report_to_problem(training.report_to)
     if report_problem:
         problems.append(f"{where}: {report_problem}")
+    clip_problem = clip_evaluation_problem(training)  # the CLIP model of evaluation_type "clip"
+    if clip_problem:
+        problems.append(f"{where}: {clip_problem}")
     # With num_train_epochs the step count is known only once the epoch is planned; the schedule
     # is checked again then (run_training), against the real count.
     schedule_problem = lr_schedule_problem(
@@ -215,7 +223,14 @@ def build_trainer(job: TrainJob, settings: RaySettings, *, callbacks: Sequence[o
     )
 
 
-def prepare_job(run: RunConfig, settings: RaySettings, *, name: str, ray_metrics: bool = True) -> TrainJob:
+def prepare_job(
+    run: RunConfig,
+    settings: RaySettings,
+    *,
+    name: str,
+    ray_metrics: bool = True,
+    hub: HubTarget | None = None,
+) -> TrainJob:
     """The workers' job for a run whose cache is built: steps planned, shared-root marker written."""
     steps_per_epoch = check_batches(run, workers=settings.num_workers)
     steps = total_steps(run, steps_per_epoch)
@@ -242,6 +257,7 @@ def prepare_job(run: RunConfig, settings: RaySettings, *, name: str, ray_metrics
         ray_metrics=ray_metrics,
         validation_prompts=dict(role_prompts(run)["validation"]),
         deepspeed=deepspeed_plan(run, world_size=settings.num_workers),
+        hub=hub,
     )
 
 
@@ -264,7 +280,7 @@ def run_training(
                 line,
             )
     name = run_name(run)
-    problems = check_training_settings(run, settings)
+    problems = check_training_settings(run, settings) + hub_problems(run)  # push_to_hub: token, repo id
     if problems:
         raise ConfigError(problems)
     # Datasets, cache settings and both encoders are checked here, before Ray starts.
@@ -275,12 +291,14 @@ def run_training(
             "'resume_from_checkpoint' is not 'latest': set it to 'latest' to continue that run, or choose "
             "another output_dir or ray_storage_path (nothing was deleted)"
         )
+    # The repo is created (or found) before any work, as SimpleTuner does: a refused token fails here.
+    hub = open_repo(run) if run.training.push_to_hub else None
     with ray_session(dashboard=True):
         run.training.output_dir.mkdir(parents=True, exist_ok=True)
         record_seed(run)  # a drawn seed is kept, so resuming this output_dir replays the same plan
         summary = run_cache(run, build_options or BuildOptions(), encoders)
         logger.info("cache:\n%s", summary.table())
-        job = prepare_job(run, settings, name=name, ray_metrics=ray_metrics)
+        job = prepare_job(run, settings, name=name, ray_metrics=ray_metrics, hub=hub)
         logger.info(
             "Ray Train run %s: %d worker(s) x {CPU: %g, GPU: %g}, %s, %d steps (%d per epoch), checkpoints in %s/%s",
             name,
@@ -295,7 +313,11 @@ def run_training(
         )
         write_config_copies(run, run.training.output_dir)
         result = fit(build_trainer(job, settings))
-    return finish_outputs(run, result, job.total_steps)
+    outcome = finish_outputs(run, result, job.total_steps)
+    if hub is None:
+        return outcome
+    publish_run(run, hub, steps=job.total_steps)  # after every local output is written
+    return dataclasses.replace(outcome, hub_url=hub.url)
 
 
 def fit(trainer: object) -> object:
@@ -378,7 +400,7 @@ def train_main(config: str, *, strict: bool = False, overrides: RayOverrides | N
         run = load_config(config, strict=strict)
         settings = resolve_settings(run, overrides)
         outcome = run_training(run, settings)
-    except (*TRAIN_ERRORS, TrainError, StorageError) as error:
+    except (*TRAIN_ERRORS, TrainError, StorageError, HubError) as error:
         lines = error.problems if isinstance(error, ConfigError) else (str(error),)
         for line in lines:
             print(f"error: {line}", file=sys.stderr)
@@ -392,4 +414,6 @@ def train_main(config: str, *, strict: bool = False, overrides: RayOverrides | N
         print(f"eval loss:   {outcome.eval_loss:.4f}")
     if outcome.checkpoint:
         print(f"checkpoint:  {outcome.checkpoint}")
+    if outcome.hub_url:
+        print(f"hub:         {outcome.hub_url}")
     return 0

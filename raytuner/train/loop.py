@@ -32,6 +32,7 @@ from raytuner.data.plan import BatchShape, EpochPlan, sample_generators
 from raytuner.data.reader import TrainingData, eval_caches, open_training_data
 from raytuner.evaluate.eval_loss import EvalSample, eval_samples, evaluation_loss
 from raytuner.evaluate.metrics import MetricsLog, ProgressLine
+from raytuner.hub import CheckpointUploads, HubTarget
 from raytuner.models.registry import get_family
 from raytuner.train import state as checkpoint_state
 from raytuner.train.ema import AdapterEMA
@@ -93,6 +94,7 @@ class TrainJob:
     ray_metrics: bool = True
     validation_prompts: dict[str, str] = field(default_factory=dict)
     deepspeed: DeepSpeedPlan | None = None  # the DeepSpeed strategy, planned by the driver
+    hub: HubTarget | None = None  # the Hub repo the driver opened (push_to_hub); never the token
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -205,6 +207,12 @@ class Worker:
         self.eval_loss: float | None = None
         self.metrics: MetricsLog | None = None
         self._validator: Any = None
+        # push_checkpoints_to_hub: rank 0 commits each checkpoint as it is saved (raytuner/hub.py).
+        self.checkpoint_uploads: CheckpointUploads | None = None
+        if rank == 0 and job.hub is not None and job.hub.push_checkpoints:
+            self.checkpoint_uploads = CheckpointUploads(
+                job.hub, self.run, prompts=job.validation_prompts, total_steps=job.total_steps
+            )
         if rank == 0:
             self.metrics = MetricsLog(
                 self.training.output_dir,
@@ -424,9 +432,11 @@ class Worker:
             with tempfile.TemporaryDirectory(prefix="raytuner-validation-") as scratch:
                 self._validator.render(folder=Path(scratch))
             return
-        images = self._validator.render()
+        rendered = self._validator.render()
         if self.metrics is not None:
-            self.metrics.images("validation", images, self.step)
+            self.metrics.images("validation", rendered.images, self.step)
+            if rendered.metrics:  # the CLIP scores, with evaluation_type "clip"
+                self.metrics.log({"step": self.step, "kind": "validation", **rendered.metrics})
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -536,6 +546,8 @@ class Worker:
         try:
             self.write_checkpoint(folder)
             reporter.report(metrics, folder, checkpoint_name(self.step))
+            if self.checkpoint_uploads is not None:  # stored by Ray Train first; the folder goes next
+                self.checkpoint_uploads.publish(folder, step=self.step, eval_loss=self.eval_loss)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -616,3 +628,5 @@ def train_worker(config: dict[str, Any]) -> None:
         )
     finally:
         remove_disk_copy(worker.offload)
+        if worker.checkpoint_uploads is not None:  # the driver's final commit must come after these
+            worker.checkpoint_uploads.close()

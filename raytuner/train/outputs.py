@@ -2,13 +2,18 @@
 
 The three SimpleTuner files are copied as run, with every credential replaced by ``***`` (an
 ``aws_secret_access_key`` in ``multidatabackend.json`` never leaves the user's machine in an
-uploaded model). The model card carries the loading snippet of the seeds' inference example.
+uploaded model). The model card carries the loading snippet of the seeds' inference example and
+the Hub's front matter (base model, license, tags, a widget of the newest validation images), so
+the same README.md reads right in ``output_dir`` and as the card of a Hub repo (raytuner/hub.py
+uploads it with the files its widget points to, at the same paths).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +26,9 @@ from raytuner.models.registry import get_family
 logger = logging.getLogger(__name__)
 
 CONFIG_FOLDER = "config"
+MODEL_CARD_FILENAME = "README.md"
+VALIDATION_FOLDER = "validation"
+STEP_FOLDER_PREFIX = "step_"
 # Roles in RunConfig.sources copied into output_dir/config/, with the names SimpleTuner uses.
 _CONFIG_FILES = {
     "config": "config.json",
@@ -28,6 +36,18 @@ _CONFIG_FILES = {
     "lycoris_config": "lycoris_config.json",
     "user_prompt_library": "user_prompt_library.json",
 }
+# The base models' licenses, as their own Hub cards state them; an adapter is a derivative of its base.
+_LICENSES: dict[str, dict[str, str]] = {
+    "cosmos2image": {
+        "license": "other",
+        "license_name": "nvidia-open-model-license",
+        "license_link": "https://www.nvidia.com/en-us/agreements/enterprise-software/nvidia-open-model-license",
+    },
+    "omnigen": {"license": "mit"},
+}
+# The Hub's tag for models whose outputs need not be safe for work; SimpleTuner adds it unless
+# model_card_safe_for_work is set.
+NOT_FOR_ALL_AUDIENCES = "not-for-all-audiences"
 
 
 def write_config_copies(run: RunConfig, output_dir: Path) -> list[Path]:
@@ -49,14 +69,110 @@ def write_config_copies(run: RunConfig, output_dir: Path) -> list[Path]:
     return written
 
 
-def model_card(run: RunConfig, *, steps: int, eval_loss: float | None, ema: bool) -> str:
+@dataclass(frozen=True, kw_only=True)
+class CardImage:
+    """A validation image the card's widget shows: its path relative to the card, and its prompt."""
+
+    path: str
+    prompt: str
+
+
+def validation_step_folders(output_dir: Path) -> list[Path]:
+    """``output_dir/validation/step_N`` folders, oldest step first."""
+    folders = [
+        path
+        for path in (output_dir / VALIDATION_FOLDER).glob(f"{STEP_FOLDER_PREFIX}*")
+        if path.is_dir() and path.name.removeprefix(STEP_FOLDER_PREFIX).isdigit()
+    ]
+    return sorted(folders, key=lambda path: int(path.name.removeprefix(STEP_FOLDER_PREFIX)))
+
+
+def card_images(
+    run: RunConfig, output_dir: Path, *, prompts: Mapping[str, str], step: int | None = None
+) -> list[CardImage]:
+    """The trained weights' images of one validation step (default: the newest), with their prompts.
+
+    The unconditional image (empty prompt) and the EMA twins stay out of the widget: the Hub shows
+    each entry as "prompt -> image", and the EMA images would repeat every prompt.
+    """
+    from raytuner.evaluate.validation import image_filename, parse_validation_resolutions
+
+    if step is None:
+        folders = validation_step_folders(output_dir)
+        if not folders:
+            return []
+        folder = folders[-1]
+    else:
+        folder = output_dir / VALIDATION_FOLDER / f"{STEP_FOLDER_PREFIX}{step}"
+    family = get_family(run.training.model_family)
+    sizes = parse_validation_resolutions(run.training.validation_resolution, multiple=family.pixels_per_token)
+    images = []
+    for nickname, prompt in prompts.items():
+        if not prompt.strip():
+            continue
+        for width, height in sizes:
+            name = image_filename(nickname, width, height)
+            if (folder / name).is_file():
+                images.append(CardImage(path=f"{VALIDATION_FOLDER}/{folder.name}/{name}", prompt=prompt))
+    return images
+
+
+def base_model_ids(run: RunConfig) -> tuple[str, str | None]:
+    """The base model's hub id for the card, and the local folder it was trained from (or None).
+
+    The Hub links a model to its base by id only, and a card must not carry a path of the
+    machine it was written on: a local folder is taken to be a copy of the flavour's hub id.
+    """
     training = run.training
     family = get_family(training.model_family)
     base = family.resolve_model_path(training.model_flavour, training.pretrained_model_name_or_path)
+    if not Path(base).expanduser().exists():
+        return base, None
+    return family.resolve_model_path(training.model_flavour, None), Path(base).name
+
+
+def card_front_matter(run: RunConfig, *, images: Sequence[CardImage] = ()) -> str:
+    """The card's YAML block (without the ``---`` fences), as the Hub reads it."""
+    from huggingface_hub import ModelCardData
+
+    training = run.training
+    hub_id, _ = base_model_ids(run)
+    tags = ["lycoris", "lokr", training.model_family, "text-to-image", "diffusers", "raytuner"]
+    if not training.model_card_safe_for_work:
+        tags.append(NOT_FOR_ALL_AUDIENCES)
+    data = ModelCardData(
+        base_model=hub_id,
+        library_name="diffusers",
+        **_LICENSES.get(training.model_family, {}),
+        pipeline_tag="text-to-image",
+        tags=tags,
+        widget=[{"text": image.prompt, "output": {"url": image.path}} for image in images] or None,
+    )
+    return data.to_yaml()
+
+
+def model_card(
+    run: RunConfig,
+    *,
+    steps: int,
+    eval_loss: float | None,
+    ema: bool,
+    images: Sequence[CardImage] = (),
+) -> str:
+    training = run.training
+    family = get_family(training.model_family)
+    base, local_copy = base_model_ids(run)
     pipeline = family.pipeline_class.__name__
     lycoris = run.to_dict()["lycoris"] or {}
     prompt = training.validation_prompt or "a photo"
     evaluation = f"| eval loss (last) | {eval_loss:.4f} |\n" if eval_loss is not None else ""
+    note = f"{training.model_card_note.strip()}\n\n" if (training.model_card_note or "").strip() else ""
+    origin = (
+        f"Trained from a local copy of the base model (`{local_copy}`), taken to be `{base}` "
+        f"(model_flavour {training.model_flavour}).\n\n"
+        if local_copy
+        else ""
+    )
     ema_line = (
         f"\nThe EMA of the adapter weights (`ema_decay` {training.ema_decay}) is in "
         f"`ema/{ADAPTER_FILENAME}`; load it the same way.\n"
@@ -64,18 +180,13 @@ def model_card(run: RunConfig, *, steps: int, eval_loss: float | None, ema: bool
         else ""
     )
     return f"""---
-base_model: {base}
-library_name: diffusers
-tags:
-- lycoris
-- lokr
-- {training.model_family}
-- raytuner
+{card_front_matter(run, images=images)}
 ---
 
 # LyCORIS LoKr adapter for {base}
 
-Trained with raytuner from SimpleTuner configuration files (copied, redacted, in `config/`).
+{note}{origin}Trained with raytuner from SimpleTuner configuration files (copied, redacted, into `config/` of
+the training output folder).
 
 | setting | value |
 | --- | --- |
@@ -108,10 +219,28 @@ Validation images are under `validation/step_N/`; the loss curve is `loss.png`.
 """
 
 
-def write_model_card(run: RunConfig, output_dir: Path, *, steps: int, eval_loss: float | None) -> Path:
-    path = output_dir / "README.md"
+def write_model_card(
+    run: RunConfig,
+    output_dir: Path,
+    *,
+    steps: int,
+    eval_loss: float | None,
+    prompts: Mapping[str, str] | None = None,
+) -> Path:
+    """``output_dir/README.md``; its widget shows the newest validation step's images.
+
+    ``prompts`` (nickname -> prompt) default to the config's validation prompts.
+    """
+    if prompts is None:
+        from raytuner.cache.build import role_prompts
+
+        prompts = role_prompts(run)["validation"]
+    path = output_dir / MODEL_CARD_FILENAME
     ema = (output_dir / "ema" / ADAPTER_FILENAME).is_file()
-    path.write_text(model_card(run, steps=steps, eval_loss=eval_loss, ema=ema), encoding="utf-8")
+    images = card_images(run, output_dir, prompts=prompts)
+    path.write_text(
+        model_card(run, steps=steps, eval_loss=eval_loss, ema=ema, images=images), encoding="utf-8"
+    )
     return path
 
 
@@ -139,13 +268,10 @@ def write_validation_grid(output_dir: Path) -> Path | None:
 
     from raytuner.evaluate.plots import save_image_grid
 
-    steps = sorted(
-        (p for p in (output_dir / "validation").glob("step_*") if p.is_dir()),
-        key=lambda p: int(p.name.split("_")[1]),
-    )
+    steps = validation_step_folders(output_dir)
     if not steps:
         return None
     images = [(path.stem, Image.open(path).convert("RGB")) for path in sorted(steps[-1].glob("*.png"))]
     if not images:
         return None
-    return save_image_grid(images, output_dir / "validation" / "grid.png")
+    return save_image_grid(images, output_dir / VALIDATION_FOLDER / "grid.png")

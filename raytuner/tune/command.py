@@ -205,6 +205,11 @@ def run_sweep(sweep: Sweep, *, build_options: BuildOptions | None = None) -> Swe
     import ray
 
     base = sweep.base
+    if base.training.push_to_hub or base.training.push_checkpoints_to_hub:
+        logger.warning(
+            "push_to_hub applies to `raytuner train` only: no trial of a sweep publishes anything; train the "
+            "best config with `raytuner train --config ...` to publish it"
+        )
     settings = resolve_settings(base, sweep.resources)
     if on_cluster():
         place_on_cluster(base, settings)

@@ -54,10 +54,18 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     point = {parameter.key: config[parameter.key] for parameter in plan.sweep.parameters}
     run = plan.sweep.trial_run(point, where=f"{plan.sweep.path.name}: trial {trial_id} {point}")
     output_dir = trial_output_dir(plan.trials_dir, trial_id)
-    # Every trial resumes its own Train run when it is run again (an interrupted sweep resumed).
+    # Every trial resumes its own Train run when it is run again (an interrupted sweep resumed), and
+    # no trial publishes: push_to_hub is for the `raytuner train` run of the chosen config.
     run = dataclasses.replace(
         run,
-        training=dataclasses.replace(run.training, output_dir=output_dir, resume_from_checkpoint="latest"),
+        training=dataclasses.replace(
+            run.training,
+            output_dir=output_dir,
+            resume_from_checkpoint="latest",
+            push_to_hub=False,
+            push_checkpoints_to_hub=False,
+            push_to_hub_background=False,
+        ),
     )
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / TRIAL_FILE).write_text(

@@ -178,13 +178,15 @@ def test_strict_refuses_unknown_keys_everywhere(write_run: Any) -> None:
 
 
 def test_quickstart_only_key_is_a_warning_even_when_strict(write_run: Any) -> None:
-    config_path = write_run(config_updates={"validation_torch_compile": "false", "push_to_hub": True})
+    config_path = write_run(
+        config_updates={"validation_torch_compile": "false", "post_upload_script": "notify.sh"}
+    )
     run = load_config(config_path)
     assert any(
         "ignored, not applicable to raytuner: 'validation_torch_compile'" in warning
         for warning in run.warnings
     )
-    with pytest.raises(ConfigError) as caught:  # push_to_hub (not yet supported), not this one
+    with pytest.raises(ConfigError) as caught:  # post_upload_script (not yet supported), not this one
         load_config(config_path, strict=True)
     assert not any("validation_torch_compile" in line for line in caught.value.problems)
 

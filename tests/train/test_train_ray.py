@@ -19,15 +19,19 @@ from typing import Any
 import pyarrow.fs as pafs
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from raytuner.adapters import ADAPTER_FILENAME, load_adapter
 from raytuner.config import RunConfig
 from raytuner.data.plan import BatchShape
 from raytuner.data.reader import caption_dropped, eval_caches, open_training_data
+from raytuner.evaluate.clip_score import ClipScorer
 from raytuner.evaluate.eval_loss import eval_samples, evaluation_loss
 from raytuner.evaluate.metrics import read_metrics
 from raytuner.models.registry import get_family
+from raytuner.models.tiny import build_tiny_clip
 from raytuner.train.launcher import INJECT_FAILURE_ENV, TrainError, TrainOutcome, run_training
 from raytuner.train.settings import RayOverrides, resolve_settings
 from tests.cache.helpers import draw_images, image_dataset, text_dataset, write_run_files
@@ -296,3 +300,45 @@ def test_checkpoints_on_object_storage_are_written_and_resumed_from(
     assert first.checkpoint is not None and "checkpoint-0000002" in first.checkpoint
     resumed = train(tmp_path, cosmos_data, max_train_steps=3, checkpoint_step_interval=1, **options)
     assert [line["step"] for line in train_lines(resumed.output_dir)] == [1, 2, 3]
+
+
+def test_evaluation_type_clip_logs_clip_scores_at_each_validation_step(
+    ray_cluster, cosmos_data: Data, tmp_path: Path
+) -> None:
+    clip = build_tiny_clip(tmp_path / "clip")
+    outcome = train(
+        tmp_path,
+        cosmos_data,
+        workers=1,
+        max_train_steps=2,
+        validation_step_interval=1,
+        evaluation_type="clip",
+        pretrained_evaluation_model_name_or_path=str(clip),
+    )
+    logged = read_metrics(outcome.output_dir / "logs" / "metrics.jsonl")
+    rounds = [entry for entry in logged if entry.get("kind") == "validation"]
+    assert [entry["step"] for entry in rounds] == [1, 2]
+    # The scores are the configured CLIP's, of the PNGs written at that step; the unconditional
+    # image (empty prompt) is not scored, and the EMA weights' image has its own keys.
+    scorer = ClipScorer(str(clip))
+    prompt = json.loads((tmp_path / "config.json").read_text())["validation_prompt"]
+    for entry in rounds:
+        assert sorted(key for key in entry if key.startswith("clip_score")) == [
+            "clip_score",
+            "clip_score/validation",
+            "clip_score_ema",
+            "clip_score_ema/validation",
+        ]
+        folder = outcome.output_dir / "validation" / f"step_{entry['step']}"
+        for key, name in (
+            ("clip_score", "validation-32x32.png"),
+            ("clip_score_ema", "validation-32x32-ema.png"),
+        ):
+            with Image.open(folder / name) as image:
+                expected = scorer.score([image.convert("RGB")], [prompt])[0]
+            assert entry[key] == entry[f"{key}/validation"] == pytest.approx(expected, abs=1e-3)
+
+    events = EventAccumulator(str(outcome.output_dir / "logs" / "tensorboard"))
+    events.Reload()
+    assert [event.step for event in events.Scalars("train/clip_score")] == [1, 2]
+    assert [event.step for event in events.Scalars("train/clip_score/validation")] == [1, 2]
