@@ -48,13 +48,6 @@ class RenderActor:
         return out
 
 
-def default_actors() -> int:
-    """One actor per GPU of the cluster, else one."""
-    from raytuner.ray_runtime import cluster_gpus
-
-    return max(1, cluster_gpus())
-
-
 def render_on_ray(
     settings: GenerationSettings,
     requests: Sequence[ImageRequest],
@@ -70,11 +63,11 @@ def render_on_ray(
     """
     import ray
 
-    from raytuner.ray_runtime import cluster_gpus
+    from raytuner.ray_runtime import cluster_gpus, unwrap_error
 
     gpus = cluster_gpus()
-    size = actors or default_actors()
-    size = min(size, len(requests))
+    # One actor per GPU of the cluster, else one.
+    size = min(actors or max(1, gpus), len(requests))
     logger.info(
         "rendering %d image(s) on %d Ray Data actor(s) (%s each)",
         len(requests),
@@ -100,10 +93,13 @@ def render_on_ray(
                 rendered_count += 1
                 progress.update(1)
     except Exception as error:
-        inner = _generate_error_in(error)
-        if inner is not None:
-            raise inner from None
-        raise
+        inner = unwrap_error(error, (GenerateError,))
+        if inner is None:
+            raise
+        # Ray re-raises an actor's exception as a subclass of it whose text is the traceback; the
+        # original, with its one line, is its cause.
+        cause = getattr(inner, "cause", None)
+        raise (cause if isinstance(cause, GenerateError) else inner) from None
     return rendered_count
 
 
@@ -119,19 +115,3 @@ def _rendered_from_row(row: dict[str, Any]) -> Rendered:
         clip_score=None if math.isnan(clip_score) else clip_score,
         dtype=str(row["dtype"]),
     )
-
-
-def _generate_error_in(error: BaseException) -> GenerateError | None:
-    """The GenerateError an actor raised, without Ray's wrapping (whose text is a traceback)."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        cause = getattr(current, "cause", None)
-        if isinstance(cause, GenerateError):
-            current = cause
-            continue
-        if isinstance(current, GenerateError) and type(current) is GenerateError:
-            return current
-        current = cause if isinstance(cause, BaseException) else (current.__cause__ or current.__context__)
-    return None

@@ -11,7 +11,6 @@ from raytuner.generate.index import GenerationIndex
 from raytuner.generate.prompts import (
     ImageRequest,
     PromptFileError,
-    parse_resolution,
     read_prompt_file,
     single_prompt,
 )
@@ -118,35 +117,20 @@ def run_generate(options: GenerateOptions) -> GenerateOutcome:
 
 
 def _settings(options: GenerateOptions) -> GenerationSettings:
-    resolution = None
-    family_hint = options.family
-    settings = None
-    if options.resolution is not None:
-        # The size rule is the family's: resolve the family first, then the size.
-        from raytuner.generate.settings import detect_family
-
-        family_hint = detect_family(options.model, revision=options.revision, family=options.family)
-        try:
-            resolution = parse_resolution(
-                options.resolution, multiple=get_family(family_hint).pixels_per_token
-            )
-        except ValueError as error:
-            raise GenerateError(str(error)) from None
-    settings = resolve_settings(
+    return resolve_settings(
         model=options.model,
-        family=family_hint,
+        family=options.family,
         revision=options.revision,
         adapter=options.adapter,
         adapter_scale=options.scale,
         negative_prompt=options.negative_prompt,
         guidance=options.guidance,
         steps=options.steps,
-        resolution=resolution,
+        resolution=options.resolution,
         dtype=options.dtype,
         no_safety_checker=options.no_safety_checker,
         clip_model=options.clip_model,
     )
-    return settings
 
 
 def _check_out_dir(out_dir: Path) -> None:

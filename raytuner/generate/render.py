@@ -168,15 +168,15 @@ class ImageRenderer:
     def _screen_prompt(self, prompt: str) -> str | None:
         """The text check the Cosmos2 pipeline would make (and raise on), made first, so that one
         refused prompt of a batch is recorded in the index instead of ending the run."""
-        checker = getattr(self.pipeline, "safety_checker", None)
-        if checker is None or isinstance(checker, PassThroughSafetyChecker):
+        if not self.settings.screening.screened:
             return None
-        checker.to(self.device)
-        try:
-            safe = checker.check_text_safety(prompt)
-        finally:
-            checker.to("cpu")
-        return None if safe else "the safety checker refused the prompt"
+        from raytuner.models.cosmos2image import prompt_is_safe
+
+        return (
+            None
+            if prompt_is_safe(self.pipeline, prompt, self.device)
+            else "the safety checker refused the prompt"
+        )
 
 
 class _WithNegativePrompt:

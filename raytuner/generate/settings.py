@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from raytuner.adapters import ADAPTER_FILENAME, AdapterError, inspect_adapter_file
+from raytuner.generate.prompts import parse_resolution
 from raytuner.models.registry import get_family, known_families
 from raytuner.models.safety import GUARDRAIL_PACKAGE, is_guardrail_installed, is_tiny_checkpoint
 
@@ -224,13 +225,19 @@ def resolve_settings(
     negative_prompt: str | None,
     guidance: float | None,
     steps: int | None,
-    resolution: tuple[int, int] | None,
+    resolution: str | None,
     dtype: str,
     no_safety_checker: bool,
     clip_model: str | None,
 ) -> GenerationSettings:
     """Check every flag and file and return the settings; nothing heavy is loaded."""
     detected = detect_family(model, revision=revision, family=family)
+    width = height = None
+    if resolution is not None:  # the size rule is the family's
+        try:
+            width, height = parse_resolution(resolution, multiple=get_family(detected).pixels_per_token)
+        except ValueError as error:
+            raise GenerateError(str(error)) from None
     if dtype not in DTYPES:
         raise GenerateError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if steps is not None and steps < 1:
@@ -258,7 +265,6 @@ def resolve_settings(
         if problem:
             raise GenerateError(f"--clip-model {clip_model}: {problem}")
     defaults = pipeline_defaults(detected)
-    width, height = resolution if resolution else (None, None)
     return GenerationSettings(
         model=model,
         family=detected,

@@ -231,15 +231,20 @@ class Cosmos2Image(ModelFamily):
         return self.collate_conditioning([conditioning])["prompt_embeds"].to(device, dtype)
 
 
-def _screen_prompt(pipeline: DiffusionPipeline, prompt: str, device: torch.device) -> None:
-    """The text check ``__call__`` makes only on a prompt given as text, made the same way."""
+def prompt_is_safe(pipeline: DiffusionPipeline, prompt: str, device: torch.device) -> bool:
+    """The text check ``__call__`` makes on a prompt given as text, made the same way: the checker
+    on ``device`` for the call only."""
     checker = pipeline.safety_checker
     checker.to(device)
     try:
-        safe = checker.check_text_safety(prompt)
+        return bool(checker.check_text_safety(prompt))
     finally:
         checker.to("cpu")
-    if not safe:
+
+
+def _screen_prompt(pipeline: DiffusionPipeline, prompt: str, device: torch.device) -> None:
+    """:func:`prompt_is_safe`, raising as ``__call__`` does on an unsafe prompt."""
+    if not prompt_is_safe(pipeline, prompt, device):
         raise ValueError(
             f"Cosmos Guardrail detected unsafe text in the prompt: {prompt}. Please ensure that the "
             "prompt abides by the NVIDIA Open Model License Agreement."
