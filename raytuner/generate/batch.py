@@ -25,18 +25,36 @@ logger = logging.getLogger(__name__)
 
 
 class RenderActor:
-    """Ray Data actor: the run's pipeline, built once, rendering each request of a batch."""
+    """Ray Data actor: the run's pipeline, built once, rendering each request of a batch.
+
+    A pipeline that cannot be built here (a model or adapter this node cannot load) is answered
+    as data, an ``error`` row: an exception in an actor's constructor reaches the driver only as
+    the text of an ``ActorDiedError``, traceback and all, after Ray Data has retried the actor.
+    """
 
     def __init__(self, settings: dict[str, Any]) -> None:
-        self.renderer = ImageRenderer(GenerationSettings.from_dict(settings), progress=False)
+        self.renderer: ImageRenderer | None = None
+        self.error = ""
+        try:
+            self.renderer = ImageRenderer(GenerationSettings.from_dict(settings), progress=False)
+        except GenerateError as error:
+            self.error = str(error)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {
             name: []
-            for name in ("request", "png", "width", "height", "seconds", "refused", "clip_score", "dtype")
-        }
+            for name in (
+                "request", "png", "width", "height", "seconds", "refused", "clip_score", "dtype", "error",
+            )
+        }  # fmt: skip
         for text in batch["request"]:
-            rendered = self.renderer.render(ImageRequest(**json.loads(str(text))))
+            if self.renderer is None:
+                rendered = Rendered(
+                    request=ImageRequest(**json.loads(str(text))), png=None, width=0, height=0, seconds=0.0
+                )
+            else:
+                rendered = self.renderer.render(ImageRequest(**json.loads(str(text))))
+            out["error"].append(self.error)
             out["request"].append(str(text))
             out["png"].append(rendered.png or b"")
             out["width"].append(rendered.width)
@@ -58,12 +76,12 @@ def render_on_ray(
 ) -> int:
     """Render ``requests`` on the connected Ray; each image is recorded in ``index`` as it arrives.
 
-    Returns how many were rendered. An error inside an actor (a model or adapter that does not
-    load there) comes back as the one-line :class:`GenerateError` it raised.
+    Returns how many were rendered. A pipeline an actor cannot build (a model or adapter that does
+    not load there) is raised here as the one-line :class:`GenerateError` the actor met.
     """
     import ray
 
-    from raytuner.ray_runtime import cluster_gpus, unwrap_error
+    from raytuner.ray_runtime import cluster_gpus
 
     gpus = cluster_gpus()
     # One actor per GPU of the cluster, else one.
@@ -86,20 +104,13 @@ def render_on_ray(
         num_cpus=cpus_per_actor,
     )
     rendered_count = 0
-    try:
-        with tqdm(total=len(requests), desc="images", unit="image") as progress:
-            for row in dataset.iter_rows():
-                index.add(_rendered_from_row(row))
-                rendered_count += 1
-                progress.update(1)
-    except Exception as error:
-        inner = unwrap_error(error, (GenerateError,))
-        if inner is None:
-            raise
-        # Ray re-raises an actor's exception as a subclass of it whose text is the traceback; the
-        # original, with its one line, is its cause.
-        cause = getattr(inner, "cause", None)
-        raise (cause if isinstance(cause, GenerateError) else inner) from None
+    with tqdm(total=len(requests), desc="images", unit="image") as progress:
+        for row in dataset.iter_rows():
+            if row["error"]:
+                raise GenerateError(str(row["error"]))
+            index.add(_rendered_from_row(row))
+            rendered_count += 1
+            progress.update(1)
     return rendered_count
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -18,6 +19,7 @@ from raytuner.adapters import build_adapter, save_adapter
 from raytuner.cli import main
 from raytuner.evaluate.clip_score import ClipScorer
 from raytuner.generate.command import GenerateOptions, run_generate
+from raytuner.generate.settings import GenerateError
 from raytuner.models.registry import get_family
 from raytuner.models.safety import TINY_CHECKPOINT_MARKER, PassThroughSafetyChecker
 from raytuner.models.tiny import build_tiny_clip
@@ -302,3 +304,10 @@ def test_a_prompts_file_renders_on_ray_data_and_resumes(
     final = index_of(out)
     assert len(final["images"]) == 8 and all((out / e["file"]).is_file() for e in final["images"])
     assert (out / "grid.png").is_file()
+
+    # An adapter the actors cannot merge (OmniGen modules, no family metadata) is one clear error.
+    anonymous = tmp_path / "anonymous.safetensors"
+    save_file(load_file(adapters["omnigen"]), anonymous)
+    foreign = dataclasses.replace(options, adapter=str(anonymous), out=str(tmp_path / "foreign"))
+    with pytest.raises(GenerateError, match="matches no module of CosmosTransformer3DModel"):
+        run_generate(foreign)
