@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install -c constraints.txt -e '.[dev,deepspeed]'
+	$(BIN)/python -m pip install -c constraints.txt -e '.[dev,deepspeed,wandb,quantization]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -147,3 +147,24 @@ def flow_matching_loss(
     if weights is not None:
         squared_error = squared_error * weights.to(torch.float32)
     return squared_error.mean()
+
+
+def loss_mask_weights(mask: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss masks ``[B, h, w]`` (0 ignore .. 1 learn, on the latent grid) as loss weights.
+
+    The mask is shaped to broadcast over the latent channels (and Cosmos2's frame axis), so
+    :func:`flow_matching_loss` weights every channel of a latent pixel alike. The mean then runs
+    over all elements, masked-out ones included, as SimpleTuner's masked loss does: a mostly
+    black mask makes a smaller loss, not a re-normalised one.
+    """
+    if (
+        mask.ndim != 3
+        or mask.shape[0] != latents.shape[0]
+        or tuple(mask.shape[1:]) != tuple(latents.shape[-2:])
+    ):
+        raise ValueError(
+            f"loss mask of shape {tuple(mask.shape)} does not match latents of shape {tuple(latents.shape)}; "
+            "expected [batch, latent height, latent width]"
+        )
+    view = (mask.shape[0], *([1] * (latents.ndim - 3)), *mask.shape[1:])
+    return mask.to(device=latents.device, dtype=torch.float32).reshape(view)

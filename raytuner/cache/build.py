@@ -47,7 +47,7 @@ from raytuner.config.paths import display
 from raytuner.config.run import RunConfig
 from raytuner.data import discovery
 from raytuner.data.buckets import BucketError, BucketSettings, Placement, crop_seed_for, place
-from raytuner.data.discovery import DiscoveredImage, Listing, Probe, SkippedFile
+from raytuner.data.discovery import DiscoveredImage, DiscoveredMask, Listing, Probe, SkippedFile
 from raytuner.models.base import ModelFamily
 from raytuner.models.registry import get_family
 from raytuner.ray_runtime import cluster_gpus
@@ -98,6 +98,10 @@ class DatasetWork:
     encode_skipped: list[SkippedFile] = field(default_factory=list)
     vae_calls: set[str] = field(default_factory=set)
     encoded_before: int = 0  # the folder's lifetime count of encoded rows, from its manifest
+    # Masked loss: the linked mask dataset, its files, and each image's mask (by relative path).
+    mask: DatasetConfig | None = None
+    mask_listing: Listing | None = None
+    masks: dict[str, DiscoveredMask] = field(default_factory=dict)
 
 
 # ---- locations and settings ---------------------------------------------------------------------------
@@ -309,7 +313,7 @@ def probe_listings(work: Sequence[DatasetWork]) -> None:
     known: dict[str, dict[str, Probe]] = {item.dataset.id: _read_discovery_index(item.cache) for item in work}
     todo: dict[str, dict[str, Any]] = {}
     for item in work:
-        for listed in item.listing.files if item.listing else []:
+        for listed in _listed_files(item):
             if listed.fingerprint not in known[item.dataset.id]:
                 # Two datasets may list the same file (one folder at two resolutions): read it once.
                 todo.setdefault(
@@ -320,24 +324,63 @@ def probe_listings(work: Sequence[DatasetWork]) -> None:
             item.dataset.id: (discovery.dataset_location(item.dataset), item.dataset.caption_strategy)
             for item in work
         }
+        for item in work:
+            if item.mask is not None:
+                # Masks carry no captions: "filename" makes the probe read none.
+                sources[item.mask.id] = (discovery.dataset_location(item.mask), "filename")
         logger.info("reading %d new or changed file(s)", len(todo))
         dataset = ray.data.from_items(list(todo.values())).map_batches(
             stages.probe_batch, fn_kwargs={"sources": sources}, batch_size=PROBE_BATCH
         )
         found = discovery.probes_from_rows(dataset.iter_rows())
         for item in work:
-            for listed in item.listing.files if item.listing else []:
+            for listed in _listed_files(item):
                 if listed.fingerprint in found:
                     known[item.dataset.id][listed.fingerprint] = found[listed.fingerprint]
     for item in work:
         assert item.listing is not None
-        listed_fingerprints = {listed.fingerprint for listed in item.listing.files}
+        listed_fingerprints = {listed.fingerprint for listed in _listed_files(item)}
         probes = {fp: probe for fp, probe in known[item.dataset.id].items() if fp in listed_fingerprints}
         item.images, item.skipped = discovery.merge_probes(item.listing, probes)
+        if item.mask_listing is not None:
+            item.masks = _pair_masks(item, probes)
         try:
             _write_discovery_index(item.cache, probes.values())
         except (OSError, pa.ArrowException) as error:
             raise CacheError(describe_error(item.cache.child(discovery.DISCOVERY_INDEX).uri, error)) from None
+
+
+def _listed_files(item: DatasetWork) -> list[discovery.ListedFile]:
+    """The files a dataset's discovery reads: its images, and its masks (indexed in its own cache)."""
+    files = list(item.listing.files) if item.listing else []
+    return files + (list(item.mask_listing.files) if item.mask_listing else [])
+
+
+def _pair_masks(item: DatasetWork, probes: Mapping[str, Probe]) -> dict[str, DiscoveredMask]:
+    """Each image's mask; an image without a usable one stops the build, as SimpleTuner stops at its batch."""
+    assert item.mask is not None and item.mask_listing is not None
+    masks, missing = discovery.pair_masks(item.images, item.mask_listing, probes)
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise CacheError(
+            f"dataset '{item.dataset.id}': {len(missing)} image(s) without a usable mask in mask dataset "
+            f"'{item.mask.id}' ({discovery.dataset_location(item.mask)}): {shown}; every image needs a mask "
+            "with the same relative path (an all-white mask trains on the whole image)"
+        )
+    stretched = [
+        image.relative
+        for image in item.images
+        if abs(masks[image.relative].width / masks[image.relative].height - image.width / image.height) > 0.01
+    ]
+    if stretched:
+        logger.warning(
+            "dataset '%s': %d mask(s) of another aspect ratio than their image are stretched to it, as "
+            "SimpleTuner does: %s",
+            item.dataset.id,
+            len(stretched),
+            ", ".join(stretched[:3]),
+        )
+    return masks
 
 
 # ---- keys ------------------------------------------------------------------------------------------------
@@ -348,19 +391,23 @@ def caption_key(prompt: str) -> str:
     return hashlib.sha256(prompt.encode("utf-8")).hexdigest()[:32]
 
 
-def content_key(image: DiscoveredImage, placement: Placement, vae_key: str) -> str:
-    """A latent row's key: the file's bytes, its crop and resize, and the VAE that encodes it."""
-    payload = json.dumps(
-        {
-            "sha256": image.sha256,
-            "bucket": placement.bucket,
-            "intermediary": placement.intermediary,
-            "crop": [placement.left, placement.top],
-            "resample": "lanczos",
-            "vae": vae_key,
-        },
-        sort_keys=True,
-    )
+def content_key(
+    image: DiscoveredImage, placement: Placement, vae_key: str, mask: DiscoveredMask | None = None
+) -> str:
+    """A latent row's key: the file's bytes, its crop and resize, the VAE that encodes it, and its
+    mask's bytes when it has one (so adding, changing or dropping a mask re-encodes the row)."""
+    fields: dict[str, Any] = {
+        "sha256": image.sha256,
+        "bucket": placement.bucket,
+        "intermediary": placement.intermediary,
+        "crop": [placement.left, placement.top],
+        "resample": "lanczos",
+        "vae": vae_key,
+    }
+    if mask is not None:
+        # Only masked rows carry the field: the keys of caches without masks stay as they were.
+        fields["mask"] = {"sha256": mask.sha256, "grid": "red-channel-area"}
+    payload = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
@@ -384,7 +431,8 @@ def place_images(item: DatasetWork, *, seed: int, vae_key: str) -> None:
                 )
             )
             continue
-        key = content_key(image, placement, vae_key)
+        mask = item.masks.get(image.relative) if item.mask is not None else None
+        key = content_key(image, placement, vae_key, mask)
         if key in item.rows:
             # Byte-identical files crop to the same row: one sample, and the copy is reported.
             item.skipped.append(
@@ -407,6 +455,7 @@ def place_images(item: DatasetWork, *, seed: int, vae_key: str) -> None:
             "_placement": placement,
             "_captions": image.captions,
             "_original": (image.width, image.height),
+            "_mask_path": mask.path if mask is not None else "",
         }
 
 
@@ -420,7 +469,15 @@ class BuildOptions:
 
 
 def image_datasets(run: RunConfig) -> list[DatasetConfig]:
-    return [dataset for dataset in run.enabled_datasets if dataset.needs_images]
+    """The datasets with a latent cache (image and eval); mask datasets are read with their image dataset."""
+    return [dataset for dataset in run.enabled_datasets if dataset.encodes_latents]
+
+
+def mask_dataset(run: RunConfig, dataset: DatasetConfig) -> DatasetConfig | None:
+    """The mask dataset an image dataset links through ``conditioning_data`` (checked by the loader)."""
+    if dataset.conditioning_data is None:
+        return None
+    return next(d for d in run.enabled_datasets if d.id == dataset.conditioning_data)
 
 
 def text_dataset(run: RunConfig) -> DatasetConfig:
@@ -542,6 +599,7 @@ def _open_latent_cache(
         dataset=dataset,
         settings=bucket_settings(dataset, run, family_cls),
         cache=latent_cache_location(run, dataset),
+        mask=mask_dataset(run, dataset),
     )
     committed, manifest = _load_committed(
         item.cache,
@@ -558,12 +616,21 @@ def _open_latent_cache(
                 f"dataset '{dataset.id}': skip_file_discovery skips encoding, but {item.cache} holds no cache yet; "
                 "remove skip_file_discovery for the first build"
             )
+        cached_masks = manifest.extra.get("mask_dataset") if manifest is not None else None
+        if cached_masks != dataset.conditioning_data:
+            raise CacheError(
+                f"dataset '{dataset.id}': skip_file_discovery skips encoding, but {item.cache} was cached "
+                f"{'with masks from ' + repr(cached_masks) if cached_masks else 'without loss masks'} and "
+                f"conditioning_data is now {dataset.conditioning_data!r}; remove skip_file_discovery for one build"
+            )
         item.rows = {
             key: {k: v for k, v in row.items() if k not in fmt.LOCATION_COLUMNS}
             for key, row in committed.items()
         }
         return item
     item.listing = discovery.list_dataset(dataset)
+    if item.mask is not None:
+        item.mask_listing = discovery.list_dataset(item.mask, captions=False)
     known = {row["shard"] for row in committed.values()}
     item.existing.update(_adopt_orphans(item.cache, kind="latents", encoder=identity, known=known))
     return item
@@ -711,6 +778,29 @@ def _encode_text(
     return written
 
 
+def latent_todo_row(item: DatasetWork, key: str, row: Mapping[str, Any]) -> dict[str, Any]:
+    """What the read-and-crop task gets for one image to encode: file, bucket, crop, and mask file."""
+    placement: Placement = row["_placement"]
+    return {
+        "key": key,
+        "dataset_id": item.dataset.id,
+        "path": row["_path"],
+        "source": row["source"],
+        "bucket": placement.label,
+        "width": placement.bucket[0],
+        "height": placement.bucket[1],
+        "inter_w": placement.intermediary[0],
+        "inter_h": placement.intermediary[1],
+        "left": placement.left,
+        "top": placement.top,
+        "original_w": row["_original"][0],
+        "original_h": row["_original"][1],
+        # The mask is cropped with the image's placement, never one of its own.
+        "mask_dataset_id": item.mask.id if item.mask is not None else "",
+        "mask_path": row["_mask_path"],
+    }
+
+
 def _encode_latents(
     run: RunConfig,
     family_cls: type[ModelFamily],
@@ -726,24 +816,7 @@ def _encode_latents(
         for key, row in item.rows.items():
             if key in item.existing or "_placement" not in row:
                 continue
-            placement: Placement = row["_placement"]
-            todo.append(
-                {
-                    "key": key,
-                    "dataset_id": item.dataset.id,
-                    "path": row["_path"],
-                    "source": row["source"],
-                    "bucket": placement.label,
-                    "width": placement.bucket[0],
-                    "height": placement.bucket[1],
-                    "inter_w": placement.intermediary[0],
-                    "inter_h": placement.intermediary[1],
-                    "left": placement.left,
-                    "top": placement.top,
-                    "original_w": row["_original"][0],
-                    "original_h": row["_original"][1],
-                }
-            )
+            todo.append(latent_todo_row(item, key, row))
     if not todo:
         return
     # One bucket after another, so that VAE batches and shards hold one image size.
@@ -752,6 +825,7 @@ def _encode_latents(
     actors = options.encoder_actors or max(1, gpus)
     by_id = {item.dataset.id: item for item in work}
     sources = {item.dataset.id: discovery.dataset_location(item.dataset) for item in work}
+    sources.update({item.mask.id: discovery.dataset_location(item.mask) for item in work if item.mask})
     local_sources = {dataset_id: location for dataset_id, location in sources.items() if location.is_local}
     logger.info("encoding %d image(s) with %d VAE actor(s)%s", len(todo), actors, " on GPUs" if gpus else "")
     build_id = fmt.new_build_id()
@@ -832,7 +906,12 @@ def _commit_latents(item: DatasetWork, identity: EncoderIdentity) -> DatasetSumm
         shards=len(live_shards),
         build=fmt.new_build_id(),
         encoded=item.encoded_before + len(item.written),
-        extra={"dataset": item.dataset.id, "settings": asdict(item.settings)},
+        extra={
+            "dataset": item.dataset.id,
+            "settings": asdict(item.settings),
+            # Readers check this against conditioning_data: a run never trains unmasked by accident.
+            **({"mask_dataset": item.mask.id} if item.mask is not None else {}),
+        },
     )
     fmt.commit(item.cache, manifest, index)
     # Only now, with the new index committed, are shards no live row points at safe to remove.

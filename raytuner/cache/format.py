@@ -13,6 +13,11 @@ object store shows an object only once its upload completes), and carries the en
 Parquet metadata, so a shard left behind by a killed build is adopted by the next one instead of
 being encoded again. Readers only ever follow the manifest, so they never see a partial build.
 
+A latent shard of an image dataset that links a mask dataset (``conditioning_data``) also holds
+each row's loss mask, ``loss_mask`` (+ ``_shape``, ``_dtype``): float32 ``[h, w]`` on the latent
+grid (the mask's red channel over 255, area-averaged over each latent pixel), beside the latent
+it weights. Shards without those columns (no mask, or written before masks existed) still read.
+
 Tensors are stored as raw little-endian bytes with their shape and dtype beside them, so plain
 pyarrow and numpy read them back:
 ``np.frombuffer(row["latent"], row["latent_dtype"]).reshape(row["latent_shape"])``.
@@ -103,6 +108,12 @@ def text_schema(tensor_names: Sequence[str]) -> pa.Schema:
 
 
 LATENT_SCHEMA = pa.schema(LATENT_COLUMNS)
+MASK_COLUMNS: dict[str, pa.DataType] = {
+    "loss_mask": pa.binary(),
+    "loss_mask_shape": pa.list_(pa.int32()),
+    "loss_mask_dtype": pa.string(),
+}
+MASKED_LATENT_SCHEMA = pa.schema({**LATENT_COLUMNS, **MASK_COLUMNS})
 
 
 # ---- shards ----------------------------------------------------------------------------------------

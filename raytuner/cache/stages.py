@@ -51,27 +51,62 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def load_and_crop(row: dict[str, Any], sources: Mapping[str, Location]) -> dict[str, Any]:
-    """CPU task: read, decode, resize to the intermediary, crop the bucket. Errors travel as ``error``."""
+NO_MASK = np.zeros((1, 1), np.uint8)  # placeholder of rows without a mask (one column for all rows)
+
+
+def place_pixels(data: bytes, row: Mapping[str, Any]) -> np.ndarray:
+    """Decode, resize to the row's intermediary size and crop its bucket: ``[H, W, 3]`` uint8.
+
+    Images and their masks both go through here with the image's geometry, so a mask covers
+    exactly the pixels of its image; a mask of another size is resized to the image's
+    intermediary size like the image itself (what SimpleTuner's ``prepare_like`` does).
+    """
     from PIL import Image
 
-    location = sources[row["dataset_id"]]
-    filesystem, _ = location.resolve()
-    try:
-        image = discovery.open_image(discovery.read_bytes(filesystem, row["path"]))
-        image = image.resize((row["inter_w"], row["inter_h"]), Image.Resampling.LANCZOS)
-        box = (row["left"], row["top"], row["left"] + row["width"], row["top"] + row["height"])
-        row["pixels"] = np.asarray(image.crop(box), dtype=np.uint8)
-        row["error"] = ""
-    except FileNotFoundError:
-        discovery.check_visible(row["dataset_id"], location)
-        row["pixels"], row["error"] = (
-            np.zeros((1, 1, 3), np.uint8),
-            "file disappeared while the cache was built",
-        )
-    except (OSError, discovery.ImageDecodeError) as error:
-        row["pixels"], row["error"] = np.zeros((1, 1, 3), np.uint8), str(error).splitlines()[0]
+    image = discovery.open_image(data)
+    image = image.resize((row["inter_w"], row["inter_h"]), Image.Resampling.LANCZOS)
+    box = (row["left"], row["top"], row["left"] + row["width"], row["top"] + row["height"])
+    return np.asarray(image.crop(box), dtype=np.uint8)
+
+
+def load_and_crop(row: dict[str, Any], sources: Mapping[str, Location]) -> dict[str, Any]:
+    """CPU task: read, decode, resize to the intermediary, crop the bucket. Errors travel as ``error``.
+
+    A row with a ``mask_path`` gets its mask cropped the same way: ``mask`` is the red channel
+    (SimpleTuner reads channel 0 of the RGB-converted mask), ``[H, W]`` uint8.
+    """
+    row["error"], row["pixels"], row["mask"] = "", np.zeros((1, 1, 3), np.uint8), NO_MASK
+    for name, dataset_id, path in (
+        ("pixels", row["dataset_id"], row["path"]),
+        ("mask", row.get("mask_dataset_id", ""), row.get("mask_path", "")),
+    ):
+        if not path:
+            continue
+        location = sources[dataset_id]
+        filesystem, _ = location.resolve()
+        what = "" if name == "pixels" else "mask: "
+        try:
+            pixels = place_pixels(discovery.read_bytes(filesystem, path), row)
+        except FileNotFoundError:
+            discovery.check_visible(dataset_id, location)
+            row["error"] = f"{what}file disappeared while the cache was built"
+            break
+        except (OSError, discovery.ImageDecodeError) as error:
+            row["error"] = what + str(error).splitlines()[0]
+            break
+        row[name] = pixels if name == "pixels" else np.ascontiguousarray(pixels[:, :, 0])
+    if row["error"]:
+        row["pixels"], row["mask"] = np.zeros((1, 1, 3), np.uint8), NO_MASK
     return row
+
+
+def mask_on_latent_grid(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """A ``[H, W]`` uint8 mask as ``[h, w]`` float32 weights in 0..1: each latent pixel the mean of
+    the pixels it covers (SimpleTuner: ``interpolate(mode="area")`` of the mask to the loss's size)."""
+    import torch
+
+    weights = torch.from_numpy(mask.astype(np.float32) / 255.0)[None, None]
+    return torch.nn.functional.interpolate(weights, size=grid, mode="area")[0, 0].numpy()
 
 
 class VaeEncoder:
@@ -108,10 +143,19 @@ class VaeEncoder:
         out: dict[str, list[Any]] = defaultdict(list)
         for index, row in enumerate(rows):
             row.pop("pixels")
+            mask = np.asarray(row.pop("mask"))
             row["vae_call"] = call
-            fields = fmt.tensor_fields("latent", latents.get(index, np.zeros((0,), np.float32)))
+            latent = latents.get(index, np.zeros((0,), np.float32))
+            fields = fmt.tensor_fields("latent", latent)
+            if row.get("mask_path") and index in latents:
+                # The latent's own spatial size is the grid: no VAE scale factor to keep in step.
+                grid = (int(latent.shape[-2]), int(latent.shape[-1]))
+                fields.update(fmt.tensor_fields("loss_mask", mask_on_latent_grid(mask, grid)))
+            else:
+                fields.update({"loss_mask": b"", "loss_mask_shape": [], "loss_mask_dtype": ""})
             # As text between stages: error rows have another rank, and Ray Data would make a ragged tensor.
-            fields["latent_shape"] = ",".join(str(n) for n in fields["latent_shape"])
+            for name in ("latent_shape", "loss_mask_shape"):
+                fields[name] = ",".join(str(n) for n in fields[name])
             row.update(fields)
             for name, value in row.items():
                 out[name].append(value)
@@ -141,6 +185,8 @@ def write_latent_shards(
         else:
             groups[(row["dataset_id"], row["bucket"])].append(row)
     for (dataset_id, bucket), members in groups.items():
+        # A dataset's rows all have masks or none (every image of a masked dataset needs one).
+        masked = bool(members[0].get("mask_path"))
         table = pa.Table.from_pylist(
             [
                 {
@@ -157,10 +203,11 @@ def write_latent_shards(
                     "latent": m["latent"],
                     "latent_shape": [int(n) for n in str(m["latent_shape"]).split(",")],
                     "latent_dtype": m["latent_dtype"],
+                    **(_mask_fields(m) if masked else {}),
                 }
                 for m in members
             ],
-            schema=fmt.LATENT_SCHEMA,
+            schema=fmt.MASKED_LATENT_SCHEMA if masked else fmt.LATENT_SCHEMA,
         )
         relative = f"bucket={bucket}/part-{build_id}-{uuid.uuid4().hex[:12]}.parquet"
         shard, size = fmt.write_shard(
@@ -179,6 +226,14 @@ def write_latent_shards(
             }
         )
     return pa.Table.from_pylist(out, schema=SHARD_RESULT_SCHEMA)
+
+
+def _mask_fields(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "loss_mask": row["loss_mask"],
+        "loss_mask_shape": [int(n) for n in str(row["loss_mask_shape"]).split(",")],
+        "loss_mask_dtype": row["loss_mask_dtype"],
+    }
 
 
 SHARD_RESULT_SCHEMA = pa.schema(

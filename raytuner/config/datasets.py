@@ -11,7 +11,16 @@ from raytuner.config.fields import build, field_names, problem, rule
 from raytuner.config.keys import KeyFindings, sort_key
 
 BACKEND_TYPES: tuple[str, ...] = ("local", "aws")
-DATASET_TYPES: tuple[str, ...] = ("image", "eval", "text_embeds")
+DATASET_TYPES: tuple[str, ...] = ("image", "eval", "text_embeds", "conditioning")
+# SimpleTuner's conditioning_type values; only loss masks are implemented so far.
+CONDITIONING_TYPES: tuple[str, ...] = (
+    "mask",
+    "segmentation",
+    "controlnet",
+    "reference_strict",
+    "reference_loose",
+)
+_LATER_CONDITIONING_TYPES = ("segmentation", "controlnet", "reference_strict", "reference_loose")
 CAPTION_STRATEGIES: tuple[str, ...] = ("filename", "textfile", "instanceprompt")
 METADATA_BACKENDS: tuple[str, ...] = ("discovery",)
 # Values SimpleTuner accepts that raytuner does not handle yet: named in the error, not a typo.
@@ -19,7 +28,6 @@ _LATER_BACKEND_TYPES = ("csv", "huggingface", "webshart")
 _LATER_DATASET_TYPES = (
     "video",
     "audio",
-    "conditioning",
     "image_embeds",
     "conditioning_image_embeds",
     "distillation_cache",
@@ -77,6 +85,11 @@ class DatasetConfig:
     is_regularisation_data: bool = False
     write_batch_size: int = field(default=128, metadata=rule(ge=1))
     vae_cache_clear_each_epoch: bool = False
+    # Masked loss: an image dataset names its mask dataset; the mask dataset says what it holds.
+    conditioning_data: str | None = None
+    conditioning_type: str | None = field(
+        default=None, metadata=rule(choices=CONDITIONING_TYPES, not_yet_supported=_LATER_CONDITIONING_TYPES)
+    )
     aws_bucket_name: str | None = None
     aws_data_prefix: str = ""
     aws_endpoint_url: str | None = None
@@ -91,8 +104,20 @@ class DatasetConfig:
 
     @property
     def needs_images(self) -> bool:
-        """True for datasets whose images are read (image and eval), not text embed caches."""
+        """True for datasets whose images are read (image, eval, mask), not text embed caches."""
         return self.dataset_type != "text_embeds"
+
+    @property
+    def encodes_latents(self) -> bool:
+        """True for datasets the VAE encodes into their own latent cache (image and eval).
+
+        A mask dataset is read with the image dataset that links it and cached beside its latents.
+        """
+        return self.dataset_type in ("image", "eval")
+
+    @property
+    def is_mask(self) -> bool:
+        return self.dataset_type == "conditioning" and self.conditioning_type == "mask"
 
 
 @dataclass(kw_only=True)
@@ -167,6 +192,20 @@ def _sort_keys(
         )
         if not keep:
             continue
+        if name == "conditioning_data" and isinstance(value, list):
+            # SimpleTuner takes one id or a list; one mask per image is all a loss mask can use.
+            if len(value) != 1:
+                result.problems.append(
+                    problem(
+                        f"{where}: {place}",
+                        name,
+                        value,
+                        "one mask dataset id",
+                        "link a single conditioning dataset with conditioning_type mask",
+                    )
+                )
+                continue
+            value = value[0]
         if name in values:
             result.problems.append(
                 f"{where}: {place}: both '{name}' and its other spelling '{key}' are set; keep one"
@@ -205,6 +244,7 @@ def _check_dataset_list(result: ParsedDatasets, *, where: str) -> None:
                 f"{where}: dataset id '{dataset_id}' is used {count} times; every dataset needs a unique 'id'"
             )
     enabled = [dataset for dataset in datasets if dataset.enabled]
+    _check_conditioning_links(enabled, where=where, problems=result.problems)
     if not any(dataset.dataset_type == "image" for dataset in enabled):
         result.problems.append(
             f'{where}: no enabled image dataset; add an entry with "dataset_type": "image" (the default) '
@@ -222,6 +262,79 @@ def _check_dataset_list(result: ParsedDatasets, *, where: str) -> None:
         result.findings.notes.append(
             f"{where}: no text_embeds dataset is marked default; using '{text_embeds[0].id}'"
         )
+
+
+def _check_conditioning_links(enabled: list[DatasetConfig], *, where: str, problems: list[str]) -> None:
+    """Each image dataset's ``conditioning_data`` names an enabled mask dataset; each mask dataset is linked."""
+    by_id = {dataset.id: dataset for dataset in enabled}
+    linked: set[str] = set()
+    for dataset in enabled:
+        label = f"{where}: dataset '{dataset.id}'"
+        if dataset.dataset_type == "conditioning" and dataset.conditioning_type is None:
+            problems.append(
+                problem(
+                    label,
+                    "conditioning_type",
+                    None,
+                    "mask for a conditioning dataset",
+                    'set "conditioning_type": "mask" (white = learn, black = ignore)',
+                )
+            )
+        if dataset.dataset_type != "conditioning" and dataset.conditioning_type is not None:
+            problems.append(
+                problem(
+                    label,
+                    "conditioning_type",
+                    dataset.conditioning_type,
+                    'a dataset with "dataset_type": "conditioning"',
+                    "remove it, or set dataset_type conditioning on the mask dataset",
+                )
+            )
+        target_id = dataset.conditioning_data
+        if target_id is None:
+            continue
+        if dataset.dataset_type != "image":
+            problems.append(
+                problem(
+                    label,
+                    "conditioning_data",
+                    target_id,
+                    "an image dataset (eval loss is never masked, as in SimpleTuner)",
+                    "remove conditioning_data from this dataset",
+                )
+            )
+            continue
+        target = by_id.get(target_id)
+        if target is None:
+            known = ", ".join(d.id for d in enabled if d.dataset_type == "conditioning") or "none"
+            problems.append(
+                problem(
+                    label,
+                    "conditioning_data",
+                    target_id,
+                    f"the id of an enabled conditioning dataset (known: {known})",
+                    "fix the id, or add the mask dataset",
+                )
+            )
+        elif not target.is_mask:
+            kind = target.conditioning_type if target.dataset_type == "conditioning" else target.dataset_type
+            problems.append(
+                problem(
+                    label,
+                    "conditioning_data",
+                    target_id,
+                    f'a conditioning dataset with "conditioning_type": "mask", not {kind}',
+                    f'set "dataset_type": "conditioning" and "conditioning_type": "mask" on \'{target_id}\'',
+                )
+            )
+        else:
+            linked.add(target_id)
+    for dataset in enabled:
+        if dataset.is_mask and dataset.id not in linked:
+            problems.append(
+                f"{where}: dataset '{dataset.id}': mask dataset linked by no image dataset; "
+                f'set "conditioning_data": "{dataset.id}" on the image dataset it masks, or remove it'
+            )
 
 
 def default_text_embeds(*, existing_ids: set[str], cache_dir: str) -> DatasetConfig:

@@ -135,14 +135,22 @@ def coerce(value: Any, annotation: Any, *, example: str | None = None) -> Any:
             return None
         if set(members) == {int, float}:
             return _to_number(value, example)
-        if len(members) == 2 and str in members and any(typing.get_origin(m) is dict for m in members):
-            # Text or an object (deepspeed_config: a path, JSON text, or the object inline).
+        lists = any(typing.get_origin(m) is list for m in members)
+        if (
+            len(members) == 2 + lists
+            and str in members
+            and any(typing.get_origin(m) is dict for m in members)
+        ):
+            # Text or an object (deepspeed_config: a path, JSON text, or the object inline), or
+            # also a list of objects (webhook_config).
             if isinstance(value, dict):
                 return dict(value)
+            if lists and isinstance(value, list):
+                return list(value)
             try:
                 return _to_str(value)
             except CoercionError:
-                raise CoercionError("text or an object") from None
+                raise CoercionError("text, an object or a list" if lists else "text or an object") from None
         if len(members) == 1:
             return coerce(value, members[0], example=example)
         raise TypeError(f"unsupported field type {annotation!r}")

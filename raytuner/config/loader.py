@@ -32,6 +32,7 @@ from raytuner.config.run import RunConfig
 from raytuner.config.seed import draw_seed, read_recorded_seed, seed_file
 from raytuner.config.surface import did_you_mean, flavours, key_aliases, simpletuner_families
 from raytuner.config.training import FAMILY_ALIASES, SUPPORTED_FAMILIES, TrainingConfig
+from raytuner.config.webhooks import read_webhook_config
 
 logger = logging.getLogger(__name__)
 
@@ -326,9 +327,32 @@ def _resolve_training_paths(
             _resolve_input_file(training, "lycoris_config", **common)
     if training.user_prompt_library is not None:
         _resolve_input_file(training, "user_prompt_library", **common)
+    if training.webhook_config is not None:
+        _read_webhooks(training, config_path=config_path, where=where, sources=sources, findings=findings)
     training.output_dir = output_path(training.output_dir)
     if training.group_offload_to_disk_path is not None:
         training.group_offload_to_disk_path = output_path(training.group_offload_to_disk_path)
+
+
+def _read_webhooks(
+    training: TrainingConfig,
+    *,
+    config_path: Path,
+    where: str,
+    sources: dict[str, Path],
+    findings: KeyFindings,
+) -> None:
+    """Check ``webhook_config`` now, so a bad webhook stops the run before any work; a file is
+    recorded (resolved) so the launcher reads the same one."""
+    assert training.webhook_config is not None
+    try:
+        _, source = read_webhook_config(training.webhook_config, where=where, named_in=config_path)
+    except ConfigError as error:
+        findings.problems.extend(error.problems)
+        return
+    if source is not None:
+        training.webhook_config = str(source)
+        sources["webhook_config"] = source
 
 
 def _load_datasets(
@@ -351,8 +375,9 @@ def _load_datasets(
                 dataset.minimum_image_size = training.minimum_image_size
         if dataset.instance_data_dir is not None and dataset.type == "local":
             dataset.instance_data_dir = find_input_dir(dataset.instance_data_dir, named_in=path)
-        if dataset.needs_images and not dataset.cache_dir_vae:
-            # SimpleTuner's default: one folder per dataset below output_dir.
+        if dataset.encodes_latents and not dataset.cache_dir_vae:
+            # SimpleTuner's default: one folder per dataset below output_dir (masks are cached
+            # beside the latents of the image dataset that links them, so they need none).
             default = training.output_dir / "cache" / "vae" / training.model_family / dataset.id
             dataset.cache_dir_vae = str(default)
             findings.notes.append(

@@ -9,6 +9,7 @@ A key is secret when one of its name parts (split on ``_``, ``-``, ``.``) is a c
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from typing import Any
 
@@ -21,9 +22,16 @@ _SECRET_PAIRS = frozenset(
     {("api", "key"), ("access", "key"), ("private", "key"), ("secret", "key"), ("auth", "key")}
 )
 _SECRET_JOINED = frozenset({"apikey", "accesskey", "privatekey", "authtoken", "hftoken"})
+# Whole keys whose values are credentials although no part says so: a Discord webhook URL
+# carries its token, and a raw webhook's callback URL may too (SimpleTuner's webhook keys).
+_SECRET_KEYS = frozenset({"webhook_url", "callback_url"})
+# Keys whose text value may be inline JSON holding secret keys (a path is left as it is).
+_JSON_TEXT_KEYS = frozenset({"webhook_config"})
 
 
 def is_secret_key(name: str) -> bool:
+    if name.strip().lstrip("-").lower() in _SECRET_KEYS:
+        return True
     parts = [part for part in re.split(r"[_\-.\s]+", name.strip().lstrip("-").lower()) if part]
     if any(part in _SECRET_PARTS or part in _SECRET_JOINED for part in parts):
         return True
@@ -33,19 +41,29 @@ def is_secret_key(name: str) -> bool:
 def redact(value: Any) -> Any:
     """A copy of ``value`` (nested dicts and lists) with every secret key's value replaced by ``***``."""
     if isinstance(value, dict):
-        return {
-            key: (REDACTED if is_secret_key(str(key)) and item not in (None, "") else redact(item))
-            for key, item in value.items()
-        }
+        return {key: _redact_item(str(key), item) for key, item in value.items()}
     if isinstance(value, list | tuple):
         return [redact(item) for item in value]
     return value
+
+
+def _redact_item(key: str, item: Any) -> Any:
+    if is_secret_key(key) and item not in (None, ""):
+        return REDACTED
+    if key.lstrip("-") in _JSON_TEXT_KEYS and isinstance(item, str) and item.strip().startswith(("{", "[")):
+        try:
+            return json.dumps(redact(json.loads(item)))
+        except json.JSONDecodeError:
+            return REDACTED  # unreadable text may still hold a credential
+    return redact(item)
 
 
 def show_value(key: str, value: Any) -> str:
     """How a value appears in a message: Python-style for text, JSON-style otherwise, secrets hidden."""
     if is_secret_key(key) and value not in (None, ""):
         return repr(REDACTED)
+    if key.lstrip("-") in _JSON_TEXT_KEYS:
+        value = _redact_item(key, value)  # inline webhooks shown with their URLs hidden
     if isinstance(value, str):
         return repr(value)
     if value is None:

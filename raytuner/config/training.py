@@ -61,6 +61,20 @@ RAYTUNER_OPTIMIZERS: tuple[str, ...] = (
 )
 
 
+# SimpleTuner's base_model_precision values raytuner runs (raytuner/models/quantize.py quantises
+# with optimum-quanto or torchao, installed with the "quantization" extra).
+QUANTIZED_PRECISIONS: tuple[str, ...] = (
+    "int8-quanto",
+    "fp8-quanto",
+    "int4-quanto",
+    "int2-quanto",
+    "fp8uz-quanto",
+    "int8-torchao",
+    "fp8wo-torchao",
+    "fp8-torchao",
+)
+
+
 @dataclass(kw_only=True)
 class TrainingConfig:
     """Everything from ``config.json``, typed. Paths are resolved by the loader."""
@@ -76,10 +90,25 @@ class TrainingConfig:
     pretrained_model_name_or_path: str | None = None
     pretrained_vae_model_name_or_path: str | None = None
     revision: str | None = None
+    # The frozen base quantised (raytuner/models/quantize.py); SimpleTuner's other precisions are
+    # refused here, before any work starts.
     base_model_precision: str = field(
-        default="no_change", metadata=rule(choices=_choices("base_model_precision"))
+        default="no_change",
+        metadata=rule(
+            choices=_choices("base_model_precision"),
+            not_yet_supported=tuple(
+                name
+                for name in _choices("base_model_precision")
+                if name not in ("no_change", *QUANTIZED_PRECISIONS)
+            ),
+        ),
     )
-    quantize_via: str = field(default="accelerator", metadata=rule(choices=_choices("quantize_via")))
+    # cpu: quantise before moving to the device; accelerator: on the device. SimpleTuner's
+    # pipeline-level quantisation is refused: raytuner quantises only the transformer it trains.
+    quantize_via: str = field(
+        default="accelerator",
+        metadata=rule(choices=_choices("quantize_via"), not_yet_supported=("pipeline",)),
+    )
 
     # Files and reproducibility
     output_dir: Path = field(default=Path("simpletuner-results"), metadata=rule(path="output"))
@@ -171,6 +200,8 @@ class TrainingConfig:
     report_to: str = field(default="none", metadata=rule(choices=_choices("report_to")))
     tracker_project_name: str = "simpletuner"
     tracker_run_name: str = "simpletuner-testing"
+    # How W&B shows validation images: one image per key ("gallery") or one table per round.
+    tracker_image_layout: str = field(default="gallery", metadata=rule(choices=("gallery", "table")))
     hub_model_id: str | None = None
     push_to_hub: bool = False
     push_checkpoints_to_hub: bool = False
@@ -182,7 +213,11 @@ class TrainingConfig:
     model_card_safe_for_work: bool = False
     model_card_note: str | None = None
     hf_token: str | None = field(default=None, repr=False)
-    webhook_config: str | None = None
+    # Webhooks (raytuner/config/webhooks.py reads them, raytuner/webhooks.py sends): a JSON file,
+    # JSON text, or an inline object or list of them. The reporting interval is SimpleTuner's
+    # seconds between progress events; unset sends one per step, as SimpleTuner does.
+    webhook_config: str | dict[str, Any] | list[Any] | None = None
+    webhook_reporting_interval: float | None = field(default=None, metadata=rule(gt=0))
 
     # Resolution and aspect buckets
     resolution: int | float = field(default=1024, metadata=rule(gt=0))

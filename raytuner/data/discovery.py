@@ -129,8 +129,11 @@ def _mtime_ns(info: Any) -> int:
     return int(mtime) if mtime is not None else 0
 
 
-def list_dataset(dataset: DatasetConfig) -> Listing:
-    """Every image below the dataset's root, recursively, with its caption file when one is needed."""
+def list_dataset(dataset: DatasetConfig, *, captions: bool = True) -> Listing:
+    """Every image below the dataset's root, recursively, with its caption file when one is needed.
+
+    ``captions=False`` lists a mask dataset: its files are weights, never captioned.
+    """
     location = dataset_location(dataset)
     listing = Listing(dataset=dataset, location=location)
     _, root = location.resolve()
@@ -152,7 +155,7 @@ def list_dataset(dataset: DatasetConfig) -> Listing:
             )
             continue
         caption_path, caption_fp = None, ""
-        if dataset.caption_strategy == "textfile":
+        if captions and dataset.caption_strategy == "textfile":
             caption_path = caption_file_for(info.path)
             caption_info = by_path.get(caption_path)
             if caption_info is None:
@@ -310,6 +313,49 @@ def merge_probes(
             )
         )
     return images, skipped
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiscoveredMask:
+    """The mask file of one image: same relative path, in the mask dataset."""
+
+    path: str
+    relative: str
+    sha256: str
+    width: int
+    height: int
+
+
+def pair_masks(
+    images: Iterable[DiscoveredImage], listing: Listing, probes: Mapping[str, Probe]
+) -> tuple[dict[str, DiscoveredMask], list[str]]:
+    """Each image's mask (image relative path -> mask), and ``"file (why)"`` for images without one.
+
+    A mask pairs with the image of the same relative path, extension included, as SimpleTuner
+    pairs conditioning files. Masks without an image are ignored, as there.
+    """
+    by_relative = {listed.relative: listed for listed in listing.files}
+    unlisted = {skipped.relative: skipped.reason for skipped in listing.skipped}
+    masks: dict[str, DiscoveredMask] = {}
+    missing: list[str] = []
+    for image in images:
+        listed = by_relative.get(image.relative)
+        if listed is None:
+            reason = unlisted.get(image.relative, "no mask file")
+            missing.append(f"{image.relative} ({reason})")
+            continue
+        probe = probes[listed.fingerprint]
+        if probe.error:
+            missing.append(f"{image.relative} (mask: {probe.error})")
+            continue
+        masks[image.relative] = DiscoveredMask(
+            path=listed.path,
+            relative=listed.relative,
+            sha256=probe.sha256,
+            width=probe.width,
+            height=probe.height,
+        )
+    return masks, missing
 
 
 def probe_rows(probes: Iterable[Probe]) -> list[dict[str, Any]]:

@@ -90,12 +90,21 @@ def _locations(index: pa.Table) -> dict[str, CachedRowLocation]:
 
 
 class LatentCache:
-    """One image dataset's committed latents."""
+    """One image dataset's committed latents (and loss masks, when it links a mask dataset)."""
 
-    def __init__(self, dataset_id: str, folder: Location) -> None:
+    def __init__(self, dataset_id: str, folder: Location, *, mask_dataset: str | None = None) -> None:
         self.dataset_id = dataset_id
         self.folder = folder
         self.manifest, index = _committed(folder, "latents")
+        self.masked = mask_dataset is not None
+        cached_masks = self.manifest.extra.get("mask_dataset")
+        if self.masked and cached_masks != mask_dataset:
+            # Training without the masks the config asks for would silently learn the whole image.
+            found = f"masks from '{cached_masks}'" if cached_masks else "no loss masks"
+            raise CacheError(
+                f"{folder}: dataset '{dataset_id}' links mask dataset '{mask_dataset}' (conditioning_data), "
+                f"but its cache holds {found}; run `raytuner cache` to encode them"
+            )
         self._locations = _locations(index)
         self._rows = _RowGroupCache(folder)
         self._caption_keys: dict[str, list[str]] = dict(
@@ -126,6 +135,16 @@ class LatentCache:
     def latents(self, keys: Sequence[str]) -> torch.Tensor:
         """``[len(keys), ...]`` float32 latents, in the order of ``keys`` (one bucket, one shape)."""
         arrays = [tensor_from_fields(self.row(key), "latent") for key in keys]
+        return torch.from_numpy(np.stack(arrays).astype(np.float32, copy=False))
+
+    def loss_masks(self, keys: Sequence[str]) -> torch.Tensor | None:
+        """``[len(keys), h, w]`` float32 loss masks on the latent grid; None for an unmasked dataset.
+
+        A cache written with masks but read by a run that no longer links them trains unmasked.
+        """
+        if not self.masked:
+            return None
+        arrays = [tensor_from_fields(self.row(key), "loss_mask") for key in keys]
         return torch.from_numpy(np.stack(arrays).astype(np.float32, copy=False))
 
 
@@ -220,6 +239,10 @@ class TrainingData:
             ]
         return cache.latents(keys), self.text.conditioning(captions)
 
+    def loss_masks(self, batch: GlobalBatch, keys: Sequence[str]) -> torch.Tensor | None:
+        """The loss masks of ``keys`` (a rank's slice of ``batch``), or None when its dataset has none."""
+        return self.latents[batch.dataset_id].loss_masks(keys)
+
 
 def caption_dropped(seed: int, key: str, step: int, probability: float) -> bool:
     """Whether a sample trains on the empty prompt at ``step`` (a uniform draw below ``probability``)."""
@@ -252,7 +275,9 @@ def open_training_data(run: RunConfig) -> TrainingData:
 
     return TrainingData(
         latents={
-            dataset.id: LatentCache(dataset.id, latent_cache_location(run, dataset))
+            dataset.id: LatentCache(
+                dataset.id, latent_cache_location(run, dataset), mask_dataset=dataset.conditioning_data
+            )
             for dataset in training_datasets(run)
         },
         text=TextCache(text_cache_location(run)),

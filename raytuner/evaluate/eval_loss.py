@@ -6,6 +6,8 @@ with the same noise, so two evaluations of the same weights give the same number
 spaced noise fractions and ignore the training schedule's shift: runs that sweep
 ``flow_schedule_shift`` are scored on the same scale. At most ``num_eval_images`` images are
 used (the first by cache key, so always the same ones); the workers split them and sum.
+The loss is never masked, as SimpleTuner's evaluation scores with its conditioning mask off: eval
+datasets cannot link a mask dataset (the config refuses ``conditioning_data`` there).
 """
 
 from __future__ import annotations

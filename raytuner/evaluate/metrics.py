@@ -3,6 +3,8 @@
 * ``output_dir/logs/metrics.jsonl``: one line per step (and per evaluation); a step trained again
   after a restart from a checkpoint appends a new line, and readers keep the last one per step.
 * TensorBoard under ``output_dir/logs/tensorboard`` when ``report_to`` asks for it.
+* Weights & Biases (``report_to`` ``wandb`` or ``all``), the same numbers and images under the
+  same names, its local files in ``output_dir/logs/wandb`` (raytuner/evaluate/wandb_tracker.py).
 * ``ray.util.metrics`` gauges (``raytuner_train_loss``, ``raytuner_samples_per_second``, …): Ray
   exports them on each node's metrics endpoint, so the Ray dashboard and Prometheus show the run
   live. Metrics passed to ``ray.train.report`` are not exported there.
@@ -21,11 +23,13 @@ from typing import Any
 
 from tqdm import tqdm
 
+from raytuner.evaluate.wandb_tracker import WandbRun, WandbTarget
+
 logger = logging.getLogger(__name__)
 
 TENSORBOARD_TRACKERS = ("tensorboard", "all")
 # report_to values raytuner runs; the rest are refused by name before any work starts.
-SUPPORTED_REPORT_TO = ("none", "tensorboard", "all")
+SUPPORTED_REPORT_TO = ("none", "tensorboard", "wandb", "all")
 PROGRESS_INTERVAL_S = 5.0
 
 # Per-step numbers exported as Ray gauges, with their descriptions.
@@ -46,7 +50,7 @@ def report_to_problem(value: str) -> str | None:
         return None
     return (
         f"'report_to' = {value!r}: not implemented yet; use 'tensorboard' (written under "
-        "output_dir/logs/tensorboard) or 'none'"
+        "output_dir/logs/tensorboard), 'wandb', 'all' (both) or 'none'"
     )
 
 
@@ -70,9 +74,17 @@ class RayGauges:
 
 
 class MetricsLog:
-    """Rank 0's sinks: the JSON-lines file, TensorBoard when asked, Ray gauges when on Ray."""
+    """Rank 0's sinks: the JSON-lines file, TensorBoard and W&B when asked, Ray gauges when on Ray."""
 
-    def __init__(self, output_dir: Path, *, report_to: str, run_name: str, ray_metrics: bool = True) -> None:
+    def __init__(
+        self,
+        output_dir: Path,
+        *,
+        report_to: str,
+        run_name: str,
+        ray_metrics: bool = True,
+        wandb: WandbTarget | None = None,
+    ) -> None:
         self.folder = output_dir / "logs"
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / "metrics.jsonl"
@@ -82,6 +94,13 @@ class MetricsLog:
 
             self._writer = SummaryWriter(log_dir=str(self.folder / "tensorboard"))
         self._gauges = RayGauges(run_name) if ray_metrics else None
+        self._wandb_target = wandb
+        self._wandb: WandbRun | None = None
+
+    def start(self, step: int) -> None:
+        """Open the W&B run once the step training starts from is known (a restart resumes it)."""
+        if self._wandb_target is not None and self._wandb is None:
+            self._wandb = WandbRun(self._wandb_target, self.folder, start_step=step)
 
     def log(self, metrics: Mapping[str, Any]) -> None:
         step = int(metrics["step"])
@@ -93,19 +112,35 @@ class MetricsLog:
                     self._writer.add_scalar(f"train/{key}", value, step)
         if self._gauges is not None:
             self._gauges.set(metrics)
+        if self._wandb is not None:
+            self._wandb.log(metrics, step)
 
-    def images(self, tag: str, images: list[tuple[str, Any]], step: int) -> None:
-        """Validation images in TensorBoard (the PNGs are written by the caller)."""
-        if self._writer is None:
-            return
-        import numpy as np
+    def images(
+        self,
+        tag: str,
+        images: list[tuple[str, Any]],
+        step: int,
+        captions: Mapping[str, str] | None = None,
+    ) -> None:
+        """Validation images in TensorBoard and W&B (the PNGs are written by the caller)."""
+        if self._writer is not None:
+            import numpy as np
 
-        for name, image in images:
-            self._writer.add_image(f"{tag}/{name}", np.asarray(image.convert("RGB")), step, dataformats="HWC")
+            for name, image in images:
+                self._writer.add_image(
+                    f"{tag}/{name}", np.asarray(image.convert("RGB")), step, dataformats="HWC"
+                )
+        if self._wandb is not None:
+            self._wandb.images(tag, images, step, captions or {})
 
-    def close(self) -> None:
+    def close(self, *, failed: bool = False) -> None:
+        """Flush and close every sink; safe to call again (a worker's cleanup after the loop's)."""
         if self._writer is not None:
             self._writer.close()
+            self._writer = None
+        if self._wandb is not None:
+            self._wandb.close(failed=failed)
+            self._wandb = None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -25,7 +25,9 @@ from raytuner.config.paths import display, has_scheme
 from raytuner.data.plan import PlanError
 from raytuner.evaluate.clip_score import ClipScoreError, clip_evaluation_problem
 from raytuner.evaluate.metrics import read_metrics, report_to_problem
+from raytuner.evaluate.wandb_tracker import WandbTarget, wandb_problem, wandb_target
 from raytuner.hub import HubError, HubTarget, hub_problems, open_repo, publish_run
+from raytuner.models.quantize import QuantizationError, quantization_problem, quantization_warnings
 from raytuner.ray_runtime import ray_session, unwrap_error
 from raytuner.storage import Location, StorageError
 from raytuner.train.layout import (
@@ -46,6 +48,7 @@ from raytuner.train.outputs import write_config_copies
 from raytuner.train.settings import RayOverrides, RaySettings, SettingsError, resolve_settings, run_name
 from raytuner.train.state import CheckpointError, read_manifest
 from raytuner.train.zero import DeepSpeedConfigError, DeepSpeedPlan, deepspeed_plan
+from raytuner.webhooks import report_failures, webhook_settings
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +62,7 @@ TRAIN_ERRORS = (
     CheckpointError,
     PlanError,
     ClipScoreError,  # a CLIP model that a worker cannot load after all (the hub, another node's disk)
+    QuantizationError,  # base_model_precision on a worker device the driver could not see
 )
 _FRESH_RUN_VALUES = ("", "none", "false")
 _SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
@@ -87,12 +91,17 @@ def check_training_settings(run: RunConfig, settings: RaySettings) -> list[str]:
         optimizer_settings(training, world_size=settings.num_workers)
     except OptimizerError as error:
         problems.append(f"{where}: {error}")
-    report_problem = report_to_problem(training.report_to)
+    report_problem = report_to_problem(training.report_to) or wandb_problem(
+        training.report_to, training.tracker_image_layout
+    )
     if report_problem:
         problems.append(f"{where}: {report_problem}")
     clip_problem = clip_evaluation_problem(training)  # the CLIP model of evaluation_type "clip"
     if clip_problem:
         problems.append(f"{where}: {clip_problem}")
+    quantization = quantization_problem(training, devices=worker_devices(settings))  # base_model_precision
+    if quantization:
+        problems.append(f"{where}: {quantization}")
     # With num_train_epochs the step count is known only once the epoch is planned; the schedule
     # is checked again then (run_training), against the real count.
     schedule_problem = lr_schedule_problem(
@@ -118,6 +127,15 @@ def check_training_settings(run: RunConfig, settings: RaySettings) -> list[str]:
         except CheckpointError as error:
             problems.append(f"{where}: 'resume_from_checkpoint': {error}")
     return problems
+
+
+def worker_devices(settings: RaySettings) -> list[torch.device]:
+    """The workers' devices as far as the driver can tell: none when they have GPUs it cannot see."""
+    if not settings.use_gpu:
+        return [torch.device("cpu")]
+    if torch.cuda.is_available():
+        return [torch.device("cuda", index) for index in range(torch.cuda.device_count())]
+    return []
 
 
 def strategy_summary(training: TrainingConfig, deepspeed: DeepSpeedPlan | None) -> str:
@@ -230,8 +248,14 @@ def prepare_job(
     name: str,
     ray_metrics: bool = True,
     hub: HubTarget | None = None,
+    sweep: str | None = None,
+    tracker_client: dict[str, str] | None = None,
 ) -> TrainJob:
-    """The workers' job for a run whose cache is built: steps planned, shared-root marker written."""
+    """The workers' job for a run whose cache is built: steps planned, shared-root marker written.
+
+    ``sweep`` names the sweep a trial belongs to: its W&B run is grouped under it and named ``name``;
+    ``tracker_client`` is the W&B client settings of the sweep's shell (a trial runs elsewhere).
+    """
     steps_per_epoch = check_batches(run, workers=settings.num_workers)
     steps = total_steps(run, steps_per_epoch)
     schedule_problem = lr_schedule_problem(run.training, steps, world_size=settings.num_workers)
@@ -258,6 +282,30 @@ def prepare_job(
         validation_prompts=dict(role_prompts(run)["validation"]),
         deepspeed=deepspeed_plan(run, world_size=settings.num_workers),
         hub=hub,
+        webhooks=webhook_settings(run, run_name=name, checkpoint_root=f"{settings.storage_path}/{name}"),
+        wandb=tracker_target(run, name=name, sweep=sweep, client=tracker_client),
+    )
+
+
+def tracker_target(
+    run: RunConfig, *, name: str, sweep: str | None = None, client: dict[str, str] | None = None
+) -> WandbTarget | None:
+    """The W&B run of ``run`` (None unless report_to asks for W&B), with the run's redacted config."""
+    training = run.training
+    config = run.to_dict()  # secrets are already "***"
+    if training.webhook_config:  # a webhook's URL is its credential
+        config["training"]["webhook_config"] = "***"
+    config["raytuner"] = {"train_run_name": name, "sweep": sweep}
+    return wandb_target(
+        config,
+        report_to=training.report_to,
+        project=training.tracker_project_name,
+        name=name if sweep else training.tracker_run_name,
+        image_layout=training.tracker_image_layout,
+        family=training.model_family,
+        group=sweep,
+        job_type="trial" if sweep else "train",
+        client=client,
     )
 
 
@@ -283,6 +331,8 @@ def run_training(
     problems = check_training_settings(run, settings) + hub_problems(run)  # push_to_hub: token, repo id
     if problems:
         raise ConfigError(problems)
+    for warning in quantization_warnings(run.training):  # once, here on the driver
+        logger.warning(warning)
     # Datasets, cache settings and both encoders are checked here, before Ray starts.
     encoders = check_cache_inputs(run)
     if not _resumes_latest(run) and _previous_run_exists(settings, name):
@@ -312,7 +362,8 @@ def run_training(
             name,
         )
         write_config_copies(run, run.training.output_dir)
-        result = fit(build_trainer(job, settings))
+        with report_failures(job.webhooks):  # a failure no worker could send (one died, or never started)
+            result = fit(build_trainer(job, settings))
     outcome = finish_outputs(run, result, job.total_steps)
     if hub is None:
         return outcome

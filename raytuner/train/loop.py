@@ -17,6 +17,7 @@ import logging
 import os
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,7 +33,9 @@ from raytuner.data.plan import BatchShape, EpochPlan, sample_generators
 from raytuner.data.reader import TrainingData, eval_caches, open_training_data
 from raytuner.evaluate.eval_loss import EvalSample, eval_samples, evaluation_loss
 from raytuner.evaluate.metrics import MetricsLog, ProgressLine
+from raytuner.evaluate.wandb_tracker import WandbTarget
 from raytuner.hub import CheckpointUploads, HubTarget
+from raytuner.models.quantize import adapter_spec, quantize_base, quantize_load_device
 from raytuner.models.registry import get_family
 from raytuner.train import state as checkpoint_state
 from raytuner.train.ema import AdapterEMA
@@ -54,6 +57,7 @@ from raytuner.train.zero import (
     saved_with_engine,
     use_cpu_accelerator,
 )
+from raytuner.webhooks import Webhooks, WebhookSettings, mark_reported
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +99,8 @@ class TrainJob:
     validation_prompts: dict[str, str] = field(default_factory=dict)
     deepspeed: DeepSpeedPlan | None = None  # the DeepSpeed strategy, planned by the driver
     hub: HubTarget | None = None  # the Hub repo the driver opened (push_to_hub); never the token
+    webhooks: WebhookSettings | None = None  # webhook_config, read by the driver (raytuner/webhooks.py)
+    wandb: WandbTarget | None = None  # the W&B run rank 0 logs to (report_to wandb / all); no key
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,8 +161,13 @@ class Worker:
         )
         # Group offload keeps the base's weights on the CPU and moves one group at a time.
         self.offload = plan_group_offload(self.training, device=device, run_name=job.run_name, rank=rank)
-        self.transformer = self.family.load_transformer(
-            device=OFFLOAD_DEVICE if self.offload is not None else device
+        base_device = OFFLOAD_DEVICE if self.offload is not None else device
+        # base_model_precision: quantised before the adapter is built, on the CPU first when
+        # quantize_via is "cpu" (raytuner/models/quantize.py).
+        self.transformer = quantize_base(
+            self.family.load_transformer(device=quantize_load_device(self.training, base_device)),
+            self.training,
+            device=base_device,
         ).requires_grad_(False)
         if self.training.gradient_checkpointing and getattr(
             self.transformer, "_supports_gradient_checkpointing", False
@@ -165,7 +176,10 @@ class Worker:
         self.transformer.train()
         assert self.run.lycoris is not None, "the config check requires a lycoris_config"
         self.network, self.adapter_report = build_adapter(
-            self.transformer, self.run.lycoris, module_aliases=self.family.module_aliases, seed=self.seed
+            self.transformer,
+            adapter_spec(self.run.lycoris, self.training),
+            module_aliases=self.family.module_aliases,
+            seed=self.seed,
         )
         # The adapter trains in float32 whatever the base model's precision.
         self.network.to(device=device, dtype=torch.float32)
@@ -213,12 +227,15 @@ class Worker:
             self.checkpoint_uploads = CheckpointUploads(
                 job.hub, self.run, prompts=job.validation_prompts, total_steps=job.total_steps
             )
+        # webhook_config: rank 0 sends the run's events from a background thread.
+        self.webhooks: Webhooks | None = Webhooks(job.webhooks) if rank == 0 and job.webhooks else None
         if rank == 0:
             self.metrics = MetricsLog(
                 self.training.output_dir,
                 report_to=self.training.report_to,
                 run_name=job.run_name,
                 ray_metrics=job.ray_metrics,
+                wandb=job.wandb,
             )
 
     # ---- collectives ---------------------------------------------------------------------------
@@ -260,6 +277,7 @@ class Worker:
                     conditioning=self.family.collate_conditioning(conditioning),
                     generators=sample_generators(seeds),
                     is_regularisation=batch.is_regularisation,
+                    loss_mask=self.data.loss_masks(batch, keys),
                 )
             )
         return micro
@@ -433,8 +451,10 @@ class Worker:
                 self._validator.render(folder=Path(scratch))
             return
         rendered = self._validator.render()
+        if self.webhooks is not None:
+            self.webhooks.validation(step=self.step, images=rendered.images)
         if self.metrics is not None:
-            self.metrics.images("validation", rendered.images, self.step)
+            self.metrics.images("validation", rendered.images, self.step, rendered.captions)
             if rendered.metrics:  # the CLIP scores, with evaluation_type "clip"
                 self.metrics.log({"step": self.step, "kind": "validation", **rendered.metrics})
 
@@ -477,6 +497,8 @@ class Worker:
 
             with Checkpoint(self.job.start_from).as_directory() as folder:
                 self.restore(Path(folder), source=self.job.start_from)
+        if self.metrics is not None:
+            self.metrics.start(self.step)
         if self.step == 0:
             self.eval_loss = self.evaluate()  # the baseline
         progress = ProgressLine(self.job.total_steps, start_step=self.step, label=self.training.model_family)
@@ -493,6 +515,13 @@ class Worker:
                 self.world_size,
                 self.shape.accumulation,
                 self.adapter_report.summary(),
+            )
+        if self.webhooks is not None:
+            self.webhooks.started(
+                step=self.step,
+                total_steps=self.job.total_steps,
+                workers=self.world_size,
+                global_batch=samples_per_step,
             )
         while self.step < self.job.total_steps:
             started = time.perf_counter()
@@ -526,6 +555,8 @@ class Worker:
                 metrics["eval_loss"] = self.eval_loss
             if self.metrics is not None:
                 self.metrics.log(metrics)
+            if self.webhooks is not None:
+                self.webhooks.progress(step=self.step, total_steps=self.job.total_steps, metrics=metrics)
             if self.due(self.training.validation_step_interval) or final:
                 self.validate()
             self.maybe_fail()
@@ -546,6 +577,8 @@ class Worker:
         try:
             self.write_checkpoint(folder)
             reporter.report(metrics, folder, checkpoint_name(self.step))
+            if self.webhooks is not None:
+                self.webhooks.checkpoint(step=self.step, name=checkpoint_name(self.step))
             if self.checkpoint_uploads is not None:  # stored by Ray Train first; the folder goes next
                 self.checkpoint_uploads.publish(folder, step=self.step, eval_loss=self.eval_loss)
         finally:
@@ -574,6 +607,8 @@ class Worker:
                     self.network, output_dir / EMA_FOLDER, metadata=self.adapter_metadata(ema=True)
                 )
             logger.info("EMA adapter written to %s", ema_path)
+        if self.webhooks is not None:
+            self.webhooks.finished(step=self.step, adapter=path)
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -626,7 +661,16 @@ def train_worker(config: dict[str, Any]) -> None:
                 stored_checkpoints=stored_checkpoints,
             )
         )
+    except BaseException as error:
+        if worker.webhooks is not None:  # sent before the error reaches Ray; the driver skips it then
+            worker.webhooks.failed(error, step=worker.step)
+            mark_reported(error)
+        raise
     finally:
+        if worker.webhooks is not None:
+            worker.webhooks.close()
         remove_disk_copy(worker.offload)
+        if worker.metrics is not None:  # a failed run's W&B run is flushed and marked failed
+            worker.metrics.close(failed=sys.exc_info()[0] is not None)
         if worker.checkpoint_uploads is not None:  # the driver's final commit must come after these
             worker.checkpoint_uploads.close()

@@ -37,6 +37,8 @@ class MicroBatch:
     # One generator per sample (seeded by seed, sample key and step), or one for the batch.
     generators: torch.Generator | Sequence[torch.Generator] | None = None
     is_regularisation: bool = False
+    # Masked loss: ``[B, h, w]`` weights on the latent grid (1 learn, 0 ignore), or None.
+    loss_mask: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,22 +77,32 @@ def micro_batch_loss(
     *,
     mixed_precision: str = "no",
 ) -> torch.Tensor:
-    """The float32 flow-matching loss of one micro-batch (regularisation: against the base model)."""
+    """The float32 flow-matching loss of one micro-batch (regularisation: against the base model).
+
+    A ``loss_mask`` weights each latent pixel, in ordinary and regularisation batches alike (one
+    loss function for both, as in SimpleTuner).
+    """
+    latents = batch.latents.to(family.device, torch.float32)
+    weights = None if batch.loss_mask is None else flow.loss_mask_weights(batch.loss_mask, latents)
     if not batch.is_regularisation:
         with autocast(family.device, mixed_precision):
             return family.training_loss(
-                transformer, batch.latents, batch.conditioning, schedule, generator=batch.generators
+                transformer,
+                latents,
+                batch.conditioning,
+                schedule,
+                generator=batch.generators,
+                loss_weights=weights,
             ).loss
     if network is None:
         raise ValueError("a regularisation batch needs the adapter network, to switch it off")
-    latents = batch.latents.to(family.device, torch.float32)
     noise, sigmas = family.sample_noise_and_sigmas(latents, schedule, generator=batch.generators)
     noisy_latents = flow.add_noise(latents, noise, sigmas)
     with autocast(family.device, mixed_precision):
         with torch.no_grad(), adapter_disabled(network):
             target = family.predict(transformer, noisy_latents, sigmas, batch.conditioning).float()
         prediction = family.predict(transformer, noisy_latents, sigmas, batch.conditioning)
-    return flow.flow_matching_loss(prediction, target)
+    return flow.flow_matching_loss(prediction, target, weights)
 
 
 def optimizer_step(

@@ -41,7 +41,8 @@ CLIP_SCORE_EMA_KEY = "clip_score_ema"
 class ValidationRound:
     """What one validation round produced, for the metrics sinks."""
 
-    images: list[tuple[str, Image.Image]]  # (file stem, image), for TensorBoard
+    images: list[tuple[str, Image.Image]]  # (file stem, image), for TensorBoard and W&B
+    captions: dict[str, str] = field(default_factory=dict)  # file stem -> its prompt
     metrics: dict[str, float] = field(default_factory=dict)  # CLIP scores; empty when evaluation is off
 
 
@@ -92,6 +93,7 @@ class Validator:
                 )
         return ValidationRound(
             images=[(image.path.stem, image.image) for image in images],
+            captions={image.path.stem: image.prompt for image in images},
             metrics=clip_score_metrics(self.clip, images) if self.clip is not None else {},
         )
 

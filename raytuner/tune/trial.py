@@ -12,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raytuner.evaluate.wandb_tracker import client_settings
 from raytuner.train.settings import RaySettings
 from raytuner.tune.sweep import Sweep
 
@@ -33,6 +34,8 @@ class TrialPlan:
     settings: RaySettings
     trials_dir: Path
     ray_metrics: bool = True
+    # WANDB_MODE / WANDB_ENTITY / WANDB_BASE_URL of the sweep's shell: trials run in Ray's processes.
+    tracker_client: dict[str, str] = field(default_factory=client_settings)
 
     def train_run_name(self, trial_id: str) -> str:
         return f"{self.sweep.name}-{trial_id}"
@@ -72,7 +75,14 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
         json.dumps({"trial_id": trial_id, "sweep": plan.sweep.name, "point": point}, indent=2) + "\n",
         encoding="utf-8",
     )
-    job = prepare_job(run, plan.settings, name=plan.train_run_name(trial_id), ray_metrics=plan.ray_metrics)
+    job = prepare_job(
+        run,
+        plan.settings,
+        name=plan.train_run_name(trial_id),
+        ray_metrics=plan.ray_metrics,
+        sweep=plan.sweep.name,  # W&B groups the sweep's trials under its name
+        tracker_client=plan.tracker_client,
+    )
     write_config_copies(run, output_dir)
     logger.info("trial %s: %s, %d steps, outputs in %s", trial_id, point, job.total_steps, output_dir)
     result = fit(build_trainer(job, plan.settings, callbacks=[TuneReportCallback()]))

@@ -131,7 +131,9 @@ def test_nodes_install_this_checkout_with_the_tested_versions_and_nothing_secret
     assert {Path(local).name for local in config["file_mounts"].values()} >= {"pyproject.toml", "raytuner"}
     assert config["cluster_synced_files"] == []
 
-    (install,) = [command for command in config["setup_commands"] if "raytuner[deepspeed]" in command]
+    (install,) = [
+        command for command in config["setup_commands"] if "raytuner[deepspeed,wandb,quantization]" in command
+    ]
     words = shlex.split(install)
     assert words[words.index("-c") + 1] == "~/raytuner/constraints.txt"
     # The nodes' Ray is the one this project is tested with.

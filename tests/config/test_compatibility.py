@@ -114,8 +114,6 @@ NOT_YET_SUPPORTED: dict[str, Any] = {
     "validation_on_startup": True,
     "post_upload_script": "notify.sh",
     "publishing_config": "publishing.json",
-    "webhook_config": "webhooks.json",
-    "base_model_precision": "int8-quanto",
     "enable_model_cpu_offload": True,
     "checkpointing_rolling_steps": 250,
     "delete_invalid_checkpoints": True,

@@ -132,9 +132,9 @@ def test_a_checkpoint_is_refused_unless_written_whole(tmp_path: Path) -> None:
 def test_a_bad_training_config_is_refused_before_ray_starts(
     tmp_path: Path, tiny_cosmos_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run = load(tmp_path, tiny_cosmos_dir, report_to="wandb", validation_resolution="64x")
+    run = load(tmp_path, tiny_cosmos_dir, report_to="comet_ml", validation_resolution="64x")
     problems = "\n".join(check_training_settings(run, resolve_settings(run)))
-    assert "'report_to' = 'wandb': not implemented yet" in problems
+    assert "'report_to' = 'comet_ml': not implemented yet" in problems
     assert "validation_resolution '64x'" in problems
     with pytest.raises(ConfigError, match="'fp16' is not supported yet; use one of: no, bf16"):
         load(tmp_path, tiny_cosmos_dir, mixed_precision="fp16")

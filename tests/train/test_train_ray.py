@@ -12,6 +12,7 @@ plan, each sample's noise, sigma and caption dropout depend only on (seed, sampl
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from raytuner.models.tiny import build_tiny_clip
 from raytuner.train.launcher import INJECT_FAILURE_ENV, TrainError, TrainOutcome, run_training
 from raytuner.train.settings import RayOverrides, resolve_settings
 from tests.cache.helpers import draw_images, image_dataset, text_dataset, write_run_files
+from tests.wandb_records import offline_runs
+from tests.webhook_server import WebhookServer
 
 pytestmark = pytest.mark.slow
 
@@ -53,17 +56,38 @@ class Data:
 
 @pytest.fixture(scope="module")
 def cosmos_data(tmp_path_factory: pytest.TempPathFactory, tiny_cosmos_dir: Path) -> Data:
-    """8 training and 2 eval images, one shared cache for every run of this module."""
-    return cosmos_training_data(tmp_path_factory.mktemp("train-data"), tiny_cosmos_dir)
+    """8 training images with loss masks and 2 eval images, one shared cache for every run here."""
+    return cosmos_training_data(tmp_path_factory.mktemp("train-data"), tiny_cosmos_dir, masks=True)
 
 
-def cosmos_training_data(root: Path, tiny_cosmos_dir: Path) -> Data:
-    draw_images(root / "images", [(64, 64)] * 8)
+def cosmos_training_data(root: Path, tiny_cosmos_dir: Path, *, masks: bool = False) -> Data:
+    """With ``masks``, every training image has a mask (left half white: learned, right half black:
+    ignored) in a SimpleTuner conditioning dataset, so every run trains with masked loss."""
+    images = draw_images(root / "images", [(64, 64)] * 8)
     draw_images(root / "eval", [(64, 64)] * 2, start=20)
     square = {"resolution_type": "pixel", "crop": True, "crop_aspect": "square"}
+    masked: dict[str, Any] = {}
+    mask_datasets: list[dict[str, Any]] = []
+    if masks:
+        (root / "masks").mkdir()
+        for image in images:
+            mask = Image.new("RGB", (64, 64), "black")
+            mask.paste((255, 255, 255), (0, 0, 32, 64))
+            mask.save(root / "masks" / image.name)
+        masked = {"conditioning_data": "masks"}
+        mask_datasets = [
+            {
+                "id": "masks",
+                "type": "local",
+                "dataset_type": "conditioning",
+                "conditioning_type": "mask",
+                "instance_data_dir": str(root / "masks"),
+            }
+        ]
     return Data(
         datasets=[
-            image_dataset(root / "images", root / "cache/vae", **square),
+            image_dataset(root / "images", root / "cache/vae", **square, **masked),
+            *mask_datasets,
             image_dataset(
                 root / "eval", root / "cache/vae-eval", id="held-out", dataset_type="eval", **square
             ),
@@ -129,8 +153,30 @@ def checkpoints(output_dir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def two_workers(ray_cluster, cosmos_data: Data, tmp_path_factory) -> TrainOutcome:
-    return train(tmp_path_factory.mktemp("two-workers"), cosmos_data, workers=2)
+def webhook_server() -> Iterator[WebhookServer]:
+    server = WebhookServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def two_workers(
+    ray_cluster, cosmos_data: Data, tmp_path_factory, webhook_server: WebhookServer
+) -> TrainOutcome:
+    # The webhooks' URL and token are SECRET, so the check that no output holds it covers them too.
+    return train(
+        tmp_path_factory.mktemp("two-workers"),
+        cosmos_data,
+        workers=2,
+        webhook_config=[
+            {
+                "webhook_type": "discord",
+                "webhook_url": webhook_server.url(f"/api/webhooks/1/{SECRET}"),
+                "message_prefix": "two",
+            },
+            {"webhook_type": "raw", "callback_url": webhook_server.url("/raw"), "auth_token": SECRET},
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +217,37 @@ def test_two_workers_train_validate_evaluate_and_write_every_output(two_workers:
     for path in output.rglob("*"):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_two_workers_send_the_runs_events_to_their_webhooks(
+    two_workers: TrainOutcome, webhook_server: WebhookServer
+) -> None:
+    received = list(webhook_server.requests)  # rank 0 drains its queue before fit() returns
+    raw = [request.json for request in received if request.path == "/raw"]
+    discord = [request for request in received if request.path.startswith("/api/webhooks/")]
+    assert raw[0]["type"] == "training.status" and raw[0]["data"]["world_size"] == 2
+    progress = [
+        event
+        for event in raw
+        if event["type"] == "training.status" and event.get("progress", {}).get("label") == "Training"
+    ]
+    assert [event["progress"]["current"] for event in progress] == list(range(1, STEPS + 1))
+    validations = [event for event in raw if event["type"] == "training.validation"]
+    assert [event["data"]["step"] for event in validations] == [3, STEPS]  # once each: rank 0 only
+    assert all(len(event["images"]) == 4 for event in validations)
+    saved = [
+        event["checkpoint"]["path"].rsplit("/", 1)[-1]
+        for event in raw
+        if event["type"] == "training.checkpoint"
+    ]
+    assert saved == ["checkpoint-0000002", "checkpoint-0000004", "checkpoint-0000006"]
+    assert raw[-1]["stage"]["key"] == "training_complete"
+    assert raw[-1]["data"]["adapter"] == str(two_workers.adapter)
+    assert not [event for event in raw if event["type"] == "notification"]
+    assert all(request.headers["x-api-key"] == SECRET for request in received if request.path == "/raw")
+    assert [len(request.files) for request in discord if request.files] == [4, 4]
+    assert all(part.content_type == "image/png" for request in discord for part in request.files)
+    assert discord[0].json["content"].startswith("`(two)` Training ")
 
 
 def test_the_adapter_and_its_ema_twin_load_with_the_seeds_recipe(
@@ -241,13 +318,45 @@ def test_a_killed_worker_is_replaced_and_the_run_reaches_its_last_step(
     assert_same_adapter(outcome.adapter, one_worker_accumulating.adapter)
 
 
-def test_a_run_without_retries_fails_with_one_line(
-    ray_cluster, cosmos_data: Data, tmp_path: Path, monkeypatch
+def test_a_run_without_retries_fails_with_one_line_and_the_driver_sends_it_to_the_webhook(
+    ray_cluster, cosmos_data: Data, tmp_path: Path, monkeypatch, webhook_server: WebhookServer
 ) -> None:
     monkeypatch.setenv(INJECT_FAILURE_ENV, f"step=1,rank=0,marker={tmp_path / 'failed'}")
     with pytest.raises(TrainError) as raised:
-        train(tmp_path, cosmos_data, workers=1, max_train_steps=2, validation_prompt=None)
+        train(
+            tmp_path,
+            cosmos_data,
+            workers=1,
+            max_train_steps=2,
+            validation_prompt=None,
+            webhook_config={"webhook_type": "raw", "callback_url": webhook_server.url("/fail")},
+        )
     assert "\n" not in str(raised.value)
+    # Worker 0 exits abruptly, so the failure is the driver's to send.
+    failed = [
+        request.json
+        for request in webhook_server.requests
+        if request.path == "/fail"
+        and request.json["type"] in ("notification", "training.status")
+        and request.json.get("data", {}).get("status") in ("error", "failed")
+    ]
+    assert [event["type"] for event in failed] == ["notification", "training.status"]
+    assert failed[0]["title"] == "Fatal Error"
+    assert failed[0]["message"].startswith("Failed to run training: training failed:")
+
+
+def test_the_masks_are_cached_beside_the_latents_and_weight_every_training_batch(
+    two_workers: TrainOutcome, cosmos_data: Data, tmp_path: Path
+) -> None:
+    run = load_run(tmp_path, cosmos_data)
+    data = open_training_data(run)
+    for batch in data.plan(BatchShape(per_worker=2, workers=2), seed=run.seed, epoch=0).batches:
+        masks = data.loss_masks(batch, batch.keys)
+        assert masks is not None and masks.shape[0] == len(batch.keys)
+        width = masks.shape[-1]
+        # The left half of each image is learned, the right half ignored, on the latent grid.
+        assert torch.equal(masks[..., : width // 2], torch.ones_like(masks[..., : width // 2]))
+        assert torch.equal(masks[..., width // 2 :], torch.zeros_like(masks[..., width // 2 :]))
 
 
 def test_caption_dropout_trains_on_the_cached_empty_prompt(
@@ -302,10 +411,12 @@ def test_checkpoints_on_object_storage_are_written_and_resumed_from(
     assert [line["step"] for line in train_lines(resumed.output_dir)] == [1, 2, 3]
 
 
-def test_evaluation_type_clip_logs_clip_scores_at_each_validation_step(
-    ray_cluster, cosmos_data: Data, tmp_path: Path
+def test_clip_scores_and_weights_and_biases_offline_on_an_int8_base(
+    ray_cluster, cosmos_data: Data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clip = build_tiny_clip(tmp_path / "clip")
+    # The driver hands WANDB_MODE to rank 0, whose process does not inherit this test's environment.
+    monkeypatch.setenv("WANDB_MODE", "offline")
     outcome = train(
         tmp_path,
         cosmos_data,
@@ -314,6 +425,11 @@ def test_evaluation_type_clip_logs_clip_scores_at_each_validation_step(
         validation_step_interval=1,
         evaluation_type="clip",
         pretrained_evaluation_model_name_or_path=str(clip),
+        report_to="all",
+        tracker_project_name="cosmos2image-training",
+        tracker_run_name="cosmos2image-lora",
+        base_model_precision="int8-quanto",  # the frozen base in int8 (optimum-quanto)
+        quantize_via="cpu",
     )
     logged = read_metrics(outcome.output_dir / "logs" / "metrics.jsonl")
     rounds = [entry for entry in logged if entry.get("kind") == "validation"]
@@ -342,3 +458,32 @@ def test_evaluation_type_clip_logs_clip_scores_at_each_validation_step(
     events.Reload()
     assert [event.step for event in events.Scalars("train/clip_score")] == [1, 2]
     assert [event.step for event in events.Scalars("train/clip_score/validation")] == [1, 2]
+
+    # report_to "all": W&B (offline) got the same numbers and images, under the same names.
+    (wandb_run,) = offline_runs(outcome.output_dir / "logs")
+    assert (wandb_run.project, wandb_run.name, wandb_run.job_type) == (
+        "cosmos2image-training",
+        "cosmos2image-lora",
+        "train",
+    )
+    logged_loss = [(entry["step"], entry["loss"]) for entry in train_lines(outcome.output_dir)]
+    assert wandb_run.values("train/loss") == [(step, pytest.approx(loss)) for step, loss in logged_loss]
+    assert [step for step, _ in wandb_run.values("train/clip_score")] == [1, 2]
+    assert [step for step, _ in wandb_run.values("train/eval_loss")][:1] == [0]
+    assert wandb_run.values("validation/validation-32x32/caption") == [(1, prompt), (2, prompt)]
+    assert len(wandb_run.media()) == 2 * 4  # 4 images a round: prompt and unconditional, and EMA
+    assert wandb_run.config["training"]["hf_token"] == "***"
+    assert wandb_run.exit_code == 0
+    for path in (outcome.output_dir / "logs" / "wandb").rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+
+    # Trained on the int8 base, the adapter loads into the unquantised base with the seeds' recipe
+    # (create_lycoris_from_weights + merge_to) and changes what it predicts.
+    family = get_family("cosmos2image")
+    base = family.transformer_class.from_pretrained(cosmos_data.model, subfolder="transformer")
+    adapted = family.transformer_class.from_pretrained(cosmos_data.model, subfolder="transformer")
+    assert load_adapter(outcome.adapter, adapted, merge=True).loras
+    assert any(
+        not torch.equal(weight, base.state_dict()[name]) for name, weight in adapted.state_dict().items()
+    )

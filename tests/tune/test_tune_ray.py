@@ -34,6 +34,7 @@ from raytuner.tune.sweep import read_sweep
 from tests.cache.helpers import write_run_files
 from tests.ray_head import clean_environment, short_temp_dir
 from tests.train.test_train_ray import Data, cosmos_training_data
+from tests.wandb_records import offline_runs
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +54,7 @@ CONFIG: dict[str, Any] = {
     "validation_num_inference_steps": 2,
     "eval_timesteps": 4,
     "eval_steps_interval": 2,
-    "report_to": "tensorboard",
+    "report_to": "all",  # TensorBoard, and W&B offline (the fixtures set WANDB_MODE)
 }
 SWEEP: dict[str, Any] = {
     "name": "test-sweep",
@@ -80,8 +81,8 @@ class Sweep:
     cache_counts: dict[str, tuple[int, int]]  # cache folder -> (rows, rows ever encoded)
 
 
-def write_sweep_files(root: Path, data: Data) -> tuple[Path, Path]:
-    files = write_run_files(root, data.model, data.datasets, **CONFIG)
+def write_sweep_files(root: Path, data: Data, **config: Any) -> tuple[Path, Path]:
+    files = write_run_files(root, data.model, data.datasets, **{**CONFIG, **config})
     sweep = root / "sweep.json"
     sweep.write_text(json.dumps(SWEEP, indent=2))
     return files.config, sweep
@@ -108,7 +109,9 @@ def data(tmp_path_factory: pytest.TempPathFactory, tiny_cosmos_dir: Path) -> Dat
 def sweep_in_process(ray_cluster, data: Data, tmp_path_factory: pytest.TempPathFactory) -> Sweep:
     config, sweep_file = write_sweep_files(tmp_path_factory.mktemp("tune-a"), data)
     run = load_config(config)
-    outcome = run_sweep(read_sweep(sweep_file, run))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WANDB_MODE", "offline")
+        outcome = run_sweep(read_sweep(sweep_file, run))
     return Sweep(config=config, sweep=sweep_file, outcome=outcome, cache_counts=cache_counts(data))
 
 
@@ -154,6 +157,23 @@ def test_a_four_trial_sweep_writes_the_table_plots_best_config_and_adapter(sweep
     assert best_run.lycoris is not None and best_run.lycoris.factor == best.point["factor"]
     assert best_run.training.ray_num_workers == 1
     assert best_run.training.output_dir == output_dir / "best_run"
+
+
+def test_every_trial_is_a_wandb_run_grouped_under_the_sweeps_name(sweep_in_process: Sweep) -> None:
+    for trial in sweep_in_process.outcome.outcomes:
+        (run,) = offline_runs(trial.output_dir / "logs")
+        assert (run.name, run.group, run.job_type) == (f"test-sweep-{trial.trial_id}", "test-sweep", "trial")
+        assert run.config["raytuner"] == {
+            "train_run_name": f"test-sweep-{trial.trial_id}",
+            "sweep": "test-sweep",
+        }
+        # The trial's own point is in its config, as trained.
+        assert run.config["training"]["learning_rate"] == pytest.approx(trial.point["learning_rate"])
+        steps = [step for step, _ in run.values("train/loss")]
+        if trial.status == sweep_results.COMPLETED:
+            assert steps == list(range(1, trial.steps + 1)) and run.exit_code == 0
+        else:  # stopped early: Ray kills its workers, so the local file holds what was flushed by then
+            assert steps == list(range(1, len(steps) + 1)) and len(steps) <= trial.steps
 
 
 def test_asha_stops_the_trials_that_fall_behind_at_the_first_rung(sweep_in_process: Sweep) -> None:
@@ -247,7 +267,7 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(
     reference = sweep_in_process.outcome.outcomes[:3]
     assert reference[2].status == sweep_results.STOPPED and reference[2].steps == 4
     root = tmp_path_factory.mktemp("tune-b")
-    config, sweep_file = write_sweep_files(root, data)
+    config, sweep_file = write_sweep_files(root, data, report_to="tensorboard")
     sweep_file.write_text(json.dumps({**SWEEP, "num_samples": 3}, indent=2))
     temp_dir, remove_temp = short_temp_dir(tmp_path_factory, "rt")
     trials_dir = root / "output" / "trials"
