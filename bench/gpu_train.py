@@ -1090,15 +1090,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def bench_device(name: str | None) -> torch.device:
+    """``--device`` (default: CUDA when present), made current when it is a GPU."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         # An explicit index: torch.cuda.set_device refuses a bare "cuda".
         device = torch.device(
             "cuda", device.index if device.index is not None else torch.cuda.current_device()
         )
         torch.cuda.set_device(device)
+    return device
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device = bench_device(args.device)
     bench = Bench(
         args=args,
         device=device,

@@ -487,12 +487,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        device = torch.device(
-            "cuda", device.index if device.index is not None else torch.cuda.current_device()
-        )
-        torch.cuda.set_device(device)
+    device = gpu_train.bench_device(args.device)
     fix_malloc()
     bench = gpu_train.Bench(
         args=args,

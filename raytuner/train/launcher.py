@@ -25,7 +25,7 @@ from raytuner.config.paths import display, has_scheme
 from raytuner.data.plan import PlanError
 from raytuner.evaluate.clip_score import ClipScoreError, clip_evaluation_problem
 from raytuner.evaluate.metrics import read_metrics, report_to_problem
-from raytuner.evaluate.wandb_tracker import WandbTarget, wandb_problem, wandb_target
+from raytuner.evaluate.wandb_tracker import WandbTarget, uses_wandb, wandb_problem, wandb_target
 from raytuner.hub import HubError, HubTarget, hub_problems, open_repo, publish_run
 from raytuner.models.quantize import QuantizationError, quantization_problem, quantization_warnings
 from raytuner.ray_runtime import ray_session, unwrap_error
@@ -292,9 +292,9 @@ def tracker_target(
 ) -> WandbTarget | None:
     """The W&B run of ``run`` (None unless report_to asks for W&B), with the run's redacted config."""
     training = run.training
-    config = run.to_dict()  # secrets are already "***"
-    if training.webhook_config:  # a webhook's URL is its credential
-        config["training"]["webhook_config"] = "***"
+    if not uses_wandb(training.report_to):
+        return None
+    config = run.to_dict()  # secrets "***", webhook URLs included (raytuner/config/redact.py)
     config["raytuner"] = {"train_run_name": name, "sweep": sweep}
     return wandb_target(
         config,
