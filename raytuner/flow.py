@@ -124,13 +124,14 @@ def sample_training_sigmas(
     return sigmas if shift is None else shift_sigmas(sigmas, shift)
 
 
-def _broadcast_like(values: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+def per_sample(values: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """One value per sample ``[B]``, shaped ``[B, 1, ...]`` to broadcast over ``reference``."""
     return values.reshape(values.shape[0], *([1] * (reference.ndim - 1)))
 
 
 def add_noise(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     """Interpolate ``(1 - sigma) * latents + sigma * noise`` per sample, in float32."""
-    sigmas = _broadcast_like(sigmas.to(torch.float32), latents)
+    sigmas = per_sample(sigmas.to(torch.float32), latents)
     return (1.0 - sigmas) * latents.to(torch.float32) + sigmas * noise.to(torch.float32)
 
 

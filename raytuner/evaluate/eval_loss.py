@@ -7,7 +7,10 @@ spaced noise fractions and ignore the training schedule's shift: runs that sweep
 ``flow_schedule_shift`` are scored on the same scale. At most ``num_eval_images`` images are
 used (the first by cache key, so always the same ones); the workers split them and sum.
 The loss is never masked, as SimpleTuner's evaluation scores with its conditioning mask off: eval
-datasets cannot link a mask dataset (the config refuses ``conditioning_data`` there).
+datasets cannot link a mask dataset (the config refuses ``conditioning_data`` there). Each level
+is weighted as training weights it (the family's ``loss_weight``: Cosmos2's EDM weight), as
+SimpleTuner scores evaluation batches with the model's own training loss, so the train and eval
+curves are in the same units.
 """
 
 from __future__ import annotations
@@ -104,6 +107,7 @@ def evaluation_loss(
                     with autocast(family.device, mixed_precision):
                         prediction = family.predict(transformer, noisy, sigmas, conditioning)
                     errors = ((prediction.float() - target) ** 2).flatten(1).mean(dim=1)
+                    errors = errors * family.loss_weight(sigmas).to(errors.device)
                     total[0] += float(errors.sum())
                     total[1] += len(chunk)
     finally:

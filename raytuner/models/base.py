@@ -154,6 +154,31 @@ class ModelFamily(ABC):
     ) -> torch.Tensor:
         """Call the transformer exactly as the family's pipeline does at inference time."""
 
+    @classmethod
+    def loss_weight(cls, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample weights of the velocity loss for noise fractions ``t`` (float32, same shape).
+
+        The loss of a sample is ``loss_weight(t) * mean((prediction - target) ** 2)``. The plain
+        velocity MSE weighs every noise level alike (1 everywhere); a family whose reference trainer
+        weights the loss by noise level (Cosmos2) overrides this, so training and eval losses are
+        in the same units as there.
+        """
+        return torch.ones_like(t, dtype=torch.float32)
+
+    def weighted_loss(
+        self,
+        prediction: torch.Tensor,
+        target: torch.Tensor,
+        sigmas: torch.Tensor,
+        mask_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The float32 loss of a batch: :meth:`loss_weight` per sample, times a loss mask's
+        per-pixel weights when given, averaged over every element (SimpleTuner's normalisation)."""
+        weights = flow.per_sample(self.loss_weight(sigmas).to(prediction.device), prediction)
+        if mask_weights is not None:
+            weights = weights * mask_weights
+        return flow.flow_matching_loss(prediction, target, weights)
+
     def sample_sigmas(
         self,
         latents: torch.Tensor,
@@ -205,7 +230,7 @@ class ModelFamily(ABC):
         schedule: flow.FlowSchedule,
         *,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
-        loss_weights: torch.Tensor | None = None,
+        mask_weights: torch.Tensor | None = None,
     ) -> LossOutput:
         """Noise the latents, run the transformer, and score it against the flow target (fp32).
 
@@ -218,7 +243,7 @@ class ModelFamily(ABC):
         noisy_latents = flow.add_noise(latents, noise, sigmas)
         prediction = self.predict(transformer, noisy_latents, sigmas, conditioning)
         target = flow.velocity_target(latents, noise, direction=self.target_direction)
-        loss = flow.flow_matching_loss(prediction, target, loss_weights)
+        loss = self.weighted_loss(prediction, target, sigmas, mask_weights)
         return LossOutput(loss=loss, sigmas=sigmas, timesteps=self.timesteps_from_sigmas(sigmas))
 
     # ---- inference -----------------------------------------------------------------------------

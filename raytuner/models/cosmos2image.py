@@ -20,8 +20,19 @@ Upstream conventions followed (diffusers 0.42, ``pipelines/cosmos/pipeline_cosmo
   noise fraction ``t`` and velocity ``v = noise - x0``. So training noises with flow sigma ``t``,
   passes ``timestep = t`` (shape ``[B]``, not scaled by 1000) and regresses ``noise - x0``.
   Sigmas are clamped to the range the pipeline ever evaluates, ``[0.002 / 1.002, 80 / 81]``.
-  (SimpleTuner trains Cosmos2 with EDM log-normal sigmas and no shift; raytuner uses flow-matching
-  sampling so that ``flow_schedule_shift`` and ``flow_schedule_auto_shift`` do what the seed says.)
+* **Loss weighting** (:meth:`Cosmos2Image.loss_weight`). SimpleTuner
+  (``simpletuner/helpers/models/cosmos/model.py``, ``loss``) regresses ``x0`` with the EDM weight
+  ``(sigma**2 + sigma_data**2) / (sigma * sigma_data)**2`` (``sigma_data = 1``). Its ``x0``
+  prediction is the pipeline's, ``x0 = z_t - t * v``, so ``x0_pred - x0 = t * (v - (noise - x0))``
+  and its per-sample loss is ``t**2 * w * |v - target|**2``. With ``sigma = t / (1 - t)``,
+  ``w = (t**2 + (1 - t)**2) / t**2``: the EDM ``x0`` loss is the velocity MSE times
+  ``t**2 + (1 - t)**2`` — 1 at either end, 1/2 at ``t = 1/2``. raytuner regresses the velocity
+  with that weight, so it trains what SimpleTuner trains and logs losses in its units.
+* **Sigma sampling.** SimpleTuner draws ``log sigma ~ N(0, 1)`` (``prepare_edm_sigmas``), which is
+  ``t = sigmoid(N(0, 1))``: raytuner's default logit-normal schedule, clamped the same way. The
+  difference is the shift: SimpleTuner's Cosmos2 code ignores ``flow_schedule_shift`` and
+  ``flow_schedule_auto_shift``; raytuner applies them, as the Cosmos2 quickstart describes
+  (``docs/simpletuner-differences.md``).
 * **Padding mask.** ``padding_mask = zeros(1, 1, height, width)`` in pixels, which the transformer
   resizes to the latent grid and concatenates as an extra channel.
 * **Validation from the cache.** ``__call__`` takes ``prompt_embeds`` and ``negative_prompt_embeds``
@@ -156,6 +167,13 @@ class Cosmos2Image(ModelFamily):
 
     def timesteps_from_sigmas(self, sigmas: torch.Tensor) -> torch.Tensor:
         return sigmas
+
+    @classmethod
+    def loss_weight(cls, t: torch.Tensor) -> torch.Tensor:
+        """``t**2 + (1 - t)**2``: SimpleTuner's EDM ``x0`` loss weight in velocity terms (see the
+        module docstring), for noise fractions ``t``."""
+        t = t.to(torch.float32)
+        return t**2 + (1.0 - t) ** 2
 
     def predict(
         self,

@@ -20,7 +20,11 @@ Upstream conventions followed (diffusers 0.42, ``pipelines/omnigen/pipeline_omni
   from noise at ``t = 0`` to data at ``t = 1`` and passes ``timestep = t`` in ``[0, 1]``. So with
   noise fraction ``sigma`` the transformer gets ``timestep = 1 - sigma`` and predicts
   ``x0 - noise`` (target direction -1). Training ``t`` is drawn as ``sigmoid(N(0, 1))``, OmniGen's
-  own scheme (as SimpleTuner's ``OmniGen.sample_flow_sigmas``): no schedule shift applies.
+  own scheme (as SimpleTuner's ``OmniGen.sample_flow_sigmas``): no schedule shift applies, as
+  the OmniGen quickstart says ("OmniGen is hard-coded to its own flow-matching scheme; schedule
+  shift is not applied").
+* **Loss.** The plain mean squared error against ``x0 - noise``, every noise level weighted alike
+  (``loss_weight`` is 1), as SimpleTuner's ``OmniGen.loss``.
 * **Validation from the cache.** ``__call__`` takes only text: its ``multimodal_processor`` turns
   the prompt and a fixed negative prompt (the processor's ``negative_prompt`` default) into one
   batch of ids, masks and position ids, and guidance is always on (``uncond + g * (cond - uncond)``).

@@ -79,8 +79,9 @@ def micro_batch_loss(
 ) -> torch.Tensor:
     """The float32 flow-matching loss of one micro-batch (regularisation: against the base model).
 
-    A ``loss_mask`` weights each latent pixel, in ordinary and regularisation batches alike (one
-    loss function for both, as in SimpleTuner).
+    The family's :meth:`~raytuner.models.base.ModelFamily.loss_weight` weights each sample by its
+    noise level and a ``loss_mask`` each latent pixel, in ordinary and regularisation batches
+    alike (one loss function for both).
     """
     latents = batch.latents.to(family.device, torch.float32)
     weights = None if batch.loss_mask is None else flow.loss_mask_weights(batch.loss_mask, latents)
@@ -92,7 +93,7 @@ def micro_batch_loss(
                 batch.conditioning,
                 schedule,
                 generator=batch.generators,
-                loss_weights=weights,
+                mask_weights=weights,
             ).loss
     if network is None:
         raise ValueError("a regularisation batch needs the adapter network, to switch it off")
@@ -102,7 +103,7 @@ def micro_batch_loss(
         with torch.no_grad(), adapter_disabled(network):
             target = family.predict(transformer, noisy_latents, sigmas, batch.conditioning).float()
         prediction = family.predict(transformer, noisy_latents, sigmas, batch.conditioning)
-    return flow.flow_matching_loss(prediction, target, weights)
+    return family.weighted_loss(prediction, target, sigmas, weights)
 
 
 def optimizer_step(
