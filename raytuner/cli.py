@@ -17,7 +17,7 @@ EXIT_USAGE = 2
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from raytuner.config.check import check_config_main, print_keys
+    from raytuner.config.check import print_keys
 
     if args.keys:
         return print_keys(args.format)
@@ -27,6 +27,8 @@ def _check_config(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    from raytuner.preflight import check_config_main
+
     return check_config_main(args.config, strict=args.strict)
 
 

@@ -20,6 +20,7 @@ deleting that cache's raytuner files); nothing is deleted otherwise.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -28,7 +29,7 @@ import math
 import posixpath
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from raytuner.cache.format import CacheError
 from raytuner.cache.identity import component_identity, describe, encoder_key
 from raytuner.cache.summary import BucketSummary, CacheSummary, DatasetSummary
 from raytuner.config.datasets import DatasetConfig
+from raytuner.config.errors import ConfigError
 from raytuner.config.paths import display
 from raytuner.config.run import RunConfig
 from raytuner.data import discovery
@@ -530,17 +532,33 @@ class Encoders:
     text: EncoderIdentity
 
 
-def check_cache_settings(run: RunConfig) -> Encoders:
-    """Everything about the caches that can be refused before Ray starts (raises CacheError).
-
-    Returns the encoders' identities, which need the model's files (or its hub snapshot) only.
-    """
+def cache_setting_problems(run: RunConfig) -> list[str]:
+    """Everything about the caches that can be refused before any work, one line per problem:
+    bucket settings, ``skip_file_discovery`` words, the text cache folder, the prompt library."""
     family_cls = get_family(run.training.model_family)
+    where = display(run.sources["data_backend_config"])
+    checks: list[Callable[[], object]] = []
     for dataset in image_datasets(run):
-        bucket_settings(dataset, run, family_cls)
-        check_skip_words(dataset, display(run.sources["data_backend_config"]))
-    text_cache_location(run)
-    role_prompts(run)
+        checks.append(functools.partial(bucket_settings, dataset, run, family_cls))
+        checks.append(functools.partial(check_skip_words, dataset, where))
+    checks += [functools.partial(text_cache_location, run), functools.partial(role_prompts, run)]
+    problems: list[str] = []
+    for check in checks:
+        try:
+            check()
+        except CacheError as error:
+            if str(error) not in problems:  # a config-wide setting refused once, not once per dataset
+                problems.append(str(error))
+    return problems
+
+
+def check_cache_settings(run: RunConfig) -> Encoders:
+    """The cache settings checked (raises ConfigError with every problem), then the encoders'
+    identities, which need the model's files (or its hub snapshot)."""
+    problems = cache_setting_problems(run)
+    if problems:
+        raise ConfigError(problems)
+    family_cls = get_family(run.training.model_family)
     vae, text = encoder_identities(run, family_cls(model_path_of(run), revision=run.training.revision))
     return Encoders(vae=vae, text=text)
 

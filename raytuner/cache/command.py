@@ -7,7 +7,7 @@ import sys
 
 from raytuner.cache.build import BuildOptions, CacheSummary, Encoders, build_cache, check_cache_settings
 from raytuner.cache.format import CacheError
-from raytuner.config import ConfigError, RunConfig, check_run, load_config
+from raytuner.config import ConfigError, RunConfig, load_config
 from raytuner.data.plan import BatchShape, PlanError
 from raytuner.data.reader import open_training_data
 from raytuner.ray_runtime import ray_session, unwrap_error
@@ -18,23 +18,16 @@ logger = logging.getLogger(__name__)
 EXPECTED_ERRORS = (ConfigError, CacheError, StorageError, PlanError)
 
 
-def check_cache_inputs(run: RunConfig) -> Encoders:
-    """Everything the cache build needs, checked before Ray starts: datasets, settings, encoders."""
-    problems = check_run(run)
-    if problems:
-        raise ConfigError(problems)
-    return check_cache_settings(run)
-
-
 def run_cache(run: RunConfig, options: BuildOptions, encoders: Encoders | None = None) -> CacheSummary:
     """Build the caches of a loaded run, on the connected Ray (or a local one); Ray errors unwrapped.
 
-    ``encoders`` is :func:`check_cache_inputs`' result when the caller checked already.
+    ``encoders`` is :func:`~raytuner.cache.build.check_cache_settings`' result when the caller
+    has it already.
     """
     import ray
 
     if encoders is None:
-        encoders = check_cache_inputs(run)
+        encoders = check_cache_settings(run)
     with ray_session():
         try:
             return build_cache(run, options, encoders)
@@ -71,10 +64,16 @@ def _print_error(error: Exception) -> None:
 def cache_main(
     config: str, *, strict: bool = False, rebuild: bool = False, encoder_actors: int | None = None
 ) -> int:
+    from raytuner.preflight import preflight
+    from raytuner.train.settings import SettingsError, resolve_settings
+
     try:
         run = load_config(config, strict=strict)
+        problems = preflight(run, resolve_settings(run), command="cache")
+        if problems:
+            raise ConfigError(problems)
         summary = run_cache(run, BuildOptions(encoder_actors=encoder_actors, rebuild=rebuild))
-    except EXPECTED_ERRORS as error:
+    except (*EXPECTED_ERRORS, SettingsError) as error:
         _print_error(error)
         return 2
     print()

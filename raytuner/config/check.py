@@ -1,7 +1,7 @@
-"""``raytuner check-config``: load a config, run the pre-flight checks, print the outcome.
+"""What ``raytuner check-config`` prints: the resolved run, and the compatibility table.
 
-``check_config_main`` loads the files, prints what was resolved (credentials
-redacted) and the warnings, or the errors, one ``error: …`` line each on stderr.
+The command itself is :func:`raytuner.preflight.check_config_main`: it runs the pre-flight
+check that ``raytuner train`` runs.
 """
 
 from __future__ import annotations
@@ -13,14 +13,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from raytuner.config.compatibility import format_markdown, format_text, format_tsv
-from raytuner.config.errors import ConfigError
-from raytuner.config.loader import load_config
-from raytuner.config.paths import display
-from raytuner.config.preflight import check_run
 from raytuner.config.run import RunConfig
 
 EXIT_OK = 0
-EXIT_BAD_CONFIG = 2
 
 
 def format_run(run: RunConfig) -> str:
@@ -52,25 +47,6 @@ def quiet_config_logging() -> Iterator[None]:
         yield
     finally:
         config_logger.setLevel(previous)
-
-
-def check_config_main(config_path: str, *, strict: bool = False) -> int:
-    """Load and check a config; print the result. 0 when usable, 2 when not."""
-    try:
-        with quiet_config_logging():
-            run = load_config(config_path, strict=strict)
-    except ConfigError as error:
-        for line in error.problems:
-            print(f"error: {line}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
-    print(format_run(run))
-    errors = check_run(run)
-    for line in errors:
-        print(f"error: {line}", file=sys.stderr)
-    if errors:
-        return EXIT_BAD_CONFIG
-    print(f"ok: {display(run.sources['config'])}")
-    return EXIT_OK
 
 
 def print_keys(output_format: str = "text") -> int:

@@ -184,7 +184,7 @@ class TrainingConfig:
     validation_guidance_rescale: float = field(default=0.0, metadata=rule(ge=0, le=1))
     validation_num_inference_steps: int = field(default=30, metadata=rule(ge=1))
     validation_seed: int | None = field(default=None, metadata=rule(ge=0))
-    validation_step_interval: int | None = field(default=100, metadata=rule(ge=1))
+    validation_step_interval: int | None = field(default=100, metadata=rule(ge=0))  # 0: at the end only
     validation_disable_unconditional: bool = False
     validation_prompt_library: bool = False
     user_prompt_library: Path | None = field(default=None, metadata=rule(path="input_file"))

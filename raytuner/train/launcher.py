@@ -16,18 +16,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from raytuner.cache.build import BuildOptions, cache_location, image_datasets, role_prompts, text_dataset
-from raytuner.cache.command import EXPECTED_ERRORS, check_batches, check_cache_inputs, run_cache
+from raytuner.cache.build import (
+    BuildOptions,
+    cache_location,
+    check_cache_settings,
+    image_datasets,
+    role_prompts,
+    text_dataset,
+)
+from raytuner.cache.command import EXPECTED_ERRORS, check_batches, run_cache
 from raytuner.config import ConfigError, RunConfig, TrainingConfig, load_config, record_seed
 from raytuner.config.paths import display, has_scheme
 from raytuner.data.plan import PlanError
-from raytuner.evaluate.clip_score import ClipScoreError, clip_evaluation_problem
-from raytuner.evaluate.metrics import read_metrics, report_to_problem
-from raytuner.evaluate.wandb_tracker import WandbTarget, uses_wandb, wandb_problem, wandb_target
-from raytuner.hub import HubError, HubTarget, hub_problems, open_repo, publish_run
-from raytuner.models.quantize import QuantizationError, quantization_problem, quantization_warnings
+from raytuner.evaluate.clip_score import ClipScoreError
+from raytuner.evaluate.metrics import read_metrics
+from raytuner.evaluate.wandb_tracker import WandbTarget, uses_wandb, wandb_target
+from raytuner.hub import HubError, HubTarget, open_repo, publish_run
+from raytuner.models.quantize import QuantizationError, quantization_warnings
+from raytuner.preflight import lr_schedule_problem, preflight, resume_path
 from raytuner.ray_runtime import ray_session, unwrap_error
 from raytuner.storage import Location, StorageError
 from raytuner.train.layout import (
@@ -38,16 +44,18 @@ from raytuner.train.layout import (
     write_marker,
 )
 from raytuner.train.loop import FailureInjection, TrainJob, train_worker
-from raytuner.train.optim import (
-    OptimizerError,
-    build_lr_scheduler,
-    effective_learning_rate,
-    optimizer_settings,
-)
+from raytuner.train.optim import OptimizerError
 from raytuner.train.outputs import write_config_copies
-from raytuner.train.settings import RayOverrides, RaySettings, SettingsError, resolve_settings, run_name
-from raytuner.train.state import CheckpointError, read_manifest
-from raytuner.train.zero import DeepSpeedConfigError, DeepSpeedPlan, deepspeed_plan
+from raytuner.train.settings import (
+    RayOverrides,
+    RaySettings,
+    SettingsError,
+    resolve_settings,
+    run_name,
+    storage_filesystem,
+)
+from raytuner.train.state import CheckpointError
+from raytuner.train.zero import DeepSpeedPlan, deepspeed_plan
 from raytuner.webhooks import report_failures, webhook_settings
 
 logger = logging.getLogger(__name__)
@@ -64,8 +72,6 @@ TRAIN_ERRORS = (
     ClipScoreError,  # a CLIP model that a worker cannot load after all (the hub, another node's disk)
     QuantizationError,  # base_model_precision on a worker device the driver could not see
 )
-_FRESH_RUN_VALUES = ("", "none", "false")
-_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
 
 class TrainError(RuntimeError):
@@ -82,62 +88,6 @@ class TrainOutcome:
     hub_url: str | None = None  # the Hub repo the run was published to
 
 
-def check_training_settings(run: RunConfig, settings: RaySettings) -> list[str]:
-    """What would stop the workers, found before Ray starts (one line each)."""
-    training = run.training
-    where = display(run.sources["config"])
-    problems = []
-    try:
-        optimizer_settings(training, world_size=settings.num_workers)
-    except OptimizerError as error:
-        problems.append(f"{where}: {error}")
-    report_problem = report_to_problem(training.report_to) or wandb_problem(
-        training.report_to, training.tracker_image_layout
-    )
-    if report_problem:
-        problems.append(f"{where}: {report_problem}")
-    clip_problem = clip_evaluation_problem(training)  # the CLIP model of evaluation_type "clip"
-    if clip_problem:
-        problems.append(f"{where}: {clip_problem}")
-    quantization = quantization_problem(training, devices=worker_devices(settings))  # base_model_precision
-    if quantization:
-        problems.append(f"{where}: {quantization}")
-    # With num_train_epochs the step count is known only once the epoch is planned; the schedule
-    # is checked again then (run_training), against the real count.
-    schedule_problem = lr_schedule_problem(
-        training, training.max_train_steps or training.lr_warmup_steps + 1, world_size=settings.num_workers
-    )
-    if schedule_problem:
-        problems.append(f"{where}: {schedule_problem}")
-    try:
-        from raytuner.evaluate.validation import parse_validation_resolutions
-
-        if training.validation_prompt or training.user_prompt_library:
-            parse_validation_resolutions(training.validation_resolution)
-    except ValueError as error:
-        problems.append(f"{where}: {error}")
-    try:
-        deepspeed_plan(run, world_size=settings.num_workers)
-    except DeepSpeedConfigError as error:
-        problems.append(str(error))
-    resume = _resume_path(run)
-    if resume is not None and not has_scheme(resume):
-        try:
-            read_manifest(Path(resume))
-        except CheckpointError as error:
-            problems.append(f"{where}: 'resume_from_checkpoint': {error}")
-    return problems
-
-
-def worker_devices(settings: RaySettings) -> list[torch.device]:
-    """The workers' devices as far as the driver can tell: none when they have GPUs it cannot see."""
-    if not settings.use_gpu:
-        return [torch.device("cpu")]
-    if torch.cuda.is_available():
-        return [torch.device("cuda", index) for index in range(torch.cuda.device_count())]
-    return []
-
-
 def strategy_summary(training: TrainingConfig, deepspeed: DeepSpeedPlan | None) -> str:
     """How the workers hold the model, in a few words for the start-of-run line."""
     if deepspeed is not None:
@@ -145,56 +95,6 @@ def strategy_summary(training: TrainingConfig, deepspeed: DeepSpeedPlan | None) 
     if training.enable_group_offload:
         return f"data parallel, base group-offloaded ({training.group_offload_type})"
     return "data parallel"
-
-
-def lr_schedule_problem(training: TrainingConfig, total_steps: int, *, world_size: int) -> str | None:
-    """Why ``lr_scheduler`` cannot run ``total_steps`` steps as configured, or None.
-
-    Only ``polynomial`` and ``sine`` can refuse their settings, which they check when built, so
-    one is built on a throwaway parameter; the others are not built here, which would log their
-    notes (cosine's fallback half-period) a second time.
-    """
-    if training.lr_scheduler not in ("polynomial", "sine"):
-        return None
-    probe = torch.optim.SGD(
-        [torch.nn.Parameter(torch.zeros(1))], lr=effective_learning_rate(training, world_size=world_size)
-    )
-    try:
-        build_lr_scheduler(probe, training, total_steps=total_steps)
-    except OptimizerError as error:
-        return str(error)
-    return None
-
-
-def _resume_path(run: RunConfig) -> str | None:
-    """``resume_from_checkpoint`` when it names a checkpoint folder (not ``latest`` or off)."""
-    value = run.training.resume_from_checkpoint
-    if value is None or value.strip().lower() in (*_FRESH_RUN_VALUES, "latest"):
-        return None
-    return value if has_scheme(value) else str(Path(value).expanduser().resolve())
-
-
-def _resumes_latest(run: RunConfig) -> bool:
-    value = run.training.resume_from_checkpoint
-    return value is not None and value.strip().lower() == "latest"
-
-
-def storage_filesystem(settings: RaySettings) -> tuple[object | None, str]:
-    """What RunConfig takes: a pyarrow filesystem for object storage (S3 endpoint from the env)."""
-    if not has_scheme(settings.storage_path):
-        return None, settings.storage_path
-    filesystem, path = Location(uri=settings.storage_path).resolve()
-    return filesystem, path
-
-
-def _previous_run_exists(settings: RaySettings, name: str) -> bool:
-    filesystem, path = storage_filesystem(settings)
-    if filesystem is None:
-        return (Path(path) / name / _SNAPSHOT_FILE).is_file()
-    import pyarrow.fs as pafs
-
-    info = filesystem.get_file_info(f"{path}/{name}/{_SNAPSHOT_FILE}")  # type: ignore[attr-defined]
-    return info.type == pafs.FileType.File
 
 
 def total_steps(run: RunConfig, steps_per_epoch: int) -> int:
@@ -272,7 +172,7 @@ def prepare_job(
         total_steps=steps,
         steps_per_epoch=steps_per_epoch,
         marker=marker,
-        start_from=_resume_path(run),
+        start_from=resume_path(run),
         inject_failure=FailureInjection.parse(
             injection, default_marker=str(run.training.output_dir / ".injected-failure")
         )
@@ -328,19 +228,12 @@ def run_training(
                 line,
             )
     name = run_name(run)
-    problems = check_training_settings(run, settings) + hub_problems(run)  # push_to_hub: token, repo id
+    problems = preflight(run, settings)  # what check-config reports, before any work
     if problems:
         raise ConfigError(problems)
     for warning in quantization_warnings(run.training):  # once, here on the driver
         logger.warning(warning)
-    # Datasets, cache settings and both encoders are checked here, before Ray starts.
-    encoders = check_cache_inputs(run)
-    if not _resumes_latest(run) and _previous_run_exists(settings, name):
-        raise TrainError(
-            f"{settings.storage_path}/{name} holds checkpoints of an earlier run of this output_dir and "
-            "'resume_from_checkpoint' is not 'latest': set it to 'latest' to continue that run, or choose "
-            "another output_dir or ray_storage_path (nothing was deleted)"
-        )
+    encoders = check_cache_settings(run)  # the encoders' files, fetched before Ray starts
     # The repo is created (or found) before any work, as SimpleTuner does: a refused token fails here.
     hub = open_repo(run) if run.training.push_to_hub else None
     with ray_session(dashboard=True):

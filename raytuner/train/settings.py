@@ -14,6 +14,7 @@ from pathlib import Path
 
 from raytuner.config import RunConfig
 from raytuner.config.paths import has_scheme
+from raytuner.storage import Location
 
 # A run's name under the storage path; Ray Train restores a run given the same name and path.
 _NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -103,3 +104,12 @@ def run_name(run: RunConfig) -> str:
     stem = _NAME_CHARACTERS.sub("-", Path(output_dir).name).strip("-") or "run"
     digest = hashlib.sha256(output_dir.encode()).hexdigest()[:8]
     return f"raytuner-{stem}-{digest}"
+
+
+def storage_filesystem(settings: RaySettings) -> tuple[object | None, str]:
+    """What Ray Train's RunConfig takes: a pyarrow filesystem for object storage (S3 endpoint
+    from the environment), else None and the local path."""
+    if not has_scheme(settings.storage_path):
+        return None, settings.storage_path
+    filesystem, path = Location(uri=settings.storage_path).resolve()
+    return filesystem, path

@@ -19,22 +19,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raytuner.cache.build import BuildOptions
-from raytuner.cache.command import check_batches, check_cache_inputs, run_cache
+from raytuner.cache.build import BuildOptions, check_cache_settings
+from raytuner.cache.command import check_batches, run_cache
 from raytuner.config import ConfigError, load_config, record_seed
 from raytuner.config.paths import display
+from raytuner.preflight import preflight, training_problems
 from raytuner.ray_runtime import ray_session
 from raytuner.storage import StorageError
 from raytuner.train.launcher import (
     TRAIN_ERRORS,
     TrainError,
-    check_training_settings,
     place_on_cluster,
-    storage_filesystem,
     total_steps,
 )
 from raytuner.train.layout import on_cluster, pin_local_paths
-from raytuner.train.settings import RaySettings, resolve_settings
+from raytuner.train.settings import RaySettings, resolve_settings, storage_filesystem
 from raytuner.tune import results as sweep_results
 from raytuner.tune.early_stopping import stopped_trials
 from raytuner.tune.sweep import Sweep, read_sweep
@@ -103,14 +102,14 @@ def concurrency(sweep: Sweep, settings: RaySettings, cluster: dict[str, float]) 
 
 
 def _check_before_ray(sweep: Sweep, settings: RaySettings) -> list[str]:
-    """Training settings of the base run and of every range's bounds, as ``raytuner train`` checks them."""
-    problems = list(check_training_settings(sweep.base, settings))
+    """The base run's pre-flight check, and the training settings of every range's bounds."""
+    problems = preflight(sweep.base, settings, command="tune")
     for parameter in sweep.parameters:
         for corner in parameter.corners():
             where = f"{display(sweep.path)}: parameters '{parameter.key}' = {corner!r}"
             run = sweep.trial_run({parameter.key: corner}, where=where)
             problems.extend(
-                f"{where}: {line}" for line in check_training_settings(run, settings) if line not in problems
+                f"{where}: {line}" for line in training_problems(run, settings) if line not in problems
             )
     return problems
 
@@ -221,7 +220,7 @@ def run_sweep(sweep: Sweep, *, build_options: BuildOptions | None = None) -> Swe
     problems = _check_before_ray(sweep, settings)
     if problems:
         raise ConfigError(problems)
-    encoders = check_cache_inputs(base)
+    encoders = check_cache_settings(base)
     output_dir = base.training.output_dir
     resuming = _check_record(sweep, output_dir)
     trials_dir = output_dir / TRIALS_FOLDER

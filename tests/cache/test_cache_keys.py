@@ -12,8 +12,7 @@ from typing import Any
 
 import pytest
 
-from raytuner.cache.build import bucket_settings, check_cache_settings, image_datasets
-from raytuner.cache.format import CacheError
+from raytuner.cache.build import bucket_settings, cache_setting_problems, image_datasets
 from raytuner.config import RunConfig
 from raytuner.data import discovery
 from raytuner.data.buckets import Placement, place
@@ -154,14 +153,14 @@ def test_crop_keys_choose_the_crop(tmp_path: Path, tiny_cosmos_dir: Path) -> Non
     assert (corner.bucket, corner.left, corner.top) == ((64, 64), 0, 0)
     # preserve keeps the aspect: 160 / 64 = 2.5, short edge 64 -> 160 x 64.
     assert keep.bucket == (160, 64)
-    with pytest.raises(CacheError, match="crop_aspect 'random' needs crop_aspect_buckets"):
-        check_cache_settings(
-            _run(
-                tmp_path,
-                tiny_cosmos_dir,
-                [image_dataset(tmp_path / "images", tmp_path / "c4", crop=True, crop_aspect="random")],
-            )
+    (problem,) = cache_setting_problems(
+        _run(
+            tmp_path,
+            tiny_cosmos_dir,
+            [image_dataset(tmp_path / "images", tmp_path / "c4", crop=True, crop_aspect="random")],
         )
+    )
+    assert "crop_aspect 'random' needs crop_aspect_buckets" in problem
 
 
 def test_size_limits_skip_and_downsample(tmp_path: Path, tiny_cosmos_dir: Path) -> None:
@@ -220,8 +219,8 @@ def test_bucket_rounding_and_alignment(tmp_path: Path, tiny_cosmos_dir: Path) ->
     assert _discover(_run(tmp_path, tiny_cosmos_dir, [other], aspect_bucket_alignment=64))["shapes"][
         "image_000.png"
     ][1].bucket == (192, 128)  # type: ignore[union-attr]
-    with pytest.raises(CacheError, match="'aspect_bucket_alignment' = 8: expected a multiple of 16"):
-        check_cache_settings(_run(tmp_path, tiny_cosmos_dir, [dataset], aspect_bucket_alignment=8))
+    (problem,) = cache_setting_problems(_run(tmp_path, tiny_cosmos_dir, [dataset], aspect_bucket_alignment=8))
+    assert "'aspect_bucket_alignment' = 8: expected a multiple of 16" in problem
 
 
 def _samples(dataset_id: str, buckets: dict[str, int]) -> list[PlanSample]:

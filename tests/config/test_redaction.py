@@ -19,7 +19,7 @@ from raytuner.config import (
     load_config,
     redact,
 )
-from raytuner.config.check import check_config_main
+from raytuner.preflight import check_config_main
 
 HF_TOKEN = "hf_abcdefSECRET123"
 AWS_SECRET = "aws-secret-SECRET456"
@@ -100,7 +100,13 @@ def secret_run(write_run: Any) -> Any:
             "aws_secret_access_key": AWS_SECRET,
             "aws_session_token": AWS_SESSION,
         },
-        {"id": "text", "type": "local", "dataset_type": "text_embeds", "default": True},
+        {
+            "id": "text",
+            "type": "local",
+            "dataset_type": "text_embeds",
+            "default": True,
+            "cache_dir": "cache/text",
+        },
     ]
     return write_run(config_updates={"hf_token": HF_TOKEN, "hub_model_id": "me/lokr"}, datasets=datasets)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from raytuner.config import check_run, load_config
-from raytuner.config.check import check_config_main
+from raytuner.preflight import check_config_main
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = REPO_ROOT / "configs"

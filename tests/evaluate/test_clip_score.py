@@ -25,7 +25,7 @@ from raytuner.evaluate.clip_score import SCORE_BATCH_SIZE, ClipScoreError, ClipS
 from raytuner.evaluate.validation import UNCONDITIONAL_NICKNAME, ValidationImage
 from raytuner.models.safety import TINY_CHECKPOINT_MARKER
 from raytuner.models.tiny import build_tiny_clip, tiny_model_main
-from raytuner.train.launcher import check_training_settings
+from raytuner.preflight import training_problems
 from raytuner.train.settings import RayOverrides, resolve_settings
 from raytuner.train.validate import EMA_LABEL, clip_score_metrics
 from tests.cache.helpers import draw_images, image_dataset, text_dataset, write_run_files
@@ -328,7 +328,7 @@ def test_the_evaluation_model_is_checked_before_ray_starts(
 ) -> None:
     def problems(**config: Any) -> list[str]:
         run = load_run(tmp_path, **config)
-        return check_training_settings(run, resolve_settings(run, RayOverrides(num_workers=1)))
+        return training_problems(run, resolve_settings(run, RayOverrides(num_workers=1)))
 
     monkeypatch.chdir(tmp_path)  # errors name config.json relative to the working directory
     missing = str(tmp_path / "no-clip-here")

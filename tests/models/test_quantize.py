@@ -24,7 +24,6 @@ from safetensors import safe_open
 from raytuner import flow
 from raytuner.adapters import build_adapter, save_adapter
 from raytuner.config import ConfigError, load_config
-from raytuner.config.check import check_config_main
 from raytuner.config.training import QUANTIZED_PRECISIONS, TrainingConfig
 from raytuner.data.synthetic import synthetic_images, to_pixels
 from raytuner.models.base import ConditioningBatch, ModelFamily
@@ -39,6 +38,7 @@ from raytuner.models.quantize import (
     quantized_module_names,
 )
 from raytuner.models.registry import get_family
+from raytuner.preflight import check_config_main
 from raytuner.train.offload import OffloadedWeights, apply_group_offload, plan_group_offload
 from raytuner.train.step import MicroBatch, optimizer_step
 from tests.config.conftest import BASE_CONFIG, BASE_DATASETS, BASE_LYCORIS
@@ -529,13 +529,13 @@ def test_quantising_cosmos2_is_warned_and_omnigen_is_not() -> None:
 
 
 def test_the_launcher_preflight_reports_the_problem(tmp_path: Path) -> None:
-    from raytuner.train.launcher import check_training_settings
+    from raytuner.preflight import training_problems
     from raytuner.train.settings import resolve_settings
 
     run = load_config(
         write_config(tmp_path, **{"base_model_precision": "int8-quanto", "deepspeed_config": "zero2"})
     )
-    problems = check_training_settings(run, resolve_settings(run, None))
+    problems = training_problems(run, resolve_settings(run, None))
     assert any(
         "config.json: 'base_model_precision' = 'int8-quanto' with deepspeed_config" in p for p in problems
     )

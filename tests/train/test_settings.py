@@ -11,9 +11,10 @@ import pytest
 
 from raytuner.cli import main
 from raytuner.config import ConfigError, RunConfig
+from raytuner.preflight import lr_schedule_problem, training_problems
 from raytuner.storage import Location
 from raytuner.train import state
-from raytuner.train.launcher import check_training_settings, lr_schedule_problem, total_steps
+from raytuner.train.launcher import total_steps
 from raytuner.train.layout import (
     LayoutError,
     check_marker,
@@ -133,7 +134,7 @@ def test_a_bad_training_config_is_refused_before_ray_starts(
     tmp_path: Path, tiny_cosmos_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = load(tmp_path, tiny_cosmos_dir, report_to="comet_ml", validation_resolution="64x")
-    problems = "\n".join(check_training_settings(run, resolve_settings(run)))
+    problems = "\n".join(training_problems(run, resolve_settings(run)))
     assert "'report_to' = 'comet_ml': not implemented yet" in problems
     assert "validation_resolution '64x'" in problems
     with pytest.raises(ConfigError, match="'fp16' is not supported yet; use one of: no, bf16"):
@@ -179,9 +180,9 @@ def test_a_warm_up_longer_than_the_known_steps_is_refused_and_an_epoch_run_waits
 ) -> None:
     schedule = {"lr_scheduler": "polynomial", "lr_warmup_steps": 50, "learning_rate": 1e-4, "lr_end": 1e-6}
     run = load(tmp_path, tiny_cosmos_dir, max_train_steps=20, **schedule)
-    (problem,) = check_training_settings(run, resolve_settings(run))
+    (problem,) = training_problems(run, resolve_settings(run))
     assert "'lr_warmup_steps' = 50 leaves no steps to decay over" in problem
     # With num_train_epochs the step count is known once the epoch is planned, and checked then.
     run = load(tmp_path, tiny_cosmos_dir, max_train_steps=0, num_train_epochs=100, **schedule)
-    assert check_training_settings(run, resolve_settings(run)) == []
+    assert training_problems(run, resolve_settings(run)) == []
     assert lr_schedule_problem(run.training, 20, world_size=1) is not None
