@@ -78,8 +78,18 @@ def _committed(folder: Location, kind: str) -> tuple[Manifest, pa.Table]:
     return manifest, read_index(folder, manifest)
 
 
-def _locations(index: pa.Table) -> dict[str, CachedRowLocation]:
-    keys = index.column("key").to_pylist()
+def _sample_keys(index: pa.Table) -> list[str]:
+    """Each latent index row's sample key (identical files share a content key, never a sample key).
+
+    An index written before identical files were samples of their own has no ``sample`` column and
+    one row per content key, which is then the sample key too: such a cache still reads.
+    """
+    column = "sample" if "sample" in index.column_names else "key"
+    return [str(key) for key in index.column(column).to_pylist()]
+
+
+def _locations(index: pa.Table, keys: Sequence[str]) -> dict[str, CachedRowLocation]:
+    """Where each index row's cached row is, by ``keys`` (one per index row)."""
     shards = index.column("shard").to_pylist()
     groups = index.column("row_group").to_pylist()
     rows = index.column("row").to_pylist()
@@ -105,16 +115,16 @@ class LatentCache:
                 f"{folder}: dataset '{dataset_id}' links mask dataset '{mask_dataset}' (conditioning_data), "
                 f"but its cache holds {found}; run `raytuner cache` to encode them"
             )
-        self._locations = _locations(index)
+        # Everything below is by sample key: identical files are samples of their own, sharing a row.
+        samples = _sample_keys(index)
+        self._locations = _locations(index, samples)
         self._rows = _RowGroupCache(folder)
         self._caption_keys: dict[str, list[str]] = dict(
-            zip(index.column("key").to_pylist(), index.column("caption_keys").to_pylist(), strict=True)
+            zip(samples, index.column("caption_keys").to_pylist(), strict=True)
         )
         self.samples = [
             PlanSample(dataset_id=dataset_id, key=key, bucket=bucket)
-            for key, bucket in zip(
-                index.column("key").to_pylist(), index.column("bucket").to_pylist(), strict=True
-            )
+            for key, bucket in zip(samples, index.column("bucket").to_pylist(), strict=True)
         ]
 
     def caption_key(self, key: str, *, seed: int, step: int) -> str:
@@ -126,6 +136,7 @@ class LatentCache:
         return choices[0] if len(choices) == 1 else choices[sample_seed(seed, key, step) % len(choices)]
 
     def row(self, key: str) -> dict[str, Any]:
+        """The cached row of sample ``key`` (identical files read the same row)."""
         try:
             location = self._locations[key]
         except KeyError:
@@ -154,7 +165,7 @@ class TextCache:
     def __init__(self, folder: Location) -> None:
         self.folder = folder
         self.manifest, index = _committed(folder, "text")
-        self._locations = _locations(index)
+        self._locations = _locations(index, index.column("key").to_pylist())
         self._rows = _RowGroupCache(folder)
         self.tensor_names: list[str] = list(self.manifest.extra.get("tensors", []))
         self.roles: dict[str, Any] = dict(self.manifest.extra.get("roles", {}))
