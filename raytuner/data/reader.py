@@ -206,6 +206,8 @@ class TrainingData:
     text: TextCache
     sampling: list[DatasetSampling]
     prune_buckets: bool = True  # not disable_bucket_pruning
+    # SimpleTuner's caption_dropout_probability: applied to every batch, regularisation batches too.
+    caption_dropout: float = 0.0
 
     @property
     def samples(self) -> list[PlanSample]:
@@ -225,30 +227,30 @@ class TrainingData:
             )
         return plan
 
-    def batch(
-        self,
-        batch: GlobalBatch,
-        keys: Sequence[str],
-        *,
-        seed: int,
-        step: int,
-        caption_dropout: float = 0.0,
-    ) -> tuple[torch.Tensor, list[PromptConditioning]]:
-        """Latents and prompt conditioning of ``keys`` (a rank's slice of ``batch``) at ``step``.
+    def caption_keys(self, batch: GlobalBatch, keys: Sequence[str], *, seed: int, step: int) -> list[str]:
+        """The caption each of ``keys`` (a rank's slice of ``batch``) trains on at ``step``.
 
-        With ``caption_dropout`` (SimpleTuner's ``caption_dropout_probability``) each sample's
-        caption is replaced by the cached empty prompt with that probability, drawn from
-        (seed, key, step) so a sample is dropped or kept the same way whichever rank trains it.
+        Each sample's caption is replaced by the cached empty prompt with probability
+        :attr:`caption_dropout`, drawn from (seed, key, step) so a sample is dropped or kept the
+        same way whichever rank trains it. SimpleTuner's collate drops captions in every batch it
+        builds, so regularisation batches are no exception.
         """
         cache = self.latents[batch.dataset_id]
         captions = [cache.caption_key(key, seed=seed, step=step) for key in keys]
-        if caption_dropout > 0:
-            empty = self.text.role_key("empty")
-            captions = [
-                empty if caption_dropped(seed, key, step, caption_dropout) else caption
-                for key, caption in zip(keys, captions, strict=True)
-            ]
-        return cache.latents(keys), self.text.conditioning(captions)
+        if self.caption_dropout <= 0:
+            return captions
+        empty = self.text.role_key("empty")
+        return [
+            empty if caption_dropped(seed, key, step, self.caption_dropout) else caption
+            for key, caption in zip(keys, captions, strict=True)
+        ]
+
+    def batch(
+        self, batch: GlobalBatch, keys: Sequence[str], *, seed: int, step: int
+    ) -> tuple[torch.Tensor, list[PromptConditioning]]:
+        """Latents and prompt conditioning (:meth:`caption_keys`) of ``keys`` at ``step``."""
+        captions = self.caption_keys(batch, keys, seed=seed, step=step)
+        return self.latents[batch.dataset_id].latents(keys), self.text.conditioning(captions)
 
     def loss_masks(self, batch: GlobalBatch, keys: Sequence[str]) -> torch.Tensor | None:
         """The loss masks of ``keys`` (a rank's slice of ``batch``), or None when its dataset has none."""
@@ -294,6 +296,7 @@ def open_training_data(run: RunConfig) -> TrainingData:
         text=TextCache(text_cache_location(run)),
         sampling=dataset_sampling(run),
         prune_buckets=prunes_buckets(run),
+        caption_dropout=run.training.caption_dropout_probability,
     )
 
 
