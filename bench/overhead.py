@@ -442,11 +442,10 @@ def bare_loop(config: str, threads: int, log: Path) -> dict[str, Any]:
         if epoch not in plans:
             plans = {epoch: data.plan(shape, seed=seed, epoch=epoch)}
         batch = plans[epoch].batches[position]
-        dropout = 0.0 if batch.is_regularisation else training.caption_dropout_probability
         micro = []
         for micro_step in range(shape.accumulation):
             keys = batch.slice_for(shape, rank=0, micro_step=micro_step)
-            latents, conditioning = data.batch(batch, keys, seed=seed, step=step, caption_dropout=dropout)
+            latents, conditioning = data.batch(batch, keys, seed=seed, step=step)
             seeds = batch.seeds_for(shape, rank=0, micro_step=micro_step, seed=seed, step=step)
             micro.append(
                 MicroBatch(

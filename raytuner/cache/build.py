@@ -42,7 +42,7 @@ from raytuner.cache import format as fmt
 from raytuner.cache import stages
 from raytuner.cache.format import CacheError
 from raytuner.cache.identity import component_identity, describe, encoder_key
-from raytuner.cache.summary import BucketSummary, CacheSummary, DatasetSummary
+from raytuner.cache.summary import BucketSummary, CacheSummary, DatasetSummary, shared_note
 from raytuner.config.datasets import DatasetConfig
 from raytuner.config.errors import ConfigError
 from raytuner.config.paths import display
@@ -204,7 +204,7 @@ def encoder_identities(run: RunConfig, family: ModelFamily) -> tuple[EncoderIden
 def _load_committed(
     folder: Location, *, kind: str, encoder: EncoderIdentity, rebuild: bool, what: str
 ) -> tuple[dict[str, dict[str, Any]], fmt.Manifest | None]:
-    """The committed rows of a cache folder (key -> index row), after the identity check."""
+    """The committed rows of a cache folder (row id -> index row), after the identity check."""
     manifest = fmt.read_manifest(folder)
     if manifest is None:
         return {}, None
@@ -221,7 +221,16 @@ def _load_committed(
             f"point {what} at a new folder, or run `raytuner cache --rebuild` to re-encode it here"
         )
     index = fmt.read_index(folder, manifest)
-    return {row["key"]: row for row in index.to_pylist()}, manifest
+    return {index_row_id(row): row for row in index.to_pylist()}, manifest
+
+
+def index_row_id(row: Mapping[str, Any]) -> str:
+    """What identifies an index row: a latent row's sample key, a text row's caption key.
+
+    Latent indexes written before identical files were samples of their own have no ``sample``
+    column and one row per content key, which is then the sample key too.
+    """
+    return str(row.get("sample") or row["key"])
 
 
 def _remove_cache_files(folder: Location) -> None:
@@ -413,14 +422,27 @@ def content_key(
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
+def sample_key(content: str, relative: str) -> str:
+    """The plan's key of a file whose latent row an earlier file of its dataset (by relative path) holds.
+
+    SimpleTuner trains every file, and users copy a file on purpose to weight it: byte-identical
+    files share one latent row, but each is a sample of its own, drawn, captioned and noised by its
+    own key. The first file keeps the content key as its sample key, so a dataset without copies
+    plans exactly as before.
+    """
+    return hashlib.sha256(f"{content}\0{relative}".encode()).hexdigest()[:32]
+
+
 def too_small_reason(settings: BucketSettings) -> str:
     unit = "px edge" if settings.mode == "pixel" or settings.resolution_type == "pixel_area" else "megapixels"
     return f"smaller than minimum_image_size {settings.minimum_image_size:g} ({unit})"
 
 
 def place_images(item: DatasetWork, *, seed: int, vae_key: str) -> None:
-    """Bucket, crop and key every discovered image of one dataset."""
-    for image in item.images:
+    """Bucket, crop and key every discovered image of one dataset: ``item.rows``, by sample key."""
+    placed: set[str] = set()
+    # By relative path, so which of two identical files keeps the content key never changes.
+    for image in sorted(item.images, key=lambda image: image.relative):
         placement = place(
             item.settings, image.width, image.height, crop_seed=crop_seed_for(seed, image.sha256)
         )
@@ -435,18 +457,11 @@ def place_images(item: DatasetWork, *, seed: int, vae_key: str) -> None:
             continue
         mask = item.masks.get(image.relative) if item.mask is not None else None
         key = content_key(image, placement, vae_key, mask)
-        if key in item.rows:
-            # Byte-identical files crop to the same row: one sample, and the copy is reported.
-            item.skipped.append(
-                SkippedFile(
-                    dataset_id=item.dataset.id,
-                    relative=image.relative,
-                    reason=f"same content as {item.rows[key]['source']}",
-                )
-            )
-            continue
-        item.rows[key] = {
+        sample = sample_key(key, image.relative) if key in placed else key
+        placed.add(key)
+        item.rows[sample] = {
             "key": key,
+            "sample": sample,
             "dataset_id": item.dataset.id,
             "source": image.relative,
             "caption_keys": [caption_key(caption) for caption in image.captions],
@@ -626,7 +641,7 @@ def _open_latent_cache(
         rebuild=options.rebuild,
         what=f"dataset '{dataset.id}' cache_dir_vae",
     )
-    item.existing = {key: {k: row[k] for k in fmt.LOCATION_KEYS} for key, row in committed.items()}
+    item.existing = {row["key"]: {k: row[k] for k in fmt.LOCATION_KEYS} for row in committed.values()}
     item.encoded_before = manifest.encoded if manifest is not None else 0
     if skips(dataset, "vae") or skips(dataset, "aspect"):
         if not committed:
@@ -642,8 +657,8 @@ def _open_latent_cache(
                 f"conditioning_data is now {dataset.conditioning_data!r}; remove skip_file_discovery for one build"
             )
         item.rows = {
-            key: {k: v for k, v in row.items() if k not in fmt.LOCATION_COLUMNS}
-            for key, row in committed.items()
+            sample: {**{k: v for k, v in row.items() if k not in fmt.LOCATION_COLUMNS}, "sample": sample}
+            for sample, row in committed.items()
         }
         return item
     item.listing = discovery.list_dataset(dataset)
@@ -796,11 +811,11 @@ def _encode_text(
     return written
 
 
-def latent_todo_row(item: DatasetWork, key: str, row: Mapping[str, Any]) -> dict[str, Any]:
+def latent_todo_row(item: DatasetWork, row: Mapping[str, Any]) -> dict[str, Any]:
     """What the read-and-crop task gets for one image to encode: file, bucket, crop, and mask file."""
     placement: Placement = row["_placement"]
     return {
-        "key": key,
+        "key": row["key"],
         "dataset_id": item.dataset.id,
         "path": row["_path"],
         "source": row["source"],
@@ -819,6 +834,21 @@ def latent_todo_row(item: DatasetWork, key: str, row: Mapping[str, Any]) -> dict
     }
 
 
+def latent_todo(work: Sequence[DatasetWork]) -> list[dict[str, Any]]:
+    """The images to encode: each latent row a cache lacks once, however many identical files share it.
+
+    One bucket after another, so that VAE batches and shards hold one image size.
+    """
+    todo: dict[tuple[str, str], dict[str, Any]] = {}
+    for item in work:
+        for row in item.rows.values():
+            wanted = (item.dataset.id, row["key"])
+            if row["key"] in item.existing or "_placement" not in row or wanted in todo:
+                continue
+            todo[wanted] = latent_todo_row(item, row)
+    return sorted(todo.values(), key=lambda entry: (entry["dataset_id"], entry["bucket"], entry["key"]))
+
+
 def _encode_latents(
     run: RunConfig,
     family_cls: type[ModelFamily],
@@ -829,16 +859,9 @@ def _encode_latents(
 ) -> None:
     import ray
 
-    todo: list[dict[str, Any]] = []
-    for item in work:
-        for key, row in item.rows.items():
-            if key in item.existing or "_placement" not in row:
-                continue
-            todo.append(latent_todo_row(item, key, row))
+    todo = latent_todo(work)
     if not todo:
         return
-    # One bucket after another, so that VAE batches and shards hold one image size.
-    todo.sort(key=lambda item: (item["dataset_id"], item["bucket"], item["key"]))
     gpus = cluster_gpus()
     actors = options.encoder_actors or max(1, gpus)
     by_id = {item.dataset.id: item for item in work}
@@ -880,8 +903,9 @@ def _encode_latents(
         for result in batch.to_pylist():
             item = by_id[result["dataset_id"]]
             if result["error"]:
-                item.encode_skipped.append(
-                    SkippedFile(dataset_id=item.dataset.id, relative=result["source"], reason=result["error"])
+                item.encode_skipped.extend(
+                    SkippedFile(dataset_id=item.dataset.id, relative=source, reason=result["error"])
+                    for source in _sources_sharing(item, result["source"])
                 )
                 continue
             item.bytes_by_bucket[result["bucket"]] += result["bytes"]
@@ -890,32 +914,47 @@ def _encode_latents(
                 item.written[location["key"]] = location
 
 
+def _sources_sharing(item: DatasetWork, source: str) -> list[str]:
+    """Every file of the dataset whose latent row is the one encoded from ``source`` (itself included)."""
+    key = next(row["key"] for row in item.rows.values() if row["source"] == source)
+    return sorted(row["source"] for row in item.rows.values() if row["key"] == key)
+
+
+def shared_latents(rows: Iterable[Mapping[str, Any]]) -> list[list[str]]:
+    """The groups of identical files that share one latent row, each group's files sorted."""
+    groups: dict[str, list[str]] = {}
+    for row in rows:
+        groups.setdefault(row["key"], []).append(row["source"])
+    return sorted(sorted(files) for files in groups.values() if len(files) > 1)
+
+
+# A latent index row, besides where its latent row is: ``key`` is the content key of the latent
+# row, ``sample`` the file's key in the plan (identical files share a key, never a sample).
+LATENT_INDEX_COLUMNS: dict[str, pa.DataType] = {
+    "key": pa.string(),
+    "sample": pa.string(),
+    "dataset_id": pa.string(),
+    "source": pa.string(),
+    "caption_keys": pa.list_(pa.string()),
+    "bucket": pa.string(),
+    "width": pa.int32(),
+    "height": pa.int32(),
+}
+
+
 def _commit_latents(item: DatasetWork, identity: EncoderIdentity) -> DatasetSummary:
     skipped = item.skipped + item.encode_skipped
     locations = {**item.existing, **item.written}
-    live = {key: row for key, row in item.rows.items() if key in locations}
+    live = [row for row in item.rows.values() if row["key"] in locations]
+    # One index row per file: identical files point at the same latent row, each with its sample key.
     index_rows = [
         {
-            **{
-                name: row[name]
-                for name in ("key", "dataset_id", "source", "caption_keys", "bucket", "width", "height")
-            },
-            **{name: locations[key][name] for name in ("shard", "row_group", "row")},
+            **{name: row[name] for name in LATENT_INDEX_COLUMNS},
+            **{name: locations[row["key"]][name] for name in fmt.LOCATION_COLUMNS},
         }
-        for key, row in live.items()
+        for row in live
     ]
-    index = fmt.index_table(
-        index_rows,
-        {
-            "key": pa.string(),
-            "dataset_id": pa.string(),
-            "source": pa.string(),
-            "caption_keys": pa.list_(pa.string()),
-            "bucket": pa.string(),
-            "width": pa.int32(),
-            "height": pa.int32(),
-        },
-    )
+    index = fmt.index_table(index_rows, LATENT_INDEX_COLUMNS)
     live_shards = {row["shard"] for row in index_rows}
     manifest = fmt.Manifest(
         kind="latents",
@@ -941,19 +980,26 @@ def _commit_latents(item: DatasetWork, identity: EncoderIdentity) -> DatasetSumm
             logger.warning(
                 "could not remove unused shard %s", describe_error(item.cache.child(shard).uri, error)
             )
-    buckets = Counter(row["bucket"] for row in live.values())
-    encoded = Counter(row["bucket"] for key, row in live.items() if key in item.written)
-    report = _write_report(item, skipped, buckets)
+    buckets = Counter(row["bucket"] for row in live)
+    # Rows, not files: identical files encoded in this build count once.
+    encoded = Counter({row["key"]: row["bucket"] for row in live if row["key"] in item.written}.values())
+    shared = shared_latents(live)
+    shared_files = sum(len(files) for files in shared)
+    notes = [shared_note(shared_files)] if shared_files else []
+    report = _write_report(item, skipped, buckets, shared=shared, notes=notes)
     if skipped:
         logger.warning(
             "dataset '%s': %d file(s) skipped (listed in %s)", item.dataset.id, len(skipped), report
         )
+    for note in notes:
+        logger.info("dataset '%s': %s (listed in %s)", item.dataset.id, note, report)
     return DatasetSummary(
         dataset_id=item.dataset.id,
         cache=str(item.cache),
         images=len(live),
         encoded=sum(encoded.values()),
         skipped=len(skipped),
+        shared=shared_files,
         bytes_written=sum(item.bytes_by_bucket.values()),
         vae_batches=len(item.vae_calls),
         buckets=tuple(
@@ -975,13 +1021,23 @@ def _bucket_order(label: str) -> tuple[int, int]:
     return (int(width), int(height)) if width.isdigit() and height.isdigit() else (math.inf, 0)  # type: ignore[return-value]
 
 
-def _write_report(item: DatasetWork, skipped: Sequence[SkippedFile], buckets: Mapping[str, int]) -> str:
+def _write_report(
+    item: DatasetWork,
+    skipped: Sequence[SkippedFile],
+    buckets: Mapping[str, int],
+    *,
+    shared: Sequence[Sequence[str]],
+    notes: Sequence[str],
+) -> str:
     report = {
         "dataset": item.dataset.id,
         "source": str(discovery.dataset_location(item.dataset)),
         "images": sum(buckets.values()),
         "buckets": dict(sorted(buckets.items())),
         "skipped": [{"file": entry.relative, "reason": entry.reason} for entry in skipped],
+        # Not skipped: identical files each train as a sample, and only share their latents.
+        "notes": list(notes),
+        "shared_latents": [list(files) for files in shared],
     }
     filesystem, root = item.cache.resolve()
     try:

@@ -25,6 +25,17 @@ class DatasetSummary:
     vae_batches: int  # VAE calls this build made (vae_batch_size images each, at most)
     buckets: tuple[BucketSummary, ...]
     report: str
+    # Files sharing their latent row with an identical file: still one sample each, as in SimpleTuner.
+    shared: int = 0
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        return (shared_note(self.shared),) if self.shared else ()
+
+
+def shared_note(files: int) -> str:
+    """The report's line on identical files (copies weight a file, as in SimpleTuner; none is skipped)."""
+    return f"{files} files share their latents with an identical file; each trains as a sample of its own"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,6 +86,11 @@ class CacheSummary:
             for row in [header, *rows]
         ]
         lines.insert(1, "  ".join("-" * width for width in widths))
+        lines.extend(
+            f"note: dataset '{summary.dataset_id}': {note}"
+            for summary in self.datasets
+            for note in summary.notes
+        )
         lines.append(
             f"{self.encoded} image(s) through the VAE in {self.encode_seconds:.1f} s, whole build {self.seconds:.1f} s; "
             f"text cache {self.text_cache}"

@@ -32,7 +32,7 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True, kw_only=True)
 class PlanSample:
-    """One cached image as the plan sees it."""
+    """One file of a dataset as the plan sees it; byte-identical files are samples of their own."""
 
     dataset_id: str
     key: str

@@ -78,8 +78,18 @@ def _committed(folder: Location, kind: str) -> tuple[Manifest, pa.Table]:
     return manifest, read_index(folder, manifest)
 
 
-def _locations(index: pa.Table) -> dict[str, CachedRowLocation]:
-    keys = index.column("key").to_pylist()
+def _sample_keys(index: pa.Table) -> list[str]:
+    """Each latent index row's sample key (identical files share a content key, never a sample key).
+
+    An index written before identical files were samples of their own has no ``sample`` column and
+    one row per content key, which is then the sample key too: such a cache still reads.
+    """
+    column = "sample" if "sample" in index.column_names else "key"
+    return [str(key) for key in index.column(column).to_pylist()]
+
+
+def _locations(index: pa.Table, keys: Sequence[str]) -> dict[str, CachedRowLocation]:
+    """Where each index row's cached row is, by ``keys`` (one per index row)."""
     shards = index.column("shard").to_pylist()
     groups = index.column("row_group").to_pylist()
     rows = index.column("row").to_pylist()
@@ -105,16 +115,16 @@ class LatentCache:
                 f"{folder}: dataset '{dataset_id}' links mask dataset '{mask_dataset}' (conditioning_data), "
                 f"but its cache holds {found}; run `raytuner cache` to encode them"
             )
-        self._locations = _locations(index)
+        # Everything below is by sample key: identical files are samples of their own, sharing a row.
+        samples = _sample_keys(index)
+        self._locations = _locations(index, samples)
         self._rows = _RowGroupCache(folder)
         self._caption_keys: dict[str, list[str]] = dict(
-            zip(index.column("key").to_pylist(), index.column("caption_keys").to_pylist(), strict=True)
+            zip(samples, index.column("caption_keys").to_pylist(), strict=True)
         )
         self.samples = [
             PlanSample(dataset_id=dataset_id, key=key, bucket=bucket)
-            for key, bucket in zip(
-                index.column("key").to_pylist(), index.column("bucket").to_pylist(), strict=True
-            )
+            for key, bucket in zip(samples, index.column("bucket").to_pylist(), strict=True)
         ]
 
     def caption_key(self, key: str, *, seed: int, step: int) -> str:
@@ -126,6 +136,7 @@ class LatentCache:
         return choices[0] if len(choices) == 1 else choices[sample_seed(seed, key, step) % len(choices)]
 
     def row(self, key: str) -> dict[str, Any]:
+        """The cached row of sample ``key`` (identical files read the same row)."""
         try:
             location = self._locations[key]
         except KeyError:
@@ -154,7 +165,7 @@ class TextCache:
     def __init__(self, folder: Location) -> None:
         self.folder = folder
         self.manifest, index = _committed(folder, "text")
-        self._locations = _locations(index)
+        self._locations = _locations(index, index.column("key").to_pylist())
         self._rows = _RowGroupCache(folder)
         self.tensor_names: list[str] = list(self.manifest.extra.get("tensors", []))
         self.roles: dict[str, Any] = dict(self.manifest.extra.get("roles", {}))
@@ -195,6 +206,8 @@ class TrainingData:
     text: TextCache
     sampling: list[DatasetSampling]
     prune_buckets: bool = True  # not disable_bucket_pruning
+    # SimpleTuner's caption_dropout_probability: applied to every batch, regularisation batches too.
+    caption_dropout: float = 0.0
 
     @property
     def samples(self) -> list[PlanSample]:
@@ -214,30 +227,30 @@ class TrainingData:
             )
         return plan
 
-    def batch(
-        self,
-        batch: GlobalBatch,
-        keys: Sequence[str],
-        *,
-        seed: int,
-        step: int,
-        caption_dropout: float = 0.0,
-    ) -> tuple[torch.Tensor, list[PromptConditioning]]:
-        """Latents and prompt conditioning of ``keys`` (a rank's slice of ``batch``) at ``step``.
+    def caption_keys(self, batch: GlobalBatch, keys: Sequence[str], *, seed: int, step: int) -> list[str]:
+        """The caption each of ``keys`` (a rank's slice of ``batch``) trains on at ``step``.
 
-        With ``caption_dropout`` (SimpleTuner's ``caption_dropout_probability``) each sample's
-        caption is replaced by the cached empty prompt with that probability, drawn from
-        (seed, key, step) so a sample is dropped or kept the same way whichever rank trains it.
+        Each sample's caption is replaced by the cached empty prompt with probability
+        :attr:`caption_dropout`, drawn from (seed, key, step) so a sample is dropped or kept the
+        same way whichever rank trains it. SimpleTuner's collate drops captions in every batch it
+        builds, so regularisation batches are no exception.
         """
         cache = self.latents[batch.dataset_id]
         captions = [cache.caption_key(key, seed=seed, step=step) for key in keys]
-        if caption_dropout > 0:
-            empty = self.text.role_key("empty")
-            captions = [
-                empty if caption_dropped(seed, key, step, caption_dropout) else caption
-                for key, caption in zip(keys, captions, strict=True)
-            ]
-        return cache.latents(keys), self.text.conditioning(captions)
+        if self.caption_dropout <= 0:
+            return captions
+        empty = self.text.role_key("empty")
+        return [
+            empty if caption_dropped(seed, key, step, self.caption_dropout) else caption
+            for key, caption in zip(keys, captions, strict=True)
+        ]
+
+    def batch(
+        self, batch: GlobalBatch, keys: Sequence[str], *, seed: int, step: int
+    ) -> tuple[torch.Tensor, list[PromptConditioning]]:
+        """Latents and prompt conditioning (:meth:`caption_keys`) of ``keys`` at ``step``."""
+        captions = self.caption_keys(batch, keys, seed=seed, step=step)
+        return self.latents[batch.dataset_id].latents(keys), self.text.conditioning(captions)
 
     def loss_masks(self, batch: GlobalBatch, keys: Sequence[str]) -> torch.Tensor | None:
         """The loss masks of ``keys`` (a rank's slice of ``batch``), or None when its dataset has none."""
@@ -283,6 +296,7 @@ def open_training_data(run: RunConfig) -> TrainingData:
         text=TextCache(text_cache_location(run)),
         sampling=dataset_sampling(run),
         prune_buckets=prunes_buckets(run),
+        caption_dropout=run.training.caption_dropout_probability,
     )
 
 

@@ -261,13 +261,10 @@ class Worker:
     def micro_batches(self, step: int) -> list[MicroBatch]:
         epoch, index = divmod(step, self.job.steps_per_epoch)
         batch = self.plan(epoch).batches[index]
-        dropout = 0.0 if batch.is_regularisation else self.training.caption_dropout_probability
         micro = []
         for micro_step in range(self.shape.accumulation):
             keys = batch.slice_for(self.shape, rank=self.rank, micro_step=micro_step)
-            latents, conditioning = self.data.batch(
-                batch, keys, seed=self.seed, step=step, caption_dropout=dropout
-            )
+            latents, conditioning = self.data.batch(batch, keys, seed=self.seed, step=step)
             seeds = batch.seeds_for(
                 self.shape, rank=self.rank, micro_step=micro_step, seed=self.seed, step=step
             )

@@ -8,8 +8,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from raytuner.cache import format as fmt
+from raytuner.cache.build import (
+    BuildOptions,
+    DatasetWork,
+    EncoderIdentity,
+    _commit_latents,
+    _open_latent_cache,
+    _TextWork,
+    image_datasets,
+    latent_todo,
+    place_images,
+)
+from raytuner.cache.summary import DatasetSummary
 from raytuner.config import RunConfig, load_config
+from raytuner.data import discovery
 from raytuner.data.synthetic import COLOURS, SHAPES, draw_shape
+from raytuner.models.registry import get_family
 
 # (width, height): squares, landscapes, portraits and two extreme aspect ratios.
 SIZES: tuple[tuple[int, int], ...] = (
@@ -119,3 +134,49 @@ def text_dataset(cache: Path | str, **keys: Any) -> dict[str, Any]:
         "cache_dir": str(cache),
         **keys,
     }
+
+
+# ---- the build's bookkeeping without Ray or encoders -----------------------------------------------------
+
+VAE_IDENTITY = EncoderIdentity.of({"component": "VAE", "note": "no encoder runs in these tests"})
+TEXT_IDENTITY = EncoderIdentity.of({"component": "text side", "note": "no encoder runs in these tests"})
+UNWRITTEN_SHARD = "bucket=unwritten/part-unwritten.parquet"
+
+
+def discover_without_ray(run: RunConfig) -> list[DatasetWork]:
+    """The build's discovery and placement of every image dataset, with the files probed in this process."""
+    family_cls = get_family(run.training.model_family)
+    work = []
+    for dataset in image_datasets(run):
+        item = _open_latent_cache(run, dataset, family_cls, VAE_IDENTITY, BuildOptions())
+        assert item.listing is not None
+        location = discovery.dataset_location(dataset)
+        probes = {
+            listed.fingerprint: discovery.probe_file(
+                listed, location, caption_strategy=dataset.caption_strategy
+            )
+            for listed in item.listing.files
+        }
+        item.images, item.skipped = discovery.merge_probes(item.listing, probes)
+        place_images(item, seed=run.seed, vae_key=VAE_IDENTITY.key)
+        work.append(item)
+    return work
+
+
+def commit_without_encoding(run: RunConfig, work: Sequence[DatasetWork]) -> dict[str, DatasetSummary]:
+    """Commit the text and latent caches of ``work`` as the build does, without encoding anything.
+
+    What the build would encode is recorded at a shard that is never written: everything that
+    reads only the indexes (the plan, captions, the report) sees a real committed cache, and
+    nothing here reads a latent or a prompt embedding.
+    """
+    text = _TextWork.open(run, TEXT_IDENTITY, BuildOptions(), work)
+    locations = fmt.shard_locations([row["key"] for row in text.todo], "part-unwritten.parquet")
+    text.written = {location["key"]: location for location in locations}
+    text.commit(get_family(run.training.model_family))
+    summaries = {}
+    for item in work:
+        keys = [entry["key"] for entry in latent_todo([item])]
+        item.written = {location["key"]: location for location in fmt.shard_locations(keys, UNWRITTEN_SHARD)}
+        summaries[item.dataset.id] = _commit_latents(item, VAE_IDENTITY)
+    return summaries

@@ -24,7 +24,7 @@ from PIL import Image
 
 from raytuner.cache.build import BuildOptions, CacheSummary, caption_key
 from raytuner.cache.command import run_cache
-from raytuner.cache.format import MANIFEST_NAME, REPORT_NAME, CacheError, read_index, read_manifest
+from raytuner.cache.format import MANIFEST_NAME, REPORT_NAME, CacheError, commit, read_index, read_manifest
 from raytuner.cli import main
 from raytuner.data.buckets import BucketSettings, place
 from raytuner.data.discovery import open_image
@@ -230,6 +230,47 @@ def test_a_rerun_encodes_only_new_and_changed_images(
     assert changed.encoded == 1 and changed.datasets[0].images == 22
     after = _committed_keys(tmp_path / "cache" / "vae")
     assert len(after - with_new) == 1 and len(with_new - after) == 1
+
+
+def _as_written_before_copies_were_samples(cache: Path) -> None:
+    """Rewrite a cache's index as raytuner wrote it when identical files were merged: no sample column."""
+    location = Location(uri=str(cache))
+    manifest = read_manifest(location)
+    assert manifest is not None
+    commit(location, manifest, read_index(location, manifest).drop_columns(["sample"]))
+
+
+def test_identical_files_share_a_latent_row_and_train_as_samples_of_their_own(
+    built: dict[str, Any], tmp_path: Path, tiny_cosmos_dir: Path
+) -> None:
+    files, images = _copy_run(built, tmp_path, tiny_cosmos_dir)
+    vae_cache = tmp_path / "cache" / "vae"
+    _as_written_before_copies_were_samples(vae_cache)
+    # A copy of a cached image, and a new image with a copy in another folder, each captioned on its own.
+    shutil.copyfile(images / "image_000.png", images / "copy_of_000.png")
+    (images / "copy_of_000.txt").write_text("the first image again\n")
+    (new,) = draw_images(images, [(64, 80)], start=400)
+    shutil.copyfile(new, images / "nested" / "again_400.png")
+    (images / "nested" / "again_400.txt").write_text("the new image again\n")
+
+    summary = _build(files)
+    (dataset,) = summary.datasets
+    # The old cache is kept: only the new image is encoded, once for its two files.
+    assert (dataset.images, dataset.encoded, dataset.skipped, dataset.shared) == (15, 1, 3, 4)
+    assert "note: dataset 'shapes': 4 files share their latents with an identical file" in summary.table()
+    location = Location(uri=str(vae_cache))
+    manifest = read_manifest(location)
+    assert manifest is not None
+    samples = {row["source"]: row["sample"] for row in read_index(location, manifest).to_pylist()}
+    cache = LatentCache("shapes", location)
+    assert sorted(sample.key for sample in cache.samples) == sorted(samples.values())
+    for original, copy, caption in (
+        ("image_000.png", "copy_of_000.png", "the first image again"),
+        ("image_400.png", "nested/again_400.png", "the new image again"),
+    ):
+        assert torch.equal(cache.latents([samples[original]]), cache.latents([samples[copy]]))
+        assert cache.caption_key(samples[copy], seed=11, step=0) == caption_key(caption)
+        assert cache.caption_key(samples[original], seed=11, step=0) != caption_key(caption)
 
 
 def test_a_killed_build_leaves_the_old_cache_and_the_next_run_finishes_it(

@@ -9,7 +9,14 @@ import pytest
 from PIL import Image
 
 from raytuner.cache import stages
-from raytuner.cache.build import DatasetWork, _pair_masks, content_key, latent_todo_row, place_images
+from raytuner.cache.build import (
+    DatasetWork,
+    _pair_masks,
+    content_key,
+    latent_todo,
+    latent_todo_row,
+    place_images,
+)
 from raytuner.cache.format import CacheError
 from raytuner.config.datasets import DatasetConfig
 from raytuner.data import discovery
@@ -90,8 +97,8 @@ def _cropped(item: DatasetWork) -> dict[str, dict]:
         "masks": discovery.dataset_location(item.mask),  # type: ignore[arg-type]
     }
     out = {}
-    for key, row in item.rows.items():
-        cropped = stages.load_and_crop(latent_todo_row(item, key, row), sources)
+    for row in item.rows.values():
+        cropped = stages.load_and_crop(latent_todo_row(item, row), sources)
         assert cropped["error"] == ""
         out[row["source"]] = cropped
     return out
@@ -143,6 +150,28 @@ def test_the_row_key_follows_the_mask_bytes(tmp_path: Path) -> None:
     Image.fromarray(255 - _pattern(64, 64, seed=4)).save(tmp_path / "masks" / "a.png")
     (changed,) = _discover(tmp_path).rows.values()
     assert changed["key"] != row["key"] and changed["_placement"] == row["_placement"]
+
+
+def test_identical_images_pair_with_their_own_masks(tmp_path: Path) -> None:
+    """Copies of an image are samples of their own: each keeps its own mask, and shares its
+    latent row only with a copy whose mask is identical too."""
+    pattern = _pattern(96, 64, seed=6)
+    for name in ("a.png", "b.png", "c.png"):
+        _write(tmp_path, name, pattern)
+    Image.fromarray(255 - pattern).save(tmp_path / "masks" / "c.png")
+    item = _discover(tmp_path)
+    rows = {row["source"]: row for row in item.rows.values()}
+    assert len({row["sample"] for row in rows.values()}) == 3
+    assert rows["a.png"]["key"] == rows["b.png"]["key"] != rows["c.png"]["key"]
+    assert {row["source"]: row["_mask_path"] for row in rows.values()} == {
+        name: str(tmp_path / "masks" / name) for name in ("a.png", "b.png", "c.png")
+    }
+    todo = latent_todo([item])
+    assert sorted(entry["source"] for entry in todo) == ["a.png", "c.png"]
+    cropped = _cropped(item)
+    # c's mask is a's inverted, through the same resize and crop box (rounding aside).
+    inverted = cropped["c.png"]["mask"].astype(int) + cropped["a.png"]["mask"].astype(int)
+    assert np.abs(inverted - 255).max() <= 1
 
 
 def test_masks_are_area_averaged_onto_the_latent_grid() -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -366,8 +366,8 @@ def test_caption_dropout_trains_on_the_cached_empty_prompt(
     data = open_training_data(run)
     batch = data.plan(BatchShape(per_worker=2, workers=2), seed=run.seed, epoch=0).batches[0]
     empty = data.text.conditioning([data.text.role_key("empty")])[0]["prompt_embeds"]
-    _, kept = data.batch(batch, batch.keys, seed=run.seed, step=1, caption_dropout=0.0)
-    _, dropped = data.batch(batch, batch.keys, seed=run.seed, step=1, caption_dropout=1.0)
+    _, kept = replace(data, caption_dropout=0.0).batch(batch, batch.keys, seed=run.seed, step=1)
+    _, dropped = replace(data, caption_dropout=1.0).batch(batch, batch.keys, seed=run.seed, step=1)
     assert all(torch.equal(item["prompt_embeds"], empty) for item in dropped)
     assert not any(torch.equal(item["prompt_embeds"], empty) for item in kept)
     # caption_dropout_probability 0.3: about 3 draws in 10, the same on every rank and every run.
