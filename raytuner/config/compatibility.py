@@ -12,7 +12,8 @@ One table, ``raytuner/config/data/compatibility.tsv``, gives each key of SimpleT
   raytuner does not already do (``false`` for a feature switch, ``*`` for a setting that only
   qualifies another option); setting one of those is silent.
 - ``not-applicable``: meaningless on raytuner (an Accelerate launcher setting, another model
-  family's option); the warning says what replaces it.
+  family's option); the warning says what replaces it. ``inert`` works as above: a switch left
+  off, or a setting whose every value asks for nothing raytuner does not already do, is silent.
 
 The loader, ``raytuner check-config --keys`` and ``docs/simpletuner-compatibility.md`` all read
 this table, so they cannot disagree.
@@ -44,8 +45,13 @@ class KeyStatus:
     scope: Scope
     status: Status
     note: str
-    test: str = ""
+    test: str = ""  # honoured rows: one test node id, or several separated by commas
     inert: tuple[Any, ...] | None = None  # None: every value asks for something
+
+    @property
+    def tests(self) -> tuple[str, ...]:
+        """The test node ids of ``test``."""
+        return tuple(part.strip() for part in self.test.split(",") if part.strip())
 
     def asks_nothing(self, value: Any) -> bool:
         """True when ``value`` asks for nothing raytuner does not already do (no warning needed)."""
@@ -206,7 +212,8 @@ def format_markdown() -> str:
         "- **not-yet-supported**: accepted with a warning naming it, because the run will not do what it "
         "asks; `raytuner check-config --strict` makes these an error. Setting one to a value that asks "
         "for nothing (a feature switch left off) is silent.",
-        "- **not-applicable**: meaningless on raytuner; the warning says what replaces it.",
+        "- **not-applicable**: meaningless on raytuner; the warning says what replaces it (a switch left "
+        "off, or a value that asks for nothing raytuner does not already do, is silent).",
         "",
         "Any other key is unknown: a warning naming the closest known key (an error under `--strict`).",
         "",
@@ -233,6 +240,6 @@ def format_markdown() -> str:
         ]
         for row in compatibility_table():
             if row.scope == scope:
-                test = f"`{row.test}`" if row.test else ""
+                test = ", ".join(f"`{name}`" for name in row.tests)
                 lines.append(f"| `{row.key}` | {row.status} | {_cell(row.note)} | {_cell(test)} |")
     return "\n".join(lines) + "\n"

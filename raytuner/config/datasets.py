@@ -24,7 +24,7 @@ _LATER_CONDITIONING_TYPES = ("segmentation", "controlnet", "reference_strict", "
 CAPTION_STRATEGIES: tuple[str, ...] = ("filename", "textfile", "instanceprompt")
 METADATA_BACKENDS: tuple[str, ...] = ("discovery",)
 # Values SimpleTuner accepts that raytuner does not handle yet: named in the error, not a typo.
-_LATER_BACKEND_TYPES = ("csv", "huggingface", "webshart")
+_LATER_BACKEND_TYPES = ("csv", "huggingface", "webshart", "memory")
 _LATER_DATASET_TYPES = (
     "video",
     "audio",

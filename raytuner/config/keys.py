@@ -2,8 +2,9 @@
 
 Every key a file holds is one of: a raytuner field (kept; if its status is still
 ``not-yet-supported`` and the value asks for something, it is reported as such), a
-``not-applicable`` key (warning saying what replaces it), a ``not-yet-supported`` key without a
-field (reported), or unknown (warning with the closest known key; an error under ``--strict``).
+``not-applicable`` key (warning saying what replaces it, unless the value asks for nothing), a
+``not-yet-supported`` key without a field (reported), or unknown (warning with the closest known
+key; an error under ``--strict``).
 Not-yet-supported keys are collected across all three files, so ``--strict`` can refuse them in
 one error that lists them all.
 """
@@ -110,7 +111,7 @@ def sort_key(
         return False
     if row.status == "not-yet-supported" and not row.asks_nothing(value):
         findings.add_unsupported(where=where, key=key, value=value, row=row, place=place)
-    elif row.status == "not-applicable":
+    elif row.status == "not-applicable" and not row.asks_nothing(value):
         # Kept when it is a field: the value still goes where SimpleTuner would send it.
         findings.warnings.append(f"{label}: ignored, not applicable to raytuner: '{key}': {row.note}")
     elif row.status in ("honoured", "alias") and key not in fields:

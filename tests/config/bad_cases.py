@@ -203,10 +203,13 @@ BAD_CASES: list[tuple[str, dict[str, Any], list[str]]] = [
         },
         ["'crop_style' = 'middle'", "center, centre, random, corner"],
     ),
-    (
-        "later-backend-type",
-        {"datasets": [{"id": "images", "type": "csv", "instance_data_dir": "images"}]},
-        ["'type' = 'csv'", "not supported yet", "local, aws"],
+    *(
+        (
+            f"later-backend-type-{backend}",
+            {"datasets": [{"id": "images", "type": backend, "instance_data_dir": "images"}]},
+            [f"dataset 'images': 'type' = '{backend}'", f"'{backend}' is not supported yet", "local, aws"],
+        )
+        for backend in ("csv", "huggingface", "webshart", "memory")
     ),
     (
         "missing-instance-data-dir-key",

@@ -108,7 +108,7 @@ def test_cosine_with_warmup_is_read_as_cosine(write_run: Any) -> None:
     assert run.training.lr_scheduler == "cosine"
 
 
-# Twenty-five SimpleTuner options raytuner does not implement yet, each set to a value that asks for something.
+# SimpleTuner options raytuner does not implement yet, each set to a value that asks for something.
 NOT_YET_SUPPORTED: dict[str, Any] = {
     "checkpoint_epoch_interval": 2,
     "validation_on_startup": True,
@@ -119,19 +119,19 @@ NOT_YET_SUPPORTED: dict[str, Any] = {
     "delete_invalid_checkpoints": True,
     "validation_prompt_library": True,
     "eval_epoch_interval": 1,
-    "gradient_precision": "fp32",
+    "loss_type": "huber",
     "gradient_checkpointing_interval": 2,
     "validation_external_script": "render.sh",
-    "noise_offset": 0.1,
+    "input_perturbation": 0.1,
     "crepa_enabled": True,
     "masked_loss_probability": 0.5,
     "fsdp_enable": True,
     "attention_mechanism": "sageattention",
     "disable_tf32": True,
-    "aspect_bucket_disable_rebuild": True,
+    "vae_enable_tiling": True,
     "post_checkpoint_script": "upload.sh",
     "twinflow_enabled": True,
-    "adam_beta1": 0.5,
+    "maximum_image_size": 2048,
 }
 
 
@@ -162,9 +162,29 @@ def test_a_switch_left_off_asks_for_nothing(write_run: Any) -> None:
         "report_to": "none",
         "ema_decay": 0.9,
         "crepa_lambda": 2,
+        "fuse_qkv_projections": False,
+        "vae_enable_tiling": "false",
+        "attention_mechanism": "diffusers",
+        # not-applicable keys left at a value that asks for nothing are silent too
+        "vae_cache_ondemand": False,
+        "validation_guidance_rescale": "0.0",
+        "max_grounding_entities": 0,
+        "adam_beta1": 0.9,
+        "keep_vae_loaded": True,
     }
     run = load_config(write_run(config_updates=quiet))
-    assert not [w for w in run.warnings if any(f" {key} = " in w for key in quiet)]
+    assert not [w for w in run.warnings if any(f"{key} = " in w or f"'{key}'" in w for key in quiet)]
+    for off in ("", "false", False):
+        run = load_config(write_run(config_updates={"skip_file_discovery": off}))
+        assert not [w for w in run.warnings if "skip_file_discovery" in w], off
+
+
+def test_not_applicable_keys_still_warn_for_values_that_ask_for_something(write_run: Any) -> None:
+    run = load_config(write_run(config_updates={"vae_cache_ondemand": True, "adam_beta1": 0.5}))
+    assert any("not applicable to raytuner: 'vae_cache_ondemand'" in w for w in run.warnings)
+    assert any(
+        "not applicable to raytuner: 'adam_beta1'" in w and "optimizer_beta1" in w for w in run.warnings
+    )
 
 
 def test_not_applicable_keys_say_what_replaces_them(write_run: Any) -> None:
@@ -186,6 +206,30 @@ def test_seed_configs_have_no_unknown_keys(config_path: Path) -> None:
     assert unknown == []
     compile_warnings = [w for w in run.warnings if "validation_torch_compile" in w]
     assert len(compile_warnings) == (1 if config_path.parent.name == "omnigen" else 0)
+
+
+def test_honoured_rows_name_tests_that_exist() -> None:
+    """Each test an honoured row names is a test function in that file (the run-last check below
+    also shows they passed, but only in a whole-suite run)."""
+    problems = []
+    for row in compatibility_table():
+        if row.status != "honoured":
+            continue
+        assert row.tests, row.key
+        for test in row.tests:
+            file, _, name = test.partition("::")
+            path = REPO_ROOT / file
+            if not path.is_file():
+                problems.append(f"{row.key}: no file {file}")
+                continue
+            functions = {
+                node.name
+                for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                if isinstance(node, ast.FunctionDef)
+            }
+            if name.split("[")[0] not in functions:
+                problems.append(f"{row.key}: {file} has no test {name}")
+    assert problems == []
 
 
 def test_keys_tsv_is_one_line_per_key_and_scope(capsys: pytest.CaptureFixture[str]) -> None:
@@ -261,17 +305,21 @@ def test_every_honoured_key_names_a_test_that_passed(run_record: Any, request: p
     for row in compatibility_table():
         if row.status != "honoured":
             continue
-        # A test named without parameters stands for all of its parametrized cases.
-        cases = [
-            nodeid for nodeid in run_record.items if nodeid == row.test or nodeid.startswith(f"{row.test}[")
-        ]
-        if not cases:
-            problems.append(f"{row.scope} key {row.key}: test {row.test!r} was not collected")
-            continue
-        for nodeid in cases:
-            outcome = run_record.outcomes.get(nodeid, "did not run")
-            if outcome != "passed":
-                problems.append(f"{row.scope} key {row.key}: {nodeid} {outcome}")
-        if not _asserts_something(run_record.items[cases[0]].function):
-            problems.append(f"{row.scope} key {row.key}: {row.test} asserts nothing")
+        for test in row.tests:
+            problems += _test_problems(row.scope, row.key, test, run_record)
     assert problems == []
+
+
+def _test_problems(scope: str, key: str, test: str, run_record: Any) -> list[str]:
+    # A test named without parameters stands for all of its parametrized cases.
+    cases = [nodeid for nodeid in run_record.items if nodeid == test or nodeid.startswith(f"{test}[")]
+    if not cases:
+        return [f"{scope} key {key}: test {test!r} was not collected"]
+    problems = []
+    for nodeid in cases:
+        outcome = run_record.outcomes.get(nodeid, "did not run")
+        if outcome != "passed":
+            problems.append(f"{scope} key {key}: {nodeid} {outcome}")
+    if not _asserts_something(run_record.items[cases[0]].function):
+        problems.append(f"{scope} key {key}: {test} asserts nothing")
+    return problems

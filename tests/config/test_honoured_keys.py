@@ -8,6 +8,7 @@ that the value was read.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,11 @@ import torch
 
 from raytuner import flow
 from raytuner.adapters import build_adapter
+from raytuner.cache.build import encoder_identities, model_path_of
 from raytuner.config import ConfigError, load_config, record_seed
 from raytuner.data.synthetic import synthetic_images, to_pixels
 from raytuner.models.registry import get_family
+from raytuner.models.tiny import build_tiny_checkpoint
 from raytuner.train.schedule import flow_schedule_from_config
 from raytuner.train.step import train_step
 
@@ -85,6 +88,46 @@ def test_pretrained_model_name_or_path_loads_that_checkpoint(write_run: Any, tin
         "num_attention_heads"
     ]
     assert transformer.config.num_attention_heads == tiny_width
+
+
+HUB_ID = "raytuner-test/tiny-cosmos"
+MAIN_COMMIT, V2_COMMIT = "a" * 40, "b" * 40
+
+
+def _first_weight(family: Any) -> torch.Tensor:
+    return next(family.load_transformer().parameters()).detach()
+
+
+def test_revision_loads_that_hub_revision(
+    write_run: Any, tiny_cosmos_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Hugging Face cache (offline) holds the repo at main and at tag v2 with other weights; the
+    revision picks the weights training loads and the snapshot the cache's encoder identity reads."""
+    from huggingface_hub import constants
+
+    tagged = build_tiny_checkpoint("cosmos2image", tmp_path / "tiny-seed-1", seed=1)
+    repo = tmp_path / "hub" / f"models--{HUB_ID.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    for ref, commit, source in (("main", MAIN_COMMIT, tiny_cosmos_dir), ("v2", V2_COMMIT, tagged)):
+        shutil.copytree(source, repo / "snapshots" / commit)
+        (repo / "refs" / ref).write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    def loaded(updates: dict[str, Any]) -> tuple[torch.Tensor, str]:
+        run = load_config(write_run(config_updates={"pretrained_model_name_or_path": HUB_ID, **updates}))
+        # The family as the training loop and the cache build make it.
+        family = get_family(run.training.model_family)(model_path_of(run), revision=run.training.revision)
+        vae, _ = encoder_identities(run, family)
+        return _first_weight(family), vae.identity["commit"]
+
+    main_weight, main_commit = loaded({})
+    v2_weight, v2_commit = loaded({"revision": "v2"})
+    family_class = get_family("cosmos2image")
+    assert torch.equal(main_weight, _first_weight(family_class(str(tiny_cosmos_dir))))
+    assert torch.equal(v2_weight, _first_weight(family_class(str(tagged))))
+    assert not torch.equal(main_weight, v2_weight)
+    assert (main_commit, v2_commit) == (MAIN_COMMIT, V2_COMMIT)
 
 
 def test_model_type_full_is_refused(write_run: Any) -> None:

@@ -130,10 +130,10 @@ def test_unknown_key_warns_with_the_closest_known_key(
 
 
 def test_simpletuner_key_without_a_field_is_accepted_not_yet_supported(write_run: Any) -> None:
-    config_path = write_run(config_updates={"noise_offset": 0.1, "fused_qkv_projections": True})
+    config_path = write_run(config_updates={"input_perturbation": 0.1, "fused_qkv_projections": True})
     run = load_config(config_path)
     assert any(
-        warning.startswith("config.json: accepted, not yet supported: noise_offset = 0.1 (")
+        warning.startswith("config.json: accepted, not yet supported: input_perturbation = 0.1 (")
         and warning.endswith("the run will not do what it asks")
         for warning in run.warnings
     )
@@ -141,7 +141,7 @@ def test_simpletuner_key_without_a_field_is_accepted_not_yet_supported(write_run
     with pytest.raises(ConfigError) as caught:
         load_config(config_path, strict=True)
     (line,) = [line for line in caught.value.problems if "not yet supported" in line]
-    assert "noise_offset" in line and "fuse_qkv_projections" in line
+    assert "input_perturbation" in line and "fuse_qkv_projections" in line
 
 
 def test_strict_refuses_unknown_keys_everywhere(write_run: Any) -> None:
