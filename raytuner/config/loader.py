@@ -265,16 +265,23 @@ def check_training(training: TrainingConfig, *, where: str, findings: KeyFinding
 def _check_flow_schedule(
     training: TrainingConfig, *, explicit: set[str], where: str, findings: KeyFindings
 ) -> None:
-    """Say when a schedule-shift setting will not do what it reads as."""
+    """Say when a sigma-schedule setting will not do what it reads as."""
     shift_set = "flow_schedule_shift" in explicit and (training.flow_schedule_shift or 0) > 0
     auto_set = "flow_schedule_auto_shift" in explicit and training.flow_schedule_auto_shift
-    if training.model_family == "omnigen" and (shift_set or auto_set):
-        keys = " and ".join(
-            k for k, on in (("flow_schedule_shift", shift_set), ("flow_schedule_auto_shift", auto_set)) if on
-        )
+    # OmniGen draws t = sigmoid(N(0, 1)) whatever the schedule says (its quickstart, and SimpleTuner).
+    sampling_set = {
+        "flow_sigmoid_scale": "flow_sigmoid_scale" in explicit and training.flow_sigmoid_scale != 1.0,
+        "flow_use_uniform_schedule": "flow_use_uniform_schedule" in explicit
+        and training.flow_use_uniform_schedule,
+        "flow_use_beta_schedule": "flow_use_beta_schedule" in explicit and training.flow_use_beta_schedule,
+    }
+    ignored = {"flow_schedule_shift": shift_set, "flow_schedule_auto_shift": auto_set, **sampling_set}
+    if training.model_family == "omnigen" and any(ignored.values()):
+        keys = " and ".join(key for key, on in ignored.items() if on)
         findings.warnings.append(
-            f"{where}: {keys} set for omnigen: OmniGen trains with its own flow-matching schedule and "
-            "applies no shift, so this setting has no effect; remove it to silence this warning"
+            f"{where}: {keys} set for omnigen: OmniGen trains with its own flow-matching schedule "
+            "(t = sigmoid(N(0, 1))) and applies no shift, so this setting has no effect; remove it to "
+            "silence this warning"
         )
     elif shift_set and training.flow_schedule_auto_shift:
         findings.notes.append(

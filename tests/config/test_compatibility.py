@@ -166,7 +166,7 @@ def test_a_switch_left_off_asks_for_nothing(write_run: Any) -> None:
         "vae_enable_tiling": "false",
         "attention_mechanism": "diffusers",
         # not-applicable keys left at a value that asks for nothing are silent too
-        "vae_cache_ondemand": False,
+        "text_cache_ondemand": False,
         "validation_guidance_rescale": "0.0",
         "max_grounding_entities": 0,
         "adam_beta1": 0.9,
@@ -180,8 +180,8 @@ def test_a_switch_left_off_asks_for_nothing(write_run: Any) -> None:
 
 
 def test_not_applicable_keys_still_warn_for_values_that_ask_for_something(write_run: Any) -> None:
-    run = load_config(write_run(config_updates={"vae_cache_ondemand": True, "adam_beta1": 0.5}))
-    assert any("not applicable to raytuner: 'vae_cache_ondemand'" in w for w in run.warnings)
+    run = load_config(write_run(config_updates={"text_cache_ondemand": True, "adam_beta1": 0.5}))
+    assert any("not applicable to raytuner: 'text_cache_ondemand'" in w for w in run.warnings)
     assert any(
         "not applicable to raytuner: 'adam_beta1'" in w and "optimizer_beta1" in w for w in run.warnings
     )

@@ -265,6 +265,11 @@ def test_a_shift_set_for_omnigen_is_a_warning(write_run: Any) -> None:
         "flow_schedule_shift set for omnigen" in warning and "applies no shift" in warning
         for warning in run.warnings
     )
+    beta = load_config(write_run(config_updates={"model_family": "omnigen", "flow_use_beta_schedule": True}))
+    assert any(
+        "flow_use_beta_schedule set for omnigen" in warning and "sigmoid(N(0, 1))" in warning
+        for warning in beta.warnings
+    )
     quiet = load_config(write_run(config_updates={"model_family": "omnigen"}))
     assert not any(
         "applies no shift" in warning for warning in quiet.warnings
