@@ -50,13 +50,14 @@ def check_batches(run: RunConfig, *, workers: int | None = None) -> int:
 
     The global batch is SimpleTuner's: ``train_batch_size`` x workers x
     ``gradient_accumulation_steps``, with ``workers`` as given, else ``ray_num_workers``, else
-    ``num_processes``. Raises PlanError ("no images detected in dataset ...").
+    ``num_processes``, else 1 (``raytuner cache`` alone does not know how many GPUs a run will use).
+    Raises PlanError ("no images detected in dataset ...").
     Returns the number of global batches per epoch.
     """
     training = run.training
     shape = BatchShape(
         per_worker=training.train_batch_size,
-        workers=workers or training.ray_num_workers or training.num_processes,
+        workers=workers or training.ray_num_workers or training.num_processes or 1,
         accumulation=training.gradient_accumulation_steps,
     )
     return len(open_training_data(run).plan(shape, seed=run.seed, epoch=0))
