@@ -9,6 +9,8 @@ tests/cluster/test_fake_autoscaling.py.
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -64,6 +66,17 @@ def test_a_cluster_capped_at_no_workers_or_types_capped_at_none_add_nothing() ->
     del types["gpu"]["max_workers"]
     (gpu,) = upstream.node_types_from_autoscaling_config({**capped, "max_workers": 4})
     assert (gpu.name, gpu.max_workers) == ("gpu", 4)
+
+
+def test_both_autoscalers_monitors_are_started_from_the_scripts_raytuner_looks_for() -> None:
+    from ray._private import services
+
+    started = {
+        os.path.join(services.RAY_PATH, folder, "monitor.py")
+        for folder in (services.AUTOSCALER_PRIVATE_DIR, services.AUTOSCALER_V2_DIR)
+    }
+    assert all(Path(script).is_file() for script in started)
+    assert all(script.endswith(upstream.MONITOR_SCRIPTS) for script in started)
 
 
 def test_on_a_ray_without_an_autoscaling_config_the_monitor_is_found_and_no_node_type_is_read(
