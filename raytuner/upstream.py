@@ -114,10 +114,11 @@ def configured_node_types(gcs_address: str) -> tuple[NodeType, ...]:
     )
     try:
         config = ray.get(read_on_head.remote(port), timeout=HEAD_READ_TIMEOUT_S)
-    except ray.exceptions.GetTimeoutError:
+    except ray.exceptions.RayError as error:  # a timeout, or the file unreadable there
+        lines = str(error).strip().splitlines()
         logger.warning(
-            "the head node did not answer within %d s: the autoscaler's node types are unknown",
-            HEAD_READ_TIMEOUT_S,
+            "the autoscaler's node types could not be read on the head node: %s",
+            lines[-1] if lines else type(error).__name__,
         )
         return ()
     return node_types_from_autoscaling_config(config) if config else ()
