@@ -86,7 +86,7 @@ def test_on_a_ray_without_an_autoscaling_config_the_monitor_is_found_and_no_node
 
     gcs_address = ray.get_runtime_context().gcs_address
     port = int(gcs_address.rsplit(":", 1)[1])
-    # The session's cluster runs on this machine: its monitor is found by the GCS port it serves.
+    # The test suite's Ray runs on this machine: its monitor is found by the GCS port it serves.
     monitor = upstream.find_monitor(port)
     assert monitor is not None and monitor.flags[upstream.GCS_ADDRESS_FLAG].endswith(f":{port}")
     assert upstream.AUTOSCALING_CONFIG_FLAG not in monitor.flags
