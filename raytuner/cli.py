@@ -106,13 +106,15 @@ def _add_ray_flags(parser: argparse.ArgumentParser) -> None:
         "--ray-num-workers",
         type=int,
         metavar="N",
-        help="Ray Train workers, one process each (default: ray_num_workers, else num_processes, else 1)",
+        help="Ray Train workers, one process each (default: ray_num_workers, else num_processes, else one "
+        "per GPU the cluster has now when the workers use GPUs, else 1)",
     )
     group.add_argument(
         "--ray-gpus-per-worker",
         type=float,
         metavar="G",
-        help="GPUs each worker requests (default 0: CPU); an autoscaling cluster adds GPU nodes for them",
+        help="GPUs each worker requests; 0 trains on CPUs (default: ray_gpus_per_worker, else 1 when the "
+        "cluster has GPUs or its autoscaler can add GPU nodes, else 0)",
     )
     group.add_argument(
         "--ray-cpus-per-worker", type=float, metavar="C", help="CPUs each worker requests (default 1)"

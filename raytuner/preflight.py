@@ -30,13 +30,14 @@ from raytuner.evaluate.validation import parse_validation_resolutions
 from raytuner.evaluate.wandb_tracker import wandb_problem
 from raytuner.hub import hub_problems
 from raytuner.models.quantize import quantization_problem
+from raytuner.placement import ClusterFacts
 from raytuner.train.optim import (
     OptimizerError,
     build_lr_scheduler,
     effective_learning_rate,
     optimizer_settings,
 )
-from raytuner.train.settings import RaySettings, SettingsError, resolve_settings, run_name, storage_filesystem
+from raytuner.train.settings import RaySettings, SettingsError, read_settings, run_name, storage_filesystem
 from raytuner.train.state import CheckpointError, read_manifest
 from raytuner.train.zero import DeepSpeedConfigError, deepspeed_plan
 
@@ -184,11 +185,12 @@ def check_config_main(config_path: str, *, strict: bool = False) -> int:
     try:
         with quiet_config_logging():
             run = load_config(config_path, strict=strict)
-        settings = resolve_settings(run)
+        settings = settings_as_on_this_machine(run)
     except (ConfigError, SettingsError) as error:
         print_errors(error)
         return EXIT_BAD_CONFIG
     print(format_run(run))
+    print(f"ray: {settings.describe()}")
     problems = preflight(run, settings)
     if problems:
         print_errors(ConfigError(problems))
@@ -202,3 +204,14 @@ def print_errors(error: Exception) -> None:
     lines = error.problems if isinstance(error, ConfigError) else (str(error),)
     for line in lines:
         print(f"error: {line}", file=sys.stderr)
+
+
+def settings_as_on_this_machine(run: RunConfig) -> RaySettings:
+    """The layout ``raytuner train`` would choose on a local Ray here: what the config leaves open
+    is chosen from this machine's CUDA devices. check-config never connects to a cluster, so under
+    ``RAY_ADDRESS`` the GPUs and workers a run gets may differ; the checks that depend on them
+    (learning-rate scaling, the DeepSpeed plan) run again when the run starts."""
+    request = read_settings(run)
+    if not request.needs_cluster:
+        return request.settle()
+    return request.settle(ClusterFacts(local=True, cuda_devices=torch.cuda.device_count()))

@@ -18,6 +18,8 @@ MIN_LOCAL_CPUS = 8
 
 
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+# Whether the connected Ray is a local one that ray_session started (and will stop).
+_local_ray_running = False
 
 
 def free_port() -> int:
@@ -43,6 +45,7 @@ def ray_session(*, dashboard: bool = False) -> Iterator[None]:
     """
     import ray
 
+    global _local_ray_running
     if ray.is_initialized():
         yield
         return
@@ -66,16 +69,41 @@ def ray_session(*, dashboard: bool = False) -> Iterator[None]:
             }
         # address="local": a Ray of our own, never one another process started on this machine.
         ray.init(address="local", num_cpus=cpus, log_to_driver=True, **options)
+        _local_ray_running = True
     try:
         yield
     finally:
         ray.shutdown()
+        _local_ray_running = False
 
 
-def cluster_gpus() -> int:
+def local_ray_running() -> bool:
+    """True while a local Ray that :func:`ray_session` started is up: a Ray with no autoscaler."""
+    return _local_ray_running
+
+
+def ray_pending_locally() -> bool:
+    """True when no Ray is connected and none is named (``RAY_ADDRESS``): ray_session would start one here."""
     import ray
 
-    return int(ray.cluster_resources().get("GPU", 0))
+    return not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+
+
+@contextmanager
+def cluster_connection() -> Iterator[None]:
+    """Connected to the cluster at ``RAY_ADDRESS`` for the block, when one is named and none is connected.
+
+    What the cluster offers is known only once connected; a local Ray is not started here (its
+    GPUs are this machine's), so everything checked inside the block before :func:`ray_session`
+    is still checked before a local Ray starts.
+    """
+    import ray
+
+    if ray.is_initialized() or not os.environ.get("RAY_ADDRESS"):
+        yield
+        return
+    with ray_session():
+        yield
 
 
 def unwrap_error(error: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:

@@ -9,8 +9,8 @@ Order of work, per run:
 3. encode what the caches lack: unique captions, validation prompts, the negative prompt, the
    prompt library and the empty prompt through the family's text side on one actor pool; the
    images read, decoded, resized and cropped in CPU tasks, then through the VAE on another actor
-   pool (``vae_batch_size`` per call, one GPU per actor where the cluster has GPUs), written as
-   Parquet shards of one bucket each;
+   pool (``vae_batch_size`` per call, one GPU per actor where the cluster has or can add GPUs), written
+   as Parquet shards of one bucket each;
 4. commit each cache folder (index, then manifest) and drop shards no row points at any more;
    print a summary table and write a report of skipped files beside each latent cache.
 
@@ -52,7 +52,7 @@ from raytuner.data.buckets import BucketError, BucketSettings, Placement, crop_s
 from raytuner.data.discovery import DiscoveredImage, DiscoveredMask, Listing, Probe, SkippedFile
 from raytuner.models.base import ModelFamily
 from raytuner.models.registry import get_family
-from raytuner.ray_runtime import cluster_gpus
+from raytuner.placement import actor_gpus, cluster_facts, default_actor_count
 from raytuner.storage import (
     Location,
     StorageError,
@@ -794,7 +794,7 @@ def _encode_text(
             },
             batch_size=TEXT_BATCH,
             compute=_pool(1),
-            num_gpus=1 if cluster_gpus() else 0,
+            num_gpus=actor_gpus(cluster_facts()),
         )
         .map_batches(
             stages.write_text_shards,
@@ -862,8 +862,12 @@ def _encode_latents(
     todo = latent_todo(work)
     if not todo:
         return
-    gpus = cluster_gpus()
-    actors = options.encoder_actors or max(1, gpus)
+    # One bucket after another, so that VAE batches and shards hold one image size.
+    todo.sort(key=lambda item: (item["dataset_id"], item["bucket"], item["key"]))
+    # GPUs when the cluster has them or its autoscaler can add them (the request adds them).
+    cluster = cluster_facts()
+    gpus = actor_gpus(cluster)
+    actors = options.encoder_actors or default_actor_count(cluster)
     by_id = {item.dataset.id: item for item in work}
     sources = {item.dataset.id: discovery.dataset_location(item.dataset) for item in work}
     sources.update({item.mask.id: discovery.dataset_location(item.mask) for item in work if item.mask})
@@ -886,7 +890,7 @@ def _encode_latents(
             },
             batch_size=run.training.vae_batch_size,
             compute=_pool(actors),
-            num_gpus=1 if gpus else 0,
+            num_gpus=gpus,
         )
         .map_batches(
             stages.write_latent_shards,

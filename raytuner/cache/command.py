@@ -43,13 +43,14 @@ def check_batches(run: RunConfig, *, workers: int | None = None) -> int:
 
     The global batch is SimpleTuner's: ``train_batch_size`` x workers x
     ``gradient_accumulation_steps``, with ``workers`` as given, else ``ray_num_workers``, else
-    ``num_processes``. Raises PlanError ("no images detected in dataset ...").
+    ``num_processes``, else 1 (``raytuner cache`` alone does not know how many GPUs a run will use).
+    Raises PlanError ("no images detected in dataset ...").
     Returns the number of global batches per epoch.
     """
     training = run.training
     shape = BatchShape(
         per_worker=training.train_batch_size,
-        workers=workers or training.ray_num_workers or training.num_processes,
+        workers=workers or training.ray_num_workers or training.num_processes or 1,
         accumulation=training.gradient_accumulation_steps,
     )
     return len(open_training_data(run).plan(shape, seed=run.seed, epoch=0))
@@ -65,14 +66,17 @@ def cache_main(
     config: str, *, strict: bool = False, rebuild: bool = False, encoder_actors: int | None = None
 ) -> int:
     from raytuner.preflight import preflight
-    from raytuner.train.settings import SettingsError, resolve_settings
+    from raytuner.ray_runtime import cluster_connection
+    from raytuner.train.settings import SettingsError, read_settings
 
     try:
         run = load_config(config, strict=strict)
-        problems = preflight(run, resolve_settings(run), command="cache")
-        if problems:
-            raise ConfigError(problems)
-        summary = run_cache(run, BuildOptions(encoder_actors=encoder_actors, rebuild=rebuild))
+        request = read_settings(run)
+        with cluster_connection():  # the run's workers, as train would choose them, for its checks
+            problems = preflight(run, request.settle(), command="cache")
+            if problems:
+                raise ConfigError(problems)
+            summary = run_cache(run, BuildOptions(encoder_actors=encoder_actors, rebuild=rebuild))
     except (*EXPECTED_ERRORS, SettingsError) as error:
         _print_error(error)
         return 2

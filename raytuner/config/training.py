@@ -246,7 +246,8 @@ class TrainingConfig:
     # A DeepSpeed JSON file, JSON text, an inline object, or a generated one: zero2, zero3,
     # zero2-offload, zero3-offload (raytuner/train/zero.py).
     deepspeed_config: str | dict[str, Any] | None = None
-    num_processes: int = field(default=1, metadata=rule(ge=1))
+    # accelerate's process count; unset, SimpleTuner (and raytuner) use every GPU found.
+    num_processes: int | None = field(default=None, metadata=rule(ge=1))
 
     # raytuner's own keys: how the run is laid out on Ray (raytuner/train/settings.py).
     ray_num_workers: int | None = field(default=None, metadata=rule(ge=1))

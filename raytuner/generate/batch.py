@@ -1,4 +1,4 @@
-"""Many images on a Ray Data actor pool: one pipeline per actor, one GPU each when the cluster has them.
+"""Many images on a Ray Data actor pool: one pipeline per actor, on a GPU when the cluster has or can add them.
 
 Requests stream through ``map_batches`` (``compute=ActorPoolStrategy``) one at a time; each actor
 loads the pipeline and merges the adapter once, renders, and sends the PNG back. The driver alone
@@ -81,16 +81,19 @@ def render_on_ray(
     """
     import ray
 
-    from raytuner.ray_runtime import cluster_gpus
+    from raytuner.placement import actor_gpus, cluster_facts, default_actor_count
 
-    gpus = cluster_gpus()
-    # One actor per GPU of the cluster, else one.
-    size = min(actors or max(1, gpus), len(requests))
+    # One actor per GPU of the cluster, else one; a GPU each when the cluster has GPUs or its
+    # autoscaler can add them (the request is what adds them).
+    cluster = cluster_facts()
+    gpus = actor_gpus(cluster)
+    size = min(actors or default_actor_count(cluster), len(requests))
     logger.info(
-        "rendering %d image(s) on %d Ray Data actor(s) (%s each)",
+        "rendering %d image(s) on %d Ray Data actor(s) (%s each: %s)",
         len(requests),
         size,
-        "1 GPU" if gpus else f"{cpus_per_actor:g} CPU",
+        f"{gpus} GPU" if gpus else f"{cpus_per_actor:g} CPU",
+        cluster.describe(),
     )
     dataset = ray.data.from_items(
         [{"request": json.dumps(request.to_dict(), ensure_ascii=False)} for request in requests],
@@ -100,7 +103,7 @@ def render_on_ray(
         fn_constructor_kwargs={"settings": settings.to_dict()},
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=size),
-        num_gpus=1 if gpus else 0,
+        num_gpus=gpus,
         num_cpus=cpus_per_actor,
     )
     rendered_count = 0

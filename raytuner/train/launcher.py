@@ -34,7 +34,7 @@ from raytuner.evaluate.wandb_tracker import WandbTarget, uses_wandb, wandb_targe
 from raytuner.hub import HubError, HubTarget, open_repo, publish_run
 from raytuner.models.quantize import QuantizationError, quantization_warnings
 from raytuner.preflight import lr_schedule_problem, preflight, resume_path
-from raytuner.ray_runtime import ray_session, unwrap_error
+from raytuner.ray_runtime import cluster_connection, ray_session, unwrap_error
 from raytuner.storage import Location, StorageError
 from raytuner.train.layout import (
     LayoutError,
@@ -48,9 +48,10 @@ from raytuner.train.optim import OptimizerError
 from raytuner.train.outputs import write_config_copies
 from raytuner.train.settings import (
     RayOverrides,
+    RayRequest,
     RaySettings,
     SettingsError,
-    resolve_settings,
+    read_settings,
     run_name,
     storage_filesystem,
 )
@@ -211,13 +212,26 @@ def tracker_target(
 
 def run_training(
     run: RunConfig,
-    settings: RaySettings,
+    settings: RaySettings | RayRequest,
     *,
     build_options: BuildOptions | None = None,
     ray_metrics: bool = True,
 ) -> TrainOutcome:
-    """Cache, train and write the outputs of a loaded run, on the connected Ray (or a local one)."""
+    """Cache, train and write the outputs of a loaded run, on the connected Ray (or a local one).
 
+    A :class:`RayRequest` leaves GPUs or workers to the cluster: they are chosen once it is known,
+    connected to first when ``RAY_ADDRESS`` names it, else from this machine's CUDA devices for the
+    local Ray about to start, and before every check that depends on them.
+    """
+    with cluster_connection():
+        if isinstance(settings, RayRequest):
+            settings = settings.settle()
+        return _cache_and_train(run, settings, build_options=build_options, ray_metrics=ray_metrics)
+
+
+def _cache_and_train(
+    run: RunConfig, settings: RaySettings, *, build_options: BuildOptions | None, ray_metrics: bool
+) -> TrainOutcome:
     if on_cluster():
         place_on_cluster(run, settings)
     for line in pin_local_paths(run):
@@ -243,11 +257,9 @@ def run_training(
         logger.info("cache:\n%s", summary.table())
         job = prepare_job(run, settings, name=name, ray_metrics=ray_metrics, hub=hub)
         logger.info(
-            "Ray Train run %s: %d worker(s) x {CPU: %g, GPU: %g}, %s, %d steps (%d per epoch), checkpoints in %s/%s",
+            "Ray Train run %s: %s, %s, %d steps (%d per epoch), checkpoints in %s/%s",
             name,
-            settings.num_workers,
-            settings.cpus_per_worker,
-            settings.gpus_per_worker,
+            settings.describe(),
             strategy_summary(run.training, job.deepspeed),
             job.total_steps,
             job.steps_per_epoch,
@@ -342,8 +354,7 @@ def train_main(config: str, *, strict: bool = False, overrides: RayOverrides | N
     """The ``raytuner train`` command: exit 0 with the outputs written, 2 with one ``error:`` line."""
     try:
         run = load_config(config, strict=strict)
-        settings = resolve_settings(run, overrides)
-        outcome = run_training(run, settings)
+        outcome = run_training(run, read_settings(run, overrides))
     except (*TRAIN_ERRORS, TrainError, StorageError, HubError) as error:
         lines = error.problems if isinstance(error, ConfigError) else (str(error),)
         for line in lines:

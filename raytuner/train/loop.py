@@ -57,6 +57,7 @@ from raytuner.train.zero import (
     saved_with_engine,
     use_cpu_accelerator,
 )
+from raytuner.upstream import quiet_train_report_logs
 from raytuner.webhooks import Webhooks, WebhookSettings, mark_reported
 
 logger = logging.getLogger(__name__)
@@ -618,11 +619,7 @@ def train_worker(config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("LyCORIS").setLevel(logging.WARNING)
-    # Ray Train logs every report at INFO (its logger is named after the module's file); raytuner's
-    # progress line says the same once every few seconds.
-    from ray.train.v2._internal.execution import context as train_context
-
-    train_context.logger.setLevel(logging.WARNING)
+    quiet_train_report_logs()
     import ray
 
     check_marker(job.marker, node=ray.get_runtime_context().get_node_id()[:12])

@@ -24,7 +24,7 @@ from raytuner.cache.command import check_batches, run_cache
 from raytuner.config import ConfigError, load_config, record_seed
 from raytuner.config.paths import display
 from raytuner.preflight import preflight, training_problems
-from raytuner.ray_runtime import ray_session
+from raytuner.ray_runtime import cluster_connection, ray_session
 from raytuner.storage import StorageError
 from raytuner.train.launcher import (
     TRAIN_ERRORS,
@@ -33,7 +33,7 @@ from raytuner.train.launcher import (
     total_steps,
 )
 from raytuner.train.layout import on_cluster, pin_local_paths
-from raytuner.train.settings import RaySettings, resolve_settings, storage_filesystem
+from raytuner.train.settings import RaySettings, read_settings, storage_filesystem
 from raytuner.tune import results as sweep_results
 from raytuner.tune.early_stopping import stopped_trials
 from raytuner.tune.sweep import Sweep, read_sweep
@@ -201,15 +201,24 @@ def run_sweep(sweep: Sweep, *, build_options: BuildOptions | None = None) -> Swe
 
     ``sweep.base`` (the loaded config with the sweep's ``fixed`` settings) is what every trial starts from.
     """
-    import ray
-
     base = sweep.base
     if base.training.push_to_hub or base.training.push_checkpoints_to_hub:
         logger.warning(
             "push_to_hub applies to `raytuner train` only: no trial of a sweep publishes anything; train the "
             "best config with `raytuner train --config ...` to publish it"
         )
-    settings = resolve_settings(base, sweep.resources)
+    request = read_settings(base, sweep.resources)
+    # Each trial's GPUs and workers follow `raytuner train`'s rule, chosen once the cluster is known.
+    with cluster_connection():
+        return _check_cache_and_sweep(sweep, request.settle(), build_options=build_options)
+
+
+def _check_cache_and_sweep(
+    sweep: Sweep, settings: RaySettings, *, build_options: BuildOptions | None
+) -> SweepOutcome:
+    import ray
+
+    base = sweep.base
     if on_cluster():
         place_on_cluster(base, settings)
     for line in pin_local_paths(base):
@@ -240,7 +249,7 @@ def run_sweep(sweep: Sweep, *, build_options: BuildOptions | None = None) -> Swe
             " (resumed)" if resuming else "",
             sweep.num_samples,
             max_concurrent,
-            f"{settings.num_workers} worker(s) x {{CPU: {settings.cpus_per_worker:g}, GPU: {settings.gpus_per_worker:g}}}",
+            settings.describe(),
             max_steps,
             sweep.metric,
             ", ".join(f"{p.key} ({p.describe()})" for p in sweep.parameters),

@@ -425,6 +425,7 @@ def _resources(raw: Any, *, where: str, problems: list[str]) -> RayOverrides:
             where=where,
             problems=problems,
         ),
+        gpus_source=f"{where}: resources_per_trial gpus_per_worker =",
     )
 
 

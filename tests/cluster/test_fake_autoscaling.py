@@ -3,7 +3,8 @@
 Ray's fake multi-node provider turns "launch a node" into "start another raylet on this machine",
 so the real autoscaler makes real decisions here: a job whose workers need ``fake_gpu``, which only
 the worker node type has, makes it add worker nodes; once the job is over and the nodes are idle it
-removes them.
+removes them. Before that, the job shows that raytuner reads the node types this autoscaler can add
+(a second worker type declares a GPU and is never launched) and so picks GPUs by default.
 
 The test owns one head node, started with ``ray start --head --block`` in a session of its own, with
 its own temp dir, free ports, the dashboard on loopback and token authentication on, from an
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +53,11 @@ STOP_TIMEOUT_S = 30
 
 @dataclass
 class FakeCluster(Head):
-    """The fake autoscaling cluster's head, and the resource only its worker node type has."""
+    """The fake autoscaling cluster's head, the resource only its scale-out worker type has, and
+    the GPUs of each node type that declares some."""
 
     worker_resource: str = ""
+    gpu_node_types: dict[str, float] = field(default_factory=dict)
 
     def nodes(self) -> list[dict[str, Any]]:
         """Every node the cluster has known, alive or dead (Ray's State API)."""
@@ -71,10 +74,20 @@ class FakeCluster(Head):
 def fake_cluster(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeCluster]:
     (config,) = load_yaml_documents(CLUSTER_DIR / "local-fake.yaml")
     head_type = config["available_node_types"][config["head_node_type"]]
-    (worker_type,) = [
-        spec for name, spec in config["available_node_types"].items() if name != config["head_node_type"]
-    ]
-    (worker_resource,) = set(worker_type["resources"]) - set(head_type["resources"])
+    worker_types = {
+        name: spec
+        for name, spec in config["available_node_types"].items()
+        if name != config["head_node_type"]
+    }
+    # The job's resource: the one a worker type has beyond the head's, GPUs aside (nothing asks for those).
+    (worker_resource,) = (
+        {resource for spec in worker_types.values() for resource in spec["resources"]}
+        - set(head_type["resources"])
+        - {"GPU"}
+    )
+    gpu_node_types = {
+        name: spec["resources"]["GPU"] for name, spec in worker_types.items() if "GPU" in spec["resources"]
+    }
 
     temp_dir, remove_temp_dir = short_temp_dir(tmp_path_factory, "rf")
     gcs, dashboard, agent, client = free_ports(4)
@@ -109,6 +122,7 @@ def fake_cluster(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         log_path=log_path,
         stop_timeout_s=STOP_TIMEOUT_S,
         worker_resource=worker_resource,
+        gpu_node_types=gpu_node_types,
     )
     try:
         cluster.wait_until_ready(HEAD_START_TIMEOUT_S, ready=cluster.nodes)
@@ -144,6 +158,19 @@ def test_a_job_needing_worker_only_resources_adds_nodes_that_go_when_it_ends(
         print(submit.stdout[-6000:], submit.stderr[-3000:], fake_cluster.log_tail(), sep="\n")
         pytest.fail(f"the job did not succeed (ray job submit exited {submit.returncode})")
     placed = json.loads(results[0])
+
+    # Seen by raytuner before any worker node existed: the GPU node type is read from the file the
+    # autoscaler runs from (Ray 2.60's autoscaler leaves the GCS's cluster config empty; should it
+    # start reporting there, raytuner.upstream can drop its file reader), so GPUs are the default.
+    autoscaler = placed["autoscaler"]
+    assert autoscaler["reported"] == []
+    for name, gpus in fake_cluster.gpu_node_types.items():
+        assert autoscaler["node_types"][name]["GPU"] == gpus
+    gpus_per_worker, num_workers, reason = autoscaler["choice"]
+    assert (gpus_per_worker, num_workers) == (1.0, 1), reason
+    assert "autoscaler can add GPU nodes" in reason and all(
+        name in reason for name in fake_cluster.gpu_node_types
+    )
 
     # Added: each worker ran on a node of its own that the autoscaler started for it.
     assert placed["head"] == head["node_id"]

@@ -144,8 +144,12 @@ def test_local_fake_workers_offer_a_resource_the_head_lacks() -> None:
     config = _config("local-fake")
     assert config["provider"]["type"] == "fake_multinode"
     head = config["available_node_types"][config["head_node_type"]]
-    (worker,) = _worker_types(config).values()
-    assert worker["min_workers"] == 0 < worker["max_workers"]
-    assert set(worker["resources"]) - set(head["resources"]), "no resource only the worker type has"
+    workers = _worker_types(config).values()
+    assert all(worker["min_workers"] == 0 < worker["max_workers"] for worker in workers)
+    # One type to scale out with a resource the head lacks; one declaring a GPU, that nothing launches.
+    assert any(set(worker["resources"]) - set(head["resources"]) - {"GPU"} for worker in workers), (
+        "no resource only a worker type has"
+    )
+    assert any(worker["resources"].get("GPU") for worker in workers), "no worker type with a GPU"
     # Scale-down is quick enough for a test to see it.
     assert config["idle_timeout_minutes"] < 1

@@ -210,6 +210,13 @@ def test_submitted_job_trains_with_token_and_publishes_metrics(
         print("---- head ----", ray_head.log_tail(), sep="\n")
         pytest.fail(f"job {submission_id} did not succeed (submit exit {returncode}): {status.stdout[-500:]}")
 
+    # ray_gpus_per_worker left unset: chosen once connected to the job's cluster, which has no GPU
+    # and no autoscaler to add one; the start-of-run line says so.
+    assert (
+        "1 worker(s) x {CPU: 1, GPU: 0} (CPU: no GPU on this Ray cluster and its autoscaler has no GPU node type)"
+        in submit_log.read_text()
+    )
+
     # Relative output and cache paths were placed under ray_storage_path, not in the job's copy.
     output = storage / "output"
     assert (output / ADAPTER_FILENAME).is_file()

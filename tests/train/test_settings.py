@@ -11,6 +11,8 @@ import pytest
 
 from raytuner.cli import main
 from raytuner.config import ConfigError, RunConfig
+from raytuner.config.paths import display
+from raytuner.placement import ClusterFacts
 from raytuner.preflight import lr_schedule_problem, training_problems
 from raytuner.storage import Location
 from raytuner.train import state
@@ -23,7 +25,7 @@ from raytuner.train.layout import (
     write_marker,
 )
 from raytuner.train.loop import FailureInjection, checkpoint_name, checkpoint_step
-from raytuner.train.settings import RayOverrides, resolve_settings, run_name
+from raytuner.train.settings import RayOverrides, SettingsError, read_settings, resolve_settings, run_name
 from tests.cache.helpers import image_dataset, text_dataset, write_run_files
 
 
@@ -36,16 +38,52 @@ def load(tmp_path: Path, model: Path, **config: object) -> RunConfig:
 def test_ray_num_workers_defaults_to_num_processes_and_flags_win(
     tmp_path: Path, tiny_cosmos_dir: Path
 ) -> None:
-    assert resolve_settings(load(tmp_path, tiny_cosmos_dir)).num_workers == 1
+    eight_gpus = ClusterFacts(cluster_gpus=8)
+    # Nothing given: SimpleTuner's every GPU, one worker each.
+    assert resolve_settings(load(tmp_path, tiny_cosmos_dir), cluster=eight_gpus).num_workers == 8
     run = load(tmp_path, tiny_cosmos_dir, num_processes=4)
-    settings = resolve_settings(run)
-    # Sized from the config alone: no GPU needs to be up when the job is submitted.
-    assert (settings.num_workers, settings.gpus_per_worker, settings.cpus_per_worker) == (4, 0.0, 1.0)
+    settings = resolve_settings(run, cluster=eight_gpus)
+    assert (settings.num_workers, settings.gpus_per_worker, settings.cpus_per_worker) == (4, 1.0, 1.0)
+    assert resolve_settings(run, cluster=ClusterFacts()).num_workers == 4
     run = load(tmp_path, tiny_cosmos_dir, num_processes=4, ray_num_workers=2, ray_gpus_per_worker=1)
+    # Sized from the config alone: no GPU needs to be up when the job is submitted.
+    assert not read_settings(run).needs_cluster
     settings = resolve_settings(run)
     assert (settings.num_workers, settings.use_gpu) == (2, True)
+    config_file = display(run.sources["config"])
+    assert settings.placement == f"1 GPU per worker: ray_gpus_per_worker = 1 in {config_file}"
     overridden = resolve_settings(run, RayOverrides(num_workers=3, gpus_per_worker=0, max_failures=-1))
     assert (overridden.num_workers, overridden.use_gpu, overridden.max_failures) == (3, False, -1)
+    assert overridden.placement == "CPU: --ray-gpus-per-worker 0"
+    # What the start-of-run line says of the workers: what was chosen, and why.
+    assert overridden.describe() == "3 worker(s) x {CPU: 1, GPU: 0} (CPU: --ray-gpus-per-worker 0)"
+
+
+def test_left_unset_gpus_are_chosen_from_the_cluster_and_an_explicit_zero_trains_on_cpus(
+    tmp_path: Path, tiny_cosmos_dir: Path
+) -> None:
+    run = load(tmp_path, tiny_cosmos_dir)
+    request = read_settings(run)  # checked before Ray: nothing chosen yet
+    assert (request.gpus_per_worker, request.num_workers, request.needs_cluster) == (None, None, True)
+    autoscaling = ClusterFacts(gpu_node_types=("gpu-spot",))
+    settings = request.settle(autoscaling)
+    assert (settings.gpus_per_worker, settings.num_workers) == (1.0, 1)
+    assert settings.placement.endswith("its autoscaler can add GPU nodes (gpu-spot)")
+    cpu_only = request.settle(ClusterFacts())
+    assert (cpu_only.gpus_per_worker, cpu_only.placement) == (
+        0.0,
+        "CPU: no GPU on this Ray cluster and its autoscaler has no GPU node type",
+    )
+    local = request.settle(ClusterFacts(local=True, cuda_devices=2))
+    assert (local.gpus_per_worker, local.num_workers) == (1.0, 2)
+    run = load(tmp_path, tiny_cosmos_dir, ray_gpus_per_worker=0)
+    on_cpus = resolve_settings(run, cluster=autoscaling)
+    assert (on_cpus.use_gpu, on_cpus.placement) == (
+        False,
+        f"CPU: ray_gpus_per_worker = 0 in {display(run.sources['config'])}",
+    )
+    with pytest.raises(SettingsError, match="expected GPUs >= 0"):
+        read_settings(run, RayOverrides(gpus_per_worker=-1))
 
 
 def test_checkpoints_live_under_output_dir_unless_ray_storage_path_says_otherwise(
