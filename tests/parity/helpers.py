@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from lycoris import LycorisNetwork
 
+from raytuner import flow
 from raytuner.adapters import build_adapter
 from raytuner.config.lycoris import parse_lycoris
 from raytuner.data.synthetic import synthetic_images, to_pixels
@@ -94,6 +95,35 @@ def recording(transformer: torch.nn.Module) -> Iterator[TransformerCalls]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+@dataclass
+class PerSampleLosses:
+    """raytuner's own training loss of each sample alone, with the draws and calls behind it."""
+
+    noise: torch.Tensor
+    sigmas: torch.Tensor  # raytuner's noise fractions
+    losses: torch.Tensor  # [B]
+    calls: TransformerCalls  # one transformer call per sample
+
+
+def per_sample_losses(run: TinyRun, schedule: flow.FlowSchedule) -> PerSampleLosses:
+    """``ModelFamily.training_loss`` on each sample alone, with the generators the batch would use."""
+    family = run.family
+    noise, sigmas = family.sample_noise_and_sigmas(run.latents, schedule, generator=run.generators())
+    generators = run.generators()
+    with recording(run.transformer) as calls:
+        losses = [
+            family.training_loss(
+                run.transformer,
+                run.latents[i : i + 1],
+                run.conditioning_of(i),
+                schedule,
+                generator=[generators[i]],
+            ).loss
+            for i in range(len(generators))
+        ]
+    return PerSampleLosses(noise=noise, sigmas=sigmas, losses=torch.stack(losses), calls=calls)
 
 
 def expanded_latents(single: torch.Tensor, count: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ from tests.parity.helpers import (
     TinyRun,
     expanded_latents,
     ks_statistic,
-    recording,
+    per_sample_losses,
     tiny_run,
 )
 
@@ -56,19 +56,8 @@ def test_the_transformer_sees_simpletuners_input_and_timestep_and_the_loss_is_si
     run: TinyRun,
 ) -> None:
     family = run.family
-    noise, t = family.sample_noise_and_sigmas(run.latents, NO_SHIFT, generator=run.generators())
-    generators = run.generators()
-    with recording(run.transformer) as calls:
-        losses = [
-            family.training_loss(
-                run.transformer,
-                run.latents[i : i + 1],
-                run.conditioning_of(i),
-                NO_SHIFT,
-                generator=[generators[i]],
-            ).loss
-            for i in range(len(generators))
-        ]
+    alone = per_sample_losses(run, NO_SHIFT)
+    noise, t, calls = alone.noise, alone.sigmas, alone.calls
     batch = family.training_loss(
         run.transformer, run.latents, run.conditioning, NO_SHIFT, generator=run.generators()
     ).loss
@@ -88,7 +77,7 @@ def test_the_transformer_sees_simpletuners_input_and_timestep_and_the_loss_is_si
     torch.testing.assert_close(
         reference.model_input - _per_sample(t, velocity) * velocity, reference.target, **TOLERANCE
     )
-    torch.testing.assert_close(torch.stack(losses), reference.per_sample_loss, **TOLERANCE)
+    torch.testing.assert_close(alone.losses, reference.per_sample_loss, **TOLERANCE)
     torch.testing.assert_close(batch, reference.per_sample_loss.mean(), **TOLERANCE)
 
 

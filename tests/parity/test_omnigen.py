@@ -23,6 +23,7 @@ from tests.parity.helpers import (
     TinyRun,
     expanded_latents,
     ks_statistic,
+    per_sample_losses,
     recording,
     tiny_run,
 )
@@ -46,19 +47,8 @@ def test_the_transformer_sees_simpletuners_input_and_timestep_and_the_loss_is_si
     run: TinyRun,
 ) -> None:
     family = run.family
-    noise, sigmas = family.sample_noise_and_sigmas(run.latents, SCHEDULE, generator=run.generators())
-    generators = run.generators()
-    with recording(run.transformer) as calls:
-        losses = [
-            family.training_loss(
-                run.transformer,
-                run.latents[i : i + 1],
-                run.conditioning_of(i),
-                SCHEDULE,
-                generator=[generators[i]],
-            ).loss
-            for i in range(len(generators))
-        ]
+    alone = per_sample_losses(run, SCHEDULE)
+    noise, sigmas, losses, calls = alone.noise, alone.sigmas, alone.losses, alone.calls
     data_fractions = 1.0 - sigmas  # raytuner's sigma is the noise fraction; OmniGen's t the data's
     for i, call in enumerate(calls.inputs):
         reference = st.omnigen_step(
