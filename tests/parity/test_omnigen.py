@@ -110,7 +110,9 @@ def test_a_mask_weights_the_loss_where_simpletuners_omnigen_applies_none(run: Ti
     plain = st.omnigen_step(run.transformer, run.latents, noise, 1.0 - sigmas, _text_of(calls.inputs[0]))
     per_element = (plain.prediction - plain.target) ** 2
     torch.testing.assert_close(loss, st.masked_mean(per_element, mask_pixels).mean(), **TOLERANCE)
-    assert float(loss.detach()) < 0.75 * float(plain.per_sample_loss.mean())  # SimpleTuner's OmniGen: unmasked
+    assert float(loss.detach()) < 0.75 * float(
+        plain.per_sample_loss.mean()
+    )  # SimpleTuner's OmniGen: unmasked
 
 
 def _raytuner_data_fractions(run: TinyRun, schedule: flow.FlowSchedule) -> torch.Tensor:
