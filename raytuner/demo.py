@@ -23,6 +23,7 @@ from raytuner.config.datasets import DatasetConfig
 from raytuner.data.synthetic import synthetic_images, write_dataset
 from raytuner.evaluate.metrics import read_metrics
 from raytuner.generate.settings import GenerateError
+from raytuner.models.registry import known_families
 from raytuner.models.safety import is_tiny_checkpoint
 from raytuner.models.tiny import build_tiny_checkpoint
 from raytuner.ray_runtime import ray_session
@@ -32,7 +33,6 @@ from raytuner.train.settings import RayOverrides, resolve_settings
 logger = logging.getLogger(__name__)
 
 DEMO_CONFIGS = Path("configs/demo")
-DEMO_FAMILIES = ("cosmos2image", "omnigen")
 DEMO_IMAGES = 8
 DEMO_EVAL_IMAGES = 4
 
@@ -157,7 +157,7 @@ def demo_main(
     *, configs: str = str(DEMO_CONFIGS), steps: int | None = None, families: list[str] | None = None
 ) -> int:
     configs_dir = Path(configs)
-    chosen = families or list(DEMO_FAMILIES)
+    chosen = families or known_families()
     results = []
     try:
         config_paths = [configs_dir / family_name / "config.json" for family_name in chosen]

@@ -9,12 +9,11 @@ from raytuner.config.preflight import check_run
 from raytuner.config.redact import REDACTED, is_secret_key, redact
 from raytuner.config.run import RunConfig
 from raytuner.config.seed import SEED_FILE_NAME, record_seed
-from raytuner.config.training import SUPPORTED_FAMILIES, TrainingConfig
+from raytuner.config.training import TrainingConfig
 
 __all__ = [
     "REDACTED",
     "SEED_FILE_NAME",
-    "SUPPORTED_FAMILIES",
     "ConfigError",
     "DatasetConfig",
     "LycorisConfig",

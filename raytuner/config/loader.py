@@ -31,8 +31,9 @@ from raytuner.config.paths import (
 from raytuner.config.run import RunConfig
 from raytuner.config.seed import draw_seed, read_recorded_seed, seed_file
 from raytuner.config.surface import did_you_mean, flavours, key_aliases, simpletuner_families
-from raytuner.config.training import FAMILY_ALIASES, SUPPORTED_FAMILIES, TrainingConfig
+from raytuner.config.training import TrainingConfig
 from raytuner.config.webhooks import read_webhook_config
+from raytuner.models.registry import family_aliases, get_family, known_families
 
 logger = logging.getLogger(__name__)
 
@@ -178,17 +179,19 @@ def _sort_config_keys(
 
 def _check_model(training: TrainingConfig, *, explicit: set[str], where: str, findings: KeyFindings) -> None:
     family = training.model_family
-    if family in FAMILY_ALIASES:
-        training.model_family = FAMILY_ALIASES[family]
+    aliases = family_aliases()
+    supported_families = known_families()
+    if family in aliases:
+        training.model_family = aliases[family]
         findings.notes.append(f"{where}: model_family '{family}' read as '{training.model_family}'")
-    elif family not in SUPPORTED_FAMILIES:
-        supported = ", ".join(SUPPORTED_FAMILIES)
+    elif family not in supported_families:
+        supported = ", ".join(supported_families)
         if family in simpletuner_families():
             findings.problems.append(
                 f"{where}: model_family '{family}' is not supported by raytuner (supported: {supported})"
             )
         else:
-            hint = did_you_mean(family, SUPPORTED_FAMILIES) or did_you_mean(family, simpletuner_families())
+            hint = did_you_mean(family, supported_families) or did_you_mean(family, simpletuner_families())
             findings.problems.append(
                 f"{where}: 'model_family' = {family!r}: unknown model family{hint}; raytuner supports: {supported}"
             )
@@ -268,7 +271,7 @@ def _check_flow_schedule(
     """Say when a sigma-schedule setting will not do what it reads as."""
     shift_set = "flow_schedule_shift" in explicit and (training.flow_schedule_shift or 0) > 0
     auto_set = "flow_schedule_auto_shift" in explicit and training.flow_schedule_auto_shift
-    # OmniGen draws t = sigmoid(N(0, 1)) whatever the schedule says (its quickstart, and SimpleTuner).
+    # A family with its own sigma schedule (OmniGen) ignores all of these.
     sampling_set = {
         "flow_sigmoid_scale": "flow_sigmoid_scale" in explicit and training.flow_sigmoid_scale != 1.0,
         "flow_use_uniform_schedule": "flow_use_uniform_schedule" in explicit
@@ -276,12 +279,14 @@ def _check_flow_schedule(
         "flow_use_beta_schedule": "flow_use_beta_schedule" in explicit and training.flow_use_beta_schedule,
     }
     ignored = {"flow_schedule_shift": shift_set, "flow_schedule_auto_shift": auto_set, **sampling_set}
-    if training.model_family == "omnigen" and any(ignored.values()):
+    if training.model_family not in known_families():
+        return  # refused by _check_model already
+    fixed_schedule = get_family(training.model_family).fixed_sigma_schedule
+    if fixed_schedule and any(ignored.values()):
         keys = " and ".join(key for key, on in ignored.items() if on)
         findings.warnings.append(
-            f"{where}: {keys} set for omnigen: OmniGen trains with its own flow-matching schedule "
-            "(t = sigmoid(N(0, 1))) and applies no shift, so this setting has no effect; remove it to "
-            "silence this warning"
+            f"{where}: {keys} set for {training.model_family}: {fixed_schedule}, so this setting has no "
+            "effect; remove it to silence this warning"
         )
     elif shift_set and training.flow_schedule_auto_shift:
         findings.notes.append(

@@ -14,11 +14,6 @@ from typing import Any
 from raytuner.config.fields import rule
 from raytuner.config.surface import option_choices, value_aliases
 
-SUPPORTED_FAMILIES: tuple[str, ...] = ("cosmos2image", "omnigen")
-# SimpleTuner's metadata file names the Cosmos2 family "cosmos"; its model code registers
-# "cosmos2image", which the quickstarts use.
-FAMILY_ALIASES: dict[str, str] = {"cosmos": "cosmos2image"}
-
 
 def _choices(name: str) -> tuple[str, ...]:
     return option_choices(name)

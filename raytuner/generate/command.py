@@ -148,8 +148,14 @@ def _check_out_dir(out_dir: Path) -> None:
 def _log_screening(settings: GenerationSettings) -> None:
     if settings.screening.screened:
         logger.info("prompts and images are screened by %s", settings.screening.checker)
-    elif settings.family == "cosmos2image":
-        logger.warning("Cosmos2 images are NOT screened by a safety checker (%s)", settings.screening.note)
+    else:
+        family = get_family(settings.family)
+        if family.screens_images:
+            logger.warning(
+                "%s images are NOT screened by a safety checker (%s)",
+                family.display_name,
+                settings.screening.note,
+            )
 
 
 def _render_here(settings: GenerationSettings, requests: list[ImageRequest], index: GenerationIndex) -> int:

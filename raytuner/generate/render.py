@@ -17,13 +17,11 @@ from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
-from PIL import Image
 
 from raytuner.adapters import AdapterError, load_adapter
 from raytuner.generate.prompts import ImageRequest
 from raytuner.generate.settings import GenerateError, GenerationSettings
 from raytuner.models.registry import get_family
-from raytuner.models.safety import PassThroughSafetyChecker
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +62,9 @@ class ImageRenderer:
         self.settings = settings
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = torch_dtype(settings.dtype, self.device)
+        self.family = get_family(settings.family)(
+            settings.model, revision=settings.revision, dtype=self.dtype
+        )
         self.pipeline = self._build_pipeline()
         self.pipeline.set_progress_bar_config(disable=not progress)
         self.clip_scorer: Any = None
@@ -73,19 +74,12 @@ class ImageRenderer:
             self.clip_scorer = ClipScorer(settings.clip_model, device=self.device)
 
     def _build_pipeline(self) -> DiffusionPipeline:
-        family = get_family(self.settings.family)
-        components: dict[str, Any] = {}
-        if self.settings.family == "cosmos2image":
-            # The policy was decided with the settings: a checker when screened, else pass-through.
-            if self.settings.screening.screened:
-                components = family(self.settings.model).pipeline_components(allow_unscreened=False)
-            else:
-                components = {"safety_checker": PassThroughSafetyChecker()}
-        options = {"revision": self.settings.revision} if self.settings.revision else {}
+        # Built on the CPU, the adapter merged there, then moved to the device.
+        family = self.family
+        # The screening policy was decided with the settings (a checker when screened).
+        components = family.generation_components(screened=self.settings.screening.screened)
         try:
-            pipeline = family.pipeline_class.from_pretrained(
-                self.settings.model, dtype=self.dtype, **options, **components
-            )
+            pipeline = family.build_pipeline(**components)
         except (OSError, ValueError) as error:
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise GenerateError(f"--model {self.settings.model} could not be loaded: {first_line}") from None
@@ -130,7 +124,7 @@ class ImageRenderer:
             request.negative_prompt if request.negative_prompt is not None else self.settings.negative_prompt
         )
         with torch.inference_mode():
-            image = self._call(call, negative)
+            image = self.family.render(self.pipeline, call, negative_prompt=negative)
         clip_score = None
         if self.clip_scorer is not None:
             clip_score = float(self.clip_scorer.score([image], [request.prompt])[0])
@@ -150,45 +144,9 @@ class ImageRenderer:
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
 
-    def _call(self, call: dict[str, Any], negative: str | None) -> Image.Image:
-        if self.settings.family != "omnigen":
-            if negative is not None:
-                call["negative_prompt"] = negative
-            return self.pipeline(**call).images[0]
-        # OmniGenPipeline.__call__ takes no negative prompt: its processor adds its own default.
-        # A processor that passes ours on is lent to the pipeline for this call.
-        own = self.pipeline.multimodal_processor
-        if negative is not None:
-            self.pipeline.multimodal_processor = _WithNegativePrompt(own, negative)
-        try:
-            return self.pipeline(**call).images[0]
-        finally:
-            self.pipeline.multimodal_processor = own
-
     def _screen_prompt(self, prompt: str) -> str | None:
-        """The text check the Cosmos2 pipeline would make (and raise on), made first, so that one
+        """The text check a screening pipeline would make (and raise on), made first, so that one
         refused prompt of a batch is recorded in the index instead of ending the run."""
         if not self.settings.screening.screened:
             return None
-        from raytuner.models.cosmos2image import prompt_is_safe
-
-        return (
-            None
-            if prompt_is_safe(self.pipeline, prompt, self.device)
-            else "the safety checker refused the prompt"
-        )
-
-
-class _WithNegativePrompt:
-    """An OmniGen multimodal processor whose negative prompt is the one given."""
-
-    def __init__(self, processor: Any, negative_prompt: str) -> None:
-        self._processor = processor
-        self._negative_prompt = negative_prompt
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        kwargs["negative_prompt"] = self._negative_prompt
-        return self._processor(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:  # max_image_size and the rest, as the processor has them
-        return getattr(self._processor, name)
+        return self.family.prompt_refusal(self.pipeline, prompt, self.device)

@@ -173,7 +173,8 @@ def resolve_adapter(adapter: str, *, revision: str | None = None) -> Path:
 
 def screening_for(family: str, model: str, *, no_safety_checker: bool) -> Screening:
     """The safety policy for this model (see the module docstring)."""
-    if family != "cosmos2image":
+    family_cls = get_family(family)
+    if not family_cls.screens_images:
         if no_safety_checker:
             logger.warning("--no-safety-checker has no effect: %s pipelines have no safety checker", family)
         return Screening(screened=False, checker=None, note=f"{family} pipelines have no safety checker")
@@ -192,7 +193,7 @@ def screening_for(family: str, model: str, *, no_safety_checker: bool) -> Screen
             note=f"not screened: a tiny test model ({GUARDRAIL_PACKAGE} is not installed)",
         )
     raise GenerateError(
-        f"Cosmos2 generation screens prompts and images with {GUARDRAIL_PACKAGE}'s safety checker, which is "
+        f"{family_cls.display_name} generation screens prompts and images with {GUARDRAIL_PACKAGE}'s safety checker, which is "
         f"not installed: `pip install {GUARDRAIL_PACKAGE}` (it downloads its guard models on first use), or "
         "pass --no-safety-checker to generate unscreened images"
     )

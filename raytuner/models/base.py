@@ -38,6 +38,19 @@ class ModelFamily(ABC):
     """One model family: components, latent and prompt encoding, the training step's inputs."""
 
     name: ClassVar[str]
+    # How people and messages name the family ("Cosmos2"), and other model_family values that mean it.
+    display_name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    # The base model's licence as its Hub card states it (an adapter is a derivative of its base):
+    # the model card's license, license_name and license_link fields.
+    card_license: ClassVar[Mapping[str, str]] = {}
+    # None when the family draws training sigmas from the run's schedule (flow_schedule_shift,
+    # flow_schedule_auto_shift, flow_sigmoid_scale, the uniform and Beta options); otherwise what
+    # it does instead, in the words of a warning: those keys then have no effect.
+    fixed_sigma_schedule: ClassVar[str | None] = None
+    # Whether the family's pipeline screens prompts and images with a safety checker (generate's
+    # screening policy: raytuner.generate.settings.screening_for).
+    screens_images: ClassVar[bool] = False
     # flavour -> default hub id; a local path given as pretrained_model_name_or_path always wins.
     flavours: ClassVar[Mapping[str, str]]
     default_flavour: ClassVar[str]
@@ -266,6 +279,26 @@ class ModelFamily(ABC):
         ``allow_unscreened`` lets a family without its screening package installed run anyway
         (validation inside training); it is never the default for user-facing generation.
         """
+
+    def generation_components(self, *, screened: bool) -> dict[str, Any]:
+        """Extra components of a pipeline built for ``raytuner generate``: with ``screened`` the
+        family's safety checker (its package must be installed), else a pass-through where the
+        pipeline insists on one. Nothing for a family without screening."""
+        return {}
+
+    def prompt_refusal(self, pipeline: DiffusionPipeline, prompt: str, device: torch.device) -> str | None:
+        """Why the pipeline's safety checker refuses ``prompt`` (checked before rendering, so one
+        refused prompt of a batch is recorded rather than ending it), or None."""
+        return None
+
+    def render(
+        self, pipeline: DiffusionPipeline, call: dict[str, Any], *, negative_prompt: str | None
+    ) -> Image.Image:
+        """One image from the pipeline's own ``__call__`` with the keyword arguments ``call``
+        (prompt, steps, guidance, size, generator), and ``negative_prompt`` when given."""
+        if negative_prompt is not None:
+            call = {**call, "negative_prompt": negative_prompt}
+        return pipeline(**call).images[0]
 
     # ---- validation from cached conditioning ---------------------------------------------------
 

@@ -60,7 +60,7 @@ from transformers import AutoTokenizer, T5EncoderModel
 
 from raytuner.models.base import ConditioningBatch, ModelFamily, PromptConditioning
 from raytuner.models.registry import register_family
-from raytuner.models.safety import load_safety_checker
+from raytuner.models.safety import PassThroughSafetyChecker, load_safety_checker
 
 # Cosmos2TextToImagePipeline.__init__ registers these on its scheduler config.
 SIGMA_MAX = 80.0
@@ -72,6 +72,15 @@ MAX_SEQUENCE_LENGTH = 512  # __call__'s max_sequence_length default
 @register_family
 class Cosmos2Image(ModelFamily):
     name: ClassVar[str] = "cosmos2image"
+    display_name: ClassVar[str] = "Cosmos2"
+    # SimpleTuner's metadata names the family "cosmos"; its model code registers "cosmos2image".
+    aliases: ClassVar[tuple[str, ...]] = ("cosmos",)
+    card_license: ClassVar[dict[str, str]] = {
+        "license": "other",
+        "license_name": "nvidia-open-model-license",
+        "license_link": "https://www.nvidia.com/en-us/agreements/enterprise-software/nvidia-open-model-license",
+    }
+    screens_images: ClassVar[bool] = True
     flavours: ClassVar[dict[str, str]] = {
         "2b": "nvidia/Cosmos-Predict2-2B-Text2Image",
         "14b": "nvidia/Cosmos-Predict2-14B-Text2Image",
@@ -201,6 +210,16 @@ class Cosmos2Image(ModelFamily):
         # The pipeline refuses to run without a safety checker (the model licence asks for NVIDIA's
         # guardrail); raytuner.models.safety holds the policy.
         return {"safety_checker": load_safety_checker(allow_unscreened=allow_unscreened)}
+
+    def generation_components(self, *, screened: bool) -> dict[str, Any]:
+        # The pipeline refuses to run without a checker: the guardrail's, or a pass-through when
+        # generate's policy allows unscreened images (raytuner.generate.settings.screening_for).
+        if screened:
+            return self.pipeline_components(allow_unscreened=False)
+        return {"safety_checker": PassThroughSafetyChecker()}
+
+    def prompt_refusal(self, pipeline: DiffusionPipeline, prompt: str, device: torch.device) -> str | None:
+        return None if prompt_is_safe(pipeline, prompt, device) else "the safety checker refused the prompt"
 
     def generate_image(
         self,

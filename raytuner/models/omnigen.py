@@ -59,6 +59,12 @@ DEFAULT_NEGATIVE_PROMPT: str = (
 @register_family
 class OmniGen(ModelFamily):
     name: ClassVar[str] = "omnigen"
+    display_name: ClassVar[str] = "OmniGen"
+    card_license: ClassVar[dict[str, str]] = {"license": "mit"}
+    # Its quickstart: "hard-coded to its own flow-matching scheme; schedule shift is not applied".
+    fixed_sigma_schedule: ClassVar[str | None] = (
+        "OmniGen trains with its own flow-matching schedule (t = sigmoid(N(0, 1))) and applies no shift"
+    )
     flavours: ClassVar[dict[str, str]] = {"v1": "Shitao/OmniGen-v1-diffusers"}
     default_flavour: ClassVar[str] = "v1"
     pipeline_class = OmniGenPipeline
@@ -181,6 +187,19 @@ class OmniGen(ModelFamily):
     def pipeline_components(self, *, allow_unscreened: bool) -> dict[str, Any]:
         return {}
 
+    def render(
+        self, pipeline: DiffusionPipeline, call: dict[str, Any], *, negative_prompt: str | None
+    ) -> Image.Image:
+        # OmniGenPipeline.__call__ takes no negative prompt: its processor adds its own default.
+        # A processor that passes ours on is lent to the pipeline for this call.
+        own = pipeline.multimodal_processor
+        if negative_prompt is not None:
+            pipeline.multimodal_processor = _WithNegativePrompt(own, negative_prompt)
+        try:
+            return pipeline(**call).images[0]
+        finally:
+            pipeline.multimodal_processor = own
+
     def generate_image(
         self,
         pipeline: DiffusionPipeline,
@@ -243,3 +262,18 @@ class _CachedIdsProcessor:
             raise ValueError("cached OmniGen conditioning renders one text-only prompt, one image at a time")
         inputs = self.family.build_model_inputs([self.ids, self.negative_ids], height, width)
         return {**inputs, "input_pixel_values": []}
+
+
+class _WithNegativePrompt:
+    """An OmniGen multimodal processor whose negative prompt is the one given."""
+
+    def __init__(self, processor: Any, negative_prompt: str) -> None:
+        self._processor = processor
+        self._negative_prompt = negative_prompt
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["negative_prompt"] = self._negative_prompt
+        return self._processor(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # max_image_size and the rest, as the processor has them
+        return getattr(self._processor, name)

@@ -31,6 +31,12 @@ def known_families() -> list[str]:
     return sorted(_FAMILIES)
 
 
+def family_aliases() -> dict[str, str]:
+    """Other ``model_family`` values that name a registered family -> that family's name."""
+    _ensure_builtin_families_loaded()
+    return {alias: family.name for family in _FAMILIES.values() for alias in family.aliases}
+
+
 def get_family(name: str) -> type[ModelFamily]:
     _ensure_builtin_families_loaded()
     try:

@@ -36,15 +36,6 @@ _CONFIG_FILES = {
     "lycoris_config": "lycoris_config.json",
     "user_prompt_library": "user_prompt_library.json",
 }
-# The base models' licenses, as their own Hub cards state them; an adapter is a derivative of its base.
-_LICENSES: dict[str, dict[str, str]] = {
-    "cosmos2image": {
-        "license": "other",
-        "license_name": "nvidia-open-model-license",
-        "license_link": "https://www.nvidia.com/en-us/agreements/enterprise-software/nvidia-open-model-license",
-    },
-    "omnigen": {"license": "mit"},
-}
 # The Hub's tag for models whose outputs need not be safe for work; SimpleTuner adds it unless
 # model_card_safe_for_work is set.
 NOT_FOR_ALL_AUDIENCES = "not-for-all-audiences"
@@ -143,7 +134,7 @@ def card_front_matter(run: RunConfig, *, images: Sequence[CardImage] = ()) -> st
     data = ModelCardData(
         base_model=hub_id,
         library_name="diffusers",
-        **_LICENSES.get(training.model_family, {}),
+        **get_family(training.model_family).card_license,
         pipeline_tag="text-to-image",
         tags=tags,
         widget=[{"text": image.prompt, "output": {"url": image.path}} for image in images] or None,

@@ -38,6 +38,7 @@ from raytuner.config.overrides import override_run
 from raytuner.config.paths import display
 from raytuner.config.surface import did_you_mean
 from raytuner.evaluate.eval_loss import eval_datasets
+from raytuner.models.registry import get_family
 from raytuner.train.settings import RayOverrides
 from raytuner.tune.space import Parameter, Target, classify_fixed_key, classify_key, parse_parameter
 
@@ -64,6 +65,15 @@ TOP_LEVEL_KEYS = (
 RESOURCE_KEYS = ("num_workers", "cpus_per_worker", "gpus_per_worker")
 EARLY_STOPPING_KEYS = ("grace_period", "reduction_factor", "brackets")
 SHIFT_KEYS = ("flow_schedule_shift", "flow_schedule_auto_shift")
+# Every key that shapes the training sigmas: a family with its own schedule ignores them all.
+SIGMA_SCHEDULE_KEYS = (
+    *SHIFT_KEYS,
+    "flow_sigmoid_scale",
+    "flow_use_uniform_schedule",
+    "flow_use_beta_schedule",
+    "flow_beta_schedule_alpha",
+    "flow_beta_schedule_beta",
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -234,11 +244,12 @@ def _shift_problems(
 ) -> list[str]:
     swept = {parameter.key for parameter in parameters}
     config = display(run.sources["config"])
-    if run.training.model_family == "omnigen":
+    fixed_schedule = get_family(run.training.model_family).fixed_sigma_schedule
+    if fixed_schedule:
         return [
-            f"{where}: parameters '{key}': OmniGen trains with its own flow-matching schedule and applies "
-            'no shift, so every trial would train the same; remove it from "parameters"'
-            for key in SHIFT_KEYS
+            f"{where}: parameters '{key}': {fixed_schedule}, so every trial would train the same; "
+            'remove it from "parameters"'
+            for key in SIGMA_SCHEDULE_KEYS
             if key in swept
         ]
     if "flow_schedule_shift" not in swept:
