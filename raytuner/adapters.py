@@ -35,13 +35,14 @@ from lycoris.modules.lokr import LokrModule
 from lycoris.modules.norms import NormModule
 
 from raytuner.config import LycorisConfig
+from raytuner.errors import RaytunerError
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_FILENAME = "pytorch_lora_weights.safetensors"
 
 
-class AdapterError(ValueError):
+class AdapterError(RaytunerError, ValueError):
     """A problem with an adapter file or an adapter spec, stated in one line."""
 
 

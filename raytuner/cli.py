@@ -1,8 +1,11 @@
 """The ``raytuner`` command.
 
-Each subcommand is a thin shim over a module function that returns an exit code; expected
-problems (bad configs, missing files) are printed as one ``error:`` line with exit code 2, never
-as a traceback.
+Each subcommand is a thin shim over a module function that returns an exit code. Errors are
+handled here, once for every command: an expected problem (a bad config, a missing folder — any
+:class:`~raytuner.errors.RaytunerError`, also when Ray raised it on a worker) is one ``error:``
+line per problem with exit code 2, never a traceback; anything else is a bug, said in one line
+that names the exception and where its traceback was saved, with exit code 1 (``--verbose``
+prints the traceback instead).
 """
 
 from __future__ import annotations
@@ -11,9 +14,15 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
+import traceback
 from collections.abc import Sequence
+from typing import Any
 
-EXIT_USAGE = 2
+EXIT_BUG = 1
+EXIT_ERROR = 2
+
+logger = logging.getLogger(__name__)
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -22,11 +31,9 @@ def _check_config(args: argparse.Namespace) -> int:
     if args.keys:
         return print_keys(args.format)
     if args.config is None:
-        print(
-            "error: check-config needs --config config.json (or --keys to print the key table)",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
+        from raytuner.errors import RaytunerError
+
+        raise RaytunerError("check-config needs --config config.json (or --keys to print the key table)")
     from raytuner.preflight import check_config_main
 
     return check_config_main(args.config, strict=args.strict)
@@ -138,10 +145,20 @@ def build_parser() -> argparse.ArgumentParser:
         prog="raytuner",
         description="LyCORIS LoKr fine-tuning of flow-matching image transformers on Ray, from SimpleTuner configs.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    verbose_help = "log at debug level, and print the traceback of an unexpected error (a bug in raytuner)"
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+    # Also accepted after the command (``raytuner train --config c.json -v``). SUPPRESS leaves the
+    # flag out of the namespace when it is not given there, so a -v before the command stands.
+    after_command = argparse.ArgumentParser(add_help=False)
+    after_command.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    check = commands.add_parser(
+    def add_command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[after_command], **kwargs)
+
+    check = add_command(
         "check-config",
         help="load a SimpleTuner config.json and print it resolved, or print the SimpleTuner compatibility table",
     )
@@ -161,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.set_defaults(handler=_check_config)
 
-    cache = commands.add_parser(
+    cache = add_command(
         "cache",
         help="encode the datasets of a config into the Parquet latent and text caches (Ray Data), and update them",
     )
@@ -181,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cache.set_defaults(handler=_cache)
 
-    train = commands.add_parser(
+    train = add_command(
         "train",
         help="train a LoKr adapter with Ray Train: check the config, build the cache, train, validate, write the adapter",
     )
@@ -190,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ray_flags(train)
     train.set_defaults(handler=_train)
 
-    tune = commands.add_parser(
+    tune = add_command(
         "tune",
         help="sweep learning rate, LoKr factor, flow shift and more with Ray Tune + Optuna TPE + ASHA over one cache",
     )
@@ -205,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--strict", action="store_true", help="make 'accepted, not yet supported' keys errors")
     tune.set_defaults(handler=_tune)
 
-    generate = commands.add_parser(
+    generate = add_command(
         "generate",
         help="render images from a base model or a trained LoKr adapter (merged with lycoris); "
         "a prompts file renders on a Ray Data actor pool, resumably",
@@ -279,13 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.set_defaults(handler=_generate)
 
-    tiny = commands.add_parser("tiny-model", help="write a tiny random-weight diffusers checkpoint (offline)")
+    tiny = add_command("tiny-model", help="write a tiny random-weight diffusers checkpoint (offline)")
     tiny.add_argument("--family", required=True, help="cosmos2image, omnigen, or clip (a tiny CLIP)")
     tiny.add_argument("--out", required=True, help="folder to write the checkpoint to")
     tiny.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     tiny.set_defaults(handler=_tiny_model)
 
-    demo = commands.add_parser(
+    demo = add_command(
         "demo",
         help="offline demo: tiny checkpoints, synthetic images, LoKr training, adapter, validation images",
     )
@@ -316,7 +333,60 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("httpx2").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     # No command ever downloads from a hub unless the user points it at one on purpose.
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    return int(args.handler(args))
+    try:
+        return int(args.handler(args))
+    except Exception as error:  # KeyboardInterrupt and SystemExit keep Python's own handling
+        return report_error(error, verbose=args.verbose)
+
+
+def report_error(error: Exception, *, verbose: bool = False) -> int:
+    """Say what went wrong on stderr and return the exit code: 2 for a RaytunerError, 1 for a bug.
+
+    A RaytunerError's problems are ``error:`` lines (the user fixes them; its traceback is
+    logged at debug level, so ``--verbose`` shows where it was raised). Anything else is a bug: one
+    line with its type and message, its traceback saved to a file so that a run that failed after
+    hours need not be repeated to see it — or, with ``verbose``, printed.
+    """
+    from raytuner.errors import find_error
+
+    expected = find_error(error)
+    if expected is not None:
+        for line in expected.problems:
+            print(f"error: {line}", file=sys.stderr)
+        logger.debug("where the error above was raised", exc_info=error)
+        return EXIT_ERROR
+    bug = f"error: unexpected {describe_bug(error)} (a bug in raytuner or a library it uses)"
+    if verbose:
+        traceback.print_exception(error, file=sys.stderr)
+        print(f"{bug}; traceback above", file=sys.stderr)
+        return EXIT_BUG
+    saved = save_traceback(error)
+    where = f"traceback in {saved}, or run" if saved else "run"
+    print(f"{bug}; {where} again with --verbose to print it", file=sys.stderr)
+    return EXIT_BUG
+
+
+def describe_bug(error: BaseException) -> str:
+    """``Type: first line of the message`` of the exception as raised, inside Ray's wrappers."""
+    seen = {id(error)}
+    # A RayTaskError's own text is the remote traceback; the exception it carries is the bug.
+    cause = getattr(error, "cause", None)
+    while isinstance(cause, BaseException) and id(cause) not in seen:
+        seen.add(id(cause))
+        error, cause = cause, getattr(cause, "cause", None)
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def save_traceback(error: BaseException) -> str | None:
+    """The path of a new file in the temp folder holding ``error``'s traceback; None if none could be written."""
+    try:
+        handle, path = tempfile.mkstemp(prefix="raytuner-traceback-", suffix=".txt")
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write("".join(traceback.format_exception(error)))
+    except OSError:
+        return None
+    return path
 
 
 if __name__ == "__main__":

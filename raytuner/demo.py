@@ -13,7 +13,6 @@ the validation prompt with the adapter merged in, as a user would after training
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,13 +20,13 @@ from raytuner.cache.build import image_datasets
 from raytuner.config import RunConfig, load_config
 from raytuner.config.datasets import DatasetConfig
 from raytuner.data.synthetic import synthetic_images, write_dataset
+from raytuner.errors import RaytunerError
 from raytuner.evaluate.metrics import read_metrics
-from raytuner.generate.settings import GenerateError
 from raytuner.models.registry import known_families
 from raytuner.models.safety import is_tiny_checkpoint
 from raytuner.models.tiny import build_tiny_checkpoint
 from raytuner.ray_runtime import ray_session
-from raytuner.train.launcher import TRAIN_ERRORS, TrainError, TrainOutcome, run_training
+from raytuner.train.launcher import TrainOutcome, run_training
 from raytuner.train.settings import RayOverrides, resolve_settings
 
 logger = logging.getLogger(__name__)
@@ -37,7 +36,7 @@ DEMO_IMAGES = 8
 DEMO_EVAL_IMAGES = 4
 
 
-class DemoError(RuntimeError):
+class DemoError(RaytunerError, RuntimeError):
     """A one-line reason the demo cannot run."""
 
 
@@ -159,22 +158,16 @@ def demo_main(
     configs_dir = Path(configs)
     chosen = families or known_families()
     results = []
-    try:
-        config_paths = [configs_dir / family_name / "config.json" for family_name in chosen]
+    config_paths = [configs_dir / family_name / "config.json" for family_name in chosen]
+    for config_path in config_paths:
+        if not config_path.is_file():
+            raise DemoError(
+                f"demo config {config_path} not found: run from the repository root or pass --configs DIR"
+            )
+    # One local Ray for every family (with its dashboard on 127.0.0.1, as raytuner train starts it).
+    with ray_session(dashboard=True):
         for config_path in config_paths:
-            if not config_path.is_file():
-                raise DemoError(
-                    f"demo config {config_path} not found: run from the repository root or pass --configs DIR"
-                )
-        # One local Ray for every family (with its dashboard on 127.0.0.1, as raytuner train starts it).
-        with ray_session(dashboard=True):
-            for config_path in config_paths:
-                results.append(run_family_demo(config_path, steps))
-    except (DemoError, TrainError, GenerateError, *TRAIN_ERRORS) as error:
-        lines = getattr(error, "problems", None) or (str(error),)
-        for line in lines:
-            print(f"error: {line}", file=sys.stderr)
-        return 2
+            results.append(run_family_demo(config_path, steps))
     print()
     print(_summary_table(results))
     return 0

@@ -45,6 +45,7 @@ from raytuner.adapters import ADAPTER_FILENAME
 from raytuner.config import RunConfig
 from raytuner.config.fields import problem
 from raytuner.config.paths import display
+from raytuner.errors import RaytunerError
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ LOSS_CURVE_FILENAME = "loss.png"
 _REDACTED = "***"
 
 
-class HubError(RuntimeError):
+class HubError(RaytunerError, RuntimeError):
     """A one-line reason a Hub call failed; its text never holds the token."""
 
 

@@ -10,7 +10,6 @@ fetched by the cache step, the first piece of work.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Literal
 
@@ -37,7 +36,7 @@ from raytuner.train.optim import (
     effective_learning_rate,
     optimizer_settings,
 )
-from raytuner.train.settings import RaySettings, SettingsError, read_settings, run_name, storage_filesystem
+from raytuner.train.settings import RaySettings, read_settings, run_name, storage_filesystem
 from raytuner.train.state import CheckpointError, read_manifest
 from raytuner.train.zero import DeepSpeedConfigError, deepspeed_plan
 
@@ -45,7 +44,6 @@ from raytuner.train.zero import DeepSpeedConfigError, deepspeed_plan
 FRESH_RUN_VALUES = ("", "none", "false")
 # Ray Train's record of a run's checkpoints, written under the storage path once a run reports one.
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
-EXIT_BAD_CONFIG = 2
 
 
 Command = Literal["train", "tune", "cache"]
@@ -181,29 +179,18 @@ def _previous_run_exists(settings: RaySettings, name: str) -> bool:
 
 def check_config_main(config_path: str, *, strict: bool = False) -> int:
     """``raytuner check-config``: load and check a config as ``raytuner train`` would, print the
-    result. 0 when it can start, 2 with one ``error:`` line per problem on stderr."""
-    try:
-        with quiet_config_logging():
-            run = load_config(config_path, strict=strict)
-        settings = settings_as_on_this_machine(run)
-    except (ConfigError, SettingsError) as error:
-        print_errors(error)
-        return EXIT_BAD_CONFIG
+    result. 0 when it can start; otherwise the problems are raised as one ConfigError (or the
+    SettingsError of its ray_* keys), which the command line prints as ``error:`` lines, exit 2."""
+    with quiet_config_logging():
+        run = load_config(config_path, strict=strict)
+    settings = settings_as_on_this_machine(run)
     print(format_run(run))
     print(f"ray: {settings.describe()}")
     problems = preflight(run, settings)
     if problems:
-        print_errors(ConfigError(problems))
-        return EXIT_BAD_CONFIG
+        raise ConfigError(problems)
     print(f"ok: {display(run.sources['config'])}")
     return EXIT_OK
-
-
-def print_errors(error: Exception) -> None:
-    """One ``error:`` line per problem on stderr (a ConfigError's list, else the message)."""
-    lines = error.problems if isinstance(error, ConfigError) else (str(error),)
-    for line in lines:
-        print(f"error: {line}", file=sys.stderr)
 
 
 def settings_as_on_this_machine(run: RunConfig) -> RaySettings:

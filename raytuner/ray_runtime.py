@@ -106,18 +106,20 @@ def cluster_connection() -> Iterator[None]:
         yield
 
 
-def unwrap_error(error: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
-    """The first exception of ``kinds`` inside a Ray task error chain, or None.
+@contextmanager
+def original_map_errors() -> Iterator[None]:
+    """Ray Data hands the driver a map function's exception as raised (inside ``RayTaskError``).
 
-    Ray wraps an exception raised in a task or actor in ``RayTaskError`` (which subclasses the
-    original type) and sometimes in ``ActorDiedError``/``RayActorError`` whose text carries it.
+    By default Ray Data raises a ``UserCodeException`` from it, and pickling drops that one's
+    ``__cause__``: the driver would get a raytuner error (a dataset a node cannot read) only as
+    the text of a traceback. The driver's Data context is restored after the block.
     """
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, kinds):
-            return current
-        cause = getattr(current, "cause", None)
-        current = cause if isinstance(cause, BaseException) else (current.__cause__ or current.__context__)
-    return None
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    saved = context.raise_original_map_exception
+    context.raise_original_map_exception = True
+    try:
+        yield
+    finally:
+        context.raise_original_map_exception = saved

@@ -25,11 +25,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from raytuner.config.paths import has_scheme
+from raytuner.errors import RaytunerError
 
 SCHEMES = ("file", "s3", "gs", "gcs")
 
 
-class StorageError(RuntimeError):
+class StorageError(RaytunerError, RuntimeError):
     """A location that cannot be opened, read or written; the message names it and the fix."""
 
 

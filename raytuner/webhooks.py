@@ -42,6 +42,7 @@ from typing import Any
 from raytuner.config import RunConfig
 from raytuner.config.paths import display
 from raytuner.config.webhooks import WebhookTarget, read_webhook_config
+from raytuner.errors import find_error
 
 logger = logging.getLogger(__name__)
 
@@ -457,10 +458,11 @@ def _severity(level: str) -> str:
 
 
 def _one_line(error: BaseException) -> str:
+    expected = find_error(error)
+    if expected is not None:
+        return str(expected)[:500]  # raytuner's own errors are one line that stands alone
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     text = lines[-1] if lines else ""
-    if type(error).__module__.startswith("raytuner."):
-        return (text or type(error).__name__)[:500]  # raytuner's own errors are one line that stands alone
     text = f"{type(error).__name__}: {text}" if text else type(error).__name__
     return text[:500]
 

@@ -24,6 +24,7 @@ import yaml
 from PIL import Image
 
 from raytuner.adapters import ADAPTER_FILENAME
+from raytuner.cli import main
 from raytuner.config import RunConfig
 from raytuner.hub import (
     CheckpointUploads,
@@ -34,7 +35,6 @@ from raytuner.hub import (
     open_repo,
     publish_run,
 )
-from raytuner.train.launcher import train_main
 from raytuner.train.outputs import write_config_copies, write_model_card
 from tests.cache.helpers import draw_images, image_dataset, text_dataset, write_run_files
 from tests.hub_server import Commit, HubServer
@@ -378,7 +378,7 @@ def test_publishing_problems_are_one_error_line_before_any_work(
         monkeypatch.delenv("HF_TOKEN")
     run = load_run(tmp_path, **config)
 
-    assert train_main(str(run.sources["config"])) == 2
+    assert main(["train", "--config", str(run.sources["config"])]) == 2
 
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, errors

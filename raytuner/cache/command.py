@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import logging
-import sys
 
 from raytuner.cache.build import BuildOptions, CacheSummary, Encoders, build_cache, check_cache_settings
-from raytuner.cache.format import CacheError
 from raytuner.config import ConfigError, RunConfig, load_config
-from raytuner.data.plan import BatchShape, PlanError
+from raytuner.data.plan import BatchShape
 from raytuner.data.reader import open_training_data
-from raytuner.ray_runtime import ray_session, unwrap_error
-from raytuner.storage import StorageError
+from raytuner.errors import find_error
+from raytuner.ray_runtime import original_map_errors, ray_session
 
 logger = logging.getLogger(__name__)
-
-EXPECTED_ERRORS = (ConfigError, CacheError, StorageError, PlanError)
 
 
 def run_cache(run: RunConfig, options: BuildOptions, encoders: Encoders | None = None) -> CacheSummary:
@@ -28,11 +24,11 @@ def run_cache(run: RunConfig, options: BuildOptions, encoders: Encoders | None =
 
     if encoders is None:
         encoders = check_cache_settings(run)
-    with ray_session():
+    with ray_session(), original_map_errors():
         try:
             return build_cache(run, options, encoders)
         except ray.exceptions.RayError as error:
-            inner = unwrap_error(error, EXPECTED_ERRORS)
+            inner = find_error(error)  # a RaytunerError of an encoding task, as it raised it
             if inner is not None:
                 raise inner from None
             raise
@@ -56,37 +52,28 @@ def check_batches(run: RunConfig, *, workers: int | None = None) -> int:
     return len(open_training_data(run).plan(shape, seed=run.seed, epoch=0))
 
 
-def _print_error(error: Exception) -> None:
-    lines = error.problems if isinstance(error, ConfigError) else (str(error),)
-    for line in lines:
-        print(f"error: {line}", file=sys.stderr)
-
-
 def cache_main(
     config: str, *, strict: bool = False, rebuild: bool = False, encoder_actors: int | None = None
 ) -> int:
+    """The ``raytuner cache`` command: exit 0 with the caches committed and the summary printed.
+
+    What stops it is raised as a RaytunerError, which the command line prints (raytuner/cli.py).
+    """
     from raytuner.preflight import preflight
     from raytuner.ray_runtime import cluster_connection
-    from raytuner.train.settings import SettingsError, read_settings
+    from raytuner.train.settings import read_settings
 
-    try:
-        run = load_config(config, strict=strict)
-        request = read_settings(run)
-        with cluster_connection():  # the run's workers, as train would choose them, for its checks
-            problems = preflight(run, request.settle(), command="cache")
-            if problems:
-                raise ConfigError(problems)
-            summary = run_cache(run, BuildOptions(encoder_actors=encoder_actors, rebuild=rebuild))
-    except (*EXPECTED_ERRORS, SettingsError) as error:
-        _print_error(error)
-        return 2
+    run = load_config(config, strict=strict)
+    request = read_settings(run)
+    with cluster_connection():  # the run's workers, as train would choose them, for its checks
+        problems = preflight(run, request.settle(), command="cache")
+        if problems:
+            raise ConfigError(problems)
+        summary = run_cache(run, BuildOptions(encoder_actors=encoder_actors, rebuild=rebuild))
     print()
     print(summary.table())
-    try:
-        batches = check_batches(run)
-    except EXPECTED_ERRORS as error:
-        # The cache is committed and kept; only the datasets are too small to train on as configured.
-        _print_error(error)
-        return 2
+    # A PlanError here leaves the cache committed and kept: only the datasets are too small to
+    # train on as configured.
+    batches = check_batches(run)
     print(f"{batches} global batch(es) per epoch")
     return 0

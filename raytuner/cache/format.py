@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raytuner.errors import RaytunerError
 from raytuner.storage import Location, StorageError, describe_error, read_bytes, write_bytes_atomic
 
 FORMAT_NAME = "raytuner.cache"
@@ -75,7 +76,7 @@ LOCATION_COLUMNS: dict[str, pa.DataType] = {"shard": pa.string(), "row_group": p
 LOCATION_KEYS = ("key", *LOCATION_COLUMNS)
 
 
-class CacheError(RuntimeError):
+class CacheError(RaytunerError, RuntimeError):
     """A cache that cannot be used as it is; the message names the folder and the fix."""
 
 

@@ -117,8 +117,16 @@ class VaeEncoder:
     ) -> None:
         import torch
 
+        # A dataset this node cannot read is raised by the first call, not here: Ray hands the
+        # driver an exception from a call whole, but one from an actor's constructor only as the
+        # text of an ActorDiedError, after Ray Data has retried the actor.
+        self.unreadable: fmt.CacheError | None = None
         for dataset_id, location in local_sources.items():
-            discovery.check_visible(dataset_id, location)
+            try:
+                discovery.check_visible(dataset_id, location)
+            except fmt.CacheError as error:
+                self.unreadable = error
+                return
         from raytuner.models.registry import get_family
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -126,6 +134,8 @@ class VaeEncoder:
         self.family.load_vae()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if self.unreadable is not None:
+            raise self.unreadable
         from raytuner.data.synthetic import to_pixels
 
         rows = rows_of(batch)

@@ -28,13 +28,15 @@ import math
 import random
 from dataclasses import dataclass
 
+from raytuner.errors import RaytunerError
+
 RESOLUTION_TYPES = ("pixel", "area", "pixel_area")
 CROP_STYLES = ("center", "centre", "corner", "random")
 # TrainingSample._set_resolution: megapixel values it snaps to a well-known square edge (±0.05).
 _KNOWN_AREAS = {0.25: 512**2, 0.5: 768**2, 1.0: 1024**2, 2.0: 1536**2, 4.0: 2048**2}
 
 
-class BucketError(ValueError):
+class BucketError(RaytunerError, ValueError):
     """Settings that cannot produce a bucket (named, with the fix)."""
 
 

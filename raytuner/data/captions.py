@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import posixpath
 
+from raytuner.errors import RaytunerError
 
-class CaptionError(ValueError):
+
+class CaptionError(RaytunerError, ValueError):
     """An image whose caption cannot be read (reported and skipped, not fatal)."""
 
 

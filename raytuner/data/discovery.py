@@ -28,6 +28,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from raytuner.cache.format import CacheError
 from raytuner.config.datasets import DatasetConfig
 from raytuner.data.captions import CaptionError, caption_file_for, caption_from_filename, caption_from_text
+from raytuner.errors import RaytunerError
 from raytuner.storage import Location, S3Settings, StorageError, describe_error, list_files, read_bytes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -230,7 +231,7 @@ def probe_file(listed: ListedFile, location: Location, *, caption_strategy: str)
     )
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(RaytunerError, ValueError):
     """A file that is not a whole, decodable image."""
 
 

@@ -25,8 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from raytuner.errors import RaytunerError
 
-class PlanError(ValueError):
+
+class PlanError(RaytunerError, ValueError):
     """A dataset too small to make a single global batch; the message names it and the fix."""
 
 

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from raytuner.config.training import DEFAULT_EVALUATION_MODEL, TrainingConfig
+from raytuner.errors import RaytunerError
 
 CLIP_EVALUATION = "clip"  # the evaluation_type that turns CLIP scoring on
 DEFAULT_CLIP_MODEL = DEFAULT_EVALUATION_MODEL
@@ -49,7 +50,7 @@ _HOW_TO_FIX = (
 )
 
 
-class ClipScoreError(ValueError):
+class ClipScoreError(RaytunerError, ValueError):
     """A one-line reason a CLIP model cannot be used: which model, what is wrong, how to fix it."""
 
 

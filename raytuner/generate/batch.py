@@ -16,6 +16,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from raytuner.errors import RaytunerError
 from raytuner.generate.index import GenerationIndex
 from raytuner.generate.prompts import ImageRequest
 from raytuner.generate.render import ImageRenderer, Rendered
@@ -37,7 +38,7 @@ class RenderActor:
         self.error = ""
         try:
             self.renderer = ImageRenderer(GenerationSettings.from_dict(settings), progress=False)
-        except GenerateError as error:
+        except RaytunerError as error:  # GenerateError, or the adapter's, CLIP model's or safety checker's
             self.error = str(error)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:

@@ -10,12 +10,11 @@ from pathlib import Path
 from raytuner.generate.index import GenerationIndex
 from raytuner.generate.prompts import (
     ImageRequest,
-    PromptFileError,
     read_prompt_file,
     single_prompt,
 )
 from raytuner.generate.settings import GenerateError, GenerationSettings, resolve_settings
-from raytuner.models.registry import UnknownModelFamilyError, get_family
+from raytuner.models.registry import get_family
 
 logger = logging.getLogger(__name__)
 
@@ -183,12 +182,11 @@ def _write_grid(out_dir: Path, requests: list[ImageRequest], index: GenerationIn
 
 
 def generate_main(options: GenerateOptions) -> int:
-    """``raytuner generate``: exit 0 with the images and index written, 2 with one ``error:`` line."""
+    """``raytuner generate``: exit 0 with the images and index written, 130 when interrupted (it
+    resumes). What stops it is raised as a RaytunerError, which the command line prints (raytuner/cli.py).
+    """
     try:
         outcome = run_generate(options)
-    except (GenerateError, PromptFileError, UnknownModelFamilyError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted: the images written so far are in the index; run again to resume", file=sys.stderr)
         return 130

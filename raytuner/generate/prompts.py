@@ -23,13 +23,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from raytuner.errors import RaytunerError
+
 PROMPT_FILE_SUFFIXES = (".txt", ".json")
 _ENTRY_KEYS = {"prompt", "name", "negative_prompt", "seed", "resolution", "num_images"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _NAME_LENGTH = 48
 
 
-class PromptFileError(ValueError):
+class PromptFileError(RaytunerError, ValueError):
     """A prompts file that cannot be read, stated in one line."""
 
 

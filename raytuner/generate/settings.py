@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from raytuner.adapters import ADAPTER_FILENAME, AdapterError, inspect_adapter_file
+from raytuner.errors import RaytunerError
 from raytuner.generate.prompts import parse_resolution
 from raytuner.models.registry import get_family, known_families
 from raytuner.models.safety import GUARDRAIL_PACKAGE, is_guardrail_installed, is_tiny_checkpoint
@@ -33,7 +34,7 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class GenerateError(ValueError):
+class GenerateError(RaytunerError, ValueError):
     """A reason ``raytuner generate`` cannot run, stated in one line."""
 
 

@@ -52,6 +52,7 @@ import torch
 
 from raytuner.config import LycorisConfig
 from raytuner.config.training import QUANTIZED_PRECISIONS, TrainingConfig
+from raytuner.errors import RaytunerError
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ PACKAGES: dict[str, tuple[str, str]] = {
 KEPT_LINEARS: tuple[str, ...] = ("*.norm*",)
 
 
-class QuantizationError(ValueError):
+class QuantizationError(RaytunerError, ValueError):
     """A base_model_precision that cannot run here, in one line."""
 
 

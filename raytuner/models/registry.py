@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from raytuner.errors import RaytunerError
 from raytuner.models.base import ModelFamily
 
 _FAMILIES: dict[str, type[ModelFamily]] = {}
 
 
-class UnknownModelFamilyError(ValueError):
+class UnknownModelFamilyError(RaytunerError, ValueError):
     """Raised for a model_family raytuner has no implementation of."""
 
 

@@ -22,12 +22,18 @@ from typing import Any
 
 import numpy as np
 
+from raytuner.errors import RaytunerError
+
 logger = logging.getLogger(__name__)
 
 TINY_CHECKPOINT_MARKER = "raytuner_tiny.json"
 """File written at the root of every checkpoint built by `raytuner.models.tiny`."""
 
 GUARDRAIL_PACKAGE = "cosmos_guardrail"
+
+
+class SafetyCheckerError(RaytunerError, RuntimeError):
+    """No safety checker for a Cosmos2 pipeline that needs one, and how to get one."""
 
 
 class PassThroughSafetyChecker:
@@ -73,7 +79,7 @@ def load_safety_checker(*, allow_unscreened: bool) -> object:
 
     Returns `cosmos_guardrail.CosmosSafetyChecker()` when that package is installed; otherwise a
     `PassThroughSafetyChecker` if `allow_unscreened` is True (warning once per process that
-    images are not screened); otherwise raises `RuntimeError`.
+    images are not screened); otherwise raises `SafetyCheckerError`.
     """
     if is_guardrail_installed():
         from cosmos_guardrail import CosmosSafetyChecker
@@ -81,13 +87,13 @@ def load_safety_checker(*, allow_unscreened: bool) -> object:
         try:
             return CosmosSafetyChecker()
         except Exception as exc:  # its guard models come from the hub; say so instead of a bare trace
-            raise RuntimeError(
+            raise SafetyCheckerError(
                 f"{GUARDRAIL_PACKAGE} is installed but its CosmosSafetyChecker could not be loaded "
                 f"({type(exc).__name__}: {exc}). It downloads its guard models from the Hugging Face "
                 "hub on first use; make them reachable or cached."
             ) from exc
     if not allow_unscreened:
-        raise RuntimeError(
+        raise SafetyCheckerError(
             f"Cosmos2 generation needs a safety checker, and {GUARDRAIL_PACKAGE} is not installed. "
             f"Install it (`pip install {GUARDRAIL_PACKAGE}`, which downloads its guard models from the "
             "hub on first use), or opt out explicitly to generate unscreened images."

@@ -19,7 +19,6 @@ import math
 import os
 import shutil
 import string
-import sys
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -28,12 +27,19 @@ from pathlib import Path
 
 import torch
 
+from raytuner.errors import RaytunerError
+from raytuner.models.registry import UnknownModelFamilyError
 from raytuner.models.safety import TINY_CHECKPOINT_MARKER, PassThroughSafetyChecker
 
 KNOWN_FAMILIES = ("cosmos2image", "omnigen")
 # `raytuner tiny-model --family clip` writes the tiny CLIP: an evaluation model, not a model family.
 CLIP_KIND = "clip"
 TINY_MODEL_KINDS = (*KNOWN_FAMILIES, CLIP_KIND)
+
+
+class TinyModelError(RaytunerError, FileExistsError):
+    """A folder a tiny checkpoint cannot be written to without overwriting something else."""
+
 
 # Caption-like sentences the tiny tokenizers are trained on. The prompt templates the pipelines
 # add (OmniGen's instruction line, Cosmos2's default negative prompt) are in here too, so they
@@ -249,7 +255,7 @@ def build_tiny_checkpoint(family: str, out_dir: str | Path, *, seed: int = 0) ->
     folder.
     """
     if family not in _BUILDERS:
-        raise ValueError(f"unknown model family {family!r} (known: {', '.join(KNOWN_FAMILIES)})")
+        raise UnknownModelFamilyError(f"unknown model family {family!r} (known: {', '.join(KNOWN_FAMILIES)})")
     return _write_tiny_folder(family, _BUILDERS[family], out_dir, seed=seed)
 
 
@@ -297,11 +303,7 @@ def tiny_model_main(family: str, out: str, seed: int = 0) -> int:
     """`raytuner tiny-model`: build a tiny checkpoint (or, for `clip`, the tiny CLIP evaluation
     model), print where it is and what it holds."""
     if family not in TINY_MODEL_KINDS:
-        print(
-            f"error: unknown model family {family!r} (known: {', '.join(KNOWN_FAMILIES)})",
-            file=sys.stderr,
-        )
-        return 2
+        raise UnknownModelFamilyError(f"unknown model family {family!r} (known: {', '.join(KNOWN_FAMILIES)})")
     if family == CLIP_KIND:
         folder = build_tiny_clip(out, seed=seed)
     else:
@@ -325,9 +327,9 @@ def _check_replaceable(out_dir: Path) -> None:
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a folder")
+        raise TinyModelError(f"{out_dir} exists and is not a folder")
     if any(out_dir.iterdir()) and not (out_dir / TINY_CHECKPOINT_MARKER).is_file():
-        raise FileExistsError(
+        raise TinyModelError(
             f"{out_dir} is not empty and is not a tiny checkpoint ({TINY_CHECKPOINT_MARKER} missing); "
             "refusing to overwrite it"
         )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,18 +23,17 @@ from raytuner.cache.build import (
     role_prompts,
     text_dataset,
 )
-from raytuner.cache.command import EXPECTED_ERRORS, check_batches, run_cache
+from raytuner.cache.command import check_batches, run_cache
 from raytuner.config import ConfigError, RunConfig, TrainingConfig, load_config, record_seed
 from raytuner.config.paths import display, has_scheme
-from raytuner.data.plan import PlanError
-from raytuner.evaluate.clip_score import ClipScoreError
+from raytuner.errors import RaytunerError, find_error
 from raytuner.evaluate.metrics import read_metrics
 from raytuner.evaluate.wandb_tracker import WandbTarget, uses_wandb, wandb_target
-from raytuner.hub import HubError, HubTarget, open_repo, publish_run
-from raytuner.models.quantize import QuantizationError, quantization_warnings
+from raytuner.hub import HubTarget, open_repo, publish_run
+from raytuner.models.quantize import quantization_warnings
 from raytuner.preflight import lr_schedule_problem, preflight, resume_path
-from raytuner.ray_runtime import cluster_connection, ray_session, unwrap_error
-from raytuner.storage import Location, StorageError
+from raytuner.ray_runtime import cluster_connection, ray_session
+from raytuner.storage import Location
 from raytuner.train.layout import (
     LayoutError,
     on_cluster,
@@ -44,18 +42,15 @@ from raytuner.train.layout import (
     write_marker,
 )
 from raytuner.train.loop import FailureInjection, TrainJob, train_worker
-from raytuner.train.optim import OptimizerError
 from raytuner.train.outputs import write_config_copies
 from raytuner.train.settings import (
     RayOverrides,
     RayRequest,
     RaySettings,
-    SettingsError,
     read_settings,
     run_name,
     storage_filesystem,
 )
-from raytuner.train.state import CheckpointError
 from raytuner.train.zero import DeepSpeedPlan, deepspeed_plan
 from raytuner.webhooks import report_failures, webhook_settings
 
@@ -63,19 +58,9 @@ logger = logging.getLogger(__name__)
 
 # Test aid: "step=K[,rank=R][,marker=PATH]" makes that worker exit abruptly once at step K.
 INJECT_FAILURE_ENV = "RAYTUNER_INJECT_FAILURE"
-TRAIN_ERRORS = (
-    *EXPECTED_ERRORS,
-    SettingsError,
-    LayoutError,
-    OptimizerError,
-    CheckpointError,
-    PlanError,
-    ClipScoreError,  # a CLIP model that a worker cannot load after all (the hub, another node's disk)
-    QuantizationError,  # base_model_precision on a worker device the driver could not see
-)
 
 
-class TrainError(RuntimeError):
+class TrainError(RaytunerError, RuntimeError):
     """A one-line reason the training run failed or cannot start."""
 
 
@@ -290,15 +275,16 @@ def fit(trainer: object) -> object:
         raise
 
 
-def training_error(error: BaseException) -> Exception:
-    inner = unwrap_error(error, TRAIN_ERRORS)
-    failures = getattr(error, "worker_failures", None)
-    if inner is None and failures:
-        first = next(iter(failures.values()))
-        inner = unwrap_error(first, TRAIN_ERRORS) or first
-    if isinstance(inner, TRAIN_ERRORS):
+def training_error(error: BaseException) -> RaytunerError:
+    """The error a failed Ray Train run is reported as: a worker's RaytunerError as it raised it
+    (a CLIP model a worker cannot load, a device the driver could not see), else a TrainError with
+    the last line of what Ray says went wrong (a worker that died, a node that was lost)."""
+    failures = getattr(error, "worker_failures", None)  # Ray Train V2 keeps each worker's error here
+    first = next(iter(failures.values())) if failures else None
+    inner = find_error(error) or (find_error(first) if first is not None else None)
+    if inner is not None:
         return inner
-    text = str(inner or error).strip().splitlines()
+    text = str(first or error).strip().splitlines()
     return TrainError(f"training failed: {text[-1] if text else type(error).__name__}")
 
 
@@ -351,15 +337,12 @@ def finish_outputs(run: RunConfig, result: object, total_steps: int) -> TrainOut
 
 
 def train_main(config: str, *, strict: bool = False, overrides: RayOverrides | None = None) -> int:
-    """The ``raytuner train`` command: exit 0 with the outputs written, 2 with one ``error:`` line."""
-    try:
-        run = load_config(config, strict=strict)
-        outcome = run_training(run, read_settings(run, overrides))
-    except (*TRAIN_ERRORS, TrainError, StorageError, HubError) as error:
-        lines = error.problems if isinstance(error, ConfigError) else (str(error),)
-        for line in lines:
-            print(f"error: {line}", file=sys.stderr)
-        return 2
+    """The ``raytuner train`` command: exit 0 with the outputs written.
+
+    What stops the run is raised as a RaytunerError, which the command line prints (raytuner/cli.py).
+    """
+    run = load_config(config, strict=strict)
+    outcome = run_training(run, read_settings(run, overrides))
     print()
     print(f"adapter:     {outcome.adapter}")
     print(f"model card:  {outcome.output_dir / 'README.md'}")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from raytuner.config import RunConfig
 from raytuner.config.paths import has_scheme
+from raytuner.errors import RaytunerError
 from raytuner.storage import Location, StorageError, describe_error, read_bytes, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 MARKER_NAME = "raytuner_shared_root.json"
 
 
-class LayoutError(ValueError):
+class LayoutError(RaytunerError, ValueError):
     """A one-line reason the run's files cannot be placed where every worker sees them."""
 
 

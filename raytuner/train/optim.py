@@ -39,11 +39,12 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from raytuner.config.surface import option_choices
 from raytuner.config.training import TrainingConfig
+from raytuner.errors import RaytunerError
 
 logger = logging.getLogger(__name__)
 
 
-class OptimizerError(ValueError):
+class OptimizerError(RaytunerError, ValueError):
     """A one-line reason the optimiser or its learning-rate schedule cannot be built as configured."""
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from raytuner.config import RunConfig
 from raytuner.config.paths import display, has_scheme
+from raytuner.errors import RaytunerError
 from raytuner.placement import ClusterFacts, choose_workers, cluster_facts, needs_cluster
 from raytuner.storage import Location
 
@@ -24,7 +25,7 @@ from raytuner.storage import Location
 _NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
-class SettingsError(ValueError):
+class SettingsError(RaytunerError, ValueError):
     """A one-line reason the run cannot be laid out on Ray as configured."""
 
 

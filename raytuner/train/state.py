@@ -25,12 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from raytuner.errors import RaytunerError
+
 MANIFEST_NAME = "raytuner_checkpoint.json"
 STATE_NAME = "training_state.pt"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RaytunerError, ValueError):
     """A checkpoint that cannot be resumed from; the message names it and why."""
 
 

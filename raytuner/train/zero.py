@@ -41,6 +41,7 @@ from raytuner.adapters import plain_tensors
 from raytuner.config import RunConfig
 from raytuner.config.paths import display
 from raytuner.config.training import TrainingConfig
+from raytuner.errors import RaytunerError
 from raytuner.models.base import ModelFamily
 from raytuner.train.step import MicroBatch, ReduceMean, StepResult, micro_batch_loss
 
@@ -65,7 +66,7 @@ OWNED_SECTIONS = {
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 
 
-class DeepSpeedConfigError(ValueError):
+class DeepSpeedConfigError(RaytunerError, ValueError):
     """A ``deepspeed_config`` raytuner cannot run; the message is one line naming key and fix."""
 
 

@@ -23,12 +23,10 @@ from raytuner.cache.build import BuildOptions, check_cache_settings
 from raytuner.cache.command import check_batches, run_cache
 from raytuner.config import ConfigError, load_config, record_seed
 from raytuner.config.paths import display
+from raytuner.errors import RaytunerError
 from raytuner.preflight import preflight, training_problems
 from raytuner.ray_runtime import cluster_connection, ray_session
-from raytuner.storage import StorageError
 from raytuner.train.launcher import (
-    TRAIN_ERRORS,
-    TrainError,
     place_on_cluster,
     total_steps,
 )
@@ -48,7 +46,7 @@ EXIT_INTERRUPTED = 130
 TRIAL_DRIVER_CPUS = 1.0
 
 
-class SweepError(RuntimeError):
+class SweepError(RaytunerError, RuntimeError):
     """A one-line reason the sweep cannot start or produced nothing usable."""
 
 
@@ -278,16 +276,14 @@ def _check_cache_and_sweep(
 
 
 def tune_main(config: str, sweep_file: str, *, strict: bool = False) -> int:
-    """The ``raytuner tune`` command: 0 with a best trial written, 2 with ``error:`` lines, 130 interrupted."""
-    try:
-        run = load_config(config, strict=strict)
-        sweep = read_sweep(sweep_file, run)
-        outcome = run_sweep(sweep)
-    except (*TRAIN_ERRORS, TrainError, SweepError, StorageError) as error:
-        lines = error.problems if isinstance(error, ConfigError) else (str(error),)
-        for line in lines:
-            print(f"error: {line}", file=sys.stderr)
-        return 2
+    """The ``raytuner tune`` command: 0 with a best trial written, 130 when interrupted (it resumes).
+
+    What stops the sweep, or leaves it without a best trial, is raised as a RaytunerError, which
+    the command line prints (raytuner/cli.py).
+    """
+    run = load_config(config, strict=strict)
+    sweep = read_sweep(sweep_file, run)
+    outcome = run_sweep(sweep)
     print()
     print(outcome.table)
     output_dir = outcome.output_dir
@@ -305,11 +301,9 @@ def tune_main(config: str, sweep_file: str, *, strict: bool = False) -> int:
         )
         return EXIT_INTERRUPTED
     if outcome.best is None:
-        print(
-            f"error: no trial of sweep {sweep.name} trained to the end (see the table above); nothing to pick",
-            file=sys.stderr,
+        raise SweepError(
+            f"no trial of sweep {sweep.name} trained to the end (see the table above); nothing to pick"
         )
-        return 2
     print(f"best config: {output_dir / sweep_results.BEST_CONFIG}  (raytuner train --config ...)")
     print(
         f"best trial:  {outcome.best.trial_id}, {sweep.metric} {outcome.best.metric:.4f}: {output_dir / sweep_results.BEST_FOLDER}"

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from raytuner.cli import main
 from raytuner.config import ConfigError, load_config
-from raytuner.preflight import check_config_main
 from tests.config.bad_cases import BAD_CASES
 
 
@@ -26,7 +26,7 @@ def test_bad_config_gives_one_clear_line(
     assert matching, f"no problem line contains {fragments}: {error.problems}"
     assert all("\n" not in line for line in error.problems)
 
-    assert check_config_main(str(config_path)) == 2
+    assert main(["check-config", "--config", str(config_path)]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     assert any(
@@ -38,7 +38,7 @@ def test_missing_config_file_differs_from_malformed(tmp_path: Path, monkeypatch:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=r"nope\.json: file not found"):
         load_config("nope.json")
-    assert check_config_main("nope.json") == 2
+    assert main(["check-config", "--config", "nope.json"]) == 2
     (tmp_path / "broken.json").write_text("{", encoding="utf-8")
     with pytest.raises(ConfigError, match=r"broken\.json: invalid JSON at line 1, column 2"):
         load_config("broken.json")
@@ -49,7 +49,7 @@ def test_missing_instance_data_dir_folder_fails_preflight(
 ) -> None:
     config_path = write_run(make_images=False)
     load_config(config_path)  # loading does not require the folder; the pre-flight check does
-    assert check_config_main(str(config_path)) == 2
+    assert main(["check-config", "--config", str(config_path)]) == 2
     err = capsys.readouterr().err
     assert "error: " in err and "dataset 'images'" in err and "images': folder does not exist" in err
 

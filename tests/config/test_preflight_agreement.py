@@ -1,7 +1,8 @@
 """check-config refuses exactly what train, tune and cache refuse before Ray starts, in the same words.
 
-Every bad-config case of the suite (``tests/config/bad_cases.py``) runs through the commands'
-entry functions in-process; none of them reaches Ray.
+Every bad-config case of the suite (``tests/config/bad_cases.py``) runs through the ``raytuner``
+command in-process (``raytuner.cli.main``, which prints the errors the commands raise); none of
+them reaches Ray.
 """
 
 from __future__ import annotations
@@ -12,12 +13,10 @@ from typing import Any
 
 import pytest
 
-from raytuner.cache.command import cache_main
+from raytuner.cli import main
 from raytuner.config import load_config
 from raytuner.preflight import SNAPSHOT_FILE, check_config_main
-from raytuner.train.launcher import train_main
 from raytuner.train.settings import resolve_settings, run_name
-from raytuner.tune.command import tune_main
 from tests.config.bad_cases import BAD_CASES, PREFLIGHT_CASES, TRAIN_ONLY
 
 CASES = BAD_CASES + PREFLIGHT_CASES
@@ -50,16 +49,17 @@ def test_check_config_and_train_refuse_a_bad_config_with_the_same_lines(
     tmp_path: Path,
 ) -> None:
     config_path = _write(write_run, files)
-    assert check_config_main(str(config_path)) == 2
+    assert main(["check-config", "--config", str(config_path)]) == 2
     checked = _errors(capsys)
     assert any(all(fragment in line for fragment in fragments) for line in checked), checked
 
-    assert train_main(str(config_path)) == 2  # refused before Ray starts: check-config said 2
+    # Refused before Ray starts: check-config said 2.
+    assert main(["train", "--config", str(config_path)]) == 2
     assert _errors(capsys) == checked
 
     if case in TRAIN_ONLY:
         return
-    assert cache_main(str(config_path)) == 2
+    assert main(["cache", "--config", str(config_path)]) == 2
     assert _errors(capsys) == checked
     sweep = tmp_path / "sweep.json"
     sweep.write_text(
@@ -71,7 +71,7 @@ def test_check_config_and_train_refuse_a_bad_config_with_the_same_lines(
         ),
         encoding="utf-8",
     )
-    assert tune_main(str(config_path), str(sweep)) == 2
+    assert main(["tune", "--config", str(config_path), "--sweep", str(sweep)]) == 2
     assert _errors(capsys) == checked
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from raytuner.cli import main
 from raytuner.config import check_run, load_config
 from raytuner.preflight import check_config_main
 
@@ -102,7 +103,7 @@ def test_check_config_names_missing_dataset_folder(
 ) -> None:
     (tmp_path / "datasets" / "pseudo-camera-10k").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
-    assert check_config_main(str(config_path)) == 2
+    assert main(["check-config", "--config", str(config_path)]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert errors and all("datasets/dreambooth-subject" in line for line in errors)
     assert all("does not exist" in line for line in errors)

@@ -23,6 +23,7 @@ from safetensors import safe_open
 
 from raytuner import flow
 from raytuner.adapters import build_adapter, save_adapter
+from raytuner.cli import main
 from raytuner.config import ConfigError, load_config
 from raytuner.config.training import QUANTIZED_PRECISIONS, TrainingConfig
 from raytuner.data.synthetic import synthetic_images, to_pixels
@@ -38,7 +39,6 @@ from raytuner.models.quantize import (
     quantized_module_names,
 )
 from raytuner.models.registry import get_family
-from raytuner.preflight import check_config_main
 from raytuner.train.offload import OffloadedWeights, apply_group_offload, plan_group_offload
 from raytuner.train.step import MicroBatch, optimizer_step
 from tests.config.conftest import BASE_CONFIG, BASE_DATASETS, BASE_LYCORIS
@@ -437,7 +437,7 @@ def test_other_simpletuner_precisions_are_refused_when_the_config_loads(
     assert "config.json" in line and f"'base_model_precision' = '{value}'" in line
     assert f"'{value}' is not supported yet; use one of: no_change, int8-quanto" in line
     # raytuner check-config reports the same line.
-    assert check_config_main(str(path)) == 2
+    assert main(["check-config", "--config", str(path)]) == 2
     assert f"'base_model_precision' = '{value}'" in capsys.readouterr().err
 
 

@@ -22,6 +22,7 @@ from diffusers.pipelines.omnigen.processor_omnigen import OmniGenMultiModalProce
 from safetensors.torch import load_file
 from transformers import LlamaTokenizerFast, T5EncoderModel, T5TokenizerFast
 
+from raytuner.cli import main
 from raytuner.models import safety
 from raytuner.models.safety import (
     TINY_CHECKPOINT_MARKER,
@@ -256,7 +257,7 @@ def test_build_replaces_a_tiny_checkpoint_but_nothing_else(tmp_path: Path) -> No
 def test_unknown_family_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ValueError, match=r"unknown model family 'cosmos3' \(known: cosmos2image, omnigen\)"):
         build_tiny_checkpoint("cosmos3", tmp_path / "x")
-    assert tiny_model_main("cosmos3", str(tmp_path / "x")) == 2
+    assert main(["tiny-model", "--family", "cosmos3", "--out", str(tmp_path / "x")]) == 2
     error = capsys.readouterr().err.strip()
     assert error == "error: unknown model family 'cosmos3' (known: cosmos2image, omnigen)"
     assert not (tmp_path / "x").exists()

@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
+from raytuner.cli import main
 from raytuner.config import ConfigError
 from raytuner.config.training import TrainingConfig
-from raytuner.train.launcher import strategy_summary, train_main
+from raytuner.train.launcher import strategy_summary
 from raytuner.train.zero import (
     DeepSpeedConfigError,
     DeepSpeedPlan,
@@ -200,7 +201,7 @@ def test_raytuner_train_refuses_a_bad_deepspeed_config_before_ray_starts(
         datasets,
         deepspeed_config={"zero_optimization": {"stage": 2}, "optimizer": {}},
     )
-    assert train_main(str(files.config)) == 2
+    assert main(["train", "--config", str(files.config)]) == 2
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert any("has a 'optimizer' section" in line for line in lines), err

@@ -12,12 +12,13 @@ from typing import Any
 
 import pytest
 
+from raytuner.cli import main
 from raytuner.config import ConfigError, load_config
 from raytuner.config.fields import field_names
 from raytuner.config.lycoris import LycorisConfig
 from raytuner.config.training import TrainingConfig
 from raytuner.train.settings import RayOverrides, resolve_settings
-from raytuner.tune.command import concurrency, trial_resources, trials_that_fit, tune_main
+from raytuner.tune.command import concurrency, trial_resources, trials_that_fit
 from raytuner.tune.space import CACHE_KEYS, SWEEPABLE_LYCORIS, SWEEPABLE_TRAINING, TRIAL_SETTINGS
 from raytuner.tune.sweep import read_sweep
 from tests.cache.helpers import image_dataset, text_dataset, write_run_files
@@ -233,7 +234,7 @@ def test_tune_refuses_a_bad_sweep_before_ray_starts(
 ) -> None:
     config = write_base(tmp_path)
     sweep = write_sweep(tmp_path, with_parameters(resolution=[512, 1024]))
-    assert tune_main(str(config), str(sweep)) == 2
+    assert main(["tune", "--config", str(config), "--sweep", str(sweep)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "'resolution'" in err[0]
     # Nothing written: the sweep's folder (its record, cache and Ray storage) comes after the checks.
