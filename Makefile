@@ -23,6 +23,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy raytuner
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
@@ -41,4 +42,4 @@ test: lint
 	exit $$status
 
 clean:
-	rm -rf $(VENV) output .pytest_cache .ruff_cache
+	rm -rf $(VENV) output .pytest_cache .ruff_cache .mypy_cache

@@ -173,7 +173,7 @@ def _previous_run_exists(settings: RaySettings, name: str) -> bool:
         return (Path(path) / name / SNAPSHOT_FILE).is_file()
     import pyarrow.fs as pafs
 
-    info = filesystem.get_file_info(f"{path}/{name}/{SNAPSHOT_FILE}")  # type: ignore[attr-defined]
+    info = filesystem.get_file_info(f"{path}/{name}/{SNAPSHOT_FILE}")
     return info.type == pafs.FileType.File
 
 

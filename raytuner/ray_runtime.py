@@ -11,6 +11,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def ray_session(*, dashboard: bool = False) -> Iterator[None]:
     else:
         cpus = local_logical_cpus()
         logger.info("starting a local Ray with %d logical CPUs (set RAY_ADDRESS to use a cluster)", cpus)
-        options: dict[str, object] = {"include_dashboard": False}
+        options: dict[str, Any] = {"include_dashboard": False}
         if dashboard:
             port = free_port()
             options = {

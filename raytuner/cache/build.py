@@ -341,7 +341,7 @@ def probe_listings(work: Sequence[DatasetWork]) -> None:
                 sources[item.mask.id] = (discovery.dataset_location(item.mask), "filename")
         logger.info("reading %d new or changed file(s)", len(todo))
         dataset = ray.data.from_items(list(todo.values())).map_batches(
-            stages.probe_batch, fn_kwargs={"sources": sources}, batch_size=PROBE_BATCH
+            functools.partial(stages.probe_batch, sources=sources), batch_size=PROBE_BATCH
         )
         found = discovery.probes_from_rows(dataset.iter_rows())
         for item in work:
@@ -797,13 +797,19 @@ def _encode_text(
             num_gpus=actor_gpus(cluster_facts()),
         )
         .map_batches(
-            stages.write_text_shards,
-            fn_kwargs={"cache": folder, "schema": schema, "encoder_key_": identity.key, "build_id": build_id},
+            functools.partial(
+                stages.write_text_shards,
+                cache=folder,
+                schema=schema,
+                encoder_key_=identity.key,
+                build_id=build_id,
+            ),
             batch_size=write_rows,
             batch_format="pyarrow",
         )
     )
     written: dict[str, dict[str, Any]] = {}
+    batch: pa.Table  # batch_format="pyarrow"
     for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
         for result in batch.to_pylist():
             for location in fmt.shard_locations(result["keys"], result["shard"]):
@@ -879,7 +885,7 @@ def _encode_latents(
         ray.data.from_items(todo)
         # Half a logical CPU each: decoding waits on storage as much as it computes, and distinct
         # resources keep Ray Data from fusing it into the VAE actors (it would then run serially there).
-        .map(stages.load_and_crop, fn_kwargs={"sources": sources}, num_cpus=0.5)
+        .map(functools.partial(stages.load_and_crop, sources=sources), num_cpus=0.5)
         .map_batches(
             stages.VaeEncoder,
             fn_constructor_kwargs={
@@ -893,16 +899,17 @@ def _encode_latents(
             num_gpus=gpus,
         )
         .map_batches(
-            stages.write_latent_shards,
-            fn_kwargs={
-                "caches": {item.dataset.id: item.cache for item in work},
-                "encoder_key_": identity.key,
-                "build_id": build_id,
-            },
+            functools.partial(
+                stages.write_latent_shards,
+                caches={item.dataset.id: item.cache for item in work},
+                encoder_key_=identity.key,
+                build_id=build_id,
+            ),
             batch_size=write_rows,
             batch_format="pyarrow",
         )
     )
+    batch: pa.Table  # batch_format="pyarrow"
     for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
         for result in batch.to_pylist():
             item = by_id[result["dataset_id"]]
@@ -1020,9 +1027,9 @@ def _commit_latents(item: DatasetWork, identity: EncoderIdentity) -> DatasetSumm
     )
 
 
-def _bucket_order(label: str) -> tuple[int, int]:
+def _bucket_order(label: str) -> tuple[float, int]:
     width, _, height = label.partition("x")
-    return (int(width), int(height)) if width.isdigit() and height.isdigit() else (math.inf, 0)  # type: ignore[return-value]
+    return (int(width), int(height)) if width.isdigit() and height.isdigit() else (math.inf, 0)
 
 
 def _write_report(

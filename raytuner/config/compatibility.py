@@ -106,8 +106,8 @@ def compatibility_table() -> tuple[KeyStatus, ...]:
         rows.append(
             KeyStatus(
                 key=key,
-                scope=scope,  # type: ignore[arg-type]
-                status=status,  # type: ignore[arg-type]
+                scope=scope,
+                status=status,
                 note=note,
                 test=test,
                 inert=_parse_inert(inert),

@@ -330,15 +330,19 @@ def _resolve_training_paths(
     sources: dict[str, Path],
     findings: KeyFindings,
 ) -> None:
-    common = {"config_path": config_path, "where": where, "sources": sources, "findings": findings}
-    _resolve_input_file(training, "data_backend_config", **common)
+    def resolve(name: str) -> None:
+        _resolve_input_file(
+            training, name, config_path=config_path, where=where, sources=sources, findings=findings
+        )
+
+    resolve("data_backend_config")
     if training.lora_type == "lycoris":
         if training.lycoris_config is None:
             findings.problems.append(f"{where}: 'lycoris_config' is required when lora_type is lycoris")
         else:
-            _resolve_input_file(training, "lycoris_config", **common)
+            resolve("lycoris_config")
     if training.user_prompt_library is not None:
-        _resolve_input_file(training, "user_prompt_library", **common)
+        resolve("user_prompt_library")
     if training.webhook_config is not None:
         _read_webhooks(training, config_path=config_path, where=where, sources=sources, findings=findings)
     training.output_dir = output_path(training.output_dir)

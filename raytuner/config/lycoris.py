@@ -160,7 +160,8 @@ def parse_lycoris(raw: Any, *, where: str, strict: bool) -> ParsedLycoris:
     fields = field_names(LycorisConfig)
     values: dict[str, Any] = {}
     tucker_requests: list[bool] = []
-    for key, value in raw.items():
+    entries: dict[str, Any] = raw  # a JSON object: its keys are strings
+    for key, value in entries.items():
         name = KEY_SPELLINGS.get(key, key)
         if name == "use_tucker":
             tucker_requests.append(_tucker_request(key, value, where=where, findings=result.findings))

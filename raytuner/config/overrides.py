@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from raytuner.config.errors import ConfigError
 from raytuner.config.fields import CoercionError, check_rules, coerce, field_types, problem, rule
@@ -28,7 +28,10 @@ from raytuner.config.loader import check_training
 from raytuner.config.lycoris import LycorisConfig
 from raytuner.config.run import RunConfig
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 PRESET_MAPS = ("module_algo_map", "name_algo_map")
 
@@ -70,7 +73,7 @@ def override_run(
 
 def _replace_fields(obj: T, values: Mapping[str, Any], *, where: str, problems: list[str]) -> T:
     hints = field_types(type(obj))
-    fields = {field.name: field for field in dataclasses.fields(obj)}  # type: ignore[arg-type]
+    fields = {field.name: field for field in dataclasses.fields(obj)}
     changes: dict[str, Any] = {}
     for key, value in values.items():
         if key not in fields:
@@ -80,7 +83,7 @@ def _replace_fields(obj: T, values: Mapping[str, Any], *, where: str, problems: 
             changes[key] = check_rules(coerce(value, hints[key], example=meta["example"]), meta)
         except CoercionError as error:
             problems.append(problem(where, key, value, error.expected))
-    return dataclasses.replace(obj, **changes)  # type: ignore[type-var]
+    return dataclasses.replace(obj, **changes)
 
 
 def _override_lycoris(

@@ -130,11 +130,15 @@ def size_by_pixel_edge(
     """``pixel`` mode: the shorter edge becomes ``resolution``. Returns (target, intermediary)."""
     width, height = original
     ratio = width / height
+    target_w: float
+    target_h: float
     if width < height:
         target_w, target_h = resolution, int(resolution / aspect)
     else:
         target_w, target_h = int(resolution * aspect), resolution
     adjusted = (round_to_multiple(target_w, alignment), round_to_multiple(target_h, alignment))
+    inter_w: float
+    inter_h: float
     if ratio >= 1:
         inter_h = max(adjusted[1], target_h)
         inter_w = int(inter_h * ratio)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from PIL import Image
@@ -160,7 +160,7 @@ class ClipScorer:
         problem = clip_model_problem(model_name_or_path)
         if problem is not None:
             raise ClipScoreError(problem)
-        from transformers import AutoConfig, CLIPConfig, CLIPModel, CLIPProcessor
+        from transformers import AutoConfig, CLIPConfig, CLIPModel, CLIPProcessor, CLIPTextConfig
 
         shown = f"CLIP model {model_name_or_path!r}"
         self.model_name_or_path = model_name_or_path
@@ -178,11 +178,18 @@ class ClipScorer:
             raise ClipScoreError(
                 f"{shown}: is a {config.model_type!r} model, not CLIP (model_type 'clip'); {_HOW_TO_FIX}"
             )
+        # The hub reads no revision as "main"; transformers types the argument as a plain str.
+        hub_revision = revision or "main"
         try:
-            model, loading = CLIPModel.from_pretrained(
-                model_name_or_path, config=config, revision=revision, output_loading_info=True
+            # output_loading_info=True makes from_pretrained return (model, loading info);
+            # transformers' annotation names the model alone.
+            model, loading = cast(
+                "tuple[CLIPModel, dict[str, list[str]]]",
+                CLIPModel.from_pretrained(
+                    model_name_or_path, config=config, revision=hub_revision, output_loading_info=True
+                ),
             )
-            processor = CLIPProcessor.from_pretrained(model_name_or_path, revision=revision)
+            processor = CLIPProcessor.from_pretrained(model_name_or_path, revision=hub_revision)
         except Exception as error:
             raise ClipScoreError(f"{shown}: cannot be loaded ({_first_line(error)}); {_HOW_TO_FIX}") from None
         missing = loading.get("missing_keys") or []
@@ -191,9 +198,12 @@ class ClipScorer:
                 f"{shown}: its weights lack {len(missing)} of CLIPModel's tensors (e.g. {sorted(missing)[0]}), "
                 f"so scores would come from random weights; {_HOW_TO_FIX}"
             )
-        self.model: Any = model.to(device=self.device, dtype=torch.float32).eval()
+        # transformers wraps PreTrainedModel.to in functools.wraps, which hides the bound self from mypy.
+        self.model: Any = model.to(device=self.device, dtype=torch.float32).eval()  # type: ignore[call-arg]
         self.processor: Any = processor
-        self.max_length: int = int(config.text_config.max_position_embeddings)
+        text_config = config.text_config
+        assert isinstance(text_config, CLIPTextConfig)  # CLIPConfig builds it from a dict or None
+        self.max_length: int = int(text_config.max_position_embeddings)
 
     @torch.no_grad()
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:

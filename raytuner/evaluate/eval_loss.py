@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from diffusers.models.modeling_utils import ModelMixin
 
 from raytuner import flow
 from raytuner.config.run import RunConfig
@@ -65,7 +66,7 @@ def eval_sigmas(count: int) -> torch.Tensor:
 @torch.no_grad()
 def evaluation_loss(
     family: ModelFamily,
-    transformer: torch.nn.Module,
+    transformer: ModelMixin,
     samples: list[EvalSample],
     caches: dict[str, LatentCache],
     text: TextCache,

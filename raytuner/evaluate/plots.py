@@ -65,7 +65,7 @@ def save_image_grid(
     font = ImageFont.load_default()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     _, top, _, bottom = probe.textbbox((0, 0), "Ag", font=font)
-    label_height = bottom - top + 2 * LABEL_PADDING
+    label_height = math.ceil(bottom - top) + 2 * LABEL_PADDING
     cell_width = max(image.width for _, image in images)
     cell_height = max(image.height for _, image in images) + label_height
     canvas = Image.new("RGB", (cell_width * columns, cell_height * rows), "white")

@@ -167,6 +167,10 @@ class WandbRun:
         }
         if "base_url" in target.client:
             settings["base_url"] = target.client["base_url"]
+        # WANDB_MODE as the driver's shell spells it: wandb.Settings validates it (and, unlike
+        # wandb.init's own mode argument, is typed to take the legacy "dryrun" and "run" too).
+        if target.client.get("mode"):
+            settings["mode"] = target.client["mode"]
         self.run = wandb.init(
             project=target.project,
             name=target.name,
@@ -175,7 +179,6 @@ class WandbRun:
             tags=list(target.tags),
             config=target.config,
             entity=target.client.get("entity"),
-            mode=target.client.get("mode") or None,
             dir=str(folder),
             id=run_id,
             resume="allow" if resuming else None,

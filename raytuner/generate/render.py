@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
 from raytuner.adapters import AdapterError, load_adapter
 from raytuner.generate.prompts import ImageRequest

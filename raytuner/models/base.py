@@ -11,10 +11,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, TypedDict
 
 import torch
-from diffusers import DiffusionPipeline, ModelMixin
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from PIL import Image
 
 from raytuner import flow
@@ -22,6 +23,24 @@ from raytuner import flow
 # One prompt's conditioning as cached (tensors without batch padding), and a collated batch of it.
 PromptConditioning = dict[str, torch.Tensor]
 ConditioningBatch = dict[str, Any]
+
+
+class Denoiser(Protocol):
+    """What :meth:`ModelFamily.predict` calls: the family's transformer, or under DeepSpeed the
+    engine around it (``raytuner.train.zero.EngineForward``); ``dtype`` is the base model's."""
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+class CardLicense(TypedDict, total=False):
+    """A base model's licence as its Hub card states it: the model card fields of the same names."""
+
+    license: str
+    license_name: str
+    license_link: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,7 +62,7 @@ class ModelFamily(ABC):
     aliases: ClassVar[tuple[str, ...]] = ()
     # The base model's licence as its Hub card states it (an adapter is a derivative of its base):
     # the model card's license, license_name and license_link fields.
-    card_license: ClassVar[Mapping[str, str]] = {}
+    card_license: ClassVar[CardLicense] = {}
     # None when the family draws training sigmas from the run's schedule (flow_schedule_shift,
     # flow_schedule_auto_shift, flow_sigmoid_scale, the uniform and Beta options); otherwise what
     # it does instead, in the words of a warning: those keys then have no effect.
@@ -110,7 +129,8 @@ class ModelFamily(ABC):
         transformer = self.transformer_class.from_pretrained(
             self.model_path, subfolder="transformer", dtype=self.dtype, **self._load_kwargs()
         )
-        return transformer.to(device or self.device)
+        # diffusers wraps ModelMixin.to in functools.wraps, which hides the bound self from mypy.
+        return transformer.to(device or self.device)  # type: ignore[arg-type]
 
     def load_vae(self) -> ModelMixin:
         """The frozen VAE in float32 (loaded once), on ``self.device``."""
@@ -118,7 +138,8 @@ class ModelFamily(ABC):
             vae = self.vae_class.from_pretrained(
                 self.model_path, subfolder="vae", dtype=torch.float32, **self._load_kwargs()
             )
-            self._vae = vae.to(self.device).eval().requires_grad_(False)
+            # diffusers wraps ModelMixin.to in functools.wraps, which hides the bound self from mypy.
+            self._vae = vae.to(self.device).eval().requires_grad_(False)  # type: ignore[arg-type]
         return self._vae
 
     # ---- encoding (the cache step) -------------------------------------------------------------
@@ -160,7 +181,7 @@ class ModelFamily(ABC):
     @abstractmethod
     def predict(
         self,
-        transformer: torch.nn.Module,
+        transformer: Denoiser,
         noisy_latents: torch.Tensor,
         sigmas: torch.Tensor,
         conditioning: ConditioningBatch,
@@ -237,7 +258,7 @@ class ModelFamily(ABC):
 
     def training_loss(
         self,
-        transformer: torch.nn.Module,
+        transformer: Denoiser,
         latents: torch.Tensor,
         conditioning: ConditioningBatch,
         schedule: flow.FlowSchedule,
@@ -298,6 +319,7 @@ class ModelFamily(ABC):
         (prompt, steps, guidance, size, generator), and ``negative_prompt`` when given."""
         if negative_prompt is not None:
             call = {**call, "negative_prompt": negative_prompt}
+        assert callable(pipeline)  # DiffusionPipeline has no __call__; each pipeline class defines one
         return pipeline(**call).images[0]
 
     # ---- validation from cached conditioning ---------------------------------------------------

@@ -49,16 +49,14 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
-from diffusers import (
-    AutoencoderKLWan,
-    Cosmos2TextToImagePipeline,
-    CosmosTransformer3DModel,
-    DiffusionPipeline,
-)
+from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
+from diffusers.models.transformers.transformer_cosmos import CosmosTransformer3DModel
+from diffusers.pipelines.cosmos.pipeline_cosmos2_text2image import Cosmos2TextToImagePipeline
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from PIL import Image
 from transformers import AutoTokenizer, T5EncoderModel
 
-from raytuner.models.base import ConditioningBatch, ModelFamily, PromptConditioning
+from raytuner.models.base import CardLicense, ConditioningBatch, Denoiser, ModelFamily, PromptConditioning
 from raytuner.models.registry import register_family
 from raytuner.models.safety import PassThroughSafetyChecker, load_safety_checker
 
@@ -75,7 +73,7 @@ class Cosmos2Image(ModelFamily):
     display_name: ClassVar[str] = "Cosmos2"
     # SimpleTuner's metadata names the family "cosmos"; its model code registers "cosmos2image".
     aliases: ClassVar[tuple[str, ...]] = ("cosmos",)
-    card_license: ClassVar[dict[str, str]] = {
+    card_license: ClassVar[CardLicense] = {
         "license": "other",
         "license_name": "nvidia-open-model-license",
         "license_link": "https://www.nvidia.com/en-us/agreements/enterprise-software/nvidia-open-model-license",
@@ -117,7 +115,8 @@ class Cosmos2Image(ModelFamily):
             encoder = T5EncoderModel.from_pretrained(
                 self.model_path, subfolder="text_encoder", dtype=self.dtype, **self._load_kwargs()
             )
-            self._text_encoder = encoder.to(self.device).eval().requires_grad_(False)
+            # transformers wraps PreTrainedModel.to in functools.wraps, which hides the bound self from mypy.
+            self._text_encoder = encoder.to(self.device).eval().requires_grad_(False)  # type: ignore[arg-type]
         return self._tokenizer, self._text_encoder
 
     # ---- encoding ------------------------------------------------------------------------------
@@ -186,7 +185,7 @@ class Cosmos2Image(ModelFamily):
 
     def predict(
         self,
-        transformer: torch.nn.Module,
+        transformer: Denoiser,
         noisy_latents: torch.Tensor,
         sigmas: torch.Tensor,
         conditioning: ConditioningBatch,
@@ -235,6 +234,7 @@ class Cosmos2Image(ModelFamily):
         generator: torch.Generator,
         disable_cfg: bool = False,
     ) -> Image.Image:
+        assert callable(pipeline)  # DiffusionPipeline has no __call__; each pipeline class defines one
         device = pipeline._execution_device
         dtype = pipeline.transformer.dtype
         _screen_prompt(pipeline, prompt, device)

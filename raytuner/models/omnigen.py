@@ -40,13 +40,16 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, OmniGenPipeline, OmniGenTransformer2DModel
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.models.transformers.transformer_omnigen import OmniGenTransformer2DModel
+from diffusers.pipelines.omnigen.pipeline_omnigen import OmniGenPipeline
 from diffusers.pipelines.omnigen.processor_omnigen import OmniGenCollator, OmniGenMultiModalProcessor
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from PIL import Image
 from transformers import AutoTokenizer
 
 from raytuner import flow
-from raytuner.models.base import ConditioningBatch, ModelFamily, PromptConditioning
+from raytuner.models.base import CardLicense, ConditioningBatch, Denoiser, ModelFamily, PromptConditioning
 from raytuner.models.registry import register_family
 
 PIXELS_PER_LATENT = 8  # the processor hard-codes 16 pixels per token: VAE x8 times patch 2
@@ -60,7 +63,7 @@ DEFAULT_NEGATIVE_PROMPT: str = (
 class OmniGen(ModelFamily):
     name: ClassVar[str] = "omnigen"
     display_name: ClassVar[str] = "OmniGen"
-    card_license: ClassVar[dict[str, str]] = {"license": "mit"}
+    card_license: ClassVar[CardLicense] = {"license": "mit"}
     # Its quickstart: "hard-coded to its own flow-matching scheme; schedule shift is not applied".
     fixed_sigma_schedule: ClassVar[str | None] = (
         "OmniGen trains with its own flow-matching schedule (t = sigmoid(N(0, 1))) and applies no shift"
@@ -159,7 +162,7 @@ class OmniGen(ModelFamily):
 
     def predict(
         self,
-        transformer: torch.nn.Module,
+        transformer: Denoiser,
         noisy_latents: torch.Tensor,
         sigmas: torch.Tensor,
         conditioning: ConditioningBatch,
@@ -190,6 +193,7 @@ class OmniGen(ModelFamily):
     def render(
         self, pipeline: DiffusionPipeline, call: dict[str, Any], *, negative_prompt: str | None
     ) -> Image.Image:
+        assert callable(pipeline)  # DiffusionPipeline has no __call__; each pipeline class defines one
         # OmniGenPipeline.__call__ takes no negative prompt: its processor adds its own default.
         # A processor that passes ours on is lent to the pipeline for this call.
         own = pipeline.multimodal_processor
@@ -214,6 +218,7 @@ class OmniGen(ModelFamily):
         generator: torch.Generator,
         disable_cfg: bool = False,
     ) -> Image.Image:
+        assert callable(pipeline)  # DiffusionPipeline has no __call__; each pipeline class defines one
         own = pipeline.multimodal_processor
         ids = conditioning["input_ids"].tolist()
         if disable_cfg:

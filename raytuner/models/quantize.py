@@ -47,6 +47,7 @@ import importlib
 import logging
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
+from typing import TypeVar
 
 import torch
 
@@ -55,6 +56,9 @@ from raytuner.config.training import QUANTIZED_PRECISIONS, TrainingConfig
 from raytuner.errors import RaytunerError
 
 logger = logging.getLogger(__name__)
+
+# quantize_base hands back the module it was given (quantised in place), typed as it came.
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 NO_CHANGE = "no_change"
 # base_model_precision -> the name of optimum.quanto's weight qtype.
@@ -202,9 +206,7 @@ def quantize_load_device(training: TrainingConfig, device: torch.device) -> torc
     return device
 
 
-def quantize_base(
-    transformer: torch.nn.Module, training: TrainingConfig, *, device: torch.device
-) -> torch.nn.Module:
+def quantize_base(transformer: ModuleT, training: TrainingConfig, *, device: torch.device) -> ModuleT:
     """Quantise the frozen ``transformer`` in place as ``base_model_precision`` says, then move it to ``device``.
 
     With ``no_change`` the transformer is returned as it is. Quantising happens on whatever device

@@ -340,32 +340,30 @@ def _parameter_count(module: torch.nn.Module) -> int:
 
 
 def _build_cosmos2image(folder: Path) -> dict[str, int]:
-    from diffusers import (
-        AutoencoderKLWan,
-        Cosmos2TextToImagePipeline,
-        CosmosTransformer3DModel,
-        FlowMatchEulerDiscreteScheduler,
-    )
+    from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
+    from diffusers.models.transformers.transformer_cosmos import CosmosTransformer3DModel
+    from diffusers.pipelines.cosmos.pipeline_cosmos2_text2image import Cosmos2TextToImagePipeline
+    from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
     from transformers import T5Config, T5EncoderModel
 
     tokenizer = _train_t5_tokenizer()
-    text_encoder = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer),
-            d_model=_COSMOS_TEXT_EMBED_DIM,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            relative_attention_max_distance=32,
-            dropout_rate=0.0,
-            feed_forward_proj="relu",  # t5-11b, the encoder Cosmos2 uses, is original T5
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            decoder_start_token_id=tokenizer.pad_token_id,
-        )
-    ).eval()
+    text_config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=_COSMOS_TEXT_EMBED_DIM,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        dropout_rate=0.0,
+        feed_forward_proj="relu",  # t5-11b, the encoder Cosmos2 uses, is original T5
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    # Not one of T5Config's declared fields: the config keeps it as an attribute, in config.json too.
+    text_config.decoder_start_token_id = tokenizer.pad_token_id
+    text_encoder = T5EncoderModel(text_config).eval()
     transformer = CosmosTransformer3DModel(**_COSMOS_TRANSFORMER).eval()
     vae = AutoencoderKLWan(**_COSMOS_VAE).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(**_COSMOS_SCHEDULER_INIT)
@@ -390,12 +388,10 @@ def _build_cosmos2image(folder: Path) -> dict[str, int]:
 
 
 def _build_omnigen(folder: Path) -> dict[str, int]:
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        OmniGenPipeline,
-        OmniGenTransformer2DModel,
-    )
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.transformers.transformer_omnigen import OmniGenTransformer2DModel
+    from diffusers.pipelines.omnigen.pipeline_omnigen import OmniGenPipeline
+    from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 
     tokenizer = _train_llama_tokenizer()
     transformer = OmniGenTransformer2DModel(
@@ -452,21 +448,22 @@ def _build_clip(folder: Path) -> dict[str, int]:
 # weights do), so a prompt has the same token ids in every build.
 
 
-def _train_t5_tokenizer():  # -> transformers.T5TokenizerFast
-    """A Unigram tokenizer with T5's conventions, wrapped as `T5TokenizerFast`.
+def _train_t5_tokenizer():  # -> transformers.T5Tokenizer
+    """A Unigram tokenizer with T5's conventions, wrapped as `T5Tokenizer` (transformers 5's
+    `T5TokenizerFast` is another name for the same class).
 
     The pieces and their log-probabilities are counted from the corpus rather than learnt with
     `tokenizers.trainers.UnigramTrainer`: that trainer is not reproducible (the same corpus gives
     pieces in a different order, with scores differing in the third decimal, from run to run),
     and a test model must give the same token ids for the same prompt in every build.
     """
-    from transformers import T5TokenizerFast
+    from transformers import T5Tokenizer
 
     pieces = [(token, 0.0) for token in _T5_SPECIAL_TOKENS] + _count_unigram_pieces(
         _TOKENIZER_CORPUS, _T5_UNIGRAM_VOCAB_SIZE - len(_T5_SPECIAL_TOKENS)
     )
     # No <extra_id_N> sentinels: they serve T5's span-corruption pretraining, not an encoder-only use.
-    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=_T5_MAX_LENGTH)
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=_T5_MAX_LENGTH)
 
 
 def _count_unigram_pieces(corpus: tuple[str, ...], size: int) -> list[tuple[str, float]]:
@@ -552,7 +549,8 @@ def _train_clip_tokenizer():  # -> transformers.CLIPTokenizer
         vocab.setdefault(piece, len(vocab))
     return CLIPTokenizer(
         vocab=vocab,
-        merges=merges,
+        # tokenizers' BPE takes (left, right) pairs, which transformers annotates as strings.
+        merges=merges,  # type: ignore[arg-type]
         bos_token=_CLIP_BOS,
         eos_token=_CLIP_EOS,
         pad_token=_CLIP_EOS,  # OpenAI CLIP pads with end-of-text

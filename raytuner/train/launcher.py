@@ -14,6 +14,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from raytuner.cache.build import (
     BuildOptions,
@@ -53,6 +54,10 @@ from raytuner.train.settings import (
 )
 from raytuner.train.zero import DeepSpeedPlan, deepspeed_plan
 from raytuner.webhooks import report_failures, webhook_settings
+
+if TYPE_CHECKING:
+    from ray.train import Result
+    from ray.train.torch import TorchTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +103,7 @@ REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 REPORT_POLL_S = "0.1"
 
 
-def build_trainer(job: TrainJob, settings: RaySettings, *, callbacks: Sequence[object] = ()) -> object:
+def build_trainer(job: TrainJob, settings: RaySettings, *, callbacks: Sequence[object] = ()) -> TorchTrainer:
     """The run's TorchTrainer; ``callbacks`` are Ray Train callbacks (a Tune trial passes its reporter)."""
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
@@ -119,9 +124,11 @@ def build_trainer(job: TrainJob, settings: RaySettings, *, callbacks: Sequence[o
         run_config=RayRunConfig(
             name=job.run_name,
             storage_path=storage_path,
-            storage_filesystem=filesystem,  # type: ignore[arg-type]
+            storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=job.run.training.checkpoints_total_limit),
+            # Ray Train V2 (Ray's default) takes ray.train.UserCallback objects here; mypy reads
+            # the V1 RunConfig that ray.train exports when V2 is off, typed for Tune callbacks.
             callbacks=list(callbacks) or None,  # type: ignore[arg-type]
         ),
     )
@@ -261,12 +268,12 @@ def _cache_and_train(
     return dataclasses.replace(outcome, hub_url=hub.url)
 
 
-def fit(trainer: object) -> object:
+def fit(trainer: TorchTrainer) -> Result:
     """``trainer.fit()``, with a failure inside Ray as raytuner's own one-line error."""
     import ray
 
     try:
-        return trainer.fit()  # type: ignore[attr-defined]
+        return trainer.fit()
     except ray.exceptions.RayError as error:
         raise training_error(error) from None
     except Exception as error:

@@ -19,6 +19,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from raytuner.config import RunConfig
 from raytuner.config.paths import has_scheme
@@ -95,7 +96,7 @@ def _rewrite_local_caches(run: RunConfig, rewrite: Callable[[str], str | None]) 
     changed: list[tuple[str, str, str]] = []
     datasets = []
     for dataset in run.datasets:
-        changes: dict[str, str] = {}
+        changes: dict[str, Any] = {}
         for key in ("cache_dir_vae", "cache_dir"):
             value = getattr(dataset, key)
             if not value or has_scheme(value) or (dataset.type == "aws" and not value.startswith("/")):

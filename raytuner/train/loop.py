@@ -459,7 +459,7 @@ class Worker:
     # ---- the loop ------------------------------------------------------------------------------
 
     def due(self, interval: int | None) -> bool:
-        return bool(interval) and self.step % int(interval) == 0
+        return bool(interval and self.step % interval == 0)
 
     def optimizer_step(self, micro: list[MicroBatch]) -> StepResult:
         reduce_mean = self.reduce_mean if self._distributed() else None

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.models.modeling_utils import ModelMixin
 
 from raytuner.config.training import TrainingConfig
 
@@ -88,7 +89,7 @@ def plan_group_offload(
 
 
 def apply_group_offload(
-    transformer: torch.nn.Module, plan: GroupOffloadPlan, *, onload_device: torch.device
+    transformer: ModelMixin, plan: GroupOffloadPlan, *, onload_device: torch.device
 ) -> None:
     """Install diffusers' group offload hooks on ``transformer`` (already adapted by LyCORIS).
 

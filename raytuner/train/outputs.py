@@ -157,7 +157,8 @@ def model_card(
     lycoris = run.to_dict()["lycoris"] or {}
     prompt = training.validation_prompt or "a photo"
     evaluation = f"| eval loss (last) | {eval_loss:.4f} |\n" if eval_loss is not None else ""
-    note = f"{training.model_card_note.strip()}\n\n" if (training.model_card_note or "").strip() else ""
+    card_note = (training.model_card_note or "").strip()
+    note = f"{card_note}\n\n" if card_note else ""
     origin = (
         f"Trained from a local copy of the base model (`{local_copy}`), taken to be `{base}` "
         f"(model_flavour {training.model_flavour}).\n\n"

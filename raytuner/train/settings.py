@@ -14,12 +14,16 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from raytuner.config import RunConfig
 from raytuner.config.paths import display, has_scheme
 from raytuner.errors import RaytunerError
 from raytuner.placement import ClusterFacts, choose_workers, cluster_facts, needs_cluster
 from raytuner.storage import Location
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
 
 # A run's name under the storage path; Ray Train restores a run given the same name and path.
 _NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -181,7 +185,7 @@ def run_name(run: RunConfig) -> str:
     return f"raytuner-{stem}-{digest}"
 
 
-def storage_filesystem(settings: RaySettings) -> tuple[object | None, str]:
+def storage_filesystem(settings: RaySettings) -> tuple[pafs.FileSystem | None, str]:
     """What Ray Train's RunConfig takes: a pyarrow filesystem for object storage (S3 endpoint
     from the environment), else None and the local path."""
     if not has_scheme(settings.storage_path):

@@ -22,7 +22,7 @@ from lycoris import LycorisNetwork
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from raytuner import flow
-from raytuner.models.base import ConditioningBatch, ModelFamily
+from raytuner.models.base import ConditioningBatch, Denoiser, ModelFamily
 
 # Averages a flat tensor over the workers (all-reduce sum / world size), in place or returned.
 ReduceMean = Callable[[torch.Tensor], torch.Tensor]
@@ -70,7 +70,7 @@ def autocast(device: torch.device, mixed_precision: str) -> contextlib.AbstractC
 
 def micro_batch_loss(
     family: ModelFamily,
-    transformer: torch.nn.Module,
+    transformer: Denoiser,
     network: LycorisNetwork | None,
     batch: MicroBatch,
     schedule: flow.FlowSchedule,
@@ -108,7 +108,7 @@ def micro_batch_loss(
 
 def optimizer_step(
     family: ModelFamily,
-    transformer: torch.nn.Module,
+    transformer: Denoiser,
     network: LycorisNetwork | None,
     parameters: list[torch.nn.Parameter],
     optimizer: torch.optim.Optimizer,
@@ -171,7 +171,7 @@ def optimizer_step(
 
 def train_step(
     family: ModelFamily,
-    transformer: torch.nn.Module,
+    transformer: Denoiser,
     adapter_parameters: list[torch.nn.Parameter],
     optimizer: torch.optim.Optimizer,
     latents: torch.Tensor,

@@ -303,7 +303,9 @@ class AdaptedTransformer(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.transformer(*args, **kwargs)
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    # Returns a new dict of plain tensors, never the ``destination`` a caller passes, so it does
+    # not match the overloads of Module.state_dict.
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
         return plain_tensors(super().state_dict(*args, **kwargs))
 
 
@@ -351,7 +353,8 @@ class DeepSpeedTraining:
         if plan.stage == 3:
             # Persistent parameters are gathered on first use and then kept; gather them now, so
             # the step-0 evaluation and the EMA see them whole before any forward.
-            self.parameters[0].all_gather(param_list=self.parameters)
+            # ZeRO-3 gives each parameter its all_gather when it partitions the model.
+            self.parameters[0].all_gather(param_list=self.parameters)  # type: ignore[attr-defined]
             if any(p.numel() == 0 for p in self.parameters):
                 raise RuntimeError("ZeRO-3 kept LoKr tensors partitioned; expected them whole (persistent)")
 
@@ -378,7 +381,7 @@ class DeepSpeedTraining:
         for batch in micro_batches:
             loss = micro_batch_loss(
                 family, self.forward, network, batch, schedule, mixed_precision=mixed_precision
-            )  # type: ignore[arg-type]
+            )
             self.engine.backward(loss)
             self.engine.step()  # an optimiser step only at the accumulation boundary
             slot = int(batch.is_regularisation)

@@ -188,7 +188,7 @@ def build_tuner(plan: TrialPlan, *, max_steps: int, max_concurrent: int, output_
         run_config=tune.RunConfig(
             name=sweep.name,
             storage_path=storage_path,
-            storage_filesystem=filesystem,  # type: ignore[arg-type]
+            storage_filesystem=filesystem,
             verbose=1,
         ),
     )
