@@ -116,7 +116,10 @@ def test_without_backward_safe_weights_disk_offload_corrupts_training(
     offloaded, _, _ = offloaded_setup(tiny_cosmos_dir, {"group_offload_to_disk_path": tmp_path})
     expected, got = train_steps(resident, 2), train_steps(offloaded, 2)
     assert got[0] == pytest.approx(expected[0], rel=1e-6)
-    assert got[1] != pytest.approx(expected[1], rel=1e-3)
+    # The first backward ran on whatever the swapped-out weights' memory held by then, so how far
+    # the second loss strays varies from run to run (from 0.1% to a few percent, or NaN): far past
+    # the float noise that the backward-safe weights stay within (rel 1e-6, above).
+    assert got[1] != pytest.approx(expected[1], rel=1e-5)
 
 
 def test_each_run_and_rank_gets_a_fresh_disk_folder(tmp_path: Path) -> None:
