@@ -162,11 +162,9 @@ def cluster_facts() -> ClusterFacts:
     The autoscaler's node types are not read for a local Ray that raytuner started: it has none.
     """
     import ray
-    import torch
 
-    cuda_devices = torch.cuda.device_count()
     if ray_pending_locally():
-        return ClusterFacts(local=True, cuda_devices=cuda_devices)
+        return local_facts()
     if not ray.is_initialized():
         raise RuntimeError(
             "connect to the cluster at RAY_ADDRESS (cluster_connection) before asking what it offers"
@@ -177,7 +175,14 @@ def cluster_facts() -> ClusterFacts:
         from raytuner.upstream import autoscaler_node_types
 
         node_types = tuple(node.name for node in autoscaler_node_types() if node.gpus > 0)
-    return ClusterFacts(cluster_gpus=gpus, gpu_node_types=node_types, cuda_devices=cuda_devices)
+    return ClusterFacts(cluster_gpus=gpus, gpu_node_types=node_types, cuda_devices=local_facts().cuda_devices)
+
+
+def local_facts() -> ClusterFacts:
+    """This machine, for a local Ray that raytuner would start here: its CUDA devices."""
+    import torch
+
+    return ClusterFacts(local=True, cuda_devices=torch.cuda.device_count())
 
 
 def _count(number: int, noun: str) -> str:

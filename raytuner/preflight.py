@@ -29,7 +29,7 @@ from raytuner.evaluate.validation import parse_validation_resolutions
 from raytuner.evaluate.wandb_tracker import wandb_problem
 from raytuner.hub import hub_problems
 from raytuner.models.quantize import quantization_problem
-from raytuner.placement import ClusterFacts
+from raytuner.placement import local_facts
 from raytuner.train.optim import (
     OptimizerError,
     build_lr_scheduler,
@@ -198,7 +198,4 @@ def settings_as_on_this_machine(run: RunConfig) -> RaySettings:
     is chosen from this machine's CUDA devices. check-config never connects to a cluster, so under
     ``RAY_ADDRESS`` the GPUs and workers a run gets may differ; the checks that depend on them
     (learning-rate scaling, the DeepSpeed plan) run again when the run starts."""
-    request = read_settings(run)
-    if not request.needs_cluster:
-        return request.settle()
-    return request.settle(ClusterFacts(local=True, cuda_devices=torch.cuda.device_count()))
+    return read_settings(run).settle(local_facts())

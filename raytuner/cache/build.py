@@ -568,11 +568,16 @@ def cache_setting_problems(run: RunConfig) -> list[str]:
 
 
 def check_cache_settings(run: RunConfig) -> Encoders:
-    """The cache settings checked (raises ConfigError with every problem), then the encoders'
-    identities, which need the model's files (or its hub snapshot)."""
+    """The cache settings checked (raises ConfigError with every problem), then :func:`cache_encoders`."""
     problems = cache_setting_problems(run)
     if problems:
         raise ConfigError(problems)
+    return cache_encoders(run)
+
+
+def cache_encoders(run: RunConfig) -> Encoders:
+    """The encoders' identities, which need the model's files (or its hub snapshot): the first
+    work of a build, for a run whose settings were checked (raytuner.preflight)."""
     family_cls = get_family(run.training.model_family)
     vae, text = encoder_identities(run, family_cls(model_path_of(run), revision=run.training.revision))
     return Encoders(vae=vae, text=text)
@@ -865,11 +870,9 @@ def _encode_latents(
 ) -> None:
     import ray
 
-    todo = latent_todo(work)
+    todo = latent_todo(work)  # one bucket after another
     if not todo:
         return
-    # One bucket after another, so that VAE batches and shards hold one image size.
-    todo.sort(key=lambda item: (item["dataset_id"], item["bucket"], item["key"]))
     # GPUs when the cluster has them or its autoscaler can add them (the request adds them).
     cluster = cluster_facts()
     gpus = actor_gpus(cluster)

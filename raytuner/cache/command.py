@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import logging
 
-from raytuner.cache.build import BuildOptions, CacheSummary, Encoders, build_cache, check_cache_settings
+from raytuner.cache.build import (
+    BuildOptions,
+    CacheSummary,
+    Encoders,
+    build_cache,
+    cache_encoders,
+    check_cache_settings,
+)
 from raytuner.config import ConfigError, RunConfig, load_config
 from raytuner.data.plan import BatchShape
 from raytuner.data.reader import open_training_data
@@ -69,7 +76,8 @@ def cache_main(
         problems = preflight(run, request.settle(), command="cache")
         if problems:
             raise ConfigError(problems)
-        summary = run_cache(run, BuildOptions(encoder_actors=encoder_actors, rebuild=rebuild))
+        options = BuildOptions(encoder_actors=encoder_actors, rebuild=rebuild)
+        summary = run_cache(run, options, cache_encoders(run))
     print()
     print(summary.table())
     # A PlanError here leaves the cache committed and kept: only the datasets are too small to

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 from raytuner.cache.build import (
     BuildOptions,
+    cache_encoders,
     cache_location,
-    check_cache_settings,
     image_datasets,
     role_prompts,
     text_dataset,
@@ -239,7 +239,7 @@ def _cache_and_train(
         raise ConfigError(problems)
     for warning in quantization_warnings(run.training):  # once, here on the driver
         logger.warning(warning)
-    encoders = check_cache_settings(run)  # the encoders' files, fetched before Ray starts
+    encoders = cache_encoders(run)  # the encoders' files, fetched before Ray starts
     # The repo is created (or found) before any work, as SimpleTuner does: a refused token fails here.
     hub = open_repo(run) if run.training.push_to_hub else None
     with ray_session(dashboard=True):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raytuner.cache.build import BuildOptions, check_cache_settings
+from raytuner.cache.build import BuildOptions, cache_encoders
 from raytuner.cache.command import check_batches, run_cache
 from raytuner.config import ConfigError, load_config, record_seed
 from raytuner.config.paths import display
@@ -227,7 +227,7 @@ def _check_cache_and_sweep(
     problems = _check_before_ray(sweep, settings)
     if problems:
         raise ConfigError(problems)
-    encoders = check_cache_settings(base)
+    encoders = cache_encoders(base)  # its settings passed the pre-flight check above
     output_dir = base.training.output_dir
     resuming = _check_record(sweep, output_dir)
     trials_dir = output_dir / TRIALS_FOLDER
