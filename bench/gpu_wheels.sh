@@ -41,7 +41,7 @@ pure=(
     "annotated-types==$(installed annotated-types)"
     "typing-inspection==$(installed typing-inspection)"
     "typing-extensions==$(installed typing-extensions)" # pydantic needs a recent one
-    # base_model_precision (tests/models/test_quantize.py, bench/quantized_memory.py)
+    # base_model_precision (tests/test_quantize.py, bench/quantized_memory.py)
     "optimum-quanto==$(pinned optimum-quanto)"
 )
 "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --dest "$WHEELS" "${pure[@]}"

@@ -62,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_train  # bench/ is not a package: the sibling benchmark, by path
 
 from raytuner.config.training import TrainingConfig
-from raytuner.models.quantize import (
+from raytuner.quantize import (
     NO_CHANGE,
     adapter_spec,
     quantization_problem,
@@ -231,7 +231,7 @@ class QuantizedSide(gpu_train.RaytunerSide):
     """gpu_train's raytuner side on a given (quantised) base: the adapter as the worker builds it.
 
     The step and everything it reads are inherited; only the construction differs, because the
-    adapter must be built after quantising (raytuner/models/quantize.py says why).
+    adapter must be built after quantising (raytuner/quantize.py says why).
     """
 
     def __init__(

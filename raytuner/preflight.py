@@ -28,8 +28,8 @@ from raytuner.evaluate.metrics import report_to_problem
 from raytuner.evaluate.validation import parse_validation_resolutions
 from raytuner.evaluate.wandb_tracker import wandb_problem
 from raytuner.hub import hub_problems
-from raytuner.models.quantize import quantization_problem
 from raytuner.placement import local_facts
+from raytuner.quantize import quantization_problem
 from raytuner.train.optim import (
     OptimizerError,
     build_lr_scheduler,

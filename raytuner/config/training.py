@@ -56,7 +56,7 @@ RAYTUNER_OPTIMIZERS: tuple[str, ...] = (
 )
 
 
-# SimpleTuner's base_model_precision values raytuner runs (raytuner/models/quantize.py quantises
+# SimpleTuner's base_model_precision values raytuner runs (raytuner/quantize.py quantises
 # with optimum-quanto or torchao, installed with the "quantization" extra).
 QUANTIZED_PRECISIONS: tuple[str, ...] = (
     "int8-quanto",
@@ -85,7 +85,7 @@ class TrainingConfig:
     pretrained_model_name_or_path: str | None = None
     pretrained_vae_model_name_or_path: str | None = None
     revision: str | None = None
-    # The frozen base quantised (raytuner/models/quantize.py); SimpleTuner's other precisions are
+    # The frozen base quantised (raytuner/quantize.py); SimpleTuner's other precisions are
     # refused here, before any work starts.
     base_model_precision: str = field(
         default="no_change",

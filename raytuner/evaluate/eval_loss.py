@@ -27,7 +27,7 @@ from raytuner.config.run import RunConfig
 from raytuner.data.plan import sample_generators, sample_seed
 from raytuner.data.reader import LatentCache, TextCache
 from raytuner.models.base import ModelFamily
-from raytuner.train.step import autocast
+from raytuner.precision import autocast
 
 EVAL_NOISE_SEED = 0
 # Sums a flat tensor over the workers (all-reduce sum).

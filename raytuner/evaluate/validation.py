@@ -30,6 +30,7 @@ from raytuner.cache.format import CacheError
 from raytuner.config.run import RunConfig
 from raytuner.data.reader import TextCache
 from raytuner.models.base import ModelFamily, PromptConditioning
+from raytuner.precision import autocast
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +268,11 @@ def render_validation(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     images: list[ValidationImage] = []
-    with inference_mode_of(transformer, adapter), torch.no_grad(), _autocast(family, settings):
+    with (
+        inference_mode_of(transformer, adapter),
+        torch.no_grad(),
+        autocast(family.device, settings.mixed_precision),
+    ):
         for prompt in prompts:
             for width, height in settings.resolutions:
                 image = family.generate_image(
@@ -300,11 +305,3 @@ def render_validation(
         "%d validation image(s)%s written to %s", len(images), f" ({label})" if label else "", out_dir
     )
     return images
-
-
-def _autocast(family: ModelFamily, settings: ValidationSettings) -> contextlib.AbstractContextManager[None]:
-    # The precision training runs the adapted transformer in: bf16 autocast over a bfloat16 base
-    # with float32 LoKr weights.
-    if settings.mixed_precision == "bf16":
-        return torch.autocast(device_type=family.device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()

@@ -31,8 +31,8 @@ from raytuner.errors import RaytunerError, find_error
 from raytuner.evaluate.metrics import read_metrics
 from raytuner.evaluate.wandb_tracker import WandbTarget, uses_wandb, wandb_target
 from raytuner.hub import HubTarget, open_repo, publish_run
-from raytuner.models.quantize import quantization_warnings
 from raytuner.preflight import lr_schedule_problem, preflight, resume_path
+from raytuner.quantize import quantization_warnings
 from raytuner.ray_runtime import cluster_connection, ray_session
 from raytuner.storage import Location
 from raytuner.train.layout import (

@@ -35,8 +35,8 @@ from raytuner.evaluate.eval_loss import EvalSample, eval_samples, evaluation_los
 from raytuner.evaluate.metrics import MetricsLog, ProgressLine
 from raytuner.evaluate.wandb_tracker import WandbTarget
 from raytuner.hub import CheckpointUploads, HubTarget
-from raytuner.models.quantize import adapter_spec, quantize_base, quantize_load_device
 from raytuner.models.registry import get_family
+from raytuner.quantize import adapter_spec, quantize_base, quantize_load_device
 from raytuner.train import state as checkpoint_state
 from raytuner.train.ema import AdapterEMA
 from raytuner.train.layout import SharedRootMarker, check_marker
@@ -164,7 +164,7 @@ class Worker:
         self.offload = plan_group_offload(self.training, device=device, run_name=job.run_name, rank=rank)
         base_device = OFFLOAD_DEVICE if self.offload is not None else device
         # base_model_precision: quantised before the adapter is built, on the CPU first when
-        # quantize_via is "cpu" (raytuner/models/quantize.py).
+        # quantize_via is "cpu" (raytuner/quantize.py).
         self.transformer = quantize_base(
             self.family.load_transformer(device=quantize_load_device(self.training, base_device)),
             self.training,

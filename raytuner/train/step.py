@@ -23,6 +23,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from raytuner import flow
 from raytuner.models.base import ConditioningBatch, Denoiser, ModelFamily
+from raytuner.precision import autocast
 
 # Averages a flat tensor over the workers (all-reduce sum / world size), in place or returned.
 ReduceMean = Callable[[torch.Tensor], torch.Tensor]
@@ -59,13 +60,6 @@ def adapter_disabled(network: LycorisNetwork) -> Iterator[None]:
         yield
     finally:
         network.set_multiplier(multiplier)
-
-
-def autocast(device: torch.device, mixed_precision: str) -> contextlib.AbstractContextManager[None]:
-    """bf16 autocast for ``mixed_precision`` ``bf16``; nothing for ``no``."""
-    if mixed_precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def micro_batch_loss(

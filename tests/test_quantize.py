@@ -28,7 +28,8 @@ from raytuner.config import ConfigError, load_config
 from raytuner.config.training import QUANTIZED_PRECISIONS, TrainingConfig
 from raytuner.data.synthetic import synthetic_images, to_pixels
 from raytuner.models.base import ConditioningBatch, ModelFamily
-from raytuner.models.quantize import (
+from raytuner.models.registry import get_family
+from raytuner.quantize import (
     QUANTO_WEIGHTS,
     QuantizationError,
     adapter_spec,
@@ -38,7 +39,6 @@ from raytuner.models.quantize import (
     quantize_load_device,
     quantized_module_names,
 )
-from raytuner.models.registry import get_family
 from raytuner.train.offload import OffloadedWeights, apply_group_offload, plan_group_offload
 from raytuner.train.step import MicroBatch, optimizer_step
 from tests.config.conftest import BASE_CONFIG, BASE_DATASETS, BASE_LYCORIS
@@ -615,6 +615,6 @@ def test_on_cuda_group_offload_in_memory_runs_on_a_quantised_base(
 
 
 def test_quantisation_logs_what_it_did(encoded: dict[str, Encoded], caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="raytuner.models.quantize"):
+    with caplog.at_level(logging.INFO, logger="raytuner.quantize"):
         adapted(encoded["omnigen"], "int8-quanto", quantize_via="cpu")
     assert "base quantised to int8-quanto: 12 linear layers (via cpu)" in caplog.text
