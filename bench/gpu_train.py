@@ -398,7 +398,7 @@ class RaytunerSide(Side):
         return batch  # the worker collates per step: that cost is part of its step
 
     def step(self, prepared: Batch, index: int) -> float:
-        from raytuner.data.plan import sample_generators
+        from raytuner.batches.plan import sample_generators
         from raytuner.train.step import MicroBatch, optimizer_step
 
         size = prepared.size

@@ -396,9 +396,9 @@ def bare_loop(config: str, threads: int, log: Path) -> dict[str, Any]:
 
     torch.set_num_threads(threads)
     from raytuner.adapters import build_adapter
+    from raytuner.batches.plan import BatchShape, EpochPlan, sample_generators
+    from raytuner.batches.reader import open_training_data
     from raytuner.config import load_config
-    from raytuner.data.plan import BatchShape, EpochPlan, sample_generators
-    from raytuner.data.reader import open_training_data
     from raytuner.models.registry import get_family
     from raytuner.train.loop import UNCLIPPED_OPTIMIZERS
     from raytuner.train.optim import build_lr_scheduler, build_optimizer

@@ -34,7 +34,7 @@ def _check_config(args: argparse.Namespace) -> int:
         from raytuner.errors import RaytunerError
 
         raise RaytunerError("check-config needs --config config.json (or --keys to print the key table)")
-    from raytuner.preflight import check_config_main
+    from raytuner.train.preflight import check_config_main
 
     return check_config_main(args.config, strict=args.strict)
 
@@ -52,11 +52,34 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from raytuner.cache.command import cache_main
+    """``raytuner cache``: exit 0 with the caches committed and the summary printed.
 
-    return cache_main(
-        args.config, strict=args.strict, rebuild=args.rebuild, encoder_actors=args.encoder_actors
-    )
+    The run is checked as ``raytuner train`` would check it (on the workers train would choose),
+    then built; what stops it is raised as a RaytunerError.
+    """
+    from raytuner.batches.reader import check_batches
+    from raytuner.cache.build import BuildOptions, run_cache
+    from raytuner.cache.settings import cache_encoders
+    from raytuner.config import ConfigError, load_config
+    from raytuner.ray_runtime import cluster_connection
+    from raytuner.train.preflight import preflight
+    from raytuner.train.settings import read_settings
+
+    run = load_config(args.config, strict=args.strict)
+    request = read_settings(run)
+    with cluster_connection():
+        problems = preflight(run, request.settle(), command="cache")
+        if problems:
+            raise ConfigError(problems)
+        options = BuildOptions(encoder_actors=args.encoder_actors, rebuild=args.rebuild)
+        summary = run_cache(run, options, cache_encoders(run))
+    print()
+    print(summary.table())
+    # A PlanError here leaves the cache committed and kept: only the datasets are too small to
+    # train on as configured.
+    batches = check_batches(run)
+    print(f"{batches} global batch(es) per epoch")
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:

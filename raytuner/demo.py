@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from raytuner.cache.build import image_datasets
+from raytuner.cache.settings import image_datasets
 from raytuner.config import RunConfig, load_config
 from raytuner.config.datasets import DatasetConfig
 from raytuner.data.synthetic import synthetic_images, write_dataset

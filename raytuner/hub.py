@@ -46,6 +46,14 @@ from raytuner.config import RunConfig
 from raytuner.config.fields import problem
 from raytuner.config.paths import display
 from raytuner.errors import RaytunerError
+from raytuner.outputs import (
+    MODEL_CARD_FILENAME,
+    STEP_FOLDER_PREFIX,
+    VALIDATION_FOLDER,
+    base_model_ids,
+    card_images,
+    model_card,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -257,8 +265,6 @@ def commit_files(target: HubTarget, files: Sequence[HubFile], *, summary: str, d
 
 def commit_description(run: RunConfig, *, step: int, total_steps: int) -> str:
     """What a commit's description says about the training behind it (no paths, no secrets)."""
-    from raytuner.train.outputs import base_model_ids
-
     training = run.training
     base, _ = base_model_ids(run)
     return (
@@ -281,8 +287,6 @@ def adapter_files(folder: Path) -> list[HubFile]:
 
 def validation_files(output_dir: Path, *, step: int | None = None) -> list[HubFile]:
     """Validation images under ``validation/`` (one step's, or every step's and the grid)."""
-    from raytuner.train.outputs import STEP_FOLDER_PREFIX, VALIDATION_FOLDER
-
     root = output_dir / VALIDATION_FOLDER
     folder = root / f"{STEP_FOLDER_PREFIX}{step}" if step is not None else root
     pattern = "*.png" if step is not None else "**/*.png"
@@ -295,8 +299,6 @@ def validation_files(output_dir: Path, *, step: int | None = None) -> list[HubFi
 
 def final_files(output_dir: Path) -> list[HubFile]:
     """What the end of training publishes from ``output_dir``."""
-    from raytuner.train.outputs import MODEL_CARD_FILENAME
-
     files = adapter_files(output_dir)
     files.append(HubFile(path_in_repo=MODEL_CARD_FILENAME, source=output_dir / MODEL_CARD_FILENAME))
     if (output_dir / LOSS_CURVE_FILENAME).is_file():
@@ -370,8 +372,6 @@ class CheckpointUploads:
 
     def files(self, folder: Path, *, step: int, eval_loss: float | None) -> list[HubFile]:
         """The checkpoint's adapter(s) from ``folder``, its card, and its step's validation images."""
-        from raytuner.train.outputs import MODEL_CARD_FILENAME, card_images, model_card
-
         output_dir = self.run.training.output_dir
         adapters = adapter_files(folder)
         card = model_card(

@@ -35,7 +35,7 @@ from raytuner.hub import (
     open_repo,
     publish_run,
 )
-from raytuner.train.outputs import write_config_copies, write_model_card
+from raytuner.outputs import write_config_copies, write_model_card
 from tests.cache.helpers import draw_images, image_dataset, text_dataset, write_run_files
 from tests.hub_server import Commit, HubServer
 from tests.ray_head import clean_environment, short_temp_dir

@@ -529,7 +529,7 @@ def test_quantising_cosmos2_is_warned_and_omnigen_is_not() -> None:
 
 
 def test_the_launcher_preflight_reports_the_problem(tmp_path: Path) -> None:
-    from raytuner.preflight import training_problems
+    from raytuner.train.preflight import training_problems
     from raytuner.train.settings import resolve_settings
 
     run = load_config(

@@ -24,8 +24,8 @@ from PIL import Image
 from raytuner.config import ConfigError, load_config
 from raytuner.config.check import format_run
 from raytuner.config.webhooks import WebhookTarget
+from raytuner.outputs import write_config_copies
 from raytuner.train.loop import Worker, checkpoint_name
-from raytuner.train.outputs import write_config_copies
 from raytuner.webhooks import (
     Webhooks,
     WebhookSettings,

@@ -36,6 +36,13 @@ def probe_batch(
     return dict(out)
 
 
+def actor_pool(size: int) -> Any:
+    """Ray Data's pool of ``size`` actors for a stage that loads a model once per actor."""
+    import ray
+
+    return ray.data.ActorPoolStrategy(size=size)
+
+
 LISTED_FIELDS = ("dataset_id", "path", "relative", "size", "mtime_ns", "caption_path", "caption_fingerprint")
 
 
@@ -120,11 +127,11 @@ class VaeEncoder:
         # A dataset this node cannot read is raised by the first call, not here: Ray hands the
         # driver an exception from a call whole, but one from an actor's constructor only as the
         # text of an ActorDiedError, after Ray Data has retried the actor.
-        self.unreadable: fmt.CacheError | None = None
+        self.unreadable: discovery.DatasetError | None = None
         for dataset_id, location in local_sources.items():
             try:
                 discovery.check_visible(dataset_id, location)
-            except fmt.CacheError as error:
+            except discovery.DatasetError as error:
                 self.unreadable = error
                 return
         from raytuner.models.registry import get_family

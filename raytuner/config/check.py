@@ -1,6 +1,6 @@
 """What ``raytuner check-config`` prints: the resolved run, and the compatibility table.
 
-The command itself is :func:`raytuner.preflight.check_config_main`: it runs the pre-flight
+The command itself is :func:`raytuner.train.preflight.check_config_main`: it runs the pre-flight
 check that ``raytuner train`` runs.
 """
 

@@ -1,1 +1,1 @@
-"""Datasets: discovery, captions, buckets, and the synthetic images the offline demo draws."""
+"""Datasets: discovery, captions, aspect buckets, and the synthetic images the offline demo draws."""

@@ -25,11 +25,15 @@ from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from raytuner.cache.format import CacheError
 from raytuner.config.datasets import DatasetConfig
 from raytuner.data.captions import CaptionError, caption_file_for, caption_from_filename, caption_from_text
 from raytuner.errors import RaytunerError
 from raytuner.storage import Location, S3Settings, StorageError, describe_error, list_files, read_bytes
+
+
+class DatasetError(RaytunerError, RuntimeError):
+    """A dataset that cannot be read at all: its folder cannot be listed, or this node cannot see it."""
+
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 # Folders SimpleTuner skips while walking a dataset (OS and notebook bookkeeping).
@@ -141,7 +145,7 @@ def list_dataset(dataset: DatasetConfig, *, captions: bool = True) -> Listing:
     try:
         infos = list(list_files(location))
     except StorageError as error:
-        raise CacheError(f"dataset '{dataset.id}': cannot list {location}: {error}") from None
+        raise DatasetError(f"dataset '{dataset.id}': cannot list {location}: {error}") from None
     by_path = {info.path: info for info in infos}
     for info in sorted(infos, key=lambda item: item.path):
         relative = posixpath.relpath(info.path, root) if root else info.path
@@ -194,7 +198,7 @@ def node_cannot_see(dataset_id: str, location: Location) -> str:
 def check_visible(dataset_id: str, location: Location) -> None:
     """Raise the clear error when this node cannot see a local dataset's folder."""
     if location.is_local and not os.path.isdir(location.resolve()[1]):
-        raise CacheError(node_cannot_see(dataset_id, location))
+        raise DatasetError(node_cannot_see(dataset_id, location))
 
 
 def probe_file(listed: ListedFile, location: Location, *, caption_strategy: str) -> Probe:

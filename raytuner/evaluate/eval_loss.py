@@ -23,9 +23,9 @@ import torch
 from diffusers.models.modeling_utils import ModelMixin
 
 from raytuner import flow
+from raytuner.batches.plan import sample_generators, sample_seed
+from raytuner.batches.reader import LatentCache, TextCache
 from raytuner.config.run import RunConfig
-from raytuner.data.plan import sample_generators, sample_seed
-from raytuner.data.reader import LatentCache, TextCache
 from raytuner.models.base import ModelFamily
 from raytuner.precision import autocast
 

@@ -25,10 +25,11 @@ import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from PIL import Image
 
-from raytuner.cache.build import caption_key, role_prompts
+from raytuner.batches.reader import TextCache
 from raytuner.cache.format import CacheError
+from raytuner.cache.keys import caption_key
+from raytuner.cache.settings import role_prompts
 from raytuner.config.run import RunConfig
-from raytuner.data.reader import TextCache
 from raytuner.models.base import ModelFamily, PromptConditioning
 from raytuner.precision import autocast
 

@@ -16,22 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from raytuner.cache.build import (
-    BuildOptions,
-    cache_encoders,
-    cache_location,
-    image_datasets,
-    role_prompts,
-    text_dataset,
-)
-from raytuner.cache.command import check_batches, run_cache
+from raytuner.batches.reader import check_batches
+from raytuner.cache.build import BuildOptions, run_cache
+from raytuner.cache.settings import cache_encoders, cache_location, image_datasets, role_prompts, text_dataset
 from raytuner.config import ConfigError, RunConfig, TrainingConfig, load_config, record_seed
 from raytuner.config.paths import display, has_scheme
 from raytuner.errors import RaytunerError, find_error
 from raytuner.evaluate.metrics import read_metrics
 from raytuner.evaluate.wandb_tracker import WandbTarget, uses_wandb, wandb_target
 from raytuner.hub import HubTarget, open_repo, publish_run
-from raytuner.preflight import lr_schedule_problem, preflight, resume_path
+from raytuner.outputs import write_config_copies
 from raytuner.quantize import quantization_warnings
 from raytuner.ray_runtime import cluster_connection, ray_session
 from raytuner.storage import Location
@@ -43,7 +37,7 @@ from raytuner.train.layout import (
     write_marker,
 )
 from raytuner.train.loop import FailureInjection, TrainJob, train_worker
-from raytuner.train.outputs import write_config_copies
+from raytuner.train.preflight import lr_schedule_problem, preflight, resume_path
 from raytuner.train.settings import (
     RayOverrides,
     RayRequest,
@@ -321,7 +315,7 @@ def place_on_cluster(run: RunConfig, settings: RaySettings) -> None:
 def finish_outputs(run: RunConfig, result: object, total_steps: int) -> TrainOutcome:
     """Model card, loss curve and validation grid of a finished run, and where its adapter is."""
     from raytuner.adapters import ADAPTER_FILENAME
-    from raytuner.train.outputs import write_loss_curve, write_model_card, write_validation_grid
+    from raytuner.outputs import write_loss_curve, write_model_card, write_validation_grid
 
     output_dir = run.training.output_dir
     adapter = output_dir / ADAPTER_FILENAME

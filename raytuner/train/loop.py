@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 from raytuner.adapters import build_adapter, plain_tensors, save_adapter
+from raytuner.batches.plan import BatchShape, EpochPlan, sample_generators
+from raytuner.batches.reader import TrainingData, eval_caches, open_training_data
 from raytuner.config import RunConfig
-from raytuner.data.plan import BatchShape, EpochPlan, sample_generators
-from raytuner.data.reader import TrainingData, eval_caches, open_training_data
 from raytuner.evaluate.eval_loss import EvalSample, eval_samples, evaluation_loss
 from raytuner.evaluate.metrics import MetricsLog, ProgressLine
 from raytuner.evaluate.wandb_tracker import WandbTarget

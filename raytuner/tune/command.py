@@ -19,18 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raytuner.cache.build import BuildOptions, cache_encoders
-from raytuner.cache.command import check_batches, run_cache
+from raytuner.batches.reader import check_batches
+from raytuner.cache.build import BuildOptions, run_cache
+from raytuner.cache.settings import cache_encoders
 from raytuner.config import ConfigError, load_config, record_seed
 from raytuner.config.paths import display
 from raytuner.errors import RaytunerError
-from raytuner.preflight import preflight, training_problems
 from raytuner.ray_runtime import cluster_connection, ray_session
 from raytuner.train.launcher import (
     place_on_cluster,
     total_steps,
 )
 from raytuner.train.layout import on_cluster, pin_local_paths
+from raytuner.train.preflight import preflight, training_problems
 from raytuner.train.settings import RaySettings, read_settings, storage_filesystem
 from raytuner.tune import results as sweep_results
 from raytuner.tune.early_stopping import stopped_trials

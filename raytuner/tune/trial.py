@@ -50,8 +50,8 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from raytuner.outputs import write_config_copies
     from raytuner.train.launcher import build_trainer, finish_outputs, fit, prepare_job
-    from raytuner.train.outputs import write_config_copies
 
     trial_id = ray.tune.get_context().get_trial_id()
     point = {parameter.key: config[parameter.key] for parameter in plan.sweep.parameters}

@@ -9,18 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from raytuner.cache import format as fmt
-from raytuner.cache.build import (
-    BuildOptions,
-    DatasetWork,
-    EncoderIdentity,
-    _commit_latents,
-    _open_latent_cache,
-    _TextWork,
-    image_datasets,
-    latent_todo,
-    place_images,
-)
+from raytuner.cache.build import open_latent_cache
+from raytuner.cache.latents import commit_latents
+from raytuner.cache.placing import place_images
+from raytuner.cache.rows import DatasetWork, latent_todo
+from raytuner.cache.settings import EncoderIdentity, image_datasets
 from raytuner.cache.summary import DatasetSummary
+from raytuner.cache.text import TextWork
 from raytuner.config import RunConfig, load_config
 from raytuner.data import discovery
 from raytuner.data.synthetic import COLOURS, SHAPES, draw_shape
@@ -148,7 +143,7 @@ def discover_without_ray(run: RunConfig) -> list[DatasetWork]:
     family_cls = get_family(run.training.model_family)
     work = []
     for dataset in image_datasets(run):
-        item = _open_latent_cache(run, dataset, family_cls, VAE_IDENTITY, BuildOptions())
+        item = open_latent_cache(run, dataset, family_cls, VAE_IDENTITY, rebuild=False)
         assert item.listing is not None
         location = discovery.dataset_location(dataset)
         probes = {
@@ -170,7 +165,7 @@ def commit_without_encoding(run: RunConfig, work: Sequence[DatasetWork]) -> dict
     reads only the indexes (the plan, captions, the report) sees a real committed cache, and
     nothing here reads a latent or a prompt embedding.
     """
-    text = _TextWork.open(run, TEXT_IDENTITY, BuildOptions(), work)
+    text = TextWork.open(run, TEXT_IDENTITY, work)
     locations = fmt.shard_locations([row["key"] for row in text.todo], "part-unwritten.parquet")
     text.written = {location["key"]: location for location in locations}
     text.commit(get_family(run.training.model_family))
@@ -178,5 +173,5 @@ def commit_without_encoding(run: RunConfig, work: Sequence[DatasetWork]) -> dict
     for item in work:
         keys = [entry["key"] for entry in latent_todo([item])]
         item.written = {location["key"]: location for location in fmt.shard_locations(keys, UNWRITTEN_SHARD)}
-        summaries[item.dataset.id] = _commit_latents(item, VAE_IDENTITY)
+        summaries[item.dataset.id] = commit_latents(item, VAE_IDENTITY)
     return summaries

@@ -22,14 +22,15 @@ import pytest
 import torch
 from PIL import Image
 
-from raytuner.cache.build import BuildOptions, CacheSummary, caption_key
-from raytuner.cache.command import run_cache
+from raytuner.batches.plan import BatchShape, DatasetSampling, plan_epoch
+from raytuner.batches.reader import LatentCache, TextCache
+from raytuner.cache.build import BuildOptions, run_cache
 from raytuner.cache.format import MANIFEST_NAME, REPORT_NAME, CacheError, commit, read_index, read_manifest
+from raytuner.cache.keys import caption_key
+from raytuner.cache.summary import CacheSummary
 from raytuner.cli import main
 from raytuner.data.buckets import BucketSettings, place
 from raytuner.data.discovery import open_image
-from raytuner.data.plan import BatchShape, DatasetSampling, plan_epoch
-from raytuner.data.reader import LatentCache, TextCache
 from raytuner.models.cosmos2image import Cosmos2Image
 from raytuner.models.tiny import build_tiny_checkpoint
 from raytuner.storage import Location

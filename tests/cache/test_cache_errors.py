@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from raytuner.cache.build import cache_setting_problems
 from raytuner.cache.format import CacheError, read_manifest
 from raytuner.cache.identity import component_identity
+from raytuner.cache.settings import cache_setting_problems
 from raytuner.cli import main
 from raytuner.config import ConfigError, load_config
-from raytuner.data.discovery import check_visible
+from raytuner.data.discovery import DatasetError, check_visible
 from raytuner.storage import Location
 from tests.cache.helpers import draw_images, image_dataset, text_dataset, write_run_files
 
@@ -100,7 +100,7 @@ def test_an_unset_cache_dir_vae_defaults_below_output_dir(tmp_path: Path, tiny_c
 
 
 def test_a_node_that_cannot_see_a_local_dataset_says_so(tmp_path: Path) -> None:
-    with pytest.raises(CacheError) as caught:
+    with pytest.raises(DatasetError) as caught:
         check_visible("shapes", Location(uri=str(tmp_path / "not-mounted")))
     message = str(caught.value)
     assert message.startswith("dataset 'shapes': node ") and "cannot read" in message

@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
-from raytuner.cache.build import bucket_settings, cache_setting_problems, image_datasets
+from raytuner.batches.plan import BatchShape, PlanError, PlanSample, plan_epoch
+from raytuner.batches.reader import dataset_sampling, prunes_buckets
+from raytuner.cache.settings import bucket_settings, cache_setting_problems, image_datasets
 from raytuner.config import RunConfig
 from raytuner.data import discovery
 from raytuner.data.buckets import Placement, place
-from raytuner.data.plan import BatchShape, PlanError, PlanSample, plan_epoch
-from raytuner.data.reader import dataset_sampling, prunes_buckets
 from raytuner.models.registry import get_family
 from tests.cache.helpers import draw_images, image_dataset, text_dataset, write_run_files
 

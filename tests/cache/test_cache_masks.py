@@ -10,10 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from raytuner.cache.build import BuildOptions
-from raytuner.cache.command import run_cache
+from raytuner.batches.reader import LatentCache, open_training_data
+from raytuner.cache.build import BuildOptions, run_cache
 from raytuner.cache.format import MANIFEST_NAME, CacheError, read_manifest, tensor_from_fields
-from raytuner.data.reader import LatentCache, open_training_data
 from raytuner.storage import Location
 from tests.cache.helpers import draw_images, image_dataset, text_dataset, write_run_files
 

@@ -9,11 +9,10 @@ from typing import Any
 import pyarrow.fs as pafs
 import pytest
 
-from raytuner.cache.build import BuildOptions
-from raytuner.cache.command import run_cache
+from raytuner.batches.plan import BatchShape, DatasetSampling, plan_epoch
+from raytuner.batches.reader import LatentCache, TextCache
+from raytuner.cache.build import BuildOptions, run_cache
 from raytuner.config import load_config
-from raytuner.data.plan import BatchShape, DatasetSampling, plan_epoch
-from raytuner.data.reader import LatentCache, TextCache
 from raytuner.storage import Location, S3Settings
 from tests.cache.helpers import add_broken_files, draw_images, image_dataset, text_dataset, write_run_files
 from tests.conftest import S3Server

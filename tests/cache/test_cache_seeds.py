@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from raytuner.cache.build import BuildOptions
-from raytuner.cache.command import run_cache
-from raytuner.data.plan import BatchShape
-from raytuner.data.reader import open_training_data
+from raytuner.batches.plan import BatchShape
+from raytuner.batches.reader import open_training_data
+from raytuner.cache.build import BuildOptions, run_cache
 from tests.cache.helpers import draw_images, write_run_files
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")

@@ -14,12 +14,14 @@ from pathlib import Path
 import pyarrow.compute as pc
 import torch
 
-from raytuner.cache.build import caption_key, latent_cache_location, latent_todo
+from raytuner.batches.plan import BatchShape, DatasetSampling, plan_epoch, sample_generators
+from raytuner.batches.reader import LatentCache
 from raytuner.cache.format import REPORT_NAME, commit, read_index, read_manifest
+from raytuner.cache.keys import caption_key
+from raytuner.cache.rows import latent_todo
+from raytuner.cache.settings import latent_cache_location
 from raytuner.cache.summary import CacheSummary
 from raytuner.config import RunConfig
-from raytuner.data.plan import BatchShape, DatasetSampling, plan_epoch, sample_generators
-from raytuner.data.reader import LatentCache
 from raytuner.storage import Location
 from tests.cache.helpers import (
     commit_without_encoding,

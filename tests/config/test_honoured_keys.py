@@ -17,7 +17,7 @@ import torch
 
 from raytuner import flow
 from raytuner.adapters import build_adapter
-from raytuner.cache.build import encoder_identities, model_path_of
+from raytuner.cache.settings import encoder_identities, model_path_of
 from raytuner.config import ConfigError, load_config, record_seed
 from raytuner.data.synthetic import synthetic_images, to_pixels
 from raytuner.models.registry import get_family

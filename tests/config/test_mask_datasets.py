@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from raytuner.cache.build import image_datasets, mask_dataset
+from raytuner.batches.reader import training_datasets
+from raytuner.cache.settings import image_datasets, mask_dataset
 from raytuner.config import load_config
 from raytuner.config.errors import ConfigError
-from raytuner.data.reader import training_datasets
 from raytuner.evaluate.eval_loss import eval_datasets
 from tests.config.conftest import WriteRun
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from raytuner.batches.plan import BatchShape, DatasetSampling, EpochPlan, PlanSample, plan_epoch
 from raytuner.config import load_config, record_seed
-from raytuner.data.plan import BatchShape, DatasetSampling, EpochPlan, PlanSample, plan_epoch
 
 SAMPLES = [
     PlanSample(dataset_id="images", key=f"images/{index}.png", bucket="1024x1024") for index in range(12)

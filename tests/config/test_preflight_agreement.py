@@ -15,7 +15,7 @@ import pytest
 
 from raytuner.cli import main
 from raytuner.config import load_config
-from raytuner.preflight import SNAPSHOT_FILE, check_config_main
+from raytuner.train.preflight import SNAPSHOT_FILE, check_config_main
 from raytuner.train.settings import resolve_settings, run_name
 from tests.config.bad_cases import BAD_CASES, PREFLIGHT_CASES, TRAIN_ONLY
 
@@ -79,7 +79,7 @@ def test_a_checked_config_passes_every_command_s_pre_flight(
     write_run: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The other side: what check-config passes, the commands' pre-flight passes too."""
-    from raytuner.preflight import preflight
+    from raytuner.train.preflight import preflight
 
     config_path = write_run(config_updates={"validation_step_interval": 0, "validation_prompt": "a cat"})
     assert check_config_main(str(config_path)) == 0

@@ -19,7 +19,7 @@ from raytuner.config import (
     load_config,
     redact,
 )
-from raytuner.preflight import check_config_main
+from raytuner.train.preflight import check_config_main
 
 HF_TOKEN = "hf_abcdefSECRET123"
 AWS_SECRET = "aws-secret-SECRET456"

@@ -11,7 +11,7 @@ import pytest
 
 from raytuner.cli import main
 from raytuner.config import check_run, load_config
-from raytuner.preflight import check_config_main
+from raytuner.train.preflight import check_config_main
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = REPO_ROOT / "configs"

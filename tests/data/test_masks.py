@@ -9,15 +9,10 @@ import pytest
 from PIL import Image
 
 from raytuner.cache import stages
-from raytuner.cache.build import (
-    DatasetWork,
-    _pair_masks,
-    content_key,
-    latent_todo,
-    latent_todo_row,
-    place_images,
-)
 from raytuner.cache.format import CacheError
+from raytuner.cache.keys import content_key
+from raytuner.cache.placing import pair_masks, place_images
+from raytuner.cache.rows import DatasetWork, latent_todo, latent_todo_row
 from raytuner.config.datasets import DatasetConfig
 from raytuner.data import discovery
 from raytuner.data.buckets import BucketSettings
@@ -86,7 +81,7 @@ def _discover(root: Path) -> DatasetWork:
         for listed in listing.files
     }
     item.images, item.skipped = discovery.merge_probes(item.listing, probes)
-    item.masks = _pair_masks(item, probes)
+    item.masks = pair_masks(item, probes)
     place_images(item, seed=5, vae_key="vae")
     return item
 
@@ -98,9 +93,9 @@ def _cropped(item: DatasetWork) -> dict[str, dict]:
     }
     out = {}
     for row in item.rows.values():
-        cropped = stages.load_and_crop(latent_todo_row(item, row), sources)
+        cropped = stages.load_and_crop(dict(latent_todo_row(item, row)), sources)
         assert cropped["error"] == ""
-        out[row["source"]] = cropped
+        out[row.source] = cropped
     return out
 
 
@@ -146,10 +141,12 @@ def test_the_row_key_follows_the_mask_bytes(tmp_path: Path) -> None:
     first = _discover(tmp_path)
     (row,) = first.rows.values()
     image = first.images[0]
-    assert row["key"] != content_key(image, row["_placement"], "vae"), "a masked row has its own key"
+    assert row.file is not None
+    assert row.key != content_key(image, row.file.placement, "vae"), "a masked row has its own key"
     Image.fromarray(255 - _pattern(64, 64, seed=4)).save(tmp_path / "masks" / "a.png")
     (changed,) = _discover(tmp_path).rows.values()
-    assert changed["key"] != row["key"] and changed["_placement"] == row["_placement"]
+    assert changed.file is not None
+    assert changed.key != row.key and changed.file.placement == row.file.placement
 
 
 def test_identical_images_pair_with_their_own_masks(tmp_path: Path) -> None:
@@ -160,10 +157,10 @@ def test_identical_images_pair_with_their_own_masks(tmp_path: Path) -> None:
         _write(tmp_path, name, pattern)
     Image.fromarray(255 - pattern).save(tmp_path / "masks" / "c.png")
     item = _discover(tmp_path)
-    rows = {row["source"]: row for row in item.rows.values()}
-    assert len({row["sample"] for row in rows.values()}) == 3
-    assert rows["a.png"]["key"] == rows["b.png"]["key"] != rows["c.png"]["key"]
-    assert {row["source"]: row["_mask_path"] for row in rows.values()} == {
+    rows = {row.source: row for row in item.rows.values()}
+    assert len({row.sample for row in rows.values()}) == 3
+    assert rows["a.png"].key == rows["b.png"].key != rows["c.png"].key
+    assert {row.source: row.file.mask_path for row in rows.values() if row.file is not None} == {
         name: str(tmp_path / "masks" / name) for name in ("a.png", "b.png", "c.png")
     }
     todo = latent_todo([item])

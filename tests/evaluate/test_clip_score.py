@@ -25,7 +25,7 @@ from raytuner.evaluate.clip_score import SCORE_BATCH_SIZE, ClipScoreError, ClipS
 from raytuner.evaluate.validation import UNCONDITIONAL_NICKNAME, ValidationImage
 from raytuner.models.safety import TINY_CHECKPOINT_MARKER
 from raytuner.models.tiny import build_tiny_clip, tiny_model_main
-from raytuner.preflight import training_problems
+from raytuner.train.preflight import training_problems
 from raytuner.train.settings import RayOverrides, resolve_settings
 from raytuner.train.validate import EMA_LABEL, clip_score_metrics
 from tests.cache.helpers import draw_images, image_dataset, text_dataset, write_run_files

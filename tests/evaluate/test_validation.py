@@ -18,18 +18,13 @@ import torch
 from PIL import Image
 
 from raytuner.adapters import build_adapter
+from raytuner.batches.reader import TextCache
 from raytuner.cache import format as fmt
 from raytuner.cache import stages
-from raytuner.cache.build import (
-    BuildOptions,
-    _TextWork,
-    encoder_identities,
-    model_path_of,
-    text_cache_location,
-)
 from raytuner.cache.format import CacheError
+from raytuner.cache.settings import encoder_identities, model_path_of, text_cache_location
+from raytuner.cache.text import TextWork
 from raytuner.config import LycorisConfig, RunConfig, load_config
-from raytuner.data.reader import TextCache
 from raytuner.evaluate.validation import (
     ValidationPrompt,
     ValidationSettings,
@@ -392,7 +387,7 @@ def _build_text_cache(run: RunConfig) -> TextCache:
     family_cls = get_family(run.training.model_family)
     model_path = model_path_of(run)
     _, identity = encoder_identities(run, family_cls(model_path))
-    work = _TextWork.open(run, identity, BuildOptions(), [])
+    work = TextWork.open(run, identity, [])
     columns = stages.TextEncoder(family_cls.name, model_path, None)(
         {"key": [row["key"] for row in work.todo], "prompt": [row["prompt"] for row in work.todo]}
     )

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from raytuner import flow
-from raytuner.data.plan import BatchShape, GlobalBatch, sample_generators
+from raytuner.batches.plan import BatchShape, GlobalBatch, sample_generators
 from raytuner.models.registry import get_family
 
 KEYS = ("key-a", "key-b", "key-c", "key-d")

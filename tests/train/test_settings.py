@@ -13,7 +13,6 @@ from raytuner.cli import main
 from raytuner.config import ConfigError, RunConfig
 from raytuner.config.paths import display
 from raytuner.placement import ClusterFacts
-from raytuner.preflight import lr_schedule_problem, training_problems
 from raytuner.storage import Location
 from raytuner.train import state
 from raytuner.train.launcher import total_steps
@@ -25,6 +24,7 @@ from raytuner.train.layout import (
     write_marker,
 )
 from raytuner.train.loop import FailureInjection, checkpoint_name, checkpoint_step
+from raytuner.train.preflight import lr_schedule_problem, training_problems
 from raytuner.train.settings import RayOverrides, SettingsError, read_settings, resolve_settings, run_name
 from tests.cache.helpers import image_dataset, text_dataset, write_run_files
 

@@ -25,9 +25,9 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from raytuner.adapters import ADAPTER_FILENAME, load_adapter
+from raytuner.batches.plan import BatchShape
+from raytuner.batches.reader import caption_dropped, eval_caches, open_training_data
 from raytuner.config import RunConfig
-from raytuner.data.plan import BatchShape
-from raytuner.data.reader import caption_dropped, eval_caches, open_training_data
 from raytuner.evaluate.clip_score import ClipScorer
 from raytuner.evaluate.eval_loss import eval_samples, evaluation_loss
 from raytuner.evaluate.metrics import read_metrics

@@ -19,10 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from raytuner.cache.format import CacheError, Manifest, read_index, read_manifest, tensor_from_fields
-from raytuner.config.datasets import DatasetConfig
-from raytuner.config.run import RunConfig
-from raytuner.data.plan import (
+from raytuner.batches.plan import (
     BatchShape,
     DatasetSampling,
     EpochPlan,
@@ -31,6 +28,10 @@ from raytuner.data.plan import (
     plan_epoch,
     sample_seed,
 )
+from raytuner.cache.format import CacheError, Manifest, read_index, read_manifest, tensor_from_fields
+from raytuner.cache.settings import latent_cache_location, text_cache_location
+from raytuner.config.datasets import DatasetConfig
+from raytuner.config.run import RunConfig
 from raytuner.models.base import PromptConditioning
 from raytuner.storage import Location
 
@@ -284,8 +285,6 @@ def prunes_buckets(run: RunConfig) -> bool:
 
 def open_training_data(run: RunConfig) -> TrainingData:
     """The committed caches of a run's training datasets (``dataset_type`` image), ready to plan and read."""
-    from raytuner.cache.build import latent_cache_location, text_cache_location
-
     return TrainingData(
         latents={
             dataset.id: LatentCache(
@@ -302,10 +301,26 @@ def open_training_data(run: RunConfig) -> TrainingData:
 
 def eval_caches(run: RunConfig) -> dict[str, LatentCache]:
     """The committed latent caches of the ``dataset_type: eval`` datasets (held out of training)."""
-    from raytuner.cache.build import latent_cache_location
-
     return {
         dataset.id: LatentCache(dataset.id, latent_cache_location(run, dataset))
         for dataset in run.enabled_datasets
         if dataset.dataset_type == "eval"
     }
+
+
+def check_batches(run: RunConfig, *, workers: int | None = None) -> int:
+    """Plan epoch 0 from the committed caches: every training dataset fills a global batch.
+
+    The global batch is SimpleTuner's: ``train_batch_size`` x workers x
+    ``gradient_accumulation_steps``, with ``workers`` as given, else ``ray_num_workers``, else
+    ``num_processes``, else 1 (``raytuner cache`` alone does not know how many GPUs a run will use).
+    Raises PlanError ("no images detected in dataset ...").
+    Returns the number of global batches per epoch.
+    """
+    training = run.training
+    shape = BatchShape(
+        per_worker=training.train_batch_size,
+        workers=workers or training.ray_num_workers or training.num_processes or 1,
+        accumulation=training.gradient_accumulation_steps,
+    )
+    return len(open_training_data(run).plan(shape, seed=run.seed, epoch=0))

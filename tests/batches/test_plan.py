@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from raytuner.data.plan import (
+from raytuner.batches.plan import (
     BatchShape,
     DatasetSampling,
     EpochPlan,

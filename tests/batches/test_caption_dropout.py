@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from raytuner.batches.plan import BatchShape
+from raytuner.batches.reader import caption_dropped, open_training_data
 from raytuner.config import RunConfig
-from raytuner.data.plan import BatchShape
-from raytuner.data.reader import caption_dropped, open_training_data
 from tests.cache.helpers import (
     commit_without_encoding,
     discover_without_ray,

@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from raytuner.cache.build import cache_setting_problems
+from raytuner.cache.settings import cache_setting_problems
 from raytuner.config.check import EXIT_OK, format_run, quiet_config_logging
 from raytuner.config.errors import ConfigError
 from raytuner.config.loader import load_config

@@ -224,7 +224,7 @@ def write_model_card(
     ``prompts`` (nickname -> prompt) default to the config's validation prompts.
     """
     if prompts is None:
-        from raytuner.cache.build import role_prompts
+        from raytuner.cache.settings import role_prompts
 
         prompts = role_prompts(run)["validation"]
     path = output_dir / MODEL_CARD_FILENAME
