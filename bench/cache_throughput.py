@@ -81,8 +81,7 @@ class _MemorySampler(threading.Thread):
 def _one(images: int, actors: int, work: Path) -> dict[str, Any]:
     import ray
 
-    from raytuner.cache.build import BuildOptions
-    from raytuner.cache.command import run_cache
+    from raytuner.cache.build import BuildOptions, run_cache
     from raytuner.config import load_config
     from raytuner.models.tiny import build_tiny_checkpoint
 
