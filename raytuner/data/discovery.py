@@ -2,7 +2,7 @@
 
 Listing runs where the build is driven; *probing* (reading every file once: its SHA-256, its
 size after EXIF rotation, a full decode to catch truncation, its caption file) runs in Ray
-tasks on the cluster's nodes (:mod:`raytuner.cache.build`), from the plain functions here.
+tasks on the cluster's nodes (:mod:`raytuner.cache.placing`), from the plain functions here.
 Files that cannot be used (zero bytes, truncated, not an image, no caption) are skipped and
 reported, never fatal. A node that cannot see a ``type: local`` dataset at all is fatal, with
 a message saying to put the images on a shared filesystem or object storage.
