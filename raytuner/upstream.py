@@ -274,10 +274,10 @@ STARTUP_WARNING_LOGGERS = (
     "torch.utils._pytree",
     "diffusers.quantizers.torchao.torchao_quantizer",
 )
-# LyCORIS logs every module it creates at INFO on stdout (raytuner prints its own summary); the Hub
-# client's HTTP library logs every request at INFO (raytuner says what it uploads). Both show under
-# --verbose.
-CHATTY_LOGGERS = ("LyCORIS", "httpx2")
+# The Hub client's HTTP library logs every request at INFO (raytuner says what it uploads); shown
+# under --verbose.
+CHATTY_LOGGERS = ("httpx2",)
+LYCORIS_LOGGER = "LyCORIS"
 
 
 def quiet_third_party_logs(*, verbose: bool = False) -> None:
@@ -290,6 +290,33 @@ def quiet_third_party_logs(*, verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    quiet_lycoris_logs(verbose=verbose)
+
+
+class _ToRootLogger(logging.Handler):
+    """Hands a record to the root logger's handlers (LyCORIS turns its logger's propagation off)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger().handle(record)
+
+
+def quiet_lycoris_logs(*, verbose: bool = False) -> None:
+    """LyCORIS's INFO lines (one per module it creates; raytuner prints its own summary) only under ``verbose``.
+
+    LyCORIS 4.1 offers no setting for its logs: importing ``lycoris`` sets its logger to INFO, turns
+    its propagation off and gives it a handler on stdout unless it has one already, so a level set
+    before the import is lost. Its handlers get the level instead; before the import, a handler
+    that passes records on to the root logger's (raytuner's format, on stderr) is the one LyCORIS
+    finds, so it adds none of its own.
+    """
+    level = logging.DEBUG if verbose else logging.WARNING
+    lycoris_logger = logging.getLogger(LYCORIS_LOGGER)
+    lycoris_logger.setLevel(level)  # kept when lycoris is imported already
+    if not lycoris_logger.handlers:
+        lycoris_logger.addHandler(_ToRootLogger())
+        lycoris_logger.propagate = False  # the handler passes records on once, as LyCORIS will have it
+    for handler in lycoris_logger.handlers:
+        handler.setLevel(level)
 
 
 # ---- diffusers ----------------------------------------------------------------------------------
@@ -332,11 +359,13 @@ def group_offload_weight_sources(
 
 
 def execution_device(pipeline: Any) -> torch.device:
-    """The device a diffusers pipeline computes on, also when its models are offloaded.
+    """The device a diffusers pipeline's own ``__call__`` computes on, where tensors handed to it belong.
 
-    ``DiffusionPipeline.device`` is where the first model's weights are, which under group or CPU
-    offload is the CPU; diffusers 0.42 answers the compute device only through the private
-    ``_execution_device`` property its own ``__call__`` uses.
+    diffusers 0.42 answers it only through the private ``_execution_device`` property that
+    ``__call__`` uses: the onload device of group offload hooks, the execution device of
+    accelerate's CPU offload hooks, else ``device``. The public ``device`` does not look at
+    accelerate's hooks, so cached prompt embeddings put there could land on another device than the
+    pipeline's latents.
     """
     device: torch.device = pipeline._execution_device
     return device
@@ -397,8 +426,9 @@ def preserved_lycoris_class_state() -> Iterator[None]:
 def standard_gamma(concentration: torch.Tensor, *, generator: torch.Generator | None) -> torch.Tensor:
     """Gamma(``concentration``, 1) samples drawn from ``generator``.
 
-    ``torch.distributions`` samples take no generator (torch 2.14), so a seeded Beta draw is built
-    from two Gammas of torch's private ``torch._standard_gamma``, which does take one.
+    ``torch.distributions.Beta`` draws take no generator (torch 2.14), so a seeded Beta draw is
+    built from two Gammas of torch's private ``torch._standard_gamma``, which takes one in every
+    torch raytuner supports (``Gamma.sample`` takes one in torch 2.14; raytuner allows torch 2.11).
     """
     import torch
 
