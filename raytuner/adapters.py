@@ -11,7 +11,7 @@ Two traps handled here:
 * ``LycorisNetwork.apply_preset`` writes *class-level* state (target modules, algo maps, the key
   prefix). Building one adapter would otherwise change every adapter built after it in the same
   process, and a changed ``LORA_PREFIX`` would make saved files unloadable. :func:`build_adapter`
-  snapshots that state and restores it afterwards.
+  builds inside ``raytuner.upstream.preserved_lycoris_class_state``, which restores that state.
 * Presets name module *classes*, and LyCORIS matches class names exactly. A family maps the
   names users write (``FeedForward`` in the OmniGen seed) to diffusers' class names
   (``OmniGenFeedForward``) through its ``module_aliases``.
@@ -22,8 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -36,6 +35,7 @@ from lycoris.modules.norms import NormModule
 
 from raytuner.config import LycorisConfig
 from raytuner.errors import RaytunerError
+from raytuner.upstream import preserved_lycoris_class_state
 
 logger = logging.getLogger(__name__)
 
@@ -62,17 +62,6 @@ class AdapterReport:
             f"LyCORIS adapter: {self.total_modules} modules ({per_target or 'no preset targets'}), "
             f"{self.trainable_parameters:,} trainable parameters"
         )
-
-
-@contextmanager
-def preserved_lycoris_class_state() -> Iterator[None]:
-    """Restore ``LycorisNetwork``'s class-level preset state when the block ends."""
-    saved = {name: copy.deepcopy(value) for name, value in vars(LycorisNetwork).items() if name.isupper()}
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(LycorisNetwork, name, value)
 
 
 def expand_preset_aliases(

@@ -19,8 +19,12 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
+from raytuner.logs import set_up_command
+
 EXIT_BUG = 1
 EXIT_ERROR = 2
+# huggingface_hub reads this once, when it is first imported.
+HUB_TELEMETRY_ENV = "HF_HUB_DISABLE_TELEMETRY"
 
 logger = logging.getLogger(__name__)
 
@@ -345,21 +349,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    # LyCORIS logs every module it creates at INFO on stdout; raytuner prints its own summary.
-    logging.getLogger("LyCORIS").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    # The Hub client's HTTP library logs every request at INFO; raytuner says what it uploads.
-    logging.getLogger("httpx2").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    # No command ever downloads from a hub unless the user points it at one on purpose.
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    set_up_command(verbose=args.verbose)
+    disable_hub_telemetry()
     try:
         return int(args.handler(args))
     except Exception as error:  # KeyboardInterrupt and SystemExit keep Python's own handling
         return report_error(error, verbose=args.verbose)
+
+
+def disable_hub_telemetry() -> None:
+    """No command sends usage telemetry to a model hub; a value set in the environment wins.
+
+    Set where the command starts, before anything imports huggingface_hub; a local Ray started by
+    this process hands it on to its workers.
+    """
+    value = os.environ.setdefault(HUB_TELEMETRY_ENV, "1")
+    logger.debug("%s=%s (a value set in the environment wins)", HUB_TELEMETRY_ENV, value)
 
 
 def report_error(error: Exception, *, verbose: bool = False) -> int:

@@ -21,6 +21,8 @@ from typing import Literal
 
 import torch
 
+from raytuner.upstream import standard_gamma
+
 SigmaDistribution = Literal["logit_normal", "uniform", "beta"]
 
 
@@ -72,11 +74,11 @@ def sample_sigmas(
     if sampling.distribution == "uniform":
         return torch.rand(batch_size, generator=generator, device=device, dtype=torch.float32)
     if sampling.distribution == "beta":
-        # torch.distributions cannot take a generator; draw Beta(a, b) from two seeded Gammas instead.
+        # torch.distributions cannot take a generator; Beta(a, b) from two seeded Gammas instead.
         alpha = torch.full((batch_size,), float(sampling.beta_alpha), device=device)
         beta = torch.full((batch_size,), float(sampling.beta_beta), device=device)
-        gamma_a = torch._standard_gamma(alpha, generator=generator)
-        gamma_b = torch._standard_gamma(beta, generator=generator)
+        gamma_a = standard_gamma(alpha, generator=generator)
+        gamma_b = standard_gamma(beta, generator=generator)
         return (gamma_a / (gamma_a + gamma_b)).to(torch.float32)
     raise ValueError(
         f"unknown sigma distribution {sampling.distribution!r} (known: logit_normal, uniform, beta)"

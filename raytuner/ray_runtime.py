@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from raytuner.logs import ray_job_runtime_env
+
 logger = logging.getLogger(__name__)
 
 MIN_LOCAL_CPUS = 8
@@ -40,6 +42,9 @@ def local_logical_cpus() -> int:
 def ray_session(*, dashboard: bool = False) -> Iterator[None]:
     """Use the Ray already connected, the cluster at ``RAY_ADDRESS``, or start (and stop) a local one.
 
+    A Ray connected here runs ``raytuner.logs.set_up_ray_worker`` in each of its worker processes
+    before their first task (Ray's ``worker_process_setup_hook``).
+
     ``dashboard`` starts the local Ray's dashboard on 127.0.0.1 (never a public address): Ray
     Train's clean-up of finished runs queries the State API it serves, and its Train pages show
     the run's workers.
@@ -52,11 +57,11 @@ def ray_session(*, dashboard: bool = False) -> Iterator[None]:
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=ray_job_runtime_env())
     else:
         cpus = local_logical_cpus()
         logger.info("starting a local Ray with %d logical CPUs (set RAY_ADDRESS to use a cluster)", cpus)
-        options: dict[str, Any] = {"include_dashboard": False}
+        options: dict[str, Any] = {"include_dashboard": False, "runtime_env": ray_job_runtime_env()}
         if dashboard:
             port = free_port()
             options = {
@@ -66,7 +71,7 @@ def ray_session(*, dashboard: bool = False) -> Iterator[None]:
                 # Ray Train's placement-group cleaner asks the State API for its controller without
                 # an address, which otherwise means the last Ray started on this machine: with two
                 # Rays up it would ask the wrong one and remove a live run's workers.
-                "runtime_env": {"env_vars": {API_SERVER_ENV: f"http://127.0.0.1:{port}"}},
+                "runtime_env": ray_job_runtime_env({API_SERVER_ENV: f"http://127.0.0.1:{port}"}),
             }
         # address="local": a Ray of our own, never one another process started on this machine.
         ray.init(address="local", num_cpus=cpus, log_to_driver=True, **options)

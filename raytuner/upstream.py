@@ -1,11 +1,19 @@
-"""The one place raytuner touches Ray's internals: what Ray 2.60 has no public API for.
+"""The one place raytuner relies on what its libraries do not promise: private names and behaviour.
 
-Every function here reads (or, once, adjusts) something private to Ray and may break with any Ray
-release; ``tests/test_upstream.py`` and ``tests/cluster/test_fake_autoscaling.py`` fail when the
-upstream behaviour they rely on changes. Nothing else in raytuner imports ``ray._private`` or a
-``_internal`` package, reads Ray's internal key-value store or looks at Ray's processes. (Ray Tune's
-ASHA scheduler is the one exception: ``ResumableASHA`` in ``raytuner/tune/early_stopping.py``
-subclasses it and saves its private rung tables, which only a subclass can do.)
+Each function here reaches into a library's internals (a private attribute, an undocumented
+variable, class-level state) for something its public API does not offer, says what that API
+lacks and which release it was verified against, and may break with any later release:
+``tests/test_upstream.py`` has a test for each that fails when the upstream behaviour it relies on
+changes (and ``tests/cluster/test_fake_autoscaling.py`` checks the autoscaler reading end to end on
+a running autoscaler). Nothing else in raytuner imports ``ray._private`` or a ``_internal``
+package, reads a private attribute of Ray, diffusers, LyCORIS or torch, or changes a third-party
+logger. (Ray Tune's ASHA scheduler is the one exception: ``ResumableASHA`` in
+``raytuner/tune/early_stopping.py`` subclasses it and saves its private rung tables, which only a
+subclass can do.)
+
+Verified against Ray 2.60.0, diffusers 0.42.1, LyCORIS (``lycoris_lora``) 4.1.3 and torch 2.14.
+
+Nothing here runs on import: importing this module changes no logger and no environment variable.
 
 **The node types an autoscaler can add.** raytuner trains on GPUs by default when the cluster has
 them or its autoscaler can add them, and an autoscaling cluster starts with no GPU node. In Ray 2.60
@@ -27,13 +35,18 @@ neither place shows its worker groups: there raytuner sees no node type it could
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -186,11 +199,238 @@ def node_types_from_autoscaling_config(config: Mapping[str, Any]) -> tuple[NodeT
     return tuple(node_types)
 
 
+# ---- Ray Train --------------------------------------------------------------------------------
+
+# Ray Train's controller takes each worker's report off a one-slot queue when it polls, every 2 s
+# by default: a worker reporting every step would wait up to 2 s per step. Polling every 0.1 s keeps
+# a step's report off its critical path.
+REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+REPORT_POLL_S = "0.1"
+
+
+@contextlib.contextmanager
+def report_poll_interval() -> Iterator[str]:
+    """The block runs with Ray Train polling its workers' reports every ``REPORT_POLL_S`` seconds.
+
+    Ray Train 2.60 has no setting for its controller's poll interval but this undocumented variable,
+    which ``TorchTrainer.fit()`` copies from the calling process's environment into its controller
+    actor's (``get_env_vars_to_propagate``), where ``TrainController.__init__`` reads it. So it is
+    set in this process for the block that calls ``fit()`` (the driver of ``raytuner train``, or a
+    sweep trial's process) and restored afterwards; a value set in the environment wins. Yields the
+    value in force, and says it in the log.
+    """
+    own = os.environ.get(REPORT_POLL_ENV)
+    if own is not None:
+        logger.info(
+            "Ray Train polls worker reports every %s s (%s from the environment)", own, REPORT_POLL_ENV
+        )
+        yield own
+        return
+    logger.info(
+        "Ray Train polls worker reports every %s s (%s; a value set in the environment wins)",
+        REPORT_POLL_S,
+        REPORT_POLL_ENV,
+    )
+    os.environ[REPORT_POLL_ENV] = REPORT_POLL_S
+    try:
+        yield REPORT_POLL_S
+    finally:
+        os.environ.pop(REPORT_POLL_ENV, None)
+
+
 def quiet_train_report_logs() -> None:
     """Ray Train logs every report at INFO; raytuner's progress line says the same every few seconds.
 
-    Its logger is the module's own, named after the file of ``ray.train.v2._internal.execution.context``.
+    Ray 2.60 offers no switch for it. Its logger is the module's own, named after the file of
+    ``ray.train.v2._internal.execution.context`` (not the module), so only the module's ``logger``
+    object reaches it. Called where a Ray Train worker starts.
     """
     from ray.train.v2._internal.execution import context as train_context
 
     train_context.logger.setLevel(logging.WARNING)
+
+
+def ray_train_user_error(error: BaseException) -> BaseException | None:
+    """The worker's own exception inside Ray Train's ``UserExceptionWithTraceback``; None for others.
+
+    Ray Train 2.60 wraps an exception raised in ``train_loop_per_worker`` in that class (in
+    ``ray.train.v2._internal.exceptions``) with no public accessor for it; the original is its
+    ``_base_exc``. (``TrainingFailedError.worker_failures`` already holds unwrapped errors.)
+    """
+    wrapped = getattr(error, "_base_exc", None)
+    return wrapped if isinstance(wrapped, BaseException) else None
+
+
+# ---- Third-party logs ---------------------------------------------------------------------------
+
+# With torchao installed (the quantization extra), importing diffusers imports torchao, which logs
+# three start-up warnings in every process, drivers and Ray workers alike: torch's "No CUDA runtime
+# is found" on CPU machines, torch's deprecation of torchao's pytree registrations, and diffusers'
+# note that torchao 0.18 lacks tensor classes of older releases (raytuner never loads
+# torchao-serialised checkpoints). None asks anything of the user; errors still show. Their levels
+# must be set before diffusers is first imported in the process.
+STARTUP_WARNING_LOGGERS = (
+    "torch.utils.cpp_extension",
+    "torch.utils._pytree",
+    "diffusers.quantizers.torchao.torchao_quantizer",
+)
+# The Hub client's HTTP library logs every request at INFO (raytuner says what it uploads); shown
+# under --verbose.
+CHATTY_LOGGERS = ("httpx2",)
+LYCORIS_LOGGER = "LyCORIS"
+
+
+def quiet_third_party_logs(*, verbose: bool = False) -> None:
+    """Lower the libraries' loggers that say nothing a raytuner user needs (see the names above).
+
+    Called once where a process starts (the command's ``main``, a Ray worker's set-up hook), never
+    on import.
+    """
+    for name in STARTUP_WARNING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    quiet_lycoris_logs(verbose=verbose)
+
+
+class _ToRootLogger(logging.Handler):
+    """Hands a record to the root logger's handlers (LyCORIS turns its logger's propagation off)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger().handle(record)
+
+
+def quiet_lycoris_logs(*, verbose: bool = False) -> None:
+    """LyCORIS's INFO lines (one per module it creates; raytuner prints its own summary) only under ``verbose``.
+
+    LyCORIS 4.1 offers no setting for its logs: importing ``lycoris`` sets its logger to INFO, turns
+    its propagation off and gives it a handler on stdout unless it has one already, so a level set
+    before the import is lost. Its handlers get the level instead; before the import, a handler
+    that passes records on to the root logger's (raytuner's format, on stderr) is the one LyCORIS
+    finds, so it adds none of its own.
+    """
+    level = logging.DEBUG if verbose else logging.WARNING
+    lycoris_logger = logging.getLogger(LYCORIS_LOGGER)
+    lycoris_logger.setLevel(level)  # kept when lycoris is imported already
+    if not lycoris_logger.handlers:
+        lycoris_logger.addHandler(_ToRootLogger())
+        lycoris_logger.propagate = False  # the handler passes records on once, as LyCORIS will have it
+    for handler in lycoris_logger.handlers:
+        handler.setLevel(level)
+
+
+# ---- diffusers ----------------------------------------------------------------------------------
+
+
+def group_offload_hooks(module: torch.nn.Module) -> Iterator[Any]:
+    """diffusers' group offload hooks installed in ``module`` and its submodules (each has a ``group``).
+
+    diffusers 0.42 tells only whether a model is offloaded (``_is_group_offload_enabled``, private
+    too), never which hooks and groups it has. Each offloaded submodule keeps a ``HookRegistry`` in
+    its ``_diffusers_hook`` attribute, and the offload hook is registered there under the private
+    name ``_GROUP_OFFLOADING``.
+    """
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
+
+    for submodule in module.modules():
+        registry = getattr(submodule, "_diffusers_hook", None)
+        hook = registry.get_hook(_GROUP_OFFLOADING) if isinstance(registry, HookRegistry) else None
+        if hook is not None:
+            yield hook
+
+
+def group_offload_weight_sources(
+    module: torch.nn.Module,
+) -> Iterator[tuple[torch.nn.Parameter, Path | None, str | None]]:
+    """Every parameter a group offload hook in ``module`` moves: (parameter, its group's file, its key there).
+
+    The file and key are None unless the group is offloaded to disk. diffusers 0.42 keeps these in
+    the hook's ``ModuleGroup`` (``modules``, ``parameters``, ``offload_to_disk_path``,
+    ``safetensors_file_path``, ``tensor_to_key``), undocumented attributes with no public reader.
+    """
+    for hook in group_offload_hooks(module):
+        group = hook.group
+        tensor_to_key = getattr(group, "tensor_to_key", None) if group.offload_to_disk_path else None
+        members = [p for member in group.modules for p in member.parameters()] + list(group.parameters)
+        for parameter in members:
+            key = tensor_to_key.get(parameter) if tensor_to_key else None
+            yield parameter, (Path(group.safetensors_file_path) if key is not None else None), key
+
+
+def execution_device(pipeline: Any) -> torch.device:
+    """The device a diffusers pipeline's own ``__call__`` computes on, where tensors handed to it belong.
+
+    diffusers 0.42 answers it only through the private ``_execution_device`` property that
+    ``__call__`` uses: the onload device of group offload hooks, the execution device of
+    accelerate's CPU offload hooks, else ``device``. The public ``device`` does not look at
+    accelerate's hooks, so cached prompt embeddings put there could land on another device than the
+    pipeline's latents.
+    """
+    device: torch.device = pipeline._execution_device
+    return device
+
+
+@contextlib.contextmanager
+def lent_multimodal_processor(pipeline: Any, processor: Any) -> Iterator[Any]:
+    """The block runs with ``processor`` as the OmniGen pipeline's ``multimodal_processor``; yields its own.
+
+    ``OmniGenPipeline.__call__`` (diffusers 0.42) takes only text and turns it into token ids with
+    ``self.multimodal_processor(prompt, input_images, height=, width=, use_img_cfg=,
+    use_input_image_size_as_output=, num_images_per_prompt=)``, with no way to pass a negative
+    prompt or ids already tokenised; a processor lent for one call is the only way in. The
+    pipeline's own is put back when the block ends, also on an error.
+    """
+    own = pipeline.multimodal_processor
+    pipeline.multimodal_processor = processor
+    try:
+        yield own
+    finally:
+        pipeline.multimodal_processor = own
+
+
+def supports_gradient_checkpointing(model: torch.nn.Module) -> bool:
+    """Whether a diffusers model can checkpoint its blocks' activations.
+
+    diffusers 0.42 says so only in the private class attribute ``_supports_gradient_checkpointing``
+    (``enable_gradient_checkpointing`` raises a bare ValueError when it is false).
+    """
+    return bool(getattr(model, "_supports_gradient_checkpointing", False))
+
+
+# ---- LyCORIS ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def preserved_lycoris_class_state() -> Iterator[None]:
+    """Restore ``LycorisNetwork``'s class-level preset state when the block ends.
+
+    LyCORIS 4.1 ``LycorisNetwork.apply_preset`` writes its preset into *class* attributes (target
+    modules, algo maps, the ``LORA_PREFIX`` of saved keys) rather than into a network: building one
+    adapter would change every adapter built after it in the same process, and a changed prefix
+    would make saved files unloadable. Its upper-case class attributes are saved and put back.
+    """
+    from lycoris import LycorisNetwork
+
+    saved = {name: copy.deepcopy(value) for name, value in vars(LycorisNetwork).items() if name.isupper()}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(LycorisNetwork, name, value)
+
+
+# ---- torch --------------------------------------------------------------------------------------
+
+
+def standard_gamma(concentration: torch.Tensor, *, generator: torch.Generator | None) -> torch.Tensor:
+    """Gamma(``concentration``, 1) samples drawn from ``generator``.
+
+    ``torch.distributions.Beta`` draws take no generator (torch 2.14), so a seeded Beta draw is
+    built from two Gammas of torch's private ``torch._standard_gamma``, which takes one in every
+    torch raytuner supports (``Gamma.sample`` takes one in torch 2.14; raytuner allows torch 2.11).
+    """
+    import torch
+
+    samples: torch.Tensor = torch._standard_gamma(concentration, generator=generator)
+    return samples

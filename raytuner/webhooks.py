@@ -43,6 +43,7 @@ from raytuner.config import RunConfig
 from raytuner.config.paths import display
 from raytuner.config.webhooks import WebhookTarget, read_webhook_config
 from raytuner.errors import find_error
+from raytuner.upstream import ray_train_user_error
 
 logger = logging.getLogger(__name__)
 
@@ -114,10 +115,10 @@ def was_reported(error: BaseException) -> bool:
         failures = getattr(current, "worker_failures", None)
         if isinstance(failures, dict):
             pending.extend(failures.values())
-        # Ray Train wraps a worker's exception (_base_exc), Ray tasks keep it as ``cause``.
+        # Ray Train wraps a worker's exception (see ray_train_user_error), Ray tasks keep it as ``cause``.
         pending.extend(
             [
-                getattr(current, "_base_exc", None),
+                ray_train_user_error(current),
                 getattr(current, "cause", None),
                 current.__cause__,
                 current.__context__,
@@ -422,7 +423,7 @@ class Webhooks:
         if target.auth_token:
             headers["X-API-Key"] = target.auth_token  # as SimpleTuner sends it
         request = urllib.request.Request(target.url, data=body, headers=headers, method="POST")
-        context = ssl._create_unverified_context() if target.ssl_no_verify else None
+        context = _unverified_context() if target.ssl_no_verify else None
         with urllib.request.urlopen(request, timeout=self.timeout_s, context=context) as response:
             response.read()
 
@@ -455,6 +456,14 @@ def _progress(label: str, current: int, total: int) -> dict[str, Any]:
 
 def _severity(level: str) -> str:
     return "error" if level == "critical" else level
+
+
+def _unverified_context() -> ssl.SSLContext:
+    """A TLS context that accepts any certificate and host name (``ssl_no_verify``, SimpleTuner's switch)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False  # before verify_mode: ssl refuses CERT_NONE while it checks names
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def _one_line(error: BaseException) -> str:

@@ -59,6 +59,7 @@ from transformers import AutoTokenizer, T5EncoderModel
 from raytuner.models.base import CardLicense, ConditioningBatch, Denoiser, ModelFamily, PromptConditioning
 from raytuner.models.registry import register_family
 from raytuner.models.safety import PassThroughSafetyChecker, load_safety_checker
+from raytuner.upstream import execution_device
 
 # Cosmos2TextToImagePipeline.__init__ registers these on its scheduler config.
 SIGMA_MAX = 80.0
@@ -235,7 +236,7 @@ class Cosmos2Image(ModelFamily):
         disable_cfg: bool = False,
     ) -> Image.Image:
         assert callable(pipeline)  # DiffusionPipeline has no __call__; each pipeline class defines one
-        device = pipeline._execution_device
+        device = execution_device(pipeline)
         dtype = pipeline.transformer.dtype
         _screen_prompt(pipeline, prompt, device)
         # The pipeline's own rule (do_classifier_free_guidance): guidance only above 1.

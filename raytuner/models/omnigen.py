@@ -51,6 +51,7 @@ from transformers import AutoTokenizer
 from raytuner import flow
 from raytuner.models.base import CardLicense, ConditioningBatch, Denoiser, ModelFamily, PromptConditioning
 from raytuner.models.registry import register_family
+from raytuner.upstream import lent_multimodal_processor
 
 PIXELS_PER_LATENT = 8  # the processor hard-codes 16 pixels per token: VAE x8 times patch 2
 # The negative prompt OmniGenPipeline always uses: __call__ has no negative_prompt argument.
@@ -196,13 +197,12 @@ class OmniGen(ModelFamily):
         assert callable(pipeline)  # DiffusionPipeline has no __call__; each pipeline class defines one
         # OmniGenPipeline.__call__ takes no negative prompt: its processor adds its own default.
         # A processor that passes ours on is lent to the pipeline for this call.
-        own = pipeline.multimodal_processor
-        if negative_prompt is not None:
-            pipeline.multimodal_processor = _WithNegativePrompt(own, negative_prompt)
-        try:
+        if negative_prompt is None:
             return pipeline(**call).images[0]
-        finally:
-            pipeline.multimodal_processor = own
+        with lent_multimodal_processor(
+            pipeline, _WithNegativePrompt(pipeline.multimodal_processor, negative_prompt)
+        ):
+            return pipeline(**call).images[0]
 
     def generate_image(
         self,
@@ -227,8 +227,9 @@ class OmniGen(ModelFamily):
             negative_ids = own.process_multi_modal_prompt(DEFAULT_NEGATIVE_PROMPT, None)["input_ids"]
         else:
             negative_ids = negative["input_ids"].tolist()
-        pipeline.multimodal_processor = _CachedIdsProcessor(self, ids, negative_ids, own.max_image_size)
-        try:
+        with lent_multimodal_processor(
+            pipeline, _CachedIdsProcessor(self, ids, negative_ids, own.max_image_size)
+        ):
             output = pipeline(
                 prompt=prompt,
                 height=height,
@@ -238,8 +239,6 @@ class OmniGen(ModelFamily):
                 guidance_scale=1.0 if disable_cfg else guidance_scale,
                 generator=generator,
             )
-        finally:
-            pipeline.multimodal_processor = own
         return output.images[0]
 
 

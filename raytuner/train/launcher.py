@@ -47,6 +47,7 @@ from raytuner.train.settings import (
     storage_filesystem,
 )
 from raytuner.train.zero import DeepSpeedPlan, deepspeed_plan
+from raytuner.upstream import report_poll_interval
 from raytuner.webhooks import report_failures, webhook_settings
 
 if TYPE_CHECKING:
@@ -89,14 +90,6 @@ def total_steps(run: RunConfig, steps_per_epoch: int) -> int:
     return training.num_train_epochs * steps_per_epoch
 
 
-# Ray Train's controller takes each worker's report off a one-slot queue when it polls, every
-# 2 s by default: a worker reporting every step would wait up to 2 s per step. Polling every
-# 0.1 s keeps a step's report off its critical path (Ray Train hands this variable on to its
-# controller); a value set in the environment wins.
-REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-REPORT_POLL_S = "0.1"
-
-
 def build_trainer(job: TrainJob, settings: RaySettings, *, callbacks: Sequence[object] = ()) -> TorchTrainer:
     """The run's TorchTrainer; ``callbacks`` are Ray Train callbacks (a Tune trial passes its reporter)."""
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
@@ -107,7 +100,6 @@ def build_trainer(job: TrainJob, settings: RaySettings, *, callbacks: Sequence[o
     if settings.use_gpu:
         resources["GPU"] = settings.gpus_per_worker
     filesystem, storage_path = storage_filesystem(settings)
-    os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
     return TorchTrainer(
         train_worker,
         train_loop_config={"job": job},
@@ -263,11 +255,16 @@ def _cache_and_train(
 
 
 def fit(trainer: TorchTrainer) -> Result:
-    """``trainer.fit()``, with a failure inside Ray as raytuner's own one-line error."""
+    """``trainer.fit()``, with a failure inside Ray as raytuner's own one-line error.
+
+    The run starts here, in the driver or a sweep trial's process: Ray Train's report polling is
+    chosen for it (``raytuner.upstream.report_poll_interval``, said in the log).
+    """
     import ray
 
     try:
-        return trainer.fit()
+        with report_poll_interval():
+            return trainer.fit()
     except ray.exceptions.RayError as error:
         raise training_error(error) from None
     except Exception as error:

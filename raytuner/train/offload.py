@@ -22,7 +22,6 @@ import contextlib
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import torch
 from diffusers.models.modeling_utils import ModelMixin
 
 from raytuner.config.training import TrainingConfig
+from raytuner.upstream import group_offload_hooks, group_offload_weight_sources
 
 logger = logging.getLogger(__name__)
 
@@ -141,14 +141,8 @@ class OffloadedWeights:
         self.onload_device = onload_device
         # id(parameter) -> (parameter, file of its group on disk or None, its key in that file)
         self.sources: dict[int, tuple[torch.nn.Parameter, Path | None, str | None]] = {}
-        for hook in group_offload_hooks(transformer):
-            group = hook.group
-            tensor_to_key = getattr(group, "tensor_to_key", None) if group.offload_to_disk_path else None
-            members = [p for module in group.modules for p in module.parameters()] + list(group.parameters)
-            for parameter in members:
-                key = tensor_to_key.get(parameter) if tensor_to_key else None
-                path = Path(group.safetensors_file_path) if key is not None else None
-                self.sources[id(parameter)] = (parameter, path, key)
+        for parameter, path, key in group_offload_weight_sources(transformer):
+            self.sources[id(parameter)] = (parameter, path, key)
 
     def _pack(self, tensor: torch.Tensor) -> Any:
         if isinstance(tensor, torch.nn.Parameter) and not tensor.requires_grad and id(tensor) in self.sources:
@@ -171,18 +165,6 @@ class OffloadedWeights:
     def saving(self) -> contextlib.AbstractContextManager[None]:
         """The training forward runs inside this block."""
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-
-
-def group_offload_hooks(module: torch.nn.Module) -> Iterator[Any]:
-    """diffusers' group offload hooks installed in ``module`` and its submodules (each has a ``group``)."""
-    from diffusers.hooks import HookRegistry
-    from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
-
-    for submodule in module.modules():
-        registry = getattr(submodule, "_diffusers_hook", None)
-        hook = registry.get_hook(_GROUP_OFFLOADING) if isinstance(registry, HookRegistry) else None
-        if hook is not None:
-            yield hook
 
 
 def has_group_offload_hooks(module: torch.nn.Module) -> bool:
