@@ -18,6 +18,7 @@ LAYERS = (
     "raytuner.flow",  # flow-matching math: plain tensor functions
     "raytuner.precision",  # the autocast training, evaluation and validation share
     "raytuner.upstream",  # workarounds for upstream behaviour, in one place
+    "raytuner.logs",  # logging set up where a process starts, never on import
     "raytuner.ray_runtime",  # connecting to (or starting) Ray
     "raytuner.placement",  # GPUs and actors from what the cluster has
     "raytuner.models",  # the families: what each model is and knows
