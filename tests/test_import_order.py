@@ -15,10 +15,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "raytuner"
 
 LAYERS = (
     "raytuner.errors",  # the one error type; imports nothing of raytuner
-    "raytuner.flow",  # flow-matching math: plain tensor functions
-    "raytuner.precision",  # the autocast training, evaluation and validation share
     "raytuner.upstream",  # workarounds for upstream behaviour, in one place
     "raytuner.logs",  # logging set up where a process starts, never on import
+    "raytuner.flow",  # flow-matching math: plain tensor functions
+    "raytuner.precision",  # the autocast training, evaluation and validation share
     "raytuner.ray_runtime",  # connecting to (or starting) Ray
     "raytuner.placement",  # GPUs and actors from what the cluster has
     "raytuner.models",  # the families: what each model is and knows
