@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from raytuner.logs import ray_job_runtime_env
+from raytuner.errors import RaytunerError
+from raytuner.logs import RAY_WORKER_SETUP_HOOK, ray_job_runtime_env
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,18 @@ def ray_session(*, dashboard: bool = False) -> Iterator[None]:
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True, runtime_env=ray_job_runtime_env())
+        try:
+            ray.init(address=address, log_to_driver=True, runtime_env=ray_job_runtime_env())
+        except ValueError as error:
+            # Inside `ray job submit`, Ray merges the job's runtime env with this one and refuses
+            # a field both set: here only the worker set-up hook can collide.
+            if "runtime env" not in str(error):
+                raise
+            raise RaytunerError(
+                f"RAY_ADDRESS={address}: the job's runtime env sets worker_process_setup_hook, and "
+                f"raytuner sets its own ({RAY_WORKER_SETUP_HOOK}); drop it from the job's "
+                "--runtime-env, or set RAY_OVERRIDE_JOB_RUNTIME_ENV=1 to let raytuner's replace it"
+            ) from error
     else:
         cpus = local_logical_cpus()
         logger.info("starting a local Ray with %d logical CPUs (set RAY_ADDRESS to use a cluster)", cpus)
