@@ -39,7 +39,7 @@ from raytuner.train.outputs import write_config_copies, write_model_card
 from tests.cache.helpers import draw_images, image_dataset, text_dataset, write_run_files
 from tests.hub_server import Commit, HubServer
 from tests.ray_head import clean_environment, short_temp_dir
-from tests.train.test_train_ray import Data, cosmos_training_data
+from tests.training_data import Data, cosmos_training_data
 
 TOKEN = "hf_raytuner_hub_test_token_5f2c9a"
 USER = "tester"

@@ -16,7 +16,7 @@ from raytuner.data.plan import BatchShape, DatasetSampling, plan_epoch
 from raytuner.data.reader import LatentCache, TextCache
 from raytuner.storage import Location, S3Settings
 from tests.cache.helpers import add_broken_files, draw_images, image_dataset, text_dataset, write_run_files
-from tests.conftest import S3Server
+from tests.s3_server import S3Server
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 

@@ -33,7 +33,7 @@ from raytuner.tune.command import SweepOutcome, run_sweep
 from raytuner.tune.sweep import read_sweep
 from tests.cache.helpers import write_run_files
 from tests.ray_head import clean_environment, short_temp_dir
-from tests.train.test_train_ray import Data, cosmos_training_data
+from tests.training_data import Data, cosmos_training_data
 from tests.wandb_records import offline_runs
 
 pytestmark = pytest.mark.slow
