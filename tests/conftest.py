@@ -159,13 +159,22 @@ def run_record(request: pytest.FixtureRequest) -> RunRecord:
     return request.config.stash[TEST_RUN_RECORD]
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """``gpu``-marked tests run only where CUDA is present (the lent accelerator); never instead of a CPU test.
+# Fixtures that start a Ray or connect to one: a test that uses any of them is a `ray` test.
+RAY_FIXTURES = frozenset({"ray_cluster", "ray_head", "fake_cluster"})
 
-    The compatibility-table check is moved to the end, after the tests it names.
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection reads the marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Marks every test that uses a Ray fixture (directly or through another fixture) ``ray``.
+
+    ``gpu``-marked tests run only where CUDA is present (the lent accelerator); never instead of a
+    CPU test. The compatibility-table check is moved to the end, after the tests it names.
     """
     import torch
 
+    for item in items:
+        if RAY_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
     items.sort(key=lambda item: getattr(item, "originalname", item.name) == RUNS_LAST)
     if torch.cuda.is_available():
         return

@@ -59,6 +59,8 @@ def test_demo_outside_the_repository_says_where_to_run_it(
     assert "run from the repository root or pass --configs DIR" in capsys.readouterr().err
 
 
+@pytest.mark.ray  # the demo starts a local Ray of its own
+@pytest.mark.slow
 def test_offline_demo_runs_end_to_end(tmp_path: Path) -> None:
     """`raytuner demo` as the README runs it, in a copy of the repository's configs."""
     shutil.copytree(REPO_ROOT / "configs", tmp_path / "configs")

@@ -415,6 +415,7 @@ E2E_CONFIG: dict[str, Any] = {
 }
 
 
+@pytest.mark.ray  # raytuner train starts a local Ray of its own
 @pytest.mark.slow
 def test_raytuner_train_publishes_every_checkpoint_and_the_final_adapter_without_leaking_the_token(
     hub: HubServer, tiny_cosmos_dir: Path, tmp_path_factory: pytest.TempPathFactory
