@@ -32,6 +32,8 @@ from raytuner.models.registry import get_family
 from raytuner.train.step import train_step
 from tests.adapter_helpers import generate, pipeline_extras, seed_lycoris_config
 
+pytestmark = pytest.mark.slow  # trains the tiny models and renders their pipelines: seconds a test
+
 STEPS = 30
 LEARNING_RATE = 3e-2
 # Merged fp32 weights vs. the same adapter applied un-merged: only float reassociation differs.

@@ -25,6 +25,8 @@ from raytuner.models.safety import TINY_CHECKPOINT_MARKER, PassThroughSafetyChec
 from raytuner.models.tiny import build_tiny_clip
 from tests.adapter_helpers import seed_lycoris_config
 
+pytestmark = pytest.mark.slow  # renders the tiny pipelines: seconds a test
+
 FAMILIES = ("cosmos2image", "omnigen")
 PIPELINES = {"cosmos2image": Cosmos2TextToImagePipeline, "omnigen": OmniGenPipeline}
 FAST = ["--resolution", "64x64", "--steps", "2"]

@@ -44,6 +44,8 @@ from raytuner.train.step import MicroBatch, optimizer_step
 from tests.adapter_helpers import generate, pipeline_extras, seed_lycoris_config
 from tests.config.helpers import BASE_CONFIG, BASE_DATASETS, BASE_LYCORIS
 
+pytestmark = pytest.mark.slow  # quantises, trains and renders the tiny models: seconds a test
+
 CPU = torch.device("cpu")
 FAMILIES = ("cosmos2image", "omnigen")
 SCHEDULE = flow.FlowSchedule(shift=3.0)
