@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format docs clean
+.PHONY: install demo test test-fast lint format docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,10 +36,16 @@ docs: $(STAMP)
 	$(BIN)/raytuner check-config --keys --format markdown > docs/simpletuner-compatibility.md
 
 # pytest exits 5 when it collects nothing: that is a broken suite, never a pass.
+PYTEST_RUN = status=$$?; if [ $$status -eq 5 ]; then echo "pytest collected no tests: failing"; fi; exit $$status
+
+# Everything (CI): lint, then every test, with the slowest listed.
 test: lint
-	@HF_HUB_OFFLINE=1 $(BIN)/pytest --durations=15; status=$$?; \
-	if [ $$status -eq 5 ]; then echo "pytest collected no tests: failing"; fi; \
-	exit $$status
+	@HF_HUB_OFFLINE=1 $(BIN)/pytest --durations=15; $(PYTEST_RUN)
+
+# The inner loop: the tests that start no Ray and run no end-to-end pipeline (see the markers in
+# pyproject.toml); no lint.
+test-fast: $(STAMP)
+	@HF_HUB_OFFLINE=1 $(BIN)/pytest -m "not ray and not slow" --durations=10; $(PYTEST_RUN)
 
 clean:
 	rm -rf $(VENV) output .pytest_cache .ruff_cache .mypy_cache

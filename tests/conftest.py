@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from raytuner.ray_runtime import free_port
+from tests.ray_cluster import RayCluster
+from tests.s3_server import S3Server
 
 # Tests never reach a model hub: everything they load is built offline by raytuner itself.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -33,34 +35,6 @@ def tiny_cosmos_dir(tiny_checkpoints: dict[str, Path]) -> Path:
 @pytest.fixture(scope="session")
 def tiny_omnigen_dir(tiny_checkpoints: dict[str, Path]) -> Path:
     return tiny_checkpoints["omnigen"]
-
-
-@dataclass(frozen=True)
-class S3Server:
-    """A real S3-compatible server (moto) on loopback, for the object-storage tests."""
-
-    endpoint_url: str
-    access_key_id: str = "raytuner-test"
-    secret_access_key: str = "raytuner-test-secret"
-    region: str = "us-east-1"
-
-    def filesystem(self):  # -> pyarrow.fs.S3FileSystem
-        import pyarrow.fs as pafs
-
-        host = self.endpoint_url.removeprefix("http://")
-        return pafs.S3FileSystem(
-            endpoint_override=host,
-            scheme="http",
-            access_key=self.access_key_id,
-            secret_key=self.secret_access_key,
-            region=self.region,
-            allow_bucket_creation=True,
-            allow_bucket_deletion=True,
-        )
-
-    def create_bucket(self, name: str) -> str:
-        self.filesystem().create_dir(name)
-        return name
 
 
 @pytest.fixture(scope="session")
@@ -101,12 +75,6 @@ _AWS_VARIABLES = (
     "AWS_DEFAULT_REGION",
     "AWS_EC2_METADATA_DISABLED",
 )
-
-
-@dataclass(frozen=True)
-class RayCluster:
-    address: str
-    nodes: int
 
 
 @pytest.fixture(scope="session")
@@ -191,13 +159,22 @@ def run_record(request: pytest.FixtureRequest) -> RunRecord:
     return request.config.stash[TEST_RUN_RECORD]
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """``gpu``-marked tests run only where CUDA is present (the lent accelerator); never instead of a CPU test.
+# Fixtures that start a Ray or connect to one: a test that uses any of them is a `ray` test.
+RAY_FIXTURES = frozenset({"ray_cluster", "ray_head", "fake_cluster"})
 
-    The compatibility-table check is moved to the end, after the tests it names.
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection reads the marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Marks every test that uses a Ray fixture (directly or through another fixture) ``ray``.
+
+    ``gpu``-marked tests run only where CUDA is present (the lent accelerator); never instead of a
+    CPU test. The compatibility-table check is moved to the end, after the tests it names.
     """
     import torch
 
+    for item in items:
+        if RAY_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
     items.sort(key=lambda item: getattr(item, "originalname", item.name) == RUNS_LAST)
     if torch.cuda.is_available():
         return

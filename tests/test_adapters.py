@@ -24,15 +24,16 @@ from raytuner.adapters import (
     lokr_merge_differs_from_training,
     save_adapter,
 )
-from raytuner.config import LycorisConfig, load_config
+from raytuner.config import LycorisConfig
 from raytuner.config.lycoris import PresetConfig
 from raytuner.data.synthetic import synthetic_images, to_pixels
 from raytuner.models.base import ModelFamily
 from raytuner.models.registry import get_family
-from raytuner.models.safety import PassThroughSafetyChecker
 from raytuner.train.step import train_step
+from tests.adapter_helpers import generate, pipeline_extras, seed_lycoris_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+pytestmark = pytest.mark.slow  # trains the tiny models and renders their pipelines: seconds a test
+
 STEPS = 30
 LEARNING_RATE = 3e-2
 # Merged fp32 weights vs. the same adapter applied un-merged: only float reassociation differs.
@@ -40,29 +41,6 @@ MERGE_TOLERANCE = 1e-4
 # Cosmos2's pipeline rounds its frames to 8 bits for the safety checker
 # (diffusers' pipeline_cosmos2_text2image), so a reassociation difference can flip one level.
 EIGHT_BIT_LEVEL = 1 / 255
-VALIDATION_PROMPT = "a red circle on a blue background"
-
-
-def seed_lycoris_config(family: str) -> LycorisConfig:
-    spec = load_config(CONFIGS / family / "config.json").lycoris
-    assert spec is not None
-    return spec
-
-
-def pipeline_extras(family: str) -> dict[str, object]:
-    return {"safety_checker": PassThroughSafetyChecker()} if family == "cosmos2image" else {}
-
-
-def generate(pipeline: object, seed: int = 7) -> np.ndarray:
-    return pipeline(  # type: ignore[operator]
-        prompt=VALIDATION_PROMPT,
-        height=64,
-        width=64,
-        num_inference_steps=3,
-        guidance_scale=2.0,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="np",
-    ).images[0]
 
 
 @dataclass

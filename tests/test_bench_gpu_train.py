@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+pytestmark = pytest.mark.slow  # trains the tiny models: seconds a test
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "gpu_train.py"
 TINY = ("--tiny", "--device", "cpu", "--pixels", "32", "--warmup", "0", "--steps", "1")
 

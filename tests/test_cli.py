@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
+import logging
 import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ from safetensors import safe_open
 
 from raytuner.cli import main
 from raytuner.models.safety import is_tiny_checkpoint
+from tests.ray_cluster import RayCluster
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,28 +57,26 @@ def test_demo_outside_the_repository_says_where_to_run_it(
     assert "run from the repository root or pass --configs DIR" in capsys.readouterr().err
 
 
-def test_offline_demo_runs_end_to_end(tmp_path: Path) -> None:
-    """`raytuner demo` as the README runs it, in a copy of the repository's configs."""
+@pytest.mark.slow
+def test_offline_demo_runs_end_to_end(
+    ray_cluster: RayCluster,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`raytuner demo` as the README runs it, in a copy of the repository's configs.
+
+    It runs on the session's Ray: the command uses a Ray it finds connected, as every command does;
+    starting a local Ray of its own is what the sweep and Hub tests' ``raytuner`` subprocesses show.
+    """
     shutil.copytree(REPO_ROOT / "configs", tmp_path / "configs")
-    command = [str(Path(sys.executable).with_name("raytuner")), "demo", "--steps", "4"]
-    # The demo starts its own local Ray; give it a temp dir of its own (short: Ray puts sockets there).
-    ray_temp = tempfile.mkdtemp(prefix="rt-demo-")
-    # The demo starts a Ray of its own: nothing of the session's Ray may leak into it.
-    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
-    try:
-        finished = subprocess.run(
-            command,
-            cwd=tmp_path,
-            env={**env, "RAY_TMPDIR": ray_temp},
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-    finally:
-        shutil.rmtree(ray_temp, ignore_errors=True)
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    assert "eval loss (start -> end)" in finished.stdout
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level(logging.INFO)
+    code = main(["demo", "--steps", "4"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-3000:]
+    assert "eval loss (start -> end)" in printed.out
     for family in ("cosmos2image", "omnigen"):
         output = tmp_path / "output/demo" / family
         for adapter in (
@@ -106,6 +102,6 @@ def test_offline_demo_runs_end_to_end(tmp_path: Path) -> None:
         # Trained by 2 Ray Train workers; the held-out loss at the end is below the baseline.
         assert [line["step"] for line in lines if line.get("kind", "train") == "train"] == [1, 2, 3, 4]
         assert len(evals) == 2 and evals[1] < evals[0]
-    assert "2 worker(s)" in finished.stderr
+    assert any("2 worker(s)" in record.getMessage() for record in caplog.records)
     assert len(list((tmp_path / "output/demo/datasets/shapes").glob("*.png"))) == 8
     assert len(list((tmp_path / "output/demo/datasets/held-out").glob("*.png"))) == 4

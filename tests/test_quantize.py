@@ -41,8 +41,10 @@ from raytuner.quantize import (
 )
 from raytuner.train.offload import OffloadedWeights, apply_group_offload, plan_group_offload
 from raytuner.train.step import MicroBatch, optimizer_step
-from tests.config.conftest import BASE_CONFIG, BASE_DATASETS, BASE_LYCORIS
-from tests.test_adapters import generate, pipeline_extras, seed_lycoris_config
+from tests.adapter_helpers import generate, pipeline_extras, seed_lycoris_config
+from tests.config.helpers import BASE_CONFIG, BASE_DATASETS, BASE_LYCORIS
+
+pytestmark = pytest.mark.slow  # quantises, trains and renders the tiny models: seconds a test
 
 CPU = torch.device("cpu")
 FAMILIES = ("cosmos2image", "omnigen")

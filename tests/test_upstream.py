@@ -26,7 +26,7 @@ import yaml
 from raytuner import upstream
 from raytuner.placement import cluster_facts
 from tests.cluster.schemas import CLUSTER_DIR
-from tests.conftest import RayCluster
+from tests.ray_cluster import RayCluster
 
 
 def test_the_gcs_cluster_config_lists_node_groups_that_may_have_a_node() -> None:

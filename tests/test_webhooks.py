@@ -34,7 +34,7 @@ from raytuner.webhooks import (
     was_reported,
     webhook_settings,
 )
-from tests.config.conftest import BASE_CONFIG, BASE_DATASETS, BASE_LYCORIS
+from tests.config.helpers import BASE_CONFIG, BASE_DATASETS, BASE_LYCORIS
 from tests.webhook_server import WebhookServer
 
 # Discord webhook URLs carry their token in the path; these stand for both kinds of credential.

@@ -4,6 +4,12 @@ The file is W&B's transaction log: a 7-byte header (``:W&B``, a magic number, a 
 LevelDB-log blocks of 32 KiB holding protobuf ``Record`` messages (wandb's own
 ``wandb_internal_pb2``), split across blocks as FULL / FIRST / MIDDLE / LAST chunks. wandb 0.31
 has no public reader for it (``wandb sync`` only uploads), so the tests read it here.
+
+The file is complete only once W&B's service has closed the run's stream: ``run.finish()`` asks
+for that and returns, and the service writes its last buffered block (the history rows, the exit
+record) when it gets to it. A run logged in the test's own process is read after
+``wandb.teardown()``, which waits for the service to stop; a Ray worker's run, after the worker
+process (and with it its service) has ended.
 """
 
 from __future__ import annotations

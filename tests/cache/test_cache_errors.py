@@ -30,6 +30,7 @@ def _cache_command(config: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow  # a raytuner process: seconds of imports
 def test_a_bad_cache_setting_is_one_line_and_exit_2_before_ray_starts(
     tmp_path: Path, tiny_cosmos_dir: Path
 ) -> None:
@@ -50,6 +51,7 @@ def test_a_bad_cache_setting_is_one_line_and_exit_2_before_ray_starts(
     assert "Traceback" not in finished.stderr and "Started a local Ray" not in finished.stderr
 
 
+@pytest.mark.slow  # a raytuner process: seconds of imports
 def test_a_missing_config_or_dataset_folder_is_exit_2(tmp_path: Path, tiny_cosmos_dir: Path) -> None:
     assert main(["cache", "--config", str(tmp_path / "nowhere.json")]) == 2
     files = write_run_files(

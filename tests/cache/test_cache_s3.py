@@ -15,7 +15,7 @@ from raytuner.cache.build import BuildOptions, run_cache
 from raytuner.config import load_config
 from raytuner.storage import Location, S3Settings
 from tests.cache.helpers import add_broken_files, draw_images, image_dataset, text_dataset, write_run_files
-from tests.conftest import S3Server
+from tests.s3_server import S3Server
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 

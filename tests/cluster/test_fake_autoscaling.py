@@ -137,6 +137,7 @@ def _worker_nodes(nodes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {node["node_id"]: node for node in nodes if not node["is_head_node"]}
 
 
+@pytest.mark.slow
 def test_a_job_needing_worker_only_resources_adds_nodes_that_go_when_it_ends(
     fake_cluster: FakeCluster,
 ) -> None:

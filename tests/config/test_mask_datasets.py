@@ -11,7 +11,7 @@ from raytuner.cache.settings import image_datasets, mask_dataset
 from raytuner.config import load_config
 from raytuner.config.errors import ConfigError
 from raytuner.evaluate.eval_loss import eval_datasets
-from tests.config.conftest import WriteRun
+from tests.config.helpers import WriteRun
 
 TEXT = {
     "id": "text",

@@ -111,6 +111,7 @@ def test_check_config_names_missing_dataset_folder(
     assert check_run(run) == [line.removeprefix("error: ") for line in errors]
 
 
+@pytest.mark.slow  # a raytuner process: seconds of imports
 def test_check_config_console_script_exits_2_naming_the_missing_folder(tmp_path: Path) -> None:
     # The installed `raytuner` entry point, as `ray job submit -- raytuner ...` runs it.
     command = [

@@ -30,6 +30,8 @@ from raytuner.train.settings import RayOverrides, resolve_settings
 from raytuner.train.validate import EMA_LABEL, clip_score_metrics
 from tests.cache.helpers import draw_images, image_dataset, text_dataset, write_run_files
 
+pytestmark = pytest.mark.slow  # scores with a tiny CLIP model: seconds a test
+
 PROMPTS = (
     "a red circle on a blue background",
     "a solid green picture",

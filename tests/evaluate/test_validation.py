@@ -39,6 +39,8 @@ from raytuner.models.registry import get_family
 from raytuner.models.safety import PassThroughSafetyChecker
 from tests.cache.helpers import draw_images, image_dataset, text_dataset, write_run_files
 
+pytestmark = pytest.mark.slow  # renders the tiny pipelines: seconds a test
+
 FAMILIES = ("cosmos2image", "omnigen")
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PROMPT = "a red circle on a blue background"

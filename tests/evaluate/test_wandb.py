@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import wandb
 from PIL import Image
 
 from raytuner.evaluate.metrics import MetricsLog, report_to_problem
@@ -47,9 +48,9 @@ def target(**fields: object) -> WandbTarget:
     return WandbTarget(**{**defaults, **fields})  # type: ignore[arg-type]
 
 
-def log_a_run(output_dir: Path, wandb: WandbTarget, *, start: int = 0, steps: int = 3) -> None:
+def log_a_run(output_dir: Path, run_target: WandbTarget, *, start: int = 0, steps: int = 3) -> None:
     """What a worker logs: a baseline eval, train steps, one validation round at the last step."""
-    log = MetricsLog(output_dir, report_to="all", run_name="test", ray_metrics=False, wandb=wandb)
+    log = MetricsLog(output_dir, report_to="all", run_name="test", ray_metrics=False, wandb=run_target)
     log.start(start)
     if start == 0:
         log.log({"step": 0, "kind": "eval", "eval_loss": 1.5})
@@ -63,6 +64,10 @@ def log_a_run(output_dir: Path, wandb: WandbTarget, *, start: int = 0, steps: in
         "validation", images, start + steps, {"validation-32x32": "a red square", "unconditional-32x32": ""}
     )
     log.close()
+    # run.finish() only asks W&B's service to close the run: the service writes the run file's
+    # last buffered records (history, exit) when it closes the run's stream, after finish has
+    # returned. Stopping the service waits for that, so the file read next is complete.
+    wandb.teardown()
 
 
 def test_rank_zeros_metrics_and_images_reach_the_offline_run_under_tensorboards_names(

@@ -23,7 +23,9 @@ from raytuner.generate.settings import GenerateError
 from raytuner.models.registry import get_family
 from raytuner.models.safety import TINY_CHECKPOINT_MARKER, PassThroughSafetyChecker
 from raytuner.models.tiny import build_tiny_clip
-from tests.test_adapters import seed_lycoris_config
+from tests.adapter_helpers import seed_lycoris_config
+
+pytestmark = pytest.mark.slow  # renders the tiny pipelines: seconds a test
 
 FAMILIES = ("cosmos2image", "omnigen")
 PIPELINES = {"cosmos2image": Cosmos2TextToImagePipeline, "omnigen": OmniGenPipeline}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,8 @@ from raytuner.models.registry import get_family
 from raytuner.models.tiny import build_tiny_clip
 from raytuner.train.launcher import INJECT_FAILURE_ENV, TrainError, TrainOutcome, run_training
 from raytuner.train.settings import RayOverrides, resolve_settings
-from tests.cache.helpers import draw_images, image_dataset, text_dataset, write_run_files
+from tests.cache.helpers import write_run_files
+from tests.training_data import Data, cosmos_training_data
 from tests.wandb_records import offline_runs
 from tests.webhook_server import WebhookServer
 
@@ -48,53 +49,10 @@ SECRET = "hf_raytuner_test_secret_value"
 ADAPTER_TOLERANCE = 2e-4
 
 
-@dataclass(frozen=True)
-class Data:
-    datasets: list[dict[str, Any]]
-    model: Path
-
-
 @pytest.fixture(scope="module")
 def cosmos_data(tmp_path_factory: pytest.TempPathFactory, tiny_cosmos_dir: Path) -> Data:
     """8 training images with loss masks and 2 eval images, one shared cache for every run here."""
     return cosmos_training_data(tmp_path_factory.mktemp("train-data"), tiny_cosmos_dir, masks=True)
-
-
-def cosmos_training_data(root: Path, tiny_cosmos_dir: Path, *, masks: bool = False) -> Data:
-    """With ``masks``, every training image has a mask (left half white: learned, right half black:
-    ignored) in a SimpleTuner conditioning dataset, so every run trains with masked loss."""
-    images = draw_images(root / "images", [(64, 64)] * 8)
-    draw_images(root / "eval", [(64, 64)] * 2, start=20)
-    square = {"resolution_type": "pixel", "crop": True, "crop_aspect": "square"}
-    masked: dict[str, Any] = {}
-    mask_datasets: list[dict[str, Any]] = []
-    if masks:
-        (root / "masks").mkdir()
-        for image in images:
-            mask = Image.new("RGB", (64, 64), "black")
-            mask.paste((255, 255, 255), (0, 0, 32, 64))
-            mask.save(root / "masks" / image.name)
-        masked = {"conditioning_data": "masks"}
-        mask_datasets = [
-            {
-                "id": "masks",
-                "type": "local",
-                "dataset_type": "conditioning",
-                "conditioning_type": "mask",
-                "instance_data_dir": str(root / "masks"),
-            }
-        ]
-    return Data(
-        datasets=[
-            image_dataset(root / "images", root / "cache/vae", **square, **masked),
-            *mask_datasets,
-            image_dataset(
-                root / "eval", root / "cache/vae-eval", id="held-out", dataset_type="eval", **square
-            ),
-            text_dataset(root / "cache/text"),
-        ],
-        model=tiny_cosmos_dir,
-    )
 
 
 BASE: dict[str, Any] = {

@@ -1,16 +1,18 @@
 """``raytuner tune`` end to end: real Ray Tune, Optuna and ASHA over tiny Cosmos2 training runs.
 
-One seeded 4-trial sweep, one trial at a time, is run twice: in this process on the session's
-Ray, and as ``raytuner tune`` in a subprocess that is interrupted (Ctrl+C) during its second trial
-and then run again. The scenario is built for early stopping: the base config has the highest
-learning rate in the range, so after 2 steps every other trial's eval loss is behind it and ASHA
-(reduction factor 2, first rung at step 2) stops it; TPE starts after 2 trials, so trials 3 and
-4 are its suggestions given the first two results.
+One seeded 4-trial sweep, one trial at a time, serves every test here. It starts as
+``raytuner tune`` in a subprocess (a local Ray of its own), is interrupted (Ctrl+C) as its third
+trial starts, and is resumed by ``run_sweep`` in this process on the session's 2-node Ray, which
+finishes it. The scenario is built for early stopping: the base config has the highest learning
+rate in the range, so after 2 steps every other trial's eval loss is behind it and ASHA (reduction
+factor 2, first rung at step 2) stops it; TPE starts after 2 trials, so trials 3 and 4 are its
+suggestions given the first two results, made on either side of the interruption.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import signal
 import subprocess
@@ -33,7 +35,7 @@ from raytuner.tune.command import SweepOutcome, run_sweep
 from raytuner.tune.sweep import read_sweep
 from tests.cache.helpers import write_run_files
 from tests.ray_head import clean_environment, short_temp_dir
-from tests.train.test_train_ray import Data, cosmos_training_data
+from tests.training_data import Data, cosmos_training_data
 from tests.wandb_records import offline_runs
 
 pytestmark = pytest.mark.slow
@@ -74,9 +76,23 @@ SWEEP: dict[str, Any] = {
 
 
 @dataclass(frozen=True)
+class Interruption:
+    """What the interrupted ``raytuner tune`` left, seen before the sweep was resumed."""
+
+    exit_code: int
+    log: str
+    ended: list[Path]  # the trials that had ended, in the order they started
+    histories: list[str]  # their metrics.jsonl
+    adapter_time: int  # the first trial's adapter's mtime (ns)
+    steps_logged_by_trial_3: set[int]  # when the signal went
+
+
+@dataclass(frozen=True)
 class Sweep:
     config: Path
     sweep: Path
+    interruption: Interruption
+    resumed_log: list[str]  # raytuner.tune.command's messages while this process resumed the sweep
     outcome: SweepOutcome
     cache_counts: dict[str, tuple[int, int]]  # cache folder -> (rows, rows ever encoded)
 
@@ -106,13 +122,79 @@ def data(tmp_path_factory: pytest.TempPathFactory, tiny_cosmos_dir: Path) -> Dat
 
 
 @pytest.fixture(scope="module")
-def sweep_in_process(ray_cluster, data: Data, tmp_path_factory: pytest.TempPathFactory) -> Sweep:
-    config, sweep_file = write_sweep_files(tmp_path_factory.mktemp("tune-a"), data)
-    run = load_config(config)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("WANDB_MODE", "offline")
-        outcome = run_sweep(read_sweep(sweep_file, run))
-    return Sweep(config=config, sweep=sweep_file, outcome=outcome, cache_counts=cache_counts(data))
+def interrupted_sweep(ray_cluster, data: Data, tmp_path_factory: pytest.TempPathFactory) -> Sweep:
+    """The sweep: interrupted as ``raytuner tune`` as trial 3 starts, resumed here to its end.
+
+    The signal goes while trial 3's workers start (seconds), not between two of its steps (a
+    fraction of one): a trial resumed from a checkpoint is Ray Train's own restore of the trial's
+    pinned run, tested in the training tests.
+    """
+    root = tmp_path_factory.mktemp("tune")
+    config, sweep_file = write_sweep_files(root, data)
+    interruption = _interrupt_at_trial_3(config, sweep_file, tmp_path_factory)
+    messages = _Messages()
+    logger = logging.getLogger("raytuner.tune.command")
+    level = logger.level
+    logger.setLevel(logging.INFO)  # as the command line sets it
+    logger.addHandler(messages)
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("WANDB_MODE", "offline")
+            outcome = run_sweep(read_sweep(sweep_file, load_config(config)))
+    finally:
+        logger.removeHandler(messages)
+        logger.setLevel(level)
+    return Sweep(
+        config=config,
+        sweep=sweep_file,
+        interruption=interruption,
+        resumed_log=messages.lines,
+        outcome=outcome,
+        cache_counts=cache_counts(data),
+    )
+
+
+class _Messages(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def _interrupt_at_trial_3(
+    config: Path, sweep_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Interruption:
+    root = config.parent
+    log = root / "first.log"
+    trials_dir = root / "output" / "trials"
+    temp_dir, remove_temp = short_temp_dir(tmp_path_factory, "rt")
+    process = None
+    try:
+        process = _launch(config, sweep_file, log, temp_dir)
+
+        def third_trial_starting() -> bool:
+            return len(_started_trials(trials_dir)) == 3
+
+        _wait_for(third_trial_starting, process, log, poll=0.1)
+        logged = _logged_steps(_started_trials(trials_dir)[2])
+        process.send_signal(signal.SIGINT)  # Ctrl+C
+        exit_code = process.wait(timeout=180)
+    finally:
+        if process is not None and process.poll() is None:
+            process.kill()
+        if remove_temp:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+    ended = _started_trials(trials_dir)[:2]
+    return Interruption(
+        exit_code=exit_code,
+        log=log.read_text(),
+        ended=ended,
+        histories=[(trial / "logs" / "metrics.jsonl").read_text() for trial in ended],
+        adapter_time=(ended[0] / ADAPTER_FILENAME).stat().st_mtime_ns,
+        steps_logged_by_trial_3=logged,
+    )
 
 
 def assert_same_points(first: list[dict[str, Any]], second: list[dict[str, Any]]) -> None:
@@ -123,8 +205,8 @@ def assert_same_points(first: list[dict[str, Any]], second: list[dict[str, Any]]
             assert a[key] == pytest.approx(b[key], rel=1e-9), (key, first, second)
 
 
-def test_a_four_trial_sweep_writes_the_table_plots_best_config_and_adapter(sweep_in_process: Sweep) -> None:
-    outcome = sweep_in_process.outcome
+def test_a_four_trial_sweep_writes_the_table_plots_best_config_and_adapter(interrupted_sweep: Sweep) -> None:
+    outcome = interrupted_sweep.outcome
     assert not outcome.interrupted
     trials = outcome.outcomes
     assert [trial.number for trial in trials] == [1, 2, 3, 4]
@@ -159,8 +241,8 @@ def test_a_four_trial_sweep_writes_the_table_plots_best_config_and_adapter(sweep
     assert best_run.training.output_dir == output_dir / "best_run"
 
 
-def test_every_trial_is_a_wandb_run_grouped_under_the_sweeps_name(sweep_in_process: Sweep) -> None:
-    for trial in sweep_in_process.outcome.outcomes:
+def test_every_trial_is_a_wandb_run_grouped_under_the_sweeps_name(interrupted_sweep: Sweep) -> None:
+    for trial in interrupted_sweep.outcome.outcomes:
         (run,) = offline_runs(trial.output_dir / "logs")
         assert (run.name, run.group, run.job_type) == (f"test-sweep-{trial.trial_id}", "test-sweep", "trial")
         assert run.config["raytuner"] == {
@@ -176,27 +258,31 @@ def test_every_trial_is_a_wandb_run_grouped_under_the_sweeps_name(sweep_in_proce
             assert steps == list(range(1, len(steps) + 1)) and len(steps) <= trial.steps
 
 
-def test_asha_stops_the_trials_that_fall_behind_at_the_first_rung(sweep_in_process: Sweep) -> None:
-    trials = sweep_in_process.outcome.outcomes
+def test_asha_stops_the_trials_that_fall_behind_at_the_first_rung(interrupted_sweep: Sweep) -> None:
+    trials = interrupted_sweep.outcome.outcomes
     stopped = [trial for trial in trials if trial.status == sweep_results.STOPPED]
     assert stopped, [(t.number, t.status, t.point) for t in trials]
     base_at_rung = dict(trials[0].curve)[2]
     for trial in stopped:
         assert 2 <= trial.steps < STEPS
         assert dict(trial.curve)[2] > base_at_rung  # behind the base config when it was stopped
-    assert "stopped early" in (sweep_in_process.outcome.output_dir / sweep_results.RESULTS_CSV).read_text()
+    assert "stopped early" in (interrupted_sweep.outcome.output_dir / sweep_results.RESULTS_CSV).read_text()
 
 
-def test_later_trials_are_tpe_suggestions_given_the_earlier_results(sweep_in_process: Sweep) -> None:
-    """Replaying the sweep's results into optuna's seeded TPE gives back the trials' points."""
+def test_later_trials_are_tpe_suggestions_given_the_earlier_results(interrupted_sweep: Sweep) -> None:
+    """Replaying the sweep's results into optuna's seeded TPE gives back the trials' points.
+
+    Trial 3 was suggested before the interruption and trial 4 after it: the resumed sampler
+    continues the same seeded sequence.
+    """
     import optuna
 
-    run = load_config(sweep_in_process.config)
-    sweep = read_sweep(sweep_in_process.sweep, run)
+    run = load_config(interrupted_sweep.config)
+    sweep = read_sweep(interrupted_sweep.sweep, run)
     study = optuna.create_study(direction="minimize", sampler=sweep.sampler_instance())
     study.enqueue_trial(sweep.base_point)
     space = sweep.space()
-    for trial in sweep_in_process.outcome.outcomes:
+    for trial in interrupted_sweep.outcome.outcomes:
         asked = study.ask(fixed_distributions=space)
         assert_same_points([asked.params], [trial.point])
         assert trial.metric is not None
@@ -204,14 +290,14 @@ def test_later_trials_are_tpe_suggestions_given_the_earlier_results(sweep_in_pro
     # Told other results, TPE proposes another last point: the suggestions follow the results.
     other = optuna.create_study(direction="minimize", sampler=sweep.sampler_instance())
     other.enqueue_trial(sweep.base_point)
-    for trial in sweep_in_process.outcome.outcomes[:3]:
+    for trial in interrupted_sweep.outcome.outcomes[:3]:
         asked = other.ask(fixed_distributions=space)
         other.tell(asked, -trial.metric)
-    assert other.ask(fixed_distributions=space).params != sweep_in_process.outcome.outcomes[3].point
+    assert other.ask(fixed_distributions=space).params != interrupted_sweep.outcome.outcomes[3].point
 
 
-def test_the_cache_is_encoded_once_and_no_trial_encodes_anything(sweep_in_process: Sweep) -> None:
-    counts = sweep_in_process.cache_counts
+def test_the_cache_is_encoded_once_and_no_trial_encodes_anything(interrupted_sweep: Sweep) -> None:
+    counts = interrupted_sweep.cache_counts
     assert len(counts) == 3
     for folder, (rows, encoded) in counts.items():
         # Every row was encoded exactly once, by the build before the first trial.
@@ -219,7 +305,7 @@ def test_the_cache_is_encoded_once_and_no_trial_encodes_anything(sweep_in_proces
 
 
 def _launch(config: Path, sweep: Path, log: Path, temp_dir: Path) -> subprocess.Popen[bytes]:
-    env = {**clean_environment(), "RAY_TMPDIR": str(temp_dir)}
+    env = {**clean_environment(), "RAY_TMPDIR": str(temp_dir), "WANDB_MODE": "offline"}
     handle = log.open("wb")
     return subprocess.Popen(
         [sys.executable, "-m", "raytuner.cli", "tune", "--config", str(config), "--sweep", str(sweep)],
@@ -252,72 +338,34 @@ def _logged_steps(trial: Path) -> set[int]:
     return {int(entry["step"]) for entry in read_metrics(path)} if path.is_file() else set()
 
 
-def test_an_interrupted_sweep_resumes_where_it_stopped(
-    sweep_in_process: Sweep, data: Data, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    """Ctrl+C as trial 3 starts; the same command again finishes the sweep.
+def test_an_interrupted_sweep_resumes_where_it_stopped(interrupted_sweep: Sweep) -> None:
+    """Ctrl+C as trial 3 starts; the same sweep run again finishes it.
 
-    Trial 3 passes ASHA's first rung and is stopped at the second (step 4) in the uninterrupted
-    sweep; resumed, it must be stopped there again, which needs ASHA's rungs from before the
-    interruption. The resumed sweep is the first one's first three trials (TPE's suggestion for
-    trial k depends only on the k - 1 results before it). The signal goes while trial 3's workers
-    start (seconds), not between two of its steps (a fraction of one): a trial resumed from a
-    checkpoint is Ray Train's own restore of the trial's pinned run, tested in the training tests.
+    Trial 3 passes ASHA's first rung and is stopped at the second (step 4): resumed, it can only be
+    stopped there with ASHA's rungs from before the interruption (alone at a rung, a trial is
+    never behind). That trials 3 and 4 are the seeded TPE's suggestions given the results before
+    each, on either side of the interruption, is the TPE test above.
     """
-    reference = sweep_in_process.outcome.outcomes[:3]
-    assert reference[2].status == sweep_results.STOPPED and reference[2].steps == 4
-    root = tmp_path_factory.mktemp("tune-b")
-    config, sweep_file = write_sweep_files(root, data, report_to="tensorboard")
-    sweep_file.write_text(json.dumps({**SWEEP, "num_samples": 3}, indent=2))
-    temp_dir, remove_temp = short_temp_dir(tmp_path_factory, "rt")
-    trials_dir = root / "output" / "trials"
-    first = second = None
-    try:
-        first = _launch(config, sweep_file, root / "first.log", temp_dir)
-
-        def third_trial_starting() -> bool:
-            return len(_started_trials(trials_dir)) == 3
-
-        _wait_for(third_trial_starting, first, root / "first.log", poll=0.1)
-        assert not _logged_steps(_started_trials(trials_dir)[2])
-        first.send_signal(signal.SIGINT)  # Ctrl+C
-        assert first.wait(timeout=180) == 130, (root / "first.log").read_text()[-4000:]
-        assert "run the same command again to resume it" in (root / "first.log").read_text()
-        ended = _started_trials(trials_dir)[:2]
-        histories = [(trial / "logs" / "metrics.jsonl").read_text() for trial in ended]
-        adapter_time = (ended[0] / ADAPTER_FILENAME).stat().st_mtime_ns
-
-        second = _launch(config, sweep_file, root / "second.log", temp_dir)
-        assert second.wait(timeout=600) == 0, (root / "second.log").read_text()[-4000:]
-    finally:
-        for process in (first, second):
-            if process is not None and process.poll() is None:
-                process.kill()
-        if remove_temp:
-            shutil.rmtree(temp_dir, ignore_errors=True)
-    log = (root / "second.log").read_text()
-    assert "(resumed)" in log
+    interruption = interrupted_sweep.interruption
+    assert not interruption.steps_logged_by_trial_3
+    assert interruption.exit_code == 130, interruption.log[-4000:]
+    assert "run the same command again to resume it" in interruption.log
+    assert "(resumed)" not in interruption.log
+    assert any("(resumed)" in line for line in interrupted_sweep.resumed_log), interrupted_sweep.resumed_log
     # The trials that had ended are not trained again.
-    assert [(trial / "logs" / "metrics.jsonl").read_text() for trial in ended] == histories
-    assert (ended[0] / ADAPTER_FILENAME).stat().st_mtime_ns == adapter_time
+    ended = interruption.ended
+    assert [(trial / "logs" / "metrics.jsonl").read_text() for trial in ended] == interruption.histories
+    assert (ended[0] / ADAPTER_FILENAME).stat().st_mtime_ns == interruption.adapter_time
+    trials = interrupted_sweep.outcome.outcomes
+    assert [trial.output_dir.name for trial in trials[:2]] == [trial.name for trial in ended]
+    base, third = trials[0], trials[2]
+    assert third.status == sweep_results.STOPPED and third.steps == 4, [(t.status, t.steps) for t in trials]
+    assert dict(third.curve)[4] > dict(base.curve)[4]  # behind the base config at the second rung
     rows = [
-        row.split(",") for row in (root / "output" / sweep_results.RESULTS_CSV).read_text().splitlines()[1:]
+        row.split(",")
+        for row in (interrupted_sweep.outcome.output_dir / sweep_results.RESULTS_CSV)
+        .read_text()
+        .splitlines()[1:]
     ]
-    resumed = [json.loads((trials_dir / row[1] / "trial.json").read_text())["point"] for row in rows]
-    # The same seeded sweep suggests the same points and stops the same trials, interrupted or not.
-    assert_same_points(resumed, [trial.point for trial in reference])
-    assert [row[2] for row in rows] == [trial.status for trial in reference]
-    third = dict((step, loss) for step, loss in reference[2].curve)
-    # Up to the step the trial was stopped at: its workers may log a step more while they are torn down.
-    stopped_at = int(rows[2][6])
-    resumed_curve = {
-        int(e["step"]): e["eval_loss"]
-        for e in read_metrics(trials_dir / rows[2][1] / "logs" / "metrics.jsonl")
-        if e.get("kind") == "eval" and int(e["step"]) <= stopped_at
-    }
-    assert resumed_curve.keys() == third.keys()
-    for step, loss in third.items():
-        assert resumed_curve[step] == pytest.approx(loss, rel=1e-5), step
-    assert (root / "output" / sweep_results.BEST_CONFIG).is_file()
-    # This sweep read the first one's cache: still every row encoded once.
-    assert cache_counts(data) == sweep_in_process.cache_counts
+    assert [row[1] for row in rows] == [trial.trial_id for trial in trials]
+    assert [row[2] for row in rows] == [trial.status for trial in trials]
