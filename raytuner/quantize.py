@@ -54,6 +54,7 @@ import torch
 from raytuner.config import LycorisConfig
 from raytuner.config.training import QUANTIZED_PRECISIONS, TrainingConfig
 from raytuner.errors import RaytunerError
+from raytuner.models.registry import get_family
 
 logger = logging.getLogger(__name__)
 
@@ -171,11 +172,9 @@ def _runs_float8_matmuls(device: torch.device) -> bool:
 
 def quantization_warnings(training: TrainingConfig) -> list[str]:
     """What the driver logs once about a quantised base that will run."""
-    if is_quantized(training) and training.model_family == "cosmos2image":
-        return [
-            f"{_setting(training)}: the Cosmos2 quickstart says not to quantise Cosmos2 (set base_model_precision "
-            "to no_change); quantising it anyway, expect lower quality"
-        ]
+    advice = get_family(training.model_family).quantized_base_advice
+    if is_quantized(training) and advice is not None:
+        return [f"{_setting(training)}: {advice}"]
     return []
 
 

@@ -70,6 +70,9 @@ class ModelFamily(ABC):
     # Whether the family's pipeline screens prompts and images with a safety checker (generate's
     # screening policy: raytuner.generate.settings.screening_for).
     screens_images: ClassVar[bool] = False
+    # Why a quantised base (base_model_precision) is advised against for this family, in the words
+    # of a warning; None when the family's guide has nothing against it.
+    quantized_base_advice: ClassVar[str | None] = None
     # flavour -> default hub id; a local path given as pretrained_model_name_or_path always wins.
     flavours: ClassVar[Mapping[str, str]]
     default_flavour: ClassVar[str]

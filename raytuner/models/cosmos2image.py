@@ -80,6 +80,10 @@ class Cosmos2Image(ModelFamily):
         "license_link": "https://www.nvidia.com/en-us/agreements/enterprise-software/nvidia-open-model-license",
     }
     screens_images: ClassVar[bool] = True
+    quantized_base_advice: ClassVar[str | None] = (
+        "the Cosmos2 quickstart says not to quantise Cosmos2 (set base_model_precision to "
+        "no_change); quantising it anyway, expect lower quality"
+    )
     flavours: ClassVar[dict[str, str]] = {
         "2b": "nvidia/Cosmos-Predict2-2B-Text2Image",
         "14b": "nvidia/Cosmos-Predict2-14B-Text2Image",
