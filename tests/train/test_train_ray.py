@@ -33,9 +33,11 @@ from raytuner.evaluate.eval_loss import eval_samples, evaluation_loss
 from raytuner.evaluate.metrics import read_metrics
 from raytuner.models.registry import get_family
 from raytuner.models.tiny import build_tiny_clip
-from raytuner.train.launcher import INJECT_FAILURE_ENV, TrainError, TrainOutcome, run_training
+from raytuner.train.callbacks import TrainCallback
+from raytuner.train.launcher import TrainError, TrainOutcome, run_training
 from raytuner.train.settings import RayOverrides, resolve_settings
 from tests.cache.helpers import draw_images, image_dataset, text_dataset, write_run_files
+from tests.train.faults import KillWorker
 from tests.wandb_records import offline_runs
 from tests.webhook_server import WebhookServer
 
@@ -125,10 +127,18 @@ def load_run(root: Path, data: Data, **config: Any) -> RunConfig:
     return write_run_files(root, data.model, data.datasets, **{**BASE, **config}).load()
 
 
-def train(root: Path, data: Data, *, workers: int, max_failures: int = 0, **config: Any) -> TrainOutcome:
+def train(
+    root: Path,
+    data: Data,
+    *,
+    workers: int,
+    max_failures: int = 0,
+    callbacks: tuple[TrainCallback, ...] = (),
+    **config: Any,
+) -> TrainOutcome:
     run = load_run(root, data, **config)
     settings = resolve_settings(run, RayOverrides(num_workers=workers, max_failures=max_failures))
-    return run_training(run, settings)
+    return run_training(run, settings, callbacks=callbacks)
 
 
 def adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -303,11 +313,17 @@ def test_a_checkpoint_path_is_the_starting_state_of_a_new_run(
 
 
 def test_a_killed_worker_is_replaced_and_the_run_reaches_its_last_step(
-    ray_cluster, cosmos_data: Data, tmp_path: Path, one_worker_accumulating: TrainOutcome, monkeypatch
+    ray_cluster, cosmos_data: Data, tmp_path: Path, one_worker_accumulating: TrainOutcome
 ) -> None:
     marker = tmp_path / "failed-once"
-    monkeypatch.setenv(INJECT_FAILURE_ENV, f"step=5,rank=0,marker={marker}")
-    outcome = train(tmp_path, cosmos_data, workers=1, max_failures=1, gradient_accumulation_steps=2)
+    outcome = train(
+        tmp_path,
+        cosmos_data,
+        workers=1,
+        max_failures=1,
+        gradient_accumulation_steps=2,
+        callbacks=(KillWorker(step=5, marker=marker),),
+    )
     assert marker.is_file()
     raw = [json.loads(line) for line in (outcome.output_dir / "logs/metrics.jsonl").read_text().splitlines()]
     steps = [e["step"] for e in raw if e.get("kind", "train") == "train"]
@@ -319,14 +335,14 @@ def test_a_killed_worker_is_replaced_and_the_run_reaches_its_last_step(
 
 
 def test_a_run_without_retries_fails_with_one_line_and_the_driver_sends_it_to_the_webhook(
-    ray_cluster, cosmos_data: Data, tmp_path: Path, monkeypatch, webhook_server: WebhookServer
+    ray_cluster, cosmos_data: Data, tmp_path: Path, webhook_server: WebhookServer
 ) -> None:
-    monkeypatch.setenv(INJECT_FAILURE_ENV, f"step=1,rank=0,marker={tmp_path / 'failed'}")
     with pytest.raises(TrainError) as raised:
         train(
             tmp_path,
             cosmos_data,
             workers=1,
+            callbacks=(KillWorker(step=1, marker=tmp_path / "failed"),),
             max_train_steps=2,
             validation_prompt=None,
             webhook_config={"webhook_type": "raw", "callback_url": webhook_server.url("/fail")},
