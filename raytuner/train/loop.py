@@ -225,11 +225,9 @@ def train_worker(config: dict[str, Any]) -> None:
     quiet_train_report_logs()
     check_marker(job.marker, node=ray.get_runtime_context().get_node_id()[:12])
     device = ray.train.torch.get_device()
-    for name, value in worker_environment(job, device).items():
+    for name, (value, why) in worker_environment(job, device).items():
         if rank == 0:
-            logger.info(
-                "worker environment: %s=%s (DeepSpeed's accelerator for %s workers)", name, value, device.type
-            )
+            logger.info("worker environment: %s=%s (%s)", name, value, why)
         os.environ[name] = value
     callbacks = worker_callbacks(job, rank=rank)
     worker: Worker | None = None

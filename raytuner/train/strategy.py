@@ -276,12 +276,13 @@ def build_strategy(job: TrainJob, *, rank: int, world_size: int, device: torch.d
     return DataParallel(rank=rank, world_size=world_size, device=device)
 
 
-def worker_environment(job: TrainJob, device: torch.device) -> dict[str, str]:
-    """Environment variables the run's strategy needs set before it starts in a worker process.
+def worker_environment(job: TrainJob, device: torch.device) -> dict[str, tuple[str, str]]:
+    """Environment variables the run's strategy needs set before it starts in a worker process:
+    name -> (value, why), for the worker to set and log where it starts; nothing is set here.
 
     DeepSpeed picks its accelerator when first imported: on a CPU worker that must be the CPU one.
     A value already in the environment wins.
     """
     if job.deepspeed is not None and device.type == "cpu" and DEEPSPEED_ACCELERATOR_ENV not in os.environ:
-        return {DEEPSPEED_ACCELERATOR_ENV: "cpu"}
+        return {DEEPSPEED_ACCELERATOR_ENV: ("cpu", "DeepSpeed's accelerator on a CPU worker")}
     return {}

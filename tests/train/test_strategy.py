@@ -57,7 +57,7 @@ def test_deepspeeds_cpu_accelerator_is_returned_for_the_worker_to_set_not_set_he
 ) -> None:
     monkeypatch.delenv(DEEPSPEED_ACCELERATOR_ENV, raising=False)
     zero = job(tmp_path / "a", tiny_cosmos_dir, deepspeed=True)
-    assert worker_environment(zero, CPU) == {DEEPSPEED_ACCELERATOR_ENV: "cpu"}
+    assert worker_environment(zero, CPU)[DEEPSPEED_ACCELERATOR_ENV][0] == "cpu"
     assert DEEPSPEED_ACCELERATOR_ENV not in os.environ
     assert worker_environment(zero, torch.device("cuda", 0)) == {}
     assert worker_environment(job(tmp_path / "b", tiny_cosmos_dir), CPU) == {}
