@@ -191,12 +191,12 @@ class DataParallel(TrainingStrategy):
     def prepare(self, model: AdaptedModel, optimizer: torch.optim.Optimizer, settings: StepSettings) -> None:
         self.model, self.optimizer, self.settings = model, optimizer, settings
         module = AdapterModule(model, settings)
-        # find_unused_parameters: LyCORIS' module and rank dropout skip layers at random, and a
-        # layer no micro-batch reached must still be reduced (as zeros) on the worker that skipped it.
+        # find_unused_parameters: LyCORIS' module dropout skips layers at random, and a preset may
+        # adapt a layer the family's forward never runs; such a layer's gradient is still reduced
+        # (as zeros) instead of stalling the reduction. The buffers (LoKr's alpha) are the same on
+        # every worker; DDP's default of syncing them costs one small broadcast per forward.
         self.module = (
-            DistributedDataParallel(module, find_unused_parameters=True, broadcast_buffers=False)
-            if self.distributed
-            else module
+            DistributedDataParallel(module, find_unused_parameters=True) if self.distributed else module
         )
 
     def step(self, micro_batches: list[MicroBatch]) -> StepResult:
