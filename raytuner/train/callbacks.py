@@ -20,7 +20,7 @@ from raytuner.hub import CheckpointUploads
 from raytuner.webhooks import Webhooks, mark_reported
 
 if TYPE_CHECKING:
-    from raytuner.train.loop import TrainJob
+    from raytuner.train.job import TrainJob
     from raytuner.train.validate import ValidationRound
 
 logger = logging.getLogger(__name__)

@@ -36,6 +36,7 @@ from raytuner.preflight import lr_schedule_problem, preflight, resume_path
 from raytuner.ray_runtime import cluster_connection, ray_session
 from raytuner.storage import Location
 from raytuner.train.callbacks import TrainCallback
+from raytuner.train.job import TrainJob
 from raytuner.train.layout import (
     LayoutError,
     on_cluster,
@@ -43,7 +44,7 @@ from raytuner.train.layout import (
     place_under_shared_root,
     write_marker,
 )
-from raytuner.train.loop import TrainJob, train_worker
+from raytuner.train.loop import train_worker
 from raytuner.train.outputs import write_config_copies
 from raytuner.train.settings import (
     RayOverrides,

@@ -18,50 +18,26 @@ import os
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from raytuner.config import RunConfig
 from raytuner.data.plan import BatchShape
 from raytuner.data.reader import open_training_data
-from raytuner.evaluate.wandb_tracker import WandbTarget
-from raytuner.hub import HubTarget
-from raytuner.train.callbacks import Callbacks, RunStart, TrainCallback, worker_callbacks
+from raytuner.train.callbacks import Callbacks, RunStart, worker_callbacks
 from raytuner.train.checkpointer import Checkpointer, Progress, Reporter, checkpoint_step
 from raytuner.train.ema import AdapterEMA
 from raytuner.train.feed import StepFeed
-from raytuner.train.layout import SharedRootMarker, check_marker
+from raytuner.train.job import TrainJob
+from raytuner.train.layout import check_marker
 from raytuner.train.model import build_model
 from raytuner.train.optim import build_lr_scheduler, build_optimizer
 from raytuner.train.strategy import StepSettings, build_strategy, worker_environment
 from raytuner.train.validate import Evaluation, Validator
-from raytuner.train.zero import DeepSpeedPlan
 from raytuner.upstream import quiet_train_report_logs
-from raytuner.webhooks import WebhookSettings
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainJob:
-    """Everything a worker needs, sent by the driver through ``train_loop_config``."""
-
-    run: RunConfig
-    run_name: str
-    total_steps: int
-    steps_per_epoch: int
-    marker: SharedRootMarker
-    start_from: str | None = None  # resume_from_checkpoint as a path: the starting state
-    ray_metrics: bool = True
-    validation_prompts: dict[str, str] = field(default_factory=dict)
-    deepspeed: DeepSpeedPlan | None = None  # the DeepSpeed strategy, planned by the driver
-    hub: HubTarget | None = None  # the Hub repo the driver opened (push_to_hub); never the token
-    webhooks: WebhookSettings | None = None  # webhook_config, read by the driver (raytuner/webhooks.py)
-    wandb: WandbTarget | None = None  # the W&B run rank 0 logs to (report_to wandb / all); no key
-    callbacks: tuple[TrainCallback, ...] = ()  # the run's own, on every worker (they must pickle)
 
 
 def _peak_memory_mib(device: torch.device) -> float:

@@ -53,7 +53,7 @@ from raytuner.train.step import (
 )
 
 if TYPE_CHECKING:
-    from raytuner.train.loop import TrainJob
+    from raytuner.train.job import TrainJob
     from raytuner.train.model import AdaptedModel
 
 logger = logging.getLogger(__name__)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from raytuner.train.job import TrainJob
 from raytuner.train.layout import SharedRootMarker
-from raytuner.train.loop import TrainJob
 from raytuner.train.strategy import (
     DEEPSPEED_ACCELERATOR_ENV,
     DataParallel,
