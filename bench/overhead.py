@@ -16,7 +16,7 @@ batch 2, one seed, one Parquet cache (built once by ``raytuner cache`` before ei
   other process of the run (the driver, the local Ray's daemons and actors).
 * **bare**: a fresh process with ``torch.set_num_threads(N)`` that builds the model, adapter,
   optimizer and scheduler as the worker does and, per step, reads the plan's batch from the cache
-  (``open_training_data(run)``: ``plan``/``batch``, as ``Worker.micro_batches``) and calls
+  (``open_training_data(run)``: ``plan``/``batch``, as ``StepFeed.micro_batches``) and calls
   ``raytuner.train.step.optimizer_step``. No Ray.
 
 The first ``--warmup`` steps of each side are dropped. Both sides must log the same losses (same
@@ -400,10 +400,9 @@ def bare_loop(config: str, threads: int, log: Path) -> dict[str, Any]:
     from raytuner.batches.reader import open_training_data
     from raytuner.config import load_config
     from raytuner.models.registry import get_family
-    from raytuner.train.loop import UNCLIPPED_OPTIMIZERS
     from raytuner.train.optim import build_lr_scheduler, build_optimizer
     from raytuner.train.schedule import flow_schedule_from_config
-    from raytuner.train.step import MicroBatch, optimizer_step
+    from raytuner.train.step import UNCLIPPED_OPTIMIZERS, MicroBatch, optimizer_step
 
     run = load_config(config)
     training = run.training
@@ -468,7 +467,6 @@ def bare_loop(config: str, threads: int, log: Path) -> dict[str, Any]:
             max_grad_norm=max_grad_norm,
             grad_clip_method=training.grad_clip_method,
             mixed_precision=training.mixed_precision,
-            reduce_mean=None,
         )
         lr_scheduler.step()
         step_seconds = time.perf_counter() - started

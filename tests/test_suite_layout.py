@@ -13,15 +13,6 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent
 REPO_ROOT = TESTS.parent
 
-# Test modules of tests/train/ that still share code by importing each other; the strategies'
-# rewrite of that folder moves it into helpers. Nothing may be added here.
-NOT_YET_MOVED = {
-    "tests/train/test_gpu_strategies.py",
-    "tests/train/test_masked_loss.py",
-    "tests/train/test_offload.py",
-    "tests/train/test_strategies_ray.py",
-}
-
 
 def imported_modules(source: str, package: str) -> set[str]:
     """Every module an ``import`` or ``from ... import`` in ``source`` names, relative imports
@@ -57,7 +48,7 @@ def test_no_test_file_imports_a_test_module_or_a_conftest() -> None:
         package = ".".join(path.relative_to(REPO_ROOT).parent.parts)
         modules = imported_modules(path.read_text(encoding="utf-8"), package)
         bad = sorted(module for module in modules if forbidden(module))
-        if bad and name not in NOT_YET_MOVED:
+        if bad:
             offenders[name] = bad
     assert not offenders, f"move what these share into a helper module: {offenders}"
 

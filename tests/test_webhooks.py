@@ -14,18 +14,21 @@ import json
 import logging
 import pickle
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from PIL import Image
 
 from raytuner.config import ConfigError, load_config
 from raytuner.config.check import format_run
 from raytuner.config.webhooks import WebhookTarget
 from raytuner.outputs import write_config_copies
-from raytuner.train.loop import Worker, checkpoint_name
+from raytuner.train.callbacks import Callbacks, WebhookCallback
+from raytuner.train.checkpointer import Checkpointer, Progress, Reporter, checkpoint_name
+from raytuner.train.strategy import DataParallel
+from raytuner.train.validate import ValidationRound
 from raytuner.webhooks import (
     Webhooks,
     WebhookSettings,
@@ -378,31 +381,30 @@ def test_the_driver_sends_a_failure_only_when_no_worker_did(server: WebhookServe
 # ---- the worker's calls ------------------------------------------------------------------------
 
 
-@dataclass
-class _Rendered:
-    images: list[tuple[str, Image.Image]]
-    metrics: dict[str, float]
-
-
-class _Validator:
-    def render(self) -> _Rendered:
-        return _Rendered(images=images(2), metrics={})
-
-
-def test_rank_zero_sends_its_validation_images_and_checkpoints(server: WebhookServer) -> None:
-    """The worker's validate() and report() send their events (the loop's own Ray test runs it all)."""
-    worker = Worker.__new__(Worker)  # the parts validate() and report() read; no model, no Ray
-    worker.rank, worker.step, worker.deepspeed, worker.metrics = 0, 4, None, None
-    worker.job = type("Job", (), {"validation_prompts": {"validation": "a photo"}})()  # type: ignore[assignment]
-    worker._validator = _Validator()
-    worker.checkpoint_uploads = None
-    worker.write_checkpoint = lambda folder: None  # type: ignore[method-assign]
-    worker.webhooks = Webhooks(settings_for(WebhookTarget(webhook_type="raw", url=server.url("/worker"))))
+def test_rank_zero_sends_its_validation_images_and_checkpoints(server: WebhookServer, tmp_path: Path) -> None:
+    """The loop's webhook callback sends the validation and checkpoint events (the loop's own Ray
+    test runs it all); the checkpointer calls it once Ray Train holds the checkpoint."""
+    webhooks = WebhookCallback(
+        Webhooks(settings_for(WebhookTarget(webhook_type="raw", url=server.url("/worker"))))
+    )
     reported: list[str | None] = []
-    reporter = type("R", (), {"report": staticmethod(lambda metrics, folder, name: reported.append(name))})()
-    worker.validate()
-    worker.report(reporter, {"step": 4}, checkpoint=True)  # type: ignore[arg-type]
-    worker.webhooks.close()
+    checkpointer = Checkpointer(
+        None,  # type: ignore[arg-type]  # a worker other than rank 0 writes only its own part
+        rank=1,
+        world_size=2,
+        steps_per_epoch=4,
+        model=None,  # type: ignore[arg-type]
+        strategy=DataParallel(rank=1, world_size=2, device=torch.device("cpu")),
+        lr_scheduler=None,  # type: ignore[arg-type]
+        ema=None,
+        reporter=Reporter(
+            report=lambda metrics, folder, name: reported.append(name), restored_checkpoint=lambda: None
+        ),
+        callbacks=Callbacks([webhooks]),
+    )
+    webhooks.on_validation(4, ValidationRound(images=images(2)))
+    checkpointer.report(Progress(step=4), {"step": 4}, checkpoint=True)
+    webhooks.close(failed=False)
     events = [r.json for r in server.wait_for(2)]
     assert reported == [checkpoint_name(4)]
     assert [e["type"] for e in events] == ["training.validation", "training.checkpoint"]

@@ -20,7 +20,11 @@ class AdapterEMA:
             raise ValueError(f"ema_decay = {decay}: expected a value in (0, 1]")
         self.parameters = parameters
         self.decay = decay
-        self.averages = [p.detach().to(torch.float32).clone() for p in parameters]
+        self.reset()
+
+    def reset(self) -> None:
+        """Start the average from the live weights (a restored adapter without its EMA)."""
+        self.averages = [p.detach().to(torch.float32).clone() for p in self.parameters]
 
     @torch.no_grad()
     def update(self) -> None:

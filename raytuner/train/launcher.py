@@ -29,6 +29,8 @@ from raytuner.outputs import write_config_copies
 from raytuner.quantize import quantization_warnings
 from raytuner.ray_runtime import cluster_connection, ray_session
 from raytuner.storage import Location
+from raytuner.train.callbacks import TrainCallback
+from raytuner.train.job import TrainJob
 from raytuner.train.layout import (
     LayoutError,
     on_cluster,
@@ -36,7 +38,7 @@ from raytuner.train.layout import (
     place_under_shared_root,
     write_marker,
 )
-from raytuner.train.loop import FailureInjection, TrainJob, train_worker
+from raytuner.train.loop import train_worker
 from raytuner.train.preflight import lr_schedule_problem, preflight, resume_path
 from raytuner.train.settings import (
     RayOverrides,
@@ -55,9 +57,6 @@ if TYPE_CHECKING:
     from ray.train.torch import TorchTrainer
 
 logger = logging.getLogger(__name__)
-
-# Test aid: "step=K[,rank=R][,marker=PATH]" makes that worker exit abruptly once at step K.
-INJECT_FAILURE_ENV = "RAYTUNER_INJECT_FAILURE"
 
 
 class TrainError(RaytunerError, RuntimeError):
@@ -129,11 +128,13 @@ def prepare_job(
     hub: HubTarget | None = None,
     sweep: str | None = None,
     tracker_client: dict[str, str] | None = None,
+    callbacks: Sequence[TrainCallback] = (),
 ) -> TrainJob:
     """The workers' job for a run whose cache is built: steps planned, shared-root marker written.
 
     ``sweep`` names the sweep a trial belongs to: its W&B run is grouped under it and named ``name``;
-    ``tracker_client`` is the W&B client settings of the sweep's shell (a trial runs elsewhere).
+    ``tracker_client`` is the W&B client settings of the sweep's shell (a trial runs elsewhere);
+    ``callbacks`` are the run's own loop callbacks, sent to every worker.
     """
     steps_per_epoch = check_batches(run, workers=settings.num_workers)
     steps = total_steps(run, steps_per_epoch)
@@ -144,7 +145,6 @@ def prepare_job(
     marker = write_marker(
         [Location(uri=settings.storage_path).child(name), Location(uri=str(run.training.output_dir))]
     )
-    injection = os.environ.get(INJECT_FAILURE_ENV)
     return TrainJob(
         run=run,
         run_name=name,
@@ -152,17 +152,13 @@ def prepare_job(
         steps_per_epoch=steps_per_epoch,
         marker=marker,
         start_from=resume_path(run),
-        inject_failure=FailureInjection.parse(
-            injection, default_marker=str(run.training.output_dir / ".injected-failure")
-        )
-        if injection
-        else None,
         ray_metrics=ray_metrics,
         validation_prompts=dict(role_prompts(run)["validation"]),
         deepspeed=deepspeed_plan(run, world_size=settings.num_workers),
         hub=hub,
         webhooks=webhook_settings(run, run_name=name, checkpoint_root=f"{settings.storage_path}/{name}"),
         wandb=tracker_target(run, name=name, sweep=sweep, client=tracker_client),
+        callbacks=tuple(callbacks),
     )
 
 
@@ -194,8 +190,11 @@ def run_training(
     *,
     build_options: BuildOptions | None = None,
     ray_metrics: bool = True,
+    callbacks: Sequence[TrainCallback] = (),
 ) -> TrainOutcome:
     """Cache, train and write the outputs of a loaded run, on the connected Ray (or a local one).
+
+    ``callbacks`` are added to every worker's loop callbacks (they must pickle).
 
     A :class:`RayRequest` leaves GPUs or workers to the cluster: they are chosen once it is known,
     connected to first when ``RAY_ADDRESS`` names it, else from this machine's CUDA devices for the
@@ -204,11 +203,18 @@ def run_training(
     with cluster_connection():
         if isinstance(settings, RayRequest):
             settings = settings.settle()
-        return _cache_and_train(run, settings, build_options=build_options, ray_metrics=ray_metrics)
+        return _cache_and_train(
+            run, settings, build_options=build_options, ray_metrics=ray_metrics, callbacks=callbacks
+        )
 
 
 def _cache_and_train(
-    run: RunConfig, settings: RaySettings, *, build_options: BuildOptions | None, ray_metrics: bool
+    run: RunConfig,
+    settings: RaySettings,
+    *,
+    build_options: BuildOptions | None,
+    ray_metrics: bool,
+    callbacks: Sequence[TrainCallback],
 ) -> TrainOutcome:
     if on_cluster():
         place_on_cluster(run, settings)
@@ -233,7 +239,7 @@ def _cache_and_train(
         record_seed(run)  # a drawn seed is kept, so resuming this output_dir replays the same plan
         summary = run_cache(run, build_options or BuildOptions(), encoders)
         logger.info("cache:\n%s", summary.table())
-        job = prepare_job(run, settings, name=name, ray_metrics=ray_metrics, hub=hub)
+        job = prepare_job(run, settings, name=name, ray_metrics=ray_metrics, hub=hub, callbacks=callbacks)
         logger.info(
             "Ray Train run %s: %s, %s, %d steps (%d per epoch), checkpoints in %s/%s",
             name,

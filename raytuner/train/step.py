@@ -1,9 +1,11 @@
 """One optimisation step of LoKr flow-matching training: plain PyTorch, no Ray.
 
-The loop, the demo, the benchmarks and the tests all call :func:`optimizer_step`. It takes the
-micro-batches of one global step on this worker (``gradient_accumulation_steps`` of them), runs
-forward and backward on each, averages the adapter gradients over the workers through the
-``reduce_mean`` it is given (``None`` on one process), clips and steps the optimiser.
+The strategies (:mod:`raytuner.train.strategy`), the demo, the benchmarks and the tests all call
+:func:`optimizer_step`. It takes the micro-batches of one global step on this worker
+(``gradient_accumulation_steps`` of them), runs forward and backward on each, clips and steps the
+optimiser. Across workers, the data-parallel strategy passes its ``DistributedDataParallel``
+module's forward and ``no_sync`` (the gradients are averaged in the last micro-step's backward)
+and a ``reduce_sum`` for the step's loss figures; on one process there is nothing to pass.
 
 Regularisation batches (``is_regularisation_data``) are trained as SimpleTuner trains them for
 adapters: the target is the base model's own prediction for the same noisy latents with the
@@ -15,18 +17,21 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from lycoris import LycorisNetwork
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from raytuner import flow
 from raytuner.models.base import ConditioningBatch, Denoiser, ModelFamily
 from raytuner.precision import autocast
 
-# Averages a flat tensor over the workers (all-reduce sum / world size), in place or returned.
-ReduceMean = Callable[[torch.Tensor], torch.Tensor]
+# Sums a tensor over the workers (an all-reduce), in place or returned.
+ReduceSum = Callable[[torch.Tensor], torch.Tensor]
+# The float32 loss of one micro-batch, with the graph for its backward pass.
+LossOf = Callable[["MicroBatch"], torch.Tensor]
+# SimpleTuner never clips for the optimisers that bound their own updates.
+UNCLIPPED_OPTIMIZERS = ("optimi-stableadamw", "prodigy")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +54,38 @@ class StepResult:
     loss: float
     grad_norm: float
     regularisation_loss: float | None = None
+
+
+@dataclass
+class LossTally:
+    """The step's loss figures, summed per kind (ordinary, regularisation) over its micro-batches.
+
+    Every strategy keeps its step's numbers here, so the means a step reports are computed once.
+    """
+
+    losses: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.float64))
+    counts: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.float64))
+
+    def add(self, loss: torch.Tensor, *, is_regularisation: bool) -> None:
+        slot = int(is_regularisation)
+        self.losses[slot] += float(loss.detach())
+        self.counts[slot] += 1
+
+    def result(
+        self, grad_norm: float, *, reduce_sum: ReduceSum | None = None, device: torch.device
+    ) -> StepResult:
+        """Means over every micro-batch of every worker (``reduce_sum`` sums over the workers)."""
+        losses, counts = self.losses, self.counts
+        if reduce_sum is not None:
+            totals = reduce_sum(torch.cat([losses, counts]).to(device=device, dtype=torch.float32))
+            totals = totals.double().cpu()
+            losses, counts = totals[:2], totals[2:]
+        mean = (losses / counts.clamp(min=1e-12)).tolist()
+        return StepResult(
+            loss=float(losses.sum() / counts.sum()),
+            grad_norm=grad_norm,
+            regularisation_loss=mean[1] if counts[1] > 0 else None,
+        )
 
 
 @contextlib.contextmanager
@@ -100,6 +137,47 @@ def micro_batch_loss(
     return family.weighted_loss(prediction, target, sigmas, weights)
 
 
+def accumulate(
+    loss_of: LossOf,
+    micro_batches: Sequence[MicroBatch],
+    backward: Callable[[torch.Tensor], None],
+    *,
+    no_sync: Callable[[], contextlib.AbstractContextManager[object]] | None = None,
+) -> LossTally:
+    """Forward and ``backward`` on each micro-batch; every one but the last inside ``no_sync``."""
+    if not micro_batches:
+        raise ValueError("a training step needs at least one micro-batch")
+    tally = LossTally()
+    for index, batch in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        with contextlib.nullcontext() if no_sync is None or last else no_sync():
+            loss = loss_of(batch)
+            backward(loss)
+        tally.add(loss, is_regularisation=batch.is_regularisation)
+    return tally
+
+
+def clip_and_step(
+    parameters: Sequence[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    *,
+    max_grad_norm: float | None,
+    grad_clip_method: str,
+) -> float:
+    """Clip (by ``grad_clip_method``), step the optimiser; the gradient norm before clipping."""
+    for parameter in parameters:
+        if parameter.grad is None:  # an adapted layer this step never ran: a zero gradient
+            parameter.grad = torch.zeros_like(parameter, memory_format=torch.preserve_format)
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+    if max_grad_norm is not None and max_grad_norm > 0:
+        if grad_clip_method == "norm":
+            torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+        else:
+            torch.nn.utils.clip_grad_value_(parameters, max_grad_norm)
+    optimizer.step()
+    return float(grad_norm)
+
+
 def optimizer_step(
     family: ModelFamily,
     transformer: Denoiser,
@@ -112,55 +190,32 @@ def optimizer_step(
     max_grad_norm: float | None = None,
     grad_clip_method: str = "value",
     mixed_precision: str = "no",
-    reduce_mean: ReduceMean | None = None,
+    loss_of: LossOf | None = None,
+    no_sync: Callable[[], contextlib.AbstractContextManager[object]] | None = None,
+    reduce_sum: ReduceSum | None = None,
 ) -> StepResult:
-    """Accumulate gradients over ``micro_batches``, average them over workers, clip, step."""
+    """Accumulate gradients over ``micro_batches``, clip, step.
+
+    ``loss_of`` replaces the plain forward (the data-parallel strategy passes its DDP module, whose
+    backward averages the gradients over the workers); ``reduce_sum`` sums the loss figures.
+    """
     if not micro_batches:
         raise ValueError("optimizer_step needs at least one micro-batch")
-    optimizer.zero_grad(set_to_none=True)
-    losses = torch.zeros(2, dtype=torch.float64)  # ordinary, regularisation
-    counts = torch.zeros(2, dtype=torch.float64)
-    for batch in micro_batches:
-        loss = micro_batch_loss(
+
+    def plain(batch: MicroBatch) -> torch.Tensor:
+        return micro_batch_loss(
             family, transformer, network, batch, schedule, mixed_precision=mixed_precision
         )
+
+    def backward(loss: torch.Tensor) -> None:
         (loss / len(micro_batches)).backward()
-        slot = int(batch.is_regularisation)
-        losses[slot] += float(loss.detach())
-        counts[slot] += 1
 
-    gradients = [
-        p.grad if p.grad is not None else torch.zeros_like(p, memory_format=torch.preserve_format)
-        for p in parameters
-    ]
-    if reduce_mean is not None:
-        # One collective for the gradients and the loss figures: the adapter is small, and one
-        # all-reduce after the last micro-step is what DDP's no_sync() accumulation amounts to.
-        device = gradients[0].device
-        flat = _flatten_dense_tensors([g.float() for g in gradients])
-        totals = torch.cat([losses, counts]).to(device=device, dtype=flat.dtype)
-        reduced = reduce_mean(torch.cat([flat, totals]))
-        flat, totals = reduced[: flat.numel()], reduced[flat.numel() :].double().cpu()
-        losses, counts = totals[:2], totals[2:]
-        for parameter, gradient in zip(parameters, _unflatten_dense_tensors(flat, gradients), strict=True):
-            parameter.grad = gradient.to(parameter.dtype)
-    else:
-        for parameter, gradient in zip(parameters, gradients, strict=True):
-            parameter.grad = gradient
-
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
-    if max_grad_norm is not None and max_grad_norm > 0:
-        if grad_clip_method == "norm":
-            torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
-        else:
-            torch.nn.utils.clip_grad_value_(parameters, max_grad_norm)
-    optimizer.step()
-
-    mean = (losses / counts.clamp(min=1e-12)).tolist()
-    total = float(losses.sum() / counts.sum())
-    return StepResult(
-        loss=total, grad_norm=float(grad_norm), regularisation_loss=mean[1] if counts[1] > 0 else None
+    optimizer.zero_grad(set_to_none=True)
+    tally = accumulate(loss_of or plain, micro_batches, backward, no_sync=no_sync)
+    grad_norm = clip_and_step(
+        parameters, optimizer, max_grad_norm=max_grad_norm, grad_clip_method=grad_clip_method
     )
+    return tally.result(grad_norm, reduce_sum=reduce_sum, device=parameters[0].device)
 
 
 def train_step(

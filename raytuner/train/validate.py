@@ -1,23 +1,33 @@
-"""Validation inside the training loop: rank 0 renders through the family's pipeline around the
-adapted transformer, with the trained weights and, with ``use_ema``, with the EMA weights.
+"""Evaluation and validation inside the training loop.
 
-The pipeline is built once per run (its VAE stays loaded) and reused at every validation step;
-prompts and the negative prompt come from the text cache, so no text encoder is ever loaded.
-With ``evaluation_type: "clip"`` the CLIP model is loaded once too, and every round's images are
-scored against their prompts (SimpleTuner's CLIP score tracking).
+:class:`Evaluation`: the flow-matching loss on the held-out ``eval`` datasets at fixed noise
+levels, each worker on its share and summed, or under ZeRO-3 every worker on every sample in
+lockstep (each forward of the base gathers its layers from all of them).
+
+:class:`Validator`: rank 0 renders through the family's pipeline around the adapted transformer,
+with the trained weights and, with ``use_ema``, with the EMA weights. The pipeline is built once
+per run (its VAE stays loaded) and reused at every validation step; prompts and the negative
+prompt come from the text cache, so no text encoder is ever loaded. With ``evaluation_type:
+"clip"`` the CLIP model is loaded once too, and every round's images are scored against their
+prompts (SimpleTuner's CLIP score tracking).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import fmean
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
 from PIL import Image
 
+from raytuner.config import RunConfig
+from raytuner.batches.reader import TrainingData, eval_caches
 from raytuner.evaluate.clip_score import CLIP_EVALUATION, ClipScorer
+from raytuner.evaluate.eval_loss import EvalSample, eval_samples, evaluation_loss
 from raytuner.evaluate.validation import (
     ValidationImage,
     ValidationPrompt,
@@ -26,9 +36,9 @@ from raytuner.evaluate.validation import (
     validation_prompts,
     validation_settings,
 )
-
-if TYPE_CHECKING:
-    from raytuner.train.loop import Worker
+from raytuner.train.ema import AdapterEMA
+from raytuner.train.model import AdaptedModel
+from raytuner.train.strategy import TrainingStrategy
 
 EMA_LABEL = "ema"
 CLIP_SCORE_KEY = "clip_score"
@@ -46,50 +56,118 @@ class ValidationRound:
     metrics: dict[str, float] = field(default_factory=dict)  # CLIP scores; empty when evaluation is off
 
 
-class Validator:
-    """Rank 0's validation: settings, prompts, pipeline and CLIP model kept between steps."""
+class Evaluation:
+    """The evaluation loss of the held-out set, the same samples and noise levels every time."""
 
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-        run, text = worker.run, worker.data.text
-        self.prompts: list[ValidationPrompt] = validation_prompts(
-            run, text, texts=worker.job.validation_prompts
+    def __init__(
+        self, run: RunConfig, data: TrainingData, model: AdaptedModel, strategy: TrainingStrategy
+    ) -> None:
+        self.training = run.training
+        self.text = data.text
+        self.model = model
+        self.strategy = strategy
+        self.caches = eval_caches(run)
+        self.samples: list[EvalSample] = (
+            eval_samples(self.caches, self.training.num_eval_images) if self.caches else []
         )
-        self.settings: ValidationSettings = validation_settings(run, text, worker.family)
-        self._pipeline: Any = None
+
+    def __bool__(self) -> bool:
+        return bool(self.samples)
+
+    def loss(self) -> float | None:
+        if not self.samples:
+            return None
+        everyone = self.strategy.collective  # every worker evaluates the whole set in lockstep
+        return evaluation_loss(
+            self.model.family,
+            self.model.transformer,
+            self.samples,
+            self.caches,
+            self.text,
+            timesteps=self.training.eval_timesteps,
+            batch_size=self.training.train_batch_size,
+            rank=0 if everyone else self.strategy.rank,
+            world_size=1 if everyone else self.strategy.world_size,
+            mixed_precision=self.training.mixed_precision,
+            reduce_sum=self.strategy.eval_reduce,
+        )
+
+
+class Validator:
+    """Rank 0's validation: settings, prompts, pipeline and CLIP model kept between steps.
+
+    Under ZeRO-3 every worker renders the same images in lockstep, since each layer of the base
+    is gathered from all of them; only rank 0 keeps what it renders.
+    """
+
+    def __init__(
+        self,
+        run: RunConfig,
+        data: TrainingData,
+        model: AdaptedModel,
+        strategy: TrainingStrategy,
+        ema: AdapterEMA | None,
+        *,
+        texts: Mapping[str, str],
+        device: torch.device,
+    ) -> None:
+        self.run = run
+        self.text = data.text
+        self.model = model
+        self.strategy = strategy
+        self.ema = ema
+        self.texts = dict(texts)
+        self.device = device
+        self._ready = False
+
+    def _prepare(self) -> None:
+        """Prompts, settings, pipeline and CLIP model, on the first round only."""
+        self.prompts: list[ValidationPrompt] = validation_prompts(self.run, self.text, texts=self.texts)
+        self.settings: ValidationSettings = validation_settings(self.run, self.text, self.model.family)
+        self.pipeline: Any = self.model.family.build_validation_pipeline(self.model.transformer)
         self.clip: ClipScorer | None = None
         # Only rank 0 keeps its images (under ZeRO-3 the others render in lockstep and discard theirs).
-        if worker.training.evaluation_type == CLIP_EVALUATION and worker.rank == 0:
-            self.clip = ClipScorer(
-                worker.training.pretrained_evaluation_model_name_or_path, device=worker.device
-            )
+        training = self.run.training
+        if training.evaluation_type == CLIP_EVALUATION and self.strategy.rank == 0:
+            self.clip = ClipScorer(training.pretrained_evaluation_model_name_or_path, device=self.device)
+        self._ready = True
 
-    def render(self, folder: Path | None = None) -> ValidationRound:
-        """Render into ``folder`` (default ``output_dir/validation/step_N``), then score the images."""
-        worker = self.worker
-        if self._pipeline is None:
-            self._pipeline = worker.family.build_validation_pipeline(worker.transformer)
-        folder = folder or worker.training.output_dir / "validation" / f"step_{worker.step}"
+    def round(self, step: int) -> ValidationRound | None:
+        """Rank 0's round into ``output_dir/validation/step_N``; None on every other worker."""
+        rank = self.strategy.rank
+        if not self.texts or (rank != 0 and not self.strategy.collective):
+            return None
+        if not self._ready:
+            self._prepare()
+        if rank != 0:
+            with tempfile.TemporaryDirectory(prefix="raytuner-validation-") as scratch:
+                self.render(Path(scratch))
+            return None
+        return self.render(self.run.training.output_dir / "validation" / f"step_{step}")
+
+    def render(self, folder: Path) -> ValidationRound:
+        """Render into ``folder``, then score the images."""
+        family, transformer, network = self.model.family, self.model.transformer, self.model.network
         images = render_validation(
-            worker.family,
-            worker.transformer,
+            family,
+            transformer,
             self.prompts,
             self.settings,
             out_dir=folder,
-            adapter=worker.network,
-            pipeline=self._pipeline,
+            adapter=network,
+            pipeline=self.pipeline,
         )
-        if worker.ema is not None:
-            with worker.ema.swapped_in():
+        if self.ema is not None:
+            with self.ema.swapped_in():
                 images += render_validation(
-                    worker.family,
-                    worker.transformer,
+                    family,
+                    transformer,
                     self.prompts,
                     self.settings,
                     out_dir=folder,
                     label=EMA_LABEL,
-                    adapter=worker.network,
-                    pipeline=self._pipeline,
+                    adapter=network,
+                    pipeline=self.pipeline,
                 )
         return ValidationRound(
             images=[(image.path.stem, image.image) for image in images],

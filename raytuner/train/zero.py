@@ -28,22 +28,24 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from raytuner import flow
 from raytuner.adapters import plain_tensors
 from raytuner.config import RunConfig
 from raytuner.config.paths import display
 from raytuner.config.training import TrainingConfig
 from raytuner.errors import RaytunerError
-from raytuner.models.base import ModelFamily
-from raytuner.train.step import MicroBatch, ReduceMean, StepResult, micro_batch_loss
+from raytuner.train.state import CheckpointError, CheckpointInfo
+from raytuner.train.step import UNCLIPPED_OPTIMIZERS, MicroBatch, StepResult, accumulate, micro_batch_loss
+from raytuner.train.strategy import StepSettings, TrainingStrategy, reduce_sum
+
+if TYPE_CHECKING:
+    from raytuner.train.model import AdaptedModel
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +231,7 @@ def plan_deepspeed(
         config[key] = wanted[key]
 
     clipping = config.get("gradient_clipping")
-    unclipped = training.optimizer in ("optimi-stableadamw", "prodigy")
+    unclipped = training.optimizer in UNCLIPPED_OPTIMIZERS
     if clipping is None or _is_auto(clipping):
         clipping = 0.0 if unclipped else float(training.max_grad_norm or 0.0)
         config["gradient_clipping"] = clipping
@@ -286,12 +288,6 @@ def deepspeed_missing(plan: DeepSpeedPlan) -> str | None:
     return None
 
 
-def use_cpu_accelerator(device: torch.device) -> None:
-    """DeepSpeed picks its accelerator on import; on a CPU worker make it the CPU one."""
-    if device.type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
 class AdaptedTransformer(torch.nn.Module):
     """The base transformer and its LyCORIS network as the one module DeepSpeed wraps."""
 
@@ -320,24 +316,34 @@ class EngineForward:
         return self.engine(*args, **kwargs)
 
 
-class DeepSpeedTraining:
-    """One worker's DeepSpeed engine around the adapted transformer and raytuner's optimizer."""
+class DeepSpeedZero(TrainingStrategy):
+    """One worker's DeepSpeed engine around the adapted transformer and raytuner's optimizer: the
+    engine scales by the accumulation, reduces, clips (``gradient_clipping``) and steps."""
 
-    def __init__(
-        self,
-        plan: DeepSpeedPlan,
-        *,
-        transformer: torch.nn.Module,
-        network: torch.nn.Module,
-        parameters: Sequence[torch.nn.Parameter],
-        optimizer: torch.optim.Optimizer,
-    ) -> None:
+    def __init__(self, plan: DeepSpeedPlan, *, rank: int, world_size: int, device: torch.device) -> None:
+        super().__init__(rank=rank, world_size=world_size, device=device)
+        self.plan = plan
+        if rank == 0:
+            logger.info("DeepSpeed: %s", plan.describe())
+            for note in plan.notes:
+                logger.warning(note)
+
+    @property
+    def collective(self) -> bool:
+        """ZeRO-3: the base's weights are split over the workers, so every forward of the base
+        (evaluation, validation) runs on every worker in lockstep."""
+        return self.plan.stage == 3 and self.distributed
+
+    def describe(self) -> str:
+        return f"DeepSpeed {self.plan.describe()}"
+
+    def prepare(self, model: AdaptedModel, optimizer: torch.optim.Optimizer, settings: StepSettings) -> None:
         import deepspeed
 
-        self.plan = plan
-        self.parameters = list(parameters)
-        config = json.loads(json.dumps(plan.config))
-        if plan.stage == 3:
+        self.model, self.settings = model, settings
+        self.parameters = list(model.parameters)
+        config = json.loads(json.dumps(self.plan.config))
+        if self.plan.stage == 3:
             # Keep every LoKr factor whole (see the module docstring); the base's layers are far
             # larger than any factor, so they stay partitioned.
             needed = max(p.numel() for p in self.parameters) + 1
@@ -345,12 +351,14 @@ class DeepSpeedTraining:
             zero["stage3_param_persistence_threshold"] = max(
                 int(zero.get("stage3_param_persistence_threshold", 0) or 0), needed
             )
-        self.model = AdaptedTransformer(transformer, network)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, config=config, dist_init_required=False
+            model=AdaptedTransformer(model.transformer, model.network),
+            optimizer=optimizer,
+            config=config,
+            dist_init_required=False,
         )
-        self.forward = EngineForward(self.engine, dtype=getattr(transformer, "dtype", torch.float32))
-        if plan.stage == 3:
+        self.forward = EngineForward(self.engine, dtype=getattr(model.transformer, "dtype", torch.float32))
+        if self.plan.stage == 3:
             # Persistent parameters are gathered on first use and then kept; gather them now, so
             # the step-0 evaluation and the EMA see them whole before any forward.
             # ZeRO-3 gives each parameter its all_gather when it partitions the model.
@@ -358,49 +366,36 @@ class DeepSpeedTraining:
             if any(p.numel() == 0 for p in self.parameters):
                 raise RuntimeError("ZeRO-3 kept LoKr tensors partitioned; expected them whole (persistent)")
 
-    @property
-    def partitions_base(self) -> bool:
-        """ZeRO-3: the base's weights are split over the workers, so every forward of the base
-        (evaluation, validation) runs on every worker in lockstep."""
-        return self.plan.stage == 3
-
-    def step(
-        self,
-        family: ModelFamily,
-        network: torch.nn.Module,
-        micro_batches: Sequence[MicroBatch],
-        schedule: flow.FlowSchedule,
-        *,
-        mixed_precision: str,
-        reduce_mean: ReduceMean | None,
-    ) -> StepResult:
+    def step(self, micro_batches: list[MicroBatch]) -> StepResult:
         """One optimiser step through the engine: it scales by the accumulation, reduces, clips."""
-        losses = torch.zeros(2, dtype=torch.float64)
-        counts = torch.zeros(2, dtype=torch.float64)
-        steps_before = self.engine.global_steps
-        for batch in micro_batches:
-            loss = micro_batch_loss(
-                family, self.forward, network, batch, schedule, mixed_precision=mixed_precision
+        model, settings = self.model, self.settings
+
+        def loss_of(batch: MicroBatch) -> torch.Tensor:
+            return micro_batch_loss(
+                model.family,
+                self.forward,
+                model.network,
+                batch,
+                settings.schedule,
+                mixed_precision=settings.mixed_precision,
             )
+
+        def backward(loss: torch.Tensor) -> None:
             self.engine.backward(loss)
             self.engine.step()  # an optimiser step only at the accumulation boundary
-            slot = int(batch.is_regularisation)
-            losses[slot] += float(loss.detach())
-            counts[slot] += 1
+
+        steps_before = self.engine.global_steps
+        tally = accumulate(loss_of, micro_batches, backward)
         if self.engine.global_steps != steps_before + 1:
             raise RuntimeError(
                 f"DeepSpeed stepped {self.engine.global_steps - steps_before} times for one raytuner step: "
                 "its gradient_accumulation_steps and raytuner's disagree"
             )
-        if reduce_mean is not None:
-            totals = reduce_mean(torch.cat([losses, counts]).float().to(self.engine.device)).double().cpu()
-            losses, counts = totals[:2], totals[2:]
         grad_norm = self.engine.get_global_grad_norm()
-        mean = (losses / counts.clamp(min=1e-12)).tolist()
-        return StepResult(
-            loss=float(losses.sum() / counts.sum()),
-            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-            regularisation_loss=mean[1] if counts[1] > 0 else None,
+        return tally.result(
+            float(grad_norm) if grad_norm is not None else float("nan"),
+            reduce_sum=reduce_sum if self.distributed else None,
+            device=self.engine.device,
         )
 
     def save(self, folder: Path) -> None:
@@ -409,7 +404,25 @@ class DeepSpeedTraining:
             str(folder / ENGINE_FOLDER), tag=ENGINE_TAG, exclude_frozen_parameters=True, save_latest=False
         )
 
-    def load(self, folder: Path) -> None:
+    def optimizer_state(self) -> dict[str, Any] | None:
+        return None  # the engine's, in deepspeed/ beside the training state
+
+    def load(self, folder: Path, saved: Mapping[str, Any], info: CheckpointInfo, *, source: str) -> None:
+        if saved_with_engine(folder) and info.world_size == self.world_size:
+            problem = engine_state_problem(folder, world_size=self.world_size)
+            if problem is not None:
+                raise CheckpointError(problem)
+            self.load_engine(folder)
+            return
+        self.set_adapter(saved["adapter"])
+        reason = (
+            f"holds DeepSpeed state partitioned for {info.world_size} workers, this run has {self.world_size}"
+            if saved_with_engine(folder)
+            else "holds no DeepSpeed state (written without deepspeed_config)"
+        )
+        self.warn_fresh_optimizer(source, reason)
+
+    def load_engine(self, folder: Path) -> None:
         """Restore the engine state written by :meth:`save` with the same worker count."""
         path, _ = self.engine.load_checkpoint(
             str(folder / ENGINE_FOLDER),
@@ -420,12 +433,12 @@ class DeepSpeedTraining:
         if path is None:
             raise FileNotFoundError(f"{folder / ENGINE_FOLDER}: no DeepSpeed state with tag {ENGINE_TAG}")
 
-    def set_adapter(self, network: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    def set_adapter(self, state: Mapping[str, torch.Tensor]) -> None:
         """Load adapter weights into the module and the engine's master copies (a checkpoint from
         another worker count, whose optimizer partitions do not fit this one)."""
         from deepspeed.utils import safe_set_full_fp32_param
 
-        network.load_state_dict(state)  # the whole LoKr factors every worker holds
+        self.model.network.load_state_dict(state)  # the whole LoKr factors every worker holds
         for parameter in self.parameters:
             safe_set_full_fp32_param(parameter, parameter.detach().to(torch.float32).clone())
 

@@ -29,8 +29,8 @@ from raytuner.train.offload import (
     has_group_offload_hooks,
     plan_group_offload,
 )
-from tests.train.test_offload import train_steps, training
-from tests.train.test_step import LOKR, SCHEDULE, Setup, micro, perturb
+from raytuner.train.strategy import StepSettings
+from tests.train.helpers import LOKR, SCHEDULE, Setup, micro, perturb, train_steps, training
 
 pytestmark = pytest.mark.gpu  # tests/conftest.py skips these where CUDA is absent
 
@@ -56,11 +56,11 @@ def adapted(model: Path, data: Data, device: torch.device, *, base_on: torch.dev
     family = get_family("cosmos2image")(model, device=device)
     transformer = family.load_transformer(device=base_on).requires_grad_(False)
     assert LOKR is not None
-    network, _ = build_adapter(transformer, LOKR, module_aliases=family.module_aliases, seed=seed)
+    network, report = build_adapter(transformer, LOKR, module_aliases=family.module_aliases, seed=seed)
     network.to(device=device, dtype=torch.float32)
     parameters = [p for p in network.parameters() if p.requires_grad]
     latents, conditioning = data
-    return Setup(family, transformer, network, parameters, latents, conditioning)
+    return Setup(family, transformer, network, parameters, latents, conditioning, report)
 
 
 def plain_steps(setup: Setup, steps: int = STEPS) -> list[float]:
@@ -171,7 +171,7 @@ def process_group() -> Iterator[str]:
 
 def zero_matches_plain(model: Path, data: Data, device: torch.device, folder: Path, *, stage: int) -> None:
     """ZeRO ``stage`` through raytuner's engine against raytuner's plain step, then save and load."""
-    from raytuner.train.zero import DeepSpeedTraining, generated_config, plan_deepspeed
+    from raytuner.train.zero import DeepSpeedZero, generated_config, plan_deepspeed
 
     settings = training(
         enable_group_offload=False, max_grad_norm=0.0, train_batch_size=4, mixed_precision="no"
@@ -179,28 +179,17 @@ def zero_matches_plain(model: Path, data: Data, device: torch.device, folder: Pa
     plan = plan_deepspeed(generated_config(stage), settings, world_size=1, where="test")
     assert plan.stage == stage and plan.config["gradient_clipping"] == 0.0
 
-    def engine_for(setup: Setup) -> DeepSpeedTraining:
+    def engine_for(setup: Setup) -> DeepSpeedZero:
         optimizer = torch.optim.AdamW(setup.parameters, lr=LEARNING_RATE)
-        return DeepSpeedTraining(
-            plan,
-            transformer=setup.transformer,
-            network=setup.network,
-            parameters=setup.parameters,
-            optimizer=optimizer,
+        strategy = DeepSpeedZero(plan, rank=0, world_size=1, device=device)
+        step = StepSettings(
+            schedule=SCHEDULE, mixed_precision="no", max_grad_norm=None, grad_clip_method="norm"
         )
+        strategy.prepare(setup.model(), optimizer, step)
+        return strategy
 
-    def engine_steps(engine: DeepSpeedTraining, setup: Setup, steps: int = STEPS) -> list[float]:
-        return [
-            engine.step(
-                setup.family,
-                setup.network,
-                [micro(setup, 0, 4)],
-                SCHEDULE,
-                mixed_precision="no",
-                reduce_mean=None,
-            ).loss
-            for _ in range(steps)
-        ]
+    def engine_steps(engine: DeepSpeedZero, setup: Setup, steps: int = STEPS) -> list[float]:
+        return [engine.step([micro(setup, 0, 4)]).loss for _ in range(steps)]
 
     plain = adapted(model, data, device, base_on=device)
     zero = adapted(model, data, device, base_on=device)
@@ -217,7 +206,7 @@ def zero_matches_plain(model: Path, data: Data, device: torch.device, folder: Pa
     engine.save(folder)
     fresh = adapted(model, data, device, base_on=device, seed=11)
     restored = engine_for(fresh)
-    restored.load(folder)
+    restored.load_engine(folder)
     assert_same_adapter(zero, fresh)
     assert engine_steps(restored, fresh, 1) == pytest.approx(
         engine_steps(engine, zero, 1), rel=1e-5, abs=1e-7

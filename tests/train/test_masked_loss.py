@@ -10,7 +10,7 @@ import torch
 
 from raytuner import flow
 from raytuner.train.step import micro_batch_loss
-from tests.train.test_step import SCHEDULE, make_setup, micro, perturb
+from tests.train.helpers import SCHEDULE, make_setup, micro, perturb
 
 
 def _pointwise_loss(

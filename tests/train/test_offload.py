@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from raytuner.config.training import TrainingConfig
 from raytuner.train.offload import (
     OFFLOAD_DEVICE,
     GroupOffloadPlan,
@@ -19,37 +18,9 @@ from raytuner.train.offload import (
     plan_group_offload,
     remove_disk_copy,
 )
-from raytuner.train.step import optimizer_step
-from tests.train.test_step import SCHEDULE, Setup, make_setup, micro, perturb
+from tests.train.helpers import Setup, make_setup, perturb, train_steps, training
 
 CPU = torch.device("cpu")
-
-
-def training(**keys: object) -> TrainingConfig:
-    values = {
-        "model_family": "cosmos2image",
-        "data_backend_config": Path("unused.json"),
-        "enable_group_offload": True,
-    }
-    return TrainingConfig(**{**values, **keys})  # type: ignore[arg-type]
-
-
-def train_steps(setup: Setup, steps: int, *, lr: float = 3e-2) -> list[float]:
-    """Plain AdamW steps on the first four samples; their losses."""
-    optimizer = torch.optim.AdamW(setup.parameters, lr=lr)
-    losses = []
-    for _ in range(steps):
-        result = optimizer_step(
-            setup.family,
-            setup.transformer,
-            setup.network,
-            setup.parameters,
-            optimizer,
-            [micro(setup, 0, 4)],
-            SCHEDULE,
-        )
-        losses.append(result.loss)
-    return losses
 
 
 def offloaded_setup(

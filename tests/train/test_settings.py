@@ -15,6 +15,7 @@ from raytuner.config.paths import display
 from raytuner.placement import ClusterFacts
 from raytuner.storage import Location
 from raytuner.train import state
+from raytuner.train.checkpointer import checkpoint_name, checkpoint_step
 from raytuner.train.launcher import total_steps
 from raytuner.train.layout import (
     LayoutError,
@@ -23,7 +24,6 @@ from raytuner.train.layout import (
     place_under_shared_root,
     write_marker,
 )
-from raytuner.train.loop import FailureInjection, checkpoint_name, checkpoint_step
 from raytuner.train.preflight import lr_schedule_problem, training_problems
 from raytuner.train.settings import RayOverrides, SettingsError, read_settings, resolve_settings, run_name
 from tests.cache.helpers import image_dataset, text_dataset, write_run_files
@@ -188,11 +188,6 @@ def test_a_bad_training_config_is_refused_before_ray_starts(
     assert main(["train", "--config", str(config)]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "resume_from_checkpoint" in error[0] and "not a complete" in error[0]
-
-
-def test_failure_injection_is_parsed_from_its_environment_form() -> None:
-    parsed = FailureInjection.parse("step=5,rank=1", default_marker="m")
-    assert (parsed.step, parsed.rank, parsed.marker) == (5, 1, "m")
 
 
 def test_a_missing_dataset_folder_is_refused_before_ray_starts(

@@ -2,68 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from lycoris import LycorisNetwork
 
-from raytuner import flow
-from raytuner.adapters import build_adapter
-from raytuner.config.lycoris import parse_lycoris
-from raytuner.data.synthetic import synthetic_images, to_pixels
-from raytuner.models.base import ModelFamily
-from raytuner.models.registry import get_family
 from raytuner.train.ema import AdapterEMA
-from raytuner.train.step import MicroBatch, adapter_disabled, micro_batch_loss, optimizer_step
-
-SCHEDULE = flow.FlowSchedule(shift=3.0)
-LOKR = parse_lycoris(
-    {"algo": "lokr", "multiplier": 1.0, "linear_dim": 10000, "linear_alpha": 1, "factor": 4},
-    where="test",
-    strict=True,
-).config
-
-
-@dataclass
-class Setup:
-    family: ModelFamily
-    transformer: torch.nn.Module
-    network: LycorisNetwork
-    parameters: list[torch.nn.Parameter]
-    latents: torch.Tensor
-    conditioning: list
-
-
-def make_setup(model: Path, *, dtype: torch.dtype = torch.float32, seed: int = 3) -> Setup:
-    family = get_family("cosmos2image")(model, dtype=dtype)
-    items = synthetic_images(4, width=64, height=64, seed=1)
-    latents = family.encode_images(to_pixels([item.image for item in items]))
-    conditioning = family.encode_prompts([item.caption for item in items])
-    transformer = family.load_transformer().requires_grad_(False)
-    assert LOKR is not None
-    network, _ = build_adapter(transformer, LOKR, module_aliases=family.module_aliases, seed=seed)
-    network.to(dtype=torch.float32)
-    parameters = [p for p in network.parameters() if p.requires_grad]
-    return Setup(family, transformer, network, parameters, latents, conditioning)
-
-
-def micro(setup: Setup, start: int, stop: int, *, regularisation: bool = False) -> MicroBatch:
-    return MicroBatch(
-        latents=setup.latents[start:stop],
-        conditioning=setup.family.collate_conditioning(setup.conditioning[start:stop]),
-        generators=[torch.Generator().manual_seed(100 + i) for i in range(start, stop)],
-        is_regularisation=regularisation,
-    )
-
-
-def perturb(setup: Setup) -> None:
-    """Give the adapter a visible effect (a fresh LoKr adds nothing: one factor starts at zero)."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in setup.parameters:
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+from raytuner.train.step import adapter_disabled, micro_batch_loss, optimizer_step
+from tests.train.helpers import SCHEDULE, make_setup, micro, perturb
 
 
 def test_two_accumulation_micro_steps_equal_one_step_on_the_whole_batch(tiny_cosmos_dir: Path) -> None:

@@ -18,7 +18,7 @@ from raytuner.adapters import ADAPTER_FILENAME, load_adapter
 from raytuner.models.registry import get_family
 from raytuner.train.launcher import TrainOutcome
 from raytuner.train.zero import ENGINE_FOLDER, ENGINE_TAG
-from tests.train.test_train_ray import (
+from tests.training_data import (
     Data,
     assert_same_adapter,
     checkpoints,

@@ -15,99 +15,45 @@ import json
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pyarrow.fs as pafs
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from raytuner.adapters import ADAPTER_FILENAME, load_adapter
 from raytuner.batches.plan import BatchShape
 from raytuner.batches.reader import caption_dropped, eval_caches, open_training_data
-from raytuner.config import RunConfig
 from raytuner.evaluate.clip_score import ClipScorer
 from raytuner.evaluate.eval_loss import eval_samples, evaluation_loss
 from raytuner.evaluate.metrics import read_metrics
 from raytuner.models.registry import get_family
 from raytuner.models.tiny import build_tiny_clip
-from raytuner.train.launcher import INJECT_FAILURE_ENV, TrainError, TrainOutcome, run_training
-from raytuner.train.settings import RayOverrides, resolve_settings
-from tests.cache.helpers import write_run_files
-from tests.training_data import Data, cosmos_training_data
+from raytuner.train.launcher import TrainError, TrainOutcome
+from tests.train.faults import KillWorker
+from tests.training_data import (
+    SECRET,
+    STEPS,
+    Data,
+    adapter_tensors,
+    assert_same_adapter,
+    checkpoints,
+    cosmos_training_data,
+    load_run,
+    train,
+    train_lines,
+)
 from tests.wandb_records import offline_runs
 from tests.webhook_server import WebhookServer
 
 pytestmark = pytest.mark.slow
-
-STEPS = 6
-SECRET = "hf_raytuner_test_secret_value"
-# Different float summation orders (two gradient all-reduce halves vs. one accumulated sum) after
-# six AdamW steps: agreement well inside this, while one different step moves weights by ~1e-2.
-ADAPTER_TOLERANCE = 2e-4
 
 
 @pytest.fixture(scope="module")
 def cosmos_data(tmp_path_factory: pytest.TempPathFactory, tiny_cosmos_dir: Path) -> Data:
     """8 training images with loss masks and 2 eval images, one shared cache for every run here."""
     return cosmos_training_data(tmp_path_factory.mktemp("train-data"), tiny_cosmos_dir, masks=True)
-
-
-BASE: dict[str, Any] = {
-    "train_batch_size": 2,
-    "learning_rate": 3e-2,
-    "optimizer": "torch-adamw",
-    "lr_scheduler": "constant",
-    "mixed_precision": "no",
-    "gradient_checkpointing": False,
-    "caption_dropout_probability": 0.3,
-    "max_train_steps": STEPS,
-    "checkpoint_step_interval": 2,
-    "checkpoints_total_limit": 2,
-    "validation_step_interval": 3,
-    "validation_resolution": "32x32",
-    "validation_num_inference_steps": 2,
-    "validation_guidance": 2.0,
-    "eval_timesteps": 4,
-    "eval_steps_interval": 4,
-    "use_ema": True,
-    "ema_decay": 0.9,
-    "report_to": "tensorboard",
-    "hf_token": SECRET,
-}
-
-
-def load_run(root: Path, data: Data, **config: Any) -> RunConfig:
-    return write_run_files(root, data.model, data.datasets, **{**BASE, **config}).load()
-
-
-def train(root: Path, data: Data, *, workers: int, max_failures: int = 0, **config: Any) -> TrainOutcome:
-    run = load_run(root, data, **config)
-    settings = resolve_settings(run, RayOverrides(num_workers=workers, max_failures=max_failures))
-    return run_training(run, settings)
-
-
-def adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
-
-
-def assert_same_adapter(a: Path, b: Path, tolerance: float = ADAPTER_TOLERANCE) -> None:
-    first, second = adapter_tensors(a), adapter_tensors(b)
-    assert first.keys() == second.keys()
-    for key in first:
-        torch.testing.assert_close(first[key], second[key], atol=tolerance, rtol=tolerance, msg=key)
-
-
-def train_lines(output_dir: Path) -> list[dict[str, Any]]:
-    return [
-        e for e in read_metrics(output_dir / "logs" / "metrics.jsonl") if e.get("kind", "train") == "train"
-    ]
-
-
-def checkpoints(output_dir: Path) -> list[str]:
-    return sorted(p.name for p in (output_dir / "ray").glob("*/checkpoint-*"))
 
 
 @pytest.fixture(scope="module")
@@ -261,11 +207,17 @@ def test_a_checkpoint_path_is_the_starting_state_of_a_new_run(
 
 
 def test_a_killed_worker_is_replaced_and_the_run_reaches_its_last_step(
-    ray_cluster, cosmos_data: Data, tmp_path: Path, one_worker_accumulating: TrainOutcome, monkeypatch
+    ray_cluster, cosmos_data: Data, tmp_path: Path, one_worker_accumulating: TrainOutcome
 ) -> None:
     marker = tmp_path / "failed-once"
-    monkeypatch.setenv(INJECT_FAILURE_ENV, f"step=5,rank=0,marker={marker}")
-    outcome = train(tmp_path, cosmos_data, workers=1, max_failures=1, gradient_accumulation_steps=2)
+    outcome = train(
+        tmp_path,
+        cosmos_data,
+        workers=1,
+        max_failures=1,
+        gradient_accumulation_steps=2,
+        callbacks=(KillWorker(step=5, marker=marker),),
+    )
     assert marker.is_file()
     raw = [json.loads(line) for line in (outcome.output_dir / "logs/metrics.jsonl").read_text().splitlines()]
     steps = [e["step"] for e in raw if e.get("kind", "train") == "train"]
@@ -277,14 +229,14 @@ def test_a_killed_worker_is_replaced_and_the_run_reaches_its_last_step(
 
 
 def test_a_run_without_retries_fails_with_one_line_and_the_driver_sends_it_to_the_webhook(
-    ray_cluster, cosmos_data: Data, tmp_path: Path, monkeypatch, webhook_server: WebhookServer
+    ray_cluster, cosmos_data: Data, tmp_path: Path, webhook_server: WebhookServer
 ) -> None:
-    monkeypatch.setenv(INJECT_FAILURE_ENV, f"step=1,rank=0,marker={tmp_path / 'failed'}")
     with pytest.raises(TrainError) as raised:
         train(
             tmp_path,
             cosmos_data,
             workers=1,
+            callbacks=(KillWorker(step=1, marker=tmp_path / "failed"),),
             max_train_steps=2,
             validation_prompt=None,
             webhook_config={"webhook_type": "raw", "callback_url": webhook_server.url("/fail")},
