@@ -305,7 +305,7 @@ def quiet_lycoris_logs(*, verbose: bool = False) -> None:
 
     LyCORIS 4.1 offers no setting for its logs: importing ``lycoris`` sets its logger to INFO, turns
     its propagation off and gives it a handler on stdout unless it has one already, so a level set
-    before the import is lost. Its handlers get the level instead; before the import, a handler
+    before the import is lost. raytuner's handler gets the level instead: before the import, a handler
     that passes records on to the root logger's (raytuner's format, on stderr) is the one LyCORIS
     finds, so it adds none of its own.
     """
@@ -315,8 +315,11 @@ def quiet_lycoris_logs(*, verbose: bool = False) -> None:
     if not lycoris_logger.handlers:
         lycoris_logger.addHandler(_ToRootLogger())
         lycoris_logger.propagate = False  # the handler passes records on once, as LyCORIS will have it
+    # Only raytuner's own handler: the logger may share handlers with others (a test's log capture)
+    # whose levels are not LyCORIS's to set.
     for handler in lycoris_logger.handlers:
-        handler.setLevel(level)
+        if isinstance(handler, _ToRootLogger):
+            handler.setLevel(level)
 
 
 # ---- diffusers ----------------------------------------------------------------------------------
