@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from raytuner.config import RunConfig
 from raytuner.batches.reader import TrainingData, eval_caches
+from raytuner.config import RunConfig
 from raytuner.evaluate.clip_score import CLIP_EVALUATION, ClipScorer
 from raytuner.evaluate.eval_loss import EvalSample, eval_samples, evaluation_loss
 from raytuner.evaluate.validation import (
