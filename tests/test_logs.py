@@ -13,6 +13,20 @@ from raytuner import logs, upstream
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+def run_python(code: str) -> str:
+    """What ``code`` prints, run in a fresh interpreter with this checkout's raytuner first on the path."""
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        cwd=REPO,
+    )
+    return done.stdout
+
+
 # Records, for every logger level set and every environment variable written while the modules are
 # imported, the file of the code that did it (stdlib frames in between skipped).
 IMPORT_SIDE_EFFECTS = """
@@ -45,15 +59,7 @@ print(json.dumps({"changes": changes, "root_handlers_changed": logging.getLogger
 
 
 def test_importing_raytuner_sets_no_logger_level_and_no_environment_variable() -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", IMPORT_SIDE_EFFECTS],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        cwd=REPO,
-    )
-    found = json.loads(done.stdout.strip().splitlines()[-1])
+    found = json.loads(run_python(IMPORT_SIDE_EFFECTS).strip().splitlines()[-1])
     package = str(REPO / "raytuner")
     assert [change for change in found["changes"] if change[2].startswith(package)] == []
     assert not found["root_handlers_changed"]
@@ -72,14 +78,12 @@ print(logging.getLogger().level, logging.getLogger("httpx2").level,
 
 
 def test_the_command_sets_up_logging_and_hub_telemetry_where_it_starts() -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", COMMAND_START],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    assert done.stdout.split() == [str(logging.INFO), str(logging.WARNING), str(logging.ERROR), "1"]
+    assert run_python(COMMAND_START).split() == [
+        str(logging.INFO),
+        str(logging.WARNING),
+        str(logging.ERROR),
+        "1",
+    ]
 
 
 def test_rays_worker_set_up_hook_finds_and_runs_raytuners() -> None:

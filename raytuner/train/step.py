@@ -199,8 +199,6 @@ def optimizer_step(
     ``loss_of`` replaces the plain forward (the data-parallel strategy passes its DDP module, whose
     backward averages the gradients over the workers); ``reduce_sum`` sums the loss figures.
     """
-    if not micro_batches:
-        raise ValueError("optimizer_step needs at least one micro-batch")
 
     def plain(batch: MicroBatch) -> torch.Tensor:
         return micro_batch_loss(
