@@ -348,21 +348,23 @@ class RaytunerSide(Side):
 
         self.bench = bench
         offload = cell.strategy == "group_offload"
-        self.training = TrainingConfig(
-            model_family=cell.family,
-            data_backend_config=Path("multidatabackend.json"),  # read by the cache, never here
-            optimizer="adamw_bf16",
-            learning_rate=settings.learning_rate,
-            max_grad_norm=settings.max_grad_norm,
-            grad_clip_method=settings.grad_clip_method,
-            flow_schedule_shift=settings.flow_schedule_shift,
-            flow_schedule_auto_shift=settings.flow_schedule_auto_shift,
-            mixed_precision="bf16",
-            gradient_checkpointing=cell.checkpointing,
-            enable_group_offload=offload,
-            group_offload_type="block_level",
-            group_offload_blocks_per_group=1,
-            group_offload_use_stream=True,
+        self.training = TrainingConfig.from_options(
+            dict(
+                model_family=cell.family,
+                data_backend_config=Path("multidatabackend.json"),  # read by the cache, never here
+                optimizer="adamw_bf16",
+                learning_rate=settings.learning_rate,
+                max_grad_norm=settings.max_grad_norm,
+                grad_clip_method=settings.grad_clip_method,
+                flow_schedule_shift=settings.flow_schedule_shift,
+                flow_schedule_auto_shift=settings.flow_schedule_auto_shift,
+                mixed_precision="bf16",
+                gradient_checkpointing=cell.checkpointing,
+                enable_group_offload=offload,
+                group_offload_type="block_level",
+                group_offload_blocks_per_group=1,
+                group_offload_use_stream=True,
+            )
         )
         spec = parse_lycoris(
             settings.lycoris, where=f"configs/{cell.family}/lycoris_config.json", strict=True
@@ -384,15 +386,15 @@ class RaytunerSide(Side):
         self.saving: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
         self.use_stream: bool | None = None
         if offload:
-            plan = plan_group_offload(self.training, device=device, run_name="gpu-bench", rank=0)
+            plan = plan_group_offload(self.training.memory, device=device, run_name="gpu-bench", rank=0)
             assert plan is not None
             apply_group_offload(self.transformer, plan, onload_device=device)
             self.saving = OffloadedWeights(self.transformer, onload_device=device).saving
             self.use_stream = plan.use_stream
             self.notes.extend(plan.notes)
         self.parameters = [p for p in self.network.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.parameters, self.training)
-        self.schedule = flow_schedule_from_config(self.training)
+        self.optimizer = build_optimizer(self.parameters, self.training.optimization)
+        self.schedule = flow_schedule_from_config(self.training.flow)
 
     def prepare(self, batch: Batch) -> Batch:
         return batch  # the worker collates per step: that cost is part of its step
@@ -417,9 +419,9 @@ class RaytunerSide(Side):
                 self.optimizer,
                 [micro],
                 self.schedule,
-                max_grad_norm=self.training.max_grad_norm,
-                grad_clip_method=self.training.grad_clip_method,
-                mixed_precision=self.training.mixed_precision,
+                max_grad_norm=self.training.optimization.max_grad_norm,
+                grad_clip_method=self.training.optimization.grad_clip_method,
+                mixed_precision=self.training.model.mixed_precision,
             )
         return result.loss
 

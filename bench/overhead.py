@@ -409,12 +409,16 @@ def bare_loop(config: str, threads: int, log: Path) -> dict[str, Any]:
     device = torch.device("cpu")
     seed = run.seed
     shape = BatchShape(
-        per_worker=training.train_batch_size, workers=1, accumulation=training.gradient_accumulation_steps
+        per_worker=training.optimization.train_batch_size,
+        workers=1,
+        accumulation=training.optimization.gradient_accumulation_steps,
     )
-    family_class = get_family(training.model_family)
+    family_class = get_family(training.model.model_family)
     family = family_class(
-        family_class.resolve_model_path(training.model_flavour, training.pretrained_model_name_or_path),
-        revision=training.revision,
+        family_class.resolve_model_path(
+            training.model.model_flavour, training.model.pretrained_model_name_or_path
+        ),
+        revision=training.model.revision,
         device=device,
         dtype=torch.float32,
     )
@@ -424,11 +428,15 @@ def bare_loop(config: str, threads: int, log: Path) -> dict[str, Any]:
     network, _ = build_adapter(transformer, run.lycoris, module_aliases=family.module_aliases, seed=seed)
     network.to(device=device, dtype=torch.float32)
     parameters = [p for p in network.parameters() if p.requires_grad]
-    optimizer = build_optimizer(parameters, training, world_size=1)
-    total_steps = int(training.max_train_steps or 0)
-    lr_scheduler = build_lr_scheduler(optimizer, training, total_steps=total_steps)
-    schedule = flow_schedule_from_config(training)
-    max_grad_norm = None if training.optimizer in UNCLIPPED_OPTIMIZERS else training.max_grad_norm
+    optimizer = build_optimizer(parameters, training.optimization, world_size=1)
+    total_steps = int(training.optimization.max_train_steps or 0)
+    lr_scheduler = build_lr_scheduler(optimizer, training.optimization, total_steps=total_steps)
+    schedule = flow_schedule_from_config(training.flow)
+    max_grad_norm = (
+        None
+        if training.optimization.optimizer in UNCLIPPED_OPTIMIZERS
+        else training.optimization.max_grad_norm
+    )
     log.parent.mkdir(parents=True, exist_ok=True)
     data = open_training_data(run)
     steps_per_epoch = len(data.plan(shape, seed=seed, epoch=0))
@@ -465,8 +473,8 @@ def bare_loop(config: str, threads: int, log: Path) -> dict[str, Any]:
             micro,
             schedule,
             max_grad_norm=max_grad_norm,
-            grad_clip_method=training.grad_clip_method,
-            mixed_precision=training.mixed_precision,
+            grad_clip_method=training.optimization.grad_clip_method,
+            mixed_precision=training.model.mixed_precision,
         )
         lr_scheduler.step()
         step_seconds = time.perf_counter() - started

@@ -202,29 +202,31 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 def training_config(family: str, settings: gpu_train.Settings, precision: str, via: str) -> TrainingConfig:
     """gpu_train's raytuner side's settings (plain, no checkpointing) with the base's precision."""
-    return TrainingConfig(
-        model_family=family,
-        data_backend_config=Path("multidatabackend.json"),  # read by the cache, never here
-        optimizer="adamw_bf16",
-        learning_rate=settings.learning_rate,
-        max_grad_norm=settings.max_grad_norm,
-        grad_clip_method=settings.grad_clip_method,
-        flow_schedule_shift=settings.flow_schedule_shift,
-        flow_schedule_auto_shift=settings.flow_schedule_auto_shift,
-        mixed_precision="bf16",
-        base_model_precision=precision,
-        quantize_via="accelerator" if via == NOT_APPLICABLE else via,
+    return TrainingConfig.from_options(
+        dict(
+            model_family=family,
+            data_backend_config=Path("multidatabackend.json"),  # read by the cache, never here
+            optimizer="adamw_bf16",
+            learning_rate=settings.learning_rate,
+            max_grad_norm=settings.max_grad_norm,
+            grad_clip_method=settings.grad_clip_method,
+            flow_schedule_shift=settings.flow_schedule_shift,
+            flow_schedule_auto_shift=settings.flow_schedule_auto_shift,
+            mixed_precision="bf16",
+            base_model_precision=precision,
+            quantize_via="accelerator" if via == NOT_APPLICABLE else via,
+        )
     )
 
 
 def load_base(bench: gpu_train.Bench, family: str, training: TrainingConfig) -> torch.nn.Module:
     """The base as a worker gets it: loaded where ``quantize_via`` says, quantised, on the device."""
-    load_device = quantize_load_device(training, bench.device)
+    load_device = quantize_load_device(training.model, bench.device)
     # gpu_train.build_transformer initialises on its Bench's device: the load device here.
     loader = dataclasses.replace(bench, device=load_device)
     with default_dtype(DTYPE):
         transformer = gpu_train.build_transformer(loader, family, on=load_device, seed=bench.args.seed)
-    return quantize_base(transformer, training, device=bench.device).requires_grad_(False)
+    return quantize_base(transformer, training.model, device=bench.device).requires_grad_(False)
 
 
 class QuantizedSide(gpu_train.RaytunerSide):
@@ -258,7 +260,7 @@ class QuantizedSide(gpu_train.RaytunerSide):
         self.transformer.train()
         self.network, report = build_adapter(
             self.transformer,
-            adapter_spec(spec.config, training),
+            adapter_spec(spec.config, training.model),
             module_aliases=self.family.module_aliases,
             seed=bench.args.seed,
         )
@@ -267,8 +269,8 @@ class QuantizedSide(gpu_train.RaytunerSide):
         self.saving = contextlib.nullcontext
         self.use_stream = None
         self.parameters = [p for p in self.network.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.parameters, training)
-        self.schedule = flow_schedule_from_config(training)
+        self.optimizer = build_optimizer(self.parameters, training.optimization)
+        self.schedule = flow_schedule_from_config(training.flow)
 
 
 # ---- cells -----------------------------------------------------------------------------------------
@@ -294,7 +296,7 @@ def run_cell(
     args, device = bench.args, bench.device
     entry: dict[str, Any] = {"family": family, "precision": precision, "quantize_via": via}
     training = training_config(family, settings, precision, via)
-    problem = quantization_problem(training, devices=[device])
+    problem = quantization_problem(training.model, training.memory, devices=[device])
     if problem:
         entry["skipped"] = problem
         return entry

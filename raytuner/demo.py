@@ -12,6 +12,7 @@ the validation prompt with the adapter merged in, as a user would after training
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 from raytuner.cache.settings import image_datasets
 from raytuner.config import RunConfig, load_config
 from raytuner.config.datasets import DatasetConfig
+from raytuner.config.training import replace_options
 from raytuner.data.synthetic import synthetic_images, write_dataset
 from raytuner.errors import RaytunerError
 from raytuner.evaluate.metrics import read_metrics
@@ -56,9 +58,9 @@ def _prepare_inputs(run: RunConfig) -> None:
     Training and held-out images come from one seeded draw of distinct shape/colour combinations,
     so the evaluation images are never training images.
     """
-    model_path = Path(run.training.pretrained_model_name_or_path or "")
+    model_path = Path(run.training.model.pretrained_model_name_or_path or "")
     if not is_tiny_checkpoint(model_path):
-        build_tiny_checkpoint(run.training.model_family, model_path)
+        build_tiny_checkpoint(run.training.model.model_family, model_path)
     datasets: list[DatasetConfig] = image_datasets(run)
     size = int(datasets[0].resolution or 64)
     items = synthetic_images(DEMO_IMAGES + DEMO_EVAL_IMAGES, width=size, height=size, seed=run.seed)
@@ -74,7 +76,7 @@ def _prepare_inputs(run: RunConfig) -> None:
 def run_family_demo(config_path: Path, steps: int | None = None) -> DemoResult:
     run = load_config(config_path)
     if steps is not None:
-        run.training.max_train_steps = steps
+        run = dataclasses.replace(run, training=replace_options(run.training, {"max_train_steps": steps}))
     _prepare_inputs(run)
     outcome = run_training(run, resolve_settings(run, RayOverrides()))
     entries = read_metrics(outcome.output_dir / "logs" / "metrics.jsonl")
@@ -82,7 +84,7 @@ def run_family_demo(config_path: Path, steps: int | None = None) -> DemoResult:
     evals = [e["eval_loss"] for e in entries if e.get("kind") == "eval"]
     generated = _generate_with_adapter(run, outcome)
     return DemoResult(
-        family=run.training.model_family,
+        family=run.training.model.model_family,
         outcome=outcome,
         first_loss=losses[0],
         last_loss=losses[-1],
@@ -98,14 +100,14 @@ def _generate_with_adapter(run: RunConfig, outcome: TrainOutcome) -> Path | None
     training = run.training
     result = run_generate(
         GenerateOptions(
-            model=str(training.pretrained_model_name_or_path),
+            model=str(training.model.pretrained_model_name_or_path),
             adapter=str(outcome.adapter),
-            prompt=training.validation_prompt or "a photo",
-            negative_prompt=training.validation_negative_prompt,
-            guidance=training.validation_guidance,
-            steps=training.validation_num_inference_steps,
-            resolution=training.validation_resolution,
-            seed=training.validation_seed or 0,
+            prompt=training.validation.validation_prompt or "a photo",
+            negative_prompt=training.validation.validation_negative_prompt,
+            guidance=training.validation.validation_guidance,
+            steps=training.validation.validation_num_inference_steps,
+            resolution=training.validation.validation_resolution,
+            seed=training.validation.validation_seed or 0,
             num_images=2,
             out=str(outcome.output_dir / "generated"),
         )

@@ -95,7 +95,7 @@ class HubFile:
 def requested_repo(run: RunConfig) -> str | None:
     """The repo the config asks for: ``hub_model_id``, else ``tracker_project_name`` (as SimpleTuner)."""
     training = run.training
-    for value in (training.hub_model_id, training.tracker_project_name):
+    for value in (training.tracking.hub_model_id, training.tracking.tracker_project_name):
         if value and value.strip():
             return value.strip()
     return None
@@ -127,7 +127,7 @@ def hub_problems(run: RunConfig) -> list[str]:
 
     training = run.training
     where = display(run.sources["config"])
-    if not training.push_to_hub:
+    if not training.tracking.push_to_hub:
         return [
             problem(
                 where,
@@ -137,7 +137,7 @@ def hub_problems(run: RunConfig) -> list[str]:
                 f'set "push_to_hub": true to publish (and log in: {LOGIN_HINT}), or remove {key}',
             )
             for key in ("push_checkpoints_to_hub", "push_to_hub_background")
-            if getattr(training, key)
+            if getattr(training.tracking, key)
         ]
     problems = []
     repo = requested_repo(run)
@@ -146,7 +146,7 @@ def hub_problems(run: RunConfig) -> list[str]:
             problem(
                 where,
                 "hub_model_id",
-                training.hub_model_id,
+                training.tracking.hub_model_id,
                 "a Hub repo id to publish to (push_to_hub is true and tracker_project_name is empty too)",
                 'set e.g. "hub_model_id": "your-name/cosmos2-lokr"',
             )
@@ -157,7 +157,7 @@ def hub_problems(run: RunConfig) -> list[str]:
         except HFValidationError:
             key = (
                 "hub_model_id"
-                if training.hub_model_id and training.hub_model_id.strip()
+                if training.tracking.hub_model_id and training.tracking.hub_model_id.strip()
                 else "tracker_project_name"
             )
             problems.append(
@@ -197,7 +197,9 @@ def open_repo(run: RunConfig) -> HubTarget:
     assert repo is not None, "hub_problems() refuses a run without a repo id"
     endpoint = hub_endpoint()
     try:
-        url = HfApi(endpoint=endpoint).create_repo(repo, exist_ok=True, private=training.model_card_private)
+        url = HfApi(endpoint=endpoint).create_repo(
+            repo, exist_ok=True, private=training.tracking.model_card_private
+        )
     except Exception as error:
         raise HubError(
             f"cannot create or open the Hub repo {repo} at {endpoint}: {_reason(error)}; check the repo id "
@@ -206,13 +208,13 @@ def open_repo(run: RunConfig) -> HubTarget:
     target = HubTarget(
         repo_id=url.repo_id,
         endpoint=endpoint,
-        push_checkpoints=training.push_checkpoints_to_hub,
-        background=training.push_to_hub_background,
+        push_checkpoints=training.tracking.push_checkpoints_to_hub,
+        background=training.tracking.push_to_hub_background,
     )
     logger.info(
         "publishing to the Hub repo %s%s%s",
         target.url,
-        " (created private)" if training.model_card_private else "",
+        " (created private)" if training.tracking.model_card_private else "",
         ", every checkpoint as it is saved" if target.push_checkpoints else ", at the end of training",
     )
     return target
@@ -269,10 +271,10 @@ def commit_description(run: RunConfig, *, step: int, total_steps: int) -> str:
     base, _ = base_model_ids(run)
     return (
         f"Trained with raytuner for {step} of {total_steps} steps.\n"
-        f"Base model: {base} ({training.model_family}).\n"
-        f"Learning rate {training.learning_rate} ({training.lr_scheduler}), {training.optimizer}, "
-        f"batch size {training.train_batch_size} per worker, "
-        f"{training.gradient_accumulation_steps} gradient accumulation step(s), seed {run.seed}."
+        f"Base model: {base} ({training.model.model_family}).\n"
+        f"Learning rate {training.optimization.learning_rate} ({training.optimization.lr_scheduler}), {training.optimization.optimizer}, "
+        f"batch size {training.optimization.train_batch_size} per worker, "
+        f"{training.optimization.gradient_accumulation_steps} gradient accumulation step(s), seed {run.seed}."
     )
 
 

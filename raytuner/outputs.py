@@ -95,8 +95,10 @@ def card_images(
         folder = folders[-1]
     else:
         folder = output_dir / VALIDATION_FOLDER / f"{STEP_FOLDER_PREFIX}{step}"
-    family = get_family(run.training.model_family)
-    sizes = parse_validation_resolutions(run.training.validation_resolution, multiple=family.pixels_per_token)
+    family = get_family(run.training.model.model_family)
+    sizes = parse_validation_resolutions(
+        run.training.validation.validation_resolution, multiple=family.pixels_per_token
+    )
     images = []
     for nickname, prompt in prompts.items():
         if not prompt.strip():
@@ -115,11 +117,13 @@ def base_model_ids(run: RunConfig) -> tuple[str, str | None]:
     machine it was written on: a local folder is taken to be a copy of the flavour's hub id.
     """
     training = run.training
-    family = get_family(training.model_family)
-    base = family.resolve_model_path(training.model_flavour, training.pretrained_model_name_or_path)
+    family = get_family(training.model.model_family)
+    base = family.resolve_model_path(
+        training.model.model_flavour, training.model.pretrained_model_name_or_path
+    )
     if not Path(base).expanduser().exists():
         return base, None
-    return family.resolve_model_path(training.model_flavour, None), Path(base).name
+    return family.resolve_model_path(training.model.model_flavour, None), Path(base).name
 
 
 def card_front_matter(run: RunConfig, *, images: Sequence[CardImage] = ()) -> str:
@@ -128,13 +132,13 @@ def card_front_matter(run: RunConfig, *, images: Sequence[CardImage] = ()) -> st
 
     training = run.training
     hub_id, _ = base_model_ids(run)
-    tags = ["lycoris", "lokr", training.model_family, "text-to-image", "diffusers", "raytuner"]
-    if not training.model_card_safe_for_work:
+    tags = ["lycoris", "lokr", training.model.model_family, "text-to-image", "diffusers", "raytuner"]
+    if not training.tracking.model_card_safe_for_work:
         tags.append(NOT_FOR_ALL_AUDIENCES)
     data = ModelCardData(
         base_model=hub_id,
         library_name="diffusers",
-        **get_family(training.model_family).card_license,
+        **get_family(training.model.model_family).card_license,
         pipeline_tag="text-to-image",
         tags=tags,
         widget=[{"text": image.prompt, "output": {"url": image.path}} for image in images] or None,
@@ -151,22 +155,22 @@ def model_card(
     images: Sequence[CardImage] = (),
 ) -> str:
     training = run.training
-    family = get_family(training.model_family)
+    family = get_family(training.model.model_family)
     base, local_copy = base_model_ids(run)
     pipeline = family.pipeline_class.__name__
     lycoris = run.to_dict()["lycoris"] or {}
-    prompt = training.validation_prompt or "a photo"
+    prompt = training.validation.validation_prompt or "a photo"
     evaluation = f"| eval loss (last) | {eval_loss:.4f} |\n" if eval_loss is not None else ""
-    card_note = (training.model_card_note or "").strip()
+    card_note = (training.tracking.model_card_note or "").strip()
     note = f"{card_note}\n\n" if card_note else ""
     origin = (
         f"Trained from a local copy of the base model (`{local_copy}`), taken to be `{base}` "
-        f"(model_flavour {training.model_flavour}).\n\n"
+        f"(model_flavour {training.model.model_flavour}).\n\n"
         if local_copy
         else ""
     )
     ema_line = (
-        f"\nThe EMA of the adapter weights (`ema_decay` {training.ema_decay}) is in "
+        f"\nThe EMA of the adapter weights (`ema_decay` {training.optimization.ema_decay}) is in "
         f"`ema/{ADAPTER_FILENAME}`; load it the same way.\n"
         if ema
         else ""
@@ -182,12 +186,12 @@ the training output folder).
 
 | setting | value |
 | --- | --- |
-| model family | {training.model_family} |
+| model family | {training.model.model_family} |
 | steps | {steps} |
-| learning rate | {training.learning_rate} ({training.lr_scheduler}) |
-| optimizer | {training.optimizer} |
-| batch size per worker | {training.train_batch_size} |
-| gradient accumulation steps | {training.gradient_accumulation_steps} |
+| learning rate | {training.optimization.learning_rate} ({training.optimization.lr_scheduler}) |
+| optimizer | {training.optimization.optimizer} |
+| batch size per worker | {training.optimization.train_batch_size} |
+| gradient accumulation steps | {training.optimization.gradient_accumulation_steps} |
 | LoKr | algo {lycoris.get("algo", "lokr")}, factor {lycoris.get("factor", "")}, multiplier {lycoris.get("multiplier", "")} |
 | seed | {run.seed} |
 {evaluation}

@@ -52,7 +52,7 @@ from typing import TypeVar
 import torch
 
 from raytuner.config import LycorisConfig
-from raytuner.config.training import QUANTIZED_PRECISIONS, TrainingConfig
+from raytuner.config.training import QUANTIZED_PRECISIONS, MemorySection, ModelSection
 from raytuner.errors import RaytunerError
 from raytuner.models.registry import get_family
 
@@ -93,8 +93,8 @@ class QuantizationError(RaytunerError, ValueError):
     """A base_model_precision that cannot run here, in one line."""
 
 
-def is_quantized(training: TrainingConfig) -> bool:
-    return training.base_model_precision != NO_CHANGE
+def is_quantized(model: ModelSection) -> bool:
+    return model.base_model_precision != NO_CHANGE
 
 
 def backend(precision: str) -> str:
@@ -102,8 +102,8 @@ def backend(precision: str) -> str:
     return "quanto" if precision in QUANTO_WEIGHTS else "torchao"
 
 
-def _setting(training: TrainingConfig) -> str:
-    return f"'base_model_precision' = '{training.base_model_precision}'"
+def _setting(model: ModelSection) -> str:
+    return f"'base_model_precision' = '{model.base_model_precision}'"
 
 
 def _import_problem(precision: str) -> str | None:
@@ -119,44 +119,57 @@ def _import_problem(precision: str) -> str | None:
     return None
 
 
-def quantization_problem(training: TrainingConfig, *, devices: Sequence[torch.device]) -> str | None:
+def quantization_problem(
+    model: ModelSection, memory: MemorySection, *, devices: Sequence[torch.device]
+) -> str | None:
+    """Why ``base_model_precision`` cannot run on ``devices`` with this memory strategy, or None."""
+    return precision_problem(model, devices=devices) or _memory_problem(model, memory)
+
+
+def precision_problem(model: ModelSection, *, devices: Sequence[torch.device]) -> str | None:
     """Why ``base_model_precision`` cannot run on ``devices`` (the workers' devices), or None.
 
     ``devices`` may be empty when the caller cannot see them (a head node without the workers'
     GPUs); each worker checks its own device again before it quantises.
     """
-    precision = training.base_model_precision
+    precision = model.base_model_precision
     if precision == NO_CHANGE:
         return None
     if precision not in QUANTIZED_PRECISIONS:  # the config loader refuses these already
-        return f"{_setting(training)}: expected one of: {', '.join((NO_CHANGE, *QUANTIZED_PRECISIONS))}"
+        return f"{_setting(model)}: expected one of: {', '.join((NO_CHANGE, *QUANTIZED_PRECISIONS))}"
     missing = _import_problem(precision)
     if missing:
-        return f"{_setting(training)} {missing}"
+        return f"{_setting(model)} {missing}"
     if precision in FLOAT8_PRECISIONS and any(device.type == "mps" for device in devices):
         return (
-            f"{_setting(training)}: float8 weights cannot run on Apple MPS (no float8 dtype there): "
+            f"{_setting(model)}: float8 weights cannot run on Apple MPS (no float8 dtype there): "
             "use int8-quanto or int8-torchao"
         )
     if precision in FLOAT8_MATMUL_PRECISIONS:
         slow = [str(device) for device in devices if not _runs_float8_matmuls(device)]
         if slow:
             return (
-                f"{_setting(training)}: float8 activations need a CUDA GPU of compute capability 8.9 or newer "
+                f"{_setting(model)}: float8 activations need a CUDA GPU of compute capability 8.9 or newer "
                 f"(Ada, Hopper), not {slow[0]}: use fp8wo-torchao (float8 weights only) or int8-quanto"
             )
-    if training.deepspeed_config is not None:
+    return None
+
+
+def _memory_problem(model: ModelSection, memory: MemorySection) -> str | None:
+    if not is_quantized(model):
+        return None
+    if memory.deepspeed is not None:
         # Checked with deepspeed 0.19.8, ZeRO-2 and ZeRO-3: deepspeed.initialize fails moving the
         # engine's module ("_apply(): Couldn't swap QLinear.weight", likewise torchao's Linear.weight).
         return (
-            f"{_setting(training)} with deepspeed_config: DeepSpeed cannot hold quantised base weights; "
+            f"{_setting(model)} with deepspeed_config: DeepSpeed cannot hold quantised base weights; "
             "remove deepspeed_config (the quantised base already saves the memory) or set base_model_precision to no_change"
         )
-    if training.enable_group_offload and training.group_offload_to_disk_path is not None:
+    if memory.enable_group_offload and memory.group_offload_to_disk_path is not None:
         # Group offload in memory runs on a quantised base; to disk, safetensors cannot write
         # quanto's or torchao's weight tensors (diffusers refuses torchao's by name).
         return (
-            f"{_setting(training)} with group_offload_to_disk_path: quantised weights cannot be offloaded "
+            f"{_setting(model)} with group_offload_to_disk_path: quantised weights cannot be offloaded "
             "to disk; remove group_offload_to_disk_path (offload to CPU memory) or set base_model_precision to no_change"
         )
     return None
@@ -170,11 +183,11 @@ def _runs_float8_matmuls(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= FLOAT8_MATMUL_CAPABILITY
 
 
-def quantization_warnings(training: TrainingConfig) -> list[str]:
+def quantization_warnings(model: ModelSection) -> list[str]:
     """What the driver logs once about a quantised base that will run."""
-    advice = get_family(training.model_family).quantized_base_advice
-    if is_quantized(training) and advice is not None:
-        return [f"{_setting(training)}: {advice}"]
+    advice = get_family(model.model_family).quantized_base_advice
+    if is_quantized(model) and advice is not None:
+        return [f"{_setting(model)}: {advice}"]
     return []
 
 
@@ -194,27 +207,27 @@ def quantized_module_names(transformer: torch.nn.Module, precision: str) -> list
     return names
 
 
-def quantize_load_device(training: TrainingConfig, device: torch.device) -> torch.device:
+def quantize_load_device(model: ModelSection, device: torch.device) -> torch.device:
     """Where to load the base before quantising: the CPU for ``quantize_via`` ``cpu``, else ``device``.
 
     Quantising on the CPU first means the full-precision weights never reach the GPU, which avoids
     running out of memory at start-up (the OmniGen quickstart's advice for small GPUs).
     """
-    if is_quantized(training) and training.quantize_via == "cpu":
+    if is_quantized(model) and model.quantize_via == "cpu":
         return torch.device("cpu")
     return device
 
 
-def quantize_base(transformer: ModuleT, training: TrainingConfig, *, device: torch.device) -> ModuleT:
+def quantize_base(transformer: ModuleT, model: ModelSection, *, device: torch.device) -> ModuleT:
     """Quantise the frozen ``transformer`` in place as ``base_model_precision`` says, then move it to ``device``.
 
     With ``no_change`` the transformer is returned as it is. Quantising happens on whatever device
     the transformer is on (see :func:`quantize_load_device`).
     """
-    precision = training.base_model_precision
+    precision = model.base_model_precision
     if precision == NO_CHANGE:
         return transformer
-    problem = quantization_problem(training, devices=[device])
+    problem = precision_problem(model, devices=[device])
     if problem:
         raise QuantizationError(problem)
     names = quantized_module_names(transformer, precision)
@@ -229,18 +242,16 @@ def quantize_base(transformer: ModuleT, training: TrainingConfig, *, device: tor
         torchao.quantize_(transformer, config, filter_fn=lambda module, fqn: fqn in chosen)
     # quanto's new QLinear modules create their parameters with gradients on.
     transformer.requires_grad_(False)
-    logger.info(
-        "base quantised to %s: %d linear layers (via %s)", precision, len(names), training.quantize_via
-    )
+    logger.info("base quantised to %s: %d linear layers (via %s)", precision, len(names), model.quantize_via)
     return transformer.to(device)
 
 
-def adapter_spec(spec: LycorisConfig, training: TrainingConfig) -> LycorisConfig:
+def adapter_spec(spec: LycorisConfig, model: ModelSection) -> LycorisConfig:
     """The LyCORIS spec to build on the base: bypass forward when the base is quantised.
 
     Bypass (base output + LoKr applied to the input) never touches the quantised weight; the saved
     keys are the same either way.
     """
-    if not is_quantized(training) or spec.bypass_mode:
+    if not is_quantized(model) or spec.bypass_mode:
         return spec
     return dataclasses.replace(spec, bypass_mode=True)

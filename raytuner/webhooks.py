@@ -40,8 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from raytuner.config import RunConfig
-from raytuner.config.paths import display
-from raytuner.config.webhooks import WebhookTarget, read_webhook_config
+from raytuner.config.webhooks import WebhookTarget
 from raytuner.errors import find_error
 from raytuner.upstream import ray_train_user_error
 
@@ -76,20 +75,17 @@ class WebhookSettings:
 def webhook_settings(run: RunConfig, *, run_name: str, checkpoint_root: str) -> WebhookSettings | None:
     """The run's webhook settings (None without ``webhook_config``); the loader has checked them."""
     training = run.training
-    if training.webhook_config is None:
+    targets = list(training.tracking.webhooks)  # read and checked once, by the loader
+    if not targets:
         return None
-    config_path = run.sources["config"]
-    targets, _ = read_webhook_config(
-        training.webhook_config, where=display(config_path), named_in=config_path
-    )
     if os.environ.get(SSL_NO_VERIFY_ENV, "false").lower() == "true":
         targets = [dataclasses.replace(target, ssl_no_verify=True) for target in targets]
     return WebhookSettings(
         targets=tuple(targets),
-        project=f"{training.tracker_project_name} {training.tracker_run_name}",
+        project=f"{training.tracking.tracker_project_name} {training.tracking.tracker_run_name}",
         run_name=run_name,
         job_id=os.environ.get(JOB_ID_ENV) or None,
-        reporting_interval=training.webhook_reporting_interval,
+        reporting_interval=training.tracking.webhook_reporting_interval,
         checkpoint_root=checkpoint_root.rstrip("/"),
         output_dir=str(training.output_dir),
     )

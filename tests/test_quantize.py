@@ -7,7 +7,6 @@ offload in memory.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import logging
@@ -25,7 +24,7 @@ from raytuner import flow
 from raytuner.adapters import build_adapter, save_adapter
 from raytuner.cli import main
 from raytuner.config import ConfigError, load_config
-from raytuner.config.training import QUANTIZED_PRECISIONS, TrainingConfig
+from raytuner.config.training import QUANTIZED_PRECISIONS, TrainingConfig, replace_options
 from raytuner.data.synthetic import synthetic_images, to_pixels
 from raytuner.models.base import ConditioningBatch, ModelFamily
 from raytuner.models.registry import get_family
@@ -96,7 +95,7 @@ def training(family: str = "omnigen", precision: str = "int8-quanto", **keys: ob
         "data_backend_config": Path("unused.json"),
         "base_model_precision": precision,
     }
-    return TrainingConfig(**{**values, **keys})  # type: ignore[arg-type]
+    return TrainingConfig.from_options({**values, **keys})
 
 
 @dataclass
@@ -131,11 +130,13 @@ def adapted(encoded: Encoded, precision: str, *, device: torch.device = CPU, **k
     settings = training(encoded.family.name, precision, **keys)
     family = encoded.family
     transformer = quantize_base(
-        family.load_transformer(device=quantize_load_device(settings, device)), settings, device=device
+        family.load_transformer(device=quantize_load_device(settings.model, device)),
+        settings.model,
+        device=device,
     ).requires_grad_(False)
     network, _ = build_adapter(
         transformer,
-        adapter_spec(seed_lycoris_config(family.name), settings),
+        adapter_spec(seed_lycoris_config(family.name), settings.model),
         module_aliases=family.module_aliases,
         seed=3,
     )
@@ -329,7 +330,10 @@ def test_group_offload_in_memory_trains_like_the_resident_quantised_base(
     data = encoded["cosmos2image"]
     resident, offloaded = adapted(data, precision), adapted(data, precision)
     plan = plan_group_offload(
-        training("cosmos2image", precision, enable_group_offload=True), device=CPU, run_name="q", rank=0
+        training("cosmos2image", precision, enable_group_offload=True).memory,
+        device=CPU,
+        run_name="q",
+        rank=0,
     )
     assert plan is not None
     apply_group_offload(offloaded.transformer, plan, onload_device=CPU)
@@ -397,21 +401,21 @@ def test_validation_renders_with_the_quantised_base(
 
 def test_quantize_via_cpu_loads_on_the_cpu_and_accelerator_on_the_device() -> None:
     cuda = torch.device("cuda", 0)
-    assert quantize_load_device(training(quantize_via="cpu"), cuda) == CPU
-    assert quantize_load_device(training(quantize_via="accelerator"), cuda) == cuda
-    assert quantize_load_device(training(precision="no_change", quantize_via="cpu"), cuda) == cuda
+    assert quantize_load_device(training(quantize_via="cpu").model, cuda) == CPU
+    assert quantize_load_device(training(quantize_via="accelerator").model, cuda) == cuda
+    assert quantize_load_device(training(precision="no_change", quantize_via="cpu").model, cuda) == cuda
 
 
 def test_no_change_leaves_the_base_untouched(encoded: dict[str, Encoded]) -> None:
     data = encoded["omnigen"]
     transformer = data.family.load_transformer()
-    assert quantize_base(transformer, training(precision="no_change"), device=CPU) is transformer
+    assert quantize_base(transformer, training(precision="no_change").model, device=CPU) is transformer
     assert all(
         type(m.weight) is torch.nn.Parameter for m in transformer.modules() if isinstance(m, torch.nn.Linear)
     )
     spec = seed_lycoris_config("omnigen")
-    assert adapter_spec(spec, training(precision="no_change")) is spec
-    assert adapter_spec(spec, training()).bypass_mode
+    assert adapter_spec(spec, training(precision="no_change").model) is spec
+    assert adapter_spec(spec, training().model).bypass_mode
 
 
 REFUSED_PRECISIONS = [
@@ -454,20 +458,22 @@ def test_pipeline_quantize_via_is_refused_with_what_to_use(tmp_path: Path) -> No
 @pytest.mark.parametrize("precision", QUANTIZED_PRECISIONS)
 def test_every_supported_precision_loads_and_passes_the_preflight(tmp_path: Path, precision: str) -> None:
     run = load_config(write_config(tmp_path, **{"base_model_precision": precision, "quantize_via": "cpu"}))
-    assert run.training.base_model_precision == precision
+    assert run.training.model.base_model_precision == precision
     devices = [CPU] if precision in CPU_PRECISIONS else []  # [] : devices the driver cannot see
-    assert quantization_problem(run.training, devices=devices) is None
+    assert quantization_problem(run.training.model, run.training.memory, devices=devices) is None
 
 
 def test_float8_activations_are_refused_off_a_recent_cuda_gpu() -> None:
-    problem = quantization_problem(training(precision="fp8-torchao"), devices=[CPU])
+    problem = quantization_problem(
+        training(precision="fp8-torchao").model, training(precision="fp8-torchao").memory, devices=[CPU]
+    )
     assert problem == (
         "'base_model_precision' = 'fp8-torchao': float8 activations need a CUDA GPU of compute capability "
         "8.9 or newer (Ada, Hopper), not cpu: use fp8wo-torchao (float8 weights only) or int8-quanto"
     )
     # The worker refuses it too, before touching the model, where the driver could not see its GPU.
     with pytest.raises(QuantizationError, match="float8 activations need a CUDA GPU"):
-        quantize_base(torch.nn.Linear(16, 16), training(precision="fp8-torchao"), device=CPU)
+        quantize_base(torch.nn.Linear(16, 16), training(precision="fp8-torchao").model, device=CPU)
 
 
 @pytest.mark.parametrize(
@@ -490,19 +496,33 @@ def test_float8_activations_are_refused_off_a_recent_cuda_gpu() -> None:
 def test_combinations_that_cannot_work_are_refused_in_one_line(
     keys: dict[str, object], fragments: list[str]
 ) -> None:
-    problem = quantization_problem(training(**keys), devices=[CPU])
+    problem = quantization_problem(training(**keys).model, training(**keys).memory, devices=[CPU])
     assert problem is not None and "\n" not in problem
     for fragment in fragments:
         assert fragment in problem
-    assert quantization_problem(training(precision="no_change", **keys), devices=[CPU]) is None
+    assert (
+        quantization_problem(
+            training(precision="no_change", **keys).model,
+            training(precision="no_change", **keys).memory,
+            devices=[CPU],
+        )
+        is None
+    )
 
 
 def test_float8_on_mps_is_refused() -> None:
     mps = [torch.device("mps")]
     for precision in ("fp8-quanto", "fp8uz-quanto", "fp8wo-torchao", "fp8-torchao"):
-        problem = quantization_problem(training(precision=precision), devices=mps)
+        problem = quantization_problem(
+            training(precision=precision).model, training(precision=precision).memory, devices=mps
+        )
         assert problem is not None and "cannot run on Apple MPS" in problem and "use int8-quanto" in problem
-    assert quantization_problem(training(precision="int8-quanto"), devices=mps) is None
+    assert (
+        quantization_problem(
+            training(precision="int8-quanto").model, training(precision="int8-quanto").memory, devices=mps
+        )
+        is None
+    )
 
 
 @pytest.mark.parametrize(
@@ -514,20 +534,22 @@ def test_a_missing_package_is_named_before_any_work(
 ) -> None:
     # A None entry in sys.modules is how Python itself marks a module as not importable.
     monkeypatch.setitem(sys.modules, module, None)
-    problem = quantization_problem(training(precision=precision), devices=[CPU])
+    problem = quantization_problem(
+        training(precision=precision).model, training(precision=precision).memory, devices=[CPU]
+    )
     assert problem is not None and "\n" not in problem
     assert f"'base_model_precision' = '{precision}' needs the {package} package" in problem
     assert "pip install 'raytuner[quantization]'" in problem
     transformer = encoded["omnigen"].family.load_transformer()
     with pytest.raises(QuantizationError, match=f"needs the {package} package"):
-        quantize_base(transformer, training(precision=precision), device=CPU)
+        quantize_base(transformer, training(precision=precision).model, device=CPU)
 
 
 def test_quantising_cosmos2_is_warned_and_omnigen_is_not() -> None:
-    (warning,) = quantization_warnings(training("cosmos2image", "int8-quanto"))
+    (warning,) = quantization_warnings(training("cosmos2image", "int8-quanto").model)
     assert "Cosmos2 quickstart says not to quantise Cosmos2" in warning and "\n" not in warning
-    assert quantization_warnings(training("cosmos2image", "no_change")) == []
-    assert quantization_warnings(training("omnigen", "int8-quanto")) == []
+    assert quantization_warnings(training("cosmos2image", "no_change").model) == []
+    assert quantization_warnings(training("omnigen", "int8-quanto").model) == []
 
 
 def test_the_launcher_preflight_reports_the_problem(tmp_path: Path) -> None:
@@ -605,10 +627,10 @@ def test_on_cuda_group_offload_in_memory_runs_on_a_quantised_base(
         model_family.encode_images(to_pixels([item.image for item in items]).to(cuda)),
         model_family.collate_conditioning(model_family.encode_prompts([item.caption for item in items])),
     )
-    settings = dataclasses.replace(training("cosmos2image", precision), enable_group_offload=True)
+    settings = replace_options(training("cosmos2image", precision), {"enable_group_offload": True})
     model = adapted(data, precision, device=CPU)  # group offload keeps the base on the CPU
     model.network.to(device=cuda)
-    plan = plan_group_offload(settings, device=cuda, run_name="q", rank=0)
+    plan = plan_group_offload(settings.memory, device=cuda, run_name="q", rank=0)
     assert plan is not None
     apply_group_offload(model.transformer, plan, onload_device=cuda)
     with OffloadedWeights(model.transformer, onload_device=cuda).saving():

@@ -124,7 +124,7 @@ def test_webhook_config_is_read_from_a_file_inline_text_an_object_or_a_list(
     assert run.sources.get("webhook_config") is None
     run = load_config(write_run(tmp_path, webhook_config="webhooks.json"))
     assert run.sources["webhook_config"] == tmp_path / "webhooks.json"
-    assert load_config(write_run(tmp_path)).training.webhook_config is None
+    assert load_config(write_run(tmp_path)).training.tracking.webhook_config is None
 
 
 @pytest.mark.parametrize(

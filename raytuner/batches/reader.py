@@ -280,7 +280,7 @@ def dataset_sampling(run: RunConfig) -> list[DatasetSampling]:
 
 def prunes_buckets(run: RunConfig) -> bool:
     """SimpleTuner's bucket pruning, on unless ``disable_bucket_pruning``."""
-    return not run.training.disable_bucket_pruning
+    return not run.training.data.disable_bucket_pruning
 
 
 def open_training_data(run: RunConfig) -> TrainingData:
@@ -295,7 +295,7 @@ def open_training_data(run: RunConfig) -> TrainingData:
         text=TextCache(text_cache_location(run)),
         sampling=dataset_sampling(run),
         prune_buckets=prunes_buckets(run),
-        caption_dropout=run.training.caption_dropout_probability,
+        caption_dropout=run.training.data.caption_dropout_probability,
     )
 
 
@@ -319,8 +319,8 @@ def check_batches(run: RunConfig, *, workers: int | None = None) -> int:
     """
     training = run.training
     shape = BatchShape(
-        per_worker=training.train_batch_size,
-        workers=workers or training.ray_num_workers or training.num_processes or 1,
-        accumulation=training.gradient_accumulation_steps,
+        per_worker=training.optimization.train_batch_size,
+        workers=workers or training.ray.ray_num_workers or training.ray.num_processes or 1,
+        accumulation=training.optimization.gradient_accumulation_steps,
     )
     return len(open_training_data(run).plan(shape, seed=run.seed, epoch=0))

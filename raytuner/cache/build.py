@@ -87,7 +87,7 @@ def build_cache(
 ) -> CacheSummary:
     """Bring every cache of ``run`` up to date; Ray must be connected (see ``ray_session``)."""
     started = time.monotonic()
-    family_cls = get_family(run.training.model_family)
+    family_cls = get_family(run.training.model.model_family)
     model_path = model_path_of(run)
     encoders = encoders or check_cache_settings(run)
     vae_identity, text_identity = encoders.vae, encoders.text

@@ -64,10 +64,10 @@ def encode_latents(
             fn_constructor_kwargs={
                 "family_name": family_cls.name,
                 "model_path": model_path,
-                "revision": run.training.revision,
+                "revision": run.training.model.revision,
                 "local_sources": local_sources,
             },
-            batch_size=run.training.vae_batch_size,
+            batch_size=run.training.data.vae_batch_size,
             compute=stages.actor_pool(actors),
             num_gpus=gpus,
         )

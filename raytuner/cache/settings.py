@@ -54,13 +54,15 @@ class Encoders:
 
 
 def model_path_of(run: RunConfig) -> str:
-    family = get_family(run.training.model_family)
-    return family.resolve_model_path(run.training.model_flavour, run.training.pretrained_model_name_or_path)
+    family = get_family(run.training.model.model_family)
+    return family.resolve_model_path(
+        run.training.model.model_flavour, run.training.model.pretrained_model_name_or_path
+    )
 
 
 def encoder_identities(run: RunConfig, family: ModelFamily) -> tuple[EncoderIdentity, EncoderIdentity]:
     model_path = model_path_of(run)
-    revision = run.training.revision
+    revision = run.training.model.revision
     vae = component_identity(
         model_path, family.vae_components, revision=revision, settings=family.latent_settings()
     )
@@ -75,8 +77,8 @@ def encoder_identities(run: RunConfig, family: ModelFamily) -> tuple[EncoderIden
 def cache_encoders(run: RunConfig) -> Encoders:
     """The encoders' identities, which need the model's files (or its hub snapshot): the first
     work of a build, for a run whose settings were checked (raytuner.train.preflight)."""
-    family_cls = get_family(run.training.model_family)
-    vae, text = encoder_identities(run, family_cls(model_path_of(run), revision=run.training.revision))
+    family_cls = get_family(run.training.model.model_family)
+    vae, text = encoder_identities(run, family_cls(model_path_of(run), revision=run.training.model.revision))
     return Encoders(vae=vae, text=text)
 
 
@@ -132,7 +134,7 @@ def latent_cache_location(run: RunConfig, dataset: DatasetConfig) -> Location:
 
 def bucket_settings(dataset: DatasetConfig, run: RunConfig, family: type[ModelFamily]) -> BucketSettings:
     training = run.training
-    alignment = training.aspect_bucket_alignment
+    alignment = training.data.aspect_bucket_alignment
     if alignment % family.pixels_per_token:
         raise CacheError(
             f"{display(run.sources['config'])}: 'aspect_bucket_alignment' = {alignment}: expected a multiple of "
@@ -150,7 +152,7 @@ def bucket_settings(dataset: DatasetConfig, run: RunConfig, family: type[ModelFa
             crop=dataset.crop,
             crop_aspect=dataset.crop_aspect,
             crop_style=dataset.crop_style,
-            rounding=training.aspect_bucket_rounding or 2,
+            rounding=training.data.aspect_bucket_rounding or 2,
             alignment=alignment,
         )
     except BucketError as error:
@@ -193,27 +195,27 @@ def role_prompts(run: RunConfig) -> dict[str, Any]:
     """Prompts encoded for roles other than captions: empty (caption dropout), negative, validation."""
     training = run.training
     validation: dict[str, str] = {}
-    if training.validation_prompt:
-        validation["validation"] = training.validation_prompt
-    if training.user_prompt_library is not None:
+    if training.validation.validation_prompt:
+        validation["validation"] = training.validation.validation_prompt
+    if training.validation.user_prompt_library is not None:
         try:
-            library = json.loads(Path(training.user_prompt_library).read_text(encoding="utf-8"))
+            library = json.loads(Path(training.validation.user_prompt_library).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
             raise CacheError(
-                f"{training.user_prompt_library}: cannot read the prompt library ({error})"
+                f"{training.validation.user_prompt_library}: cannot read the prompt library ({error})"
             ) from None
         if not isinstance(library, dict) or not all(isinstance(v, str) for v in library.values()):
             raise CacheError(
-                f'{training.user_prompt_library}: expected a JSON object of "nickname": "prompt" pairs'
+                f'{training.validation.user_prompt_library}: expected a JSON object of "nickname": "prompt" pairs'
             )
         validation.update(library)
-    return {"empty": "", "negative": training.validation_negative_prompt, "validation": validation}
+    return {"empty": "", "negative": training.validation.validation_negative_prompt, "validation": validation}
 
 
 def cache_setting_problems(run: RunConfig) -> list[str]:
     """Everything about the caches that can be refused before any work, one line per problem:
     bucket settings, ``skip_file_discovery`` words, the text cache folder, the prompt library."""
-    family_cls = get_family(run.training.model_family)
+    family_cls = get_family(run.training.model.model_family)
     where = display(run.sources["data_backend_config"])
     checks: list[Callable[[], object]] = []
     for dataset in image_datasets(run):

@@ -152,7 +152,7 @@ def encode_text(
             fn_constructor_kwargs={
                 "family_name": family_cls.name,
                 "model_path": model_path,
-                "revision": run.training.revision,
+                "revision": run.training.model.revision,
             },
             batch_size=TEXT_BATCH,
             compute=stages.actor_pool(1),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,7 @@ KEY_SPELLINGS: dict[str, str] = {
 }
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class DatasetConfig:
     """One dataset entry, typed. Local paths are resolved by the loader."""
 
@@ -258,7 +259,11 @@ def _check_dataset_list(result: ParsedDatasets, *, where: str) -> None:
             '"default": true; only one text embed dataset can be the default'
         )
     elif text_embeds and not defaults:
-        text_embeds[0].default = True
+        chosen = text_embeds[0]
+        result.datasets = [
+            dataclasses.replace(dataset, default=True) if dataset is chosen else dataset
+            for dataset in result.datasets
+        ]
         result.findings.notes.append(
             f"{where}: no text_embeds dataset is marked default; using '{text_embeds[0].id}'"
         )

@@ -55,6 +55,35 @@ def rule(
     }
 
 
+def derived() -> dict[str, Any]:
+    """Field metadata of a value the loader parses from other options (a DeepSpeed plan, webhook
+    targets): never read from config.json by name, never written back to it."""
+    return {"derived": True}
+
+
+def literal_values(annotation: Any) -> tuple[str, ...] | None:
+    """The values of a ``Literal`` annotation (also inside ``X | None``); None for other types."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return literal_values(members[0]) if len(members) == 1 else None
+    if typing.get_origin(annotation) is Literal:
+        return tuple(str(value) for value in typing.get_args(annotation))
+    return None
+
+
+def field_rule(field: dataclasses.Field[Any], annotation: Any) -> dict[str, Any]:
+    """The rules of one field: its ``rule(...)`` metadata, with a ``Literal`` type's values as
+    the supported ones; what the rule's choices (SimpleTuner's list) add is refused by name."""
+    meta = dict(field.metadata) if field.metadata and "choices" in field.metadata else rule()
+    supported = literal_values(annotation)
+    if supported is not None:
+        meta["choices"] = meta["choices"] or supported
+        meta["not_yet_supported"] = meta["not_yet_supported"] or tuple(
+            choice for choice in meta["choices"] if choice not in supported
+        )
+    return meta
+
+
 class CoercionError(Exception):
     """A value that is not of the expected kind; ``expected`` says what is."""
 
@@ -157,6 +186,8 @@ def coerce(value: Any, annotation: Any, *, example: str | None = None) -> Any:
         if len(members) == 1:
             return coerce(value, members[0], example=example)
         raise TypeError(f"unsupported field type {annotation!r}")
+    if origin is Literal:
+        return _to_str(value)  # which values: check_rules, with SimpleTuner's list for the message
     if annotation is bool:
         return _to_bool(value)
     if annotation is int:
@@ -217,8 +248,27 @@ def field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def option_fields(cls: type) -> dict[str, tuple[dataclasses.Field[Any], Any]]:
+    """The options ``cls`` reads from a file, with each one's field and type: its own fields and
+    its sections' fields (derived fields, parsed from other options, are no option of their own)."""
+    hints = field_types(cls)
+    options: dict[str, tuple[dataclasses.Field[Any], Any]] = {}
+    for field in dataclasses.fields(cls):
+        if field.metadata.get("derived"):
+            continue
+        if _is_section(hints[field.name]):
+            options.update(option_fields(hints[field.name]))
+        else:
+            options[field.name] = (field, hints[field.name])
+    return options
+
+
 def field_names(cls: type) -> frozenset[str]:
-    return frozenset(field.name for field in dataclasses.fields(cls))
+    return frozenset(option_fields(cls))
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and dataclasses.is_dataclass(annotation)
 
 
 def problem(where: str, key: str, value: Any, expected: str, fix: str = "") -> str:
@@ -230,28 +280,46 @@ def problem(where: str, key: str, value: Any, expected: str, fix: str = "") -> s
 def build(cls: type[T], raw: Mapping[str, Any], *, where: str, problems: list[str]) -> T | None:
     """An instance of the dataclass ``cls`` from the keys of ``raw`` that are its fields.
 
-    Keys that are not fields are ignored here (the caller has already sorted them). A problem
-    is appended for every bad value and missing required field; None is returned if any.
+    A field whose type is itself a dataclass (a section of ``TrainingConfig``) is built from the
+    same flat ``raw``, as config.json keeps every option at its top level; derived fields are
+    left to the loader. Keys that are not fields are ignored here (the caller has already sorted
+    them). A problem is appended for every bad value and missing required field; None is
+    returned if any.
     """
     hints = field_types(cls)
     kwargs: dict[str, Any] = {}
     before = len(problems)
     for field in dataclasses.fields(cls):
+        annotation = hints[field.name]
+        if field.metadata.get("derived"):
+            continue
+        if _is_section(annotation):
+            kwargs[field.name] = build(annotation, raw, where=where, problems=problems)
+            continue
         if field.name not in raw:
             if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
                 problems.append(f"{where}: '{field.name}' is required but not set")
             continue
         value = raw[field.name]
-        meta = field.metadata or rule()
-        if value is None and typing.get_origin(hints[field.name]) not in (typing.Union, types.UnionType):
+        if value is None and typing.get_origin(annotation) not in (typing.Union, types.UnionType):
             continue  # JSON null on a non-optional field: keep the default, as SimpleTuner does
-        try:
-            kwargs[field.name] = check_rules(coerce(value, hints[field.name], example=meta["example"]), meta)
-        except CoercionError as error:
-            problems.append(problem(where, field.name, value, error.expected))
+        kwargs[field.name] = check_value(field, annotation, value, where=where, problems=problems)
     if len(problems) > before:
         return None
     return cls(**kwargs)
+
+
+def check_value(
+    field: dataclasses.Field[Any], annotation: Any, value: Any, *, where: str, problems: list[str]
+) -> Any:
+    """``value`` coerced and checked by the field's rules; on a problem, it is appended and
+    the value returned as given (the caller sees the problem count grow)."""
+    meta = field_rule(field, annotation)
+    try:
+        return check_rules(coerce(value, annotation, example=meta["example"]), meta)
+    except CoercionError as error:
+        problems.append(problem(where, field.name, value, error.expected))
+        return value
 
 
 def to_plain(value: Any) -> Any:

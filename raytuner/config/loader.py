@@ -10,12 +10,14 @@ raised together as one ``ConfigError``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from raytuner.config.datasets import DatasetConfig, default_text_embeds, parse_datasets
+from raytuner.config.deepspeed import DeepSpeedConfigError, parse_deepspeed
 from raytuner.config.errors import ConfigError
 from raytuner.config.fields import CoercionError, build, coerce, field_names, problem
 from raytuner.config.keys import KeyFindings, sort_key
@@ -31,7 +33,7 @@ from raytuner.config.paths import (
 from raytuner.config.run import RunConfig
 from raytuner.config.seed import draw_seed, read_recorded_seed, seed_file
 from raytuner.config.surface import did_you_mean, flavours, key_aliases, simpletuner_families
-from raytuner.config.training import TrainingConfig
+from raytuner.config.training import ModelSection, TrainingConfig, replace_options
 from raytuner.config.webhooks import read_webhook_config
 from raytuner.models.registry import family_aliases, get_family, known_families
 
@@ -81,12 +83,14 @@ def load_config(path: str | Path, *, strict: bool = False) -> RunConfig:
     datasets: list[DatasetConfig] = []
     lycoris: LycorisConfig | None = None
     if training is not None:
-        _check_model(training, explicit=set(values), where=where, findings=findings)
+        model = _check_model(training.model, explicit=set(values), where=where, findings=findings)
+        training = dataclasses.replace(training, model=model)
         check_training(training, where=where, findings=findings)
         _check_flow_schedule(training, explicit=set(values), where=where, findings=findings)
-        _resolve_training_paths(
+        resolved = _resolve_training_paths(
             training, config_path=config_path, where=where, sources=sources, findings=findings
         )
+        training = replace_options(training, resolved)
         if "data_backend_config" in sources:
             datasets = _load_datasets(
                 training, sources["data_backend_config"], strict=strict, findings=findings
@@ -100,7 +104,8 @@ def load_config(path: str | Path, *, strict: bool = False) -> RunConfig:
 
     seed_drawn = training.seed is None
     if seed_drawn:
-        _choose_seed(training, sources=sources, findings=findings)
+        seed = _choose_seed(training.output_dir, sources=sources, findings=findings)
+        training = dataclasses.replace(training, seed=seed)
 
     for message in findings.warnings:
         logger.warning(message)
@@ -177,13 +182,16 @@ def _sort_config_keys(
     return values
 
 
-def _check_model(training: TrainingConfig, *, explicit: set[str], where: str, findings: KeyFindings) -> None:
-    family = training.model_family
+def _check_model(
+    model: ModelSection, *, explicit: set[str], where: str, findings: KeyFindings
+) -> ModelSection:
+    """The model section with the family's alias resolved and its flavour named."""
+    family = model.model_family
     aliases = family_aliases()
     supported_families = known_families()
     if family in aliases:
-        training.model_family = aliases[family]
-        findings.notes.append(f"{where}: model_family '{family}' read as '{training.model_family}'")
+        model = dataclasses.replace(model, model_family=aliases[family])
+        findings.notes.append(f"{where}: model_family '{family}' read as '{model.model_family}'")
     elif family not in supported_families:
         supported = ", ".join(supported_families)
         if family in simpletuner_families():
@@ -195,35 +203,35 @@ def _check_model(training: TrainingConfig, *, explicit: set[str], where: str, fi
             findings.problems.append(
                 f"{where}: 'model_family' = {family!r}: unknown model family{hint}; raytuner supports: {supported}"
             )
-        return
-    valid = {flavour.name: flavour for flavour in flavours(training.model_family)}
-    if training.model_flavour is None:
-        training.model_flavour = next(name for name, flavour in valid.items() if flavour.default)
-    elif training.model_flavour.lower() in valid:
-        training.model_flavour = training.model_flavour.lower()
+        return model
+    valid = {flavour.name: flavour for flavour in flavours(model.model_family)}
+    written = model.model_flavour
+    if written is None:
+        default = next(name for name, flavour in valid.items() if flavour.default)
+        model = dataclasses.replace(model, model_flavour=default)
+    elif written.lower() in valid:
+        model = dataclasses.replace(model, model_flavour=written.lower())
     else:
         findings.problems.append(
             problem(
                 where,
                 "model_flavour",
-                training.model_flavour,
-                f"a {training.model_family} flavour: {', '.join(valid)}{did_you_mean(training.model_flavour, valid)}",
+                written,
+                f"a {model.model_family} flavour: {', '.join(valid)}{did_you_mean(written, valid)}",
             )
         )
-    if training.model_type != "lora":
+    if model.model_type != "lora":
         findings.problems.append(
             problem(
                 where,
                 "model_type",
-                training.model_type,
+                model.model_type,
                 "'lora'",
                 'raytuner trains LoKr adapters only; set "model_type": "lora"',
             )
         )
-    if training.lora_type != "lycoris":
-        shown = (
-            training.lora_type if "lora_type" in explicit else f"{training.lora_type} (SimpleTuner's default)"
-        )
+    if model.lora_type != "lycoris":
+        shown = model.lora_type if "lora_type" in explicit else f"{model.lora_type} (SimpleTuner's default)"
         findings.problems.append(
             problem(
                 where,
@@ -233,23 +241,24 @@ def _check_model(training: TrainingConfig, *, explicit: set[str], where: str, fi
                 'raytuner trains LyCORIS LoKr adapters; set "lora_type": "lycoris" and "lycoris_config"',
             )
         )
+    return model
 
 
 def check_training(training: TrainingConfig, *, where: str, findings: KeyFindings) -> None:
-    if not training.max_train_steps and training.num_train_epochs == 0:
+    if not training.optimization.max_train_steps and training.optimization.num_train_epochs == 0:
         findings.problems.append(
             f"{where}: 'max_train_steps' and 'num_train_epochs' are both 0 or unset: expected one of them > 0; "
             'set e.g. "max_train_steps": 10000'
         )
-    if training.enable_group_offload and training.enable_model_cpu_offload:
+    if training.memory.enable_group_offload and training.memory.enable_model_cpu_offload:
         findings.problems.append(
             f"{where}: 'enable_group_offload' and 'enable_model_cpu_offload' are both true: expected at most one; "
             "keep enable_group_offload"
         )
     if (
-        training.enable_group_offload
-        and training.group_offload_type == "leaf_level"
-        and training.group_offload_to_disk_path is not None
+        training.memory.enable_group_offload
+        and training.memory.group_offload_type == "leaf_level"
+        and training.memory.group_offload_to_disk_path is not None
     ):
         # Checked with diffusers 0.42: after the first optimiser step the leaf-level groups read
         # back from disk hold wrong weights (the loss turns to NaN); block_level from disk is exact.
@@ -258,7 +267,7 @@ def check_training(training: TrainingConfig, *, where: str, findings: KeyFinding
             "read back from disk do not train correctly; use block_level to offload to disk, or leaf_level "
             "without group_offload_to_disk_path (CPU memory)"
         )
-    if training.enable_group_offload and training.deepspeed_config:
+    if training.memory.enable_group_offload and training.memory.deepspeed_config:
         findings.problems.append(
             f"{where}: 'enable_group_offload' and 'deepspeed_config' are both set: expected one memory strategy; "
             "use group offload on one small GPU, DeepSpeed ZeRO across several"
@@ -269,42 +278,43 @@ def _check_flow_schedule(
     training: TrainingConfig, *, explicit: set[str], where: str, findings: KeyFindings
 ) -> None:
     """Say when a sigma-schedule setting will not do what it reads as."""
-    shift_set = "flow_schedule_shift" in explicit and (training.flow_schedule_shift or 0) > 0
-    auto_set = "flow_schedule_auto_shift" in explicit and training.flow_schedule_auto_shift
+    shift_set = "flow_schedule_shift" in explicit and (training.flow.flow_schedule_shift or 0) > 0
+    auto_set = "flow_schedule_auto_shift" in explicit and training.flow.flow_schedule_auto_shift
     # A family with its own sigma schedule (OmniGen) ignores all of these.
     sampling_set = {
-        "flow_sigmoid_scale": "flow_sigmoid_scale" in explicit and training.flow_sigmoid_scale != 1.0,
+        "flow_sigmoid_scale": "flow_sigmoid_scale" in explicit and training.flow.flow_sigmoid_scale != 1.0,
         "flow_use_uniform_schedule": "flow_use_uniform_schedule" in explicit
-        and training.flow_use_uniform_schedule,
-        "flow_use_beta_schedule": "flow_use_beta_schedule" in explicit and training.flow_use_beta_schedule,
+        and training.flow.flow_use_uniform_schedule,
+        "flow_use_beta_schedule": "flow_use_beta_schedule" in explicit
+        and training.flow.flow_use_beta_schedule,
     }
     ignored = {"flow_schedule_shift": shift_set, "flow_schedule_auto_shift": auto_set, **sampling_set}
-    if training.model_family not in known_families():
+    if training.model.model_family not in known_families():
         return  # refused by _check_model already
-    fixed_schedule = get_family(training.model_family).fixed_sigma_schedule
+    fixed_schedule = get_family(training.model.model_family).fixed_sigma_schedule
     if fixed_schedule and any(ignored.values()):
         keys = " and ".join(key for key, on in ignored.items() if on)
         findings.warnings.append(
-            f"{where}: {keys} set for {training.model_family}: {fixed_schedule}, so this setting has no "
+            f"{where}: {keys} set for {training.model.model_family}: {fixed_schedule}, so this setting has no "
             "effect; remove it to silence this warning"
         )
-    elif shift_set and training.flow_schedule_auto_shift:
+    elif shift_set and training.flow.flow_schedule_auto_shift:
         findings.notes.append(
-            f"{where}: flow_schedule_shift {training.flow_schedule_shift} is not used because "
+            f"{where}: flow_schedule_shift {training.flow.flow_schedule_shift} is not used because "
             "flow_schedule_auto_shift is on (as in SimpleTuner, the resolution-dependent shift wins)"
         )
 
 
 def _resolve_input_file(
-    training: TrainingConfig,
+    value: Path,
     name: str,
     *,
     config_path: Path,
     where: str,
     sources: dict[str, Path],
     findings: KeyFindings,
-) -> None:
-    value = getattr(training, name)
+) -> Path:
+    """The file ``value`` names, found as SimpleTuner finds it; recorded in ``sources``."""
     found = find_input_file(value, named_in=config_path)
     if found is None:
         tried = ", ".join(str(candidate) for candidate in input_candidates(value, named_in=config_path))
@@ -317,9 +327,9 @@ def _resolve_input_file(
                 "fix the path; relative paths are read from the working directory, then from the folder of config.json",
             )
         )
-        return
-    setattr(training, name, found)
+        return value
     sources[name] = found
+    return found
 
 
 def _resolve_training_paths(
@@ -329,46 +339,69 @@ def _resolve_training_paths(
     where: str,
     sources: dict[str, Path],
     findings: KeyFindings,
-) -> None:
-    def resolve(name: str) -> None:
-        _resolve_input_file(
-            training, name, config_path=config_path, where=where, sources=sources, findings=findings
+) -> dict[str, Any]:
+    """The options that name files, resolved, and the nested configs read: changes to apply."""
+    changes: dict[str, Any] = {}
+
+    def resolve(name: str, value: Path) -> None:
+        changes[name] = _resolve_input_file(
+            value, name, config_path=config_path, where=where, sources=sources, findings=findings
         )
 
-    resolve("data_backend_config")
-    if training.lora_type == "lycoris":
-        if training.lycoris_config is None:
+    resolve("data_backend_config", training.data.data_backend_config)
+    if training.model.lora_type == "lycoris":
+        if training.model.lycoris_config is None:
             findings.problems.append(f"{where}: 'lycoris_config' is required when lora_type is lycoris")
         else:
-            resolve("lycoris_config")
-    if training.user_prompt_library is not None:
-        resolve("user_prompt_library")
-    if training.webhook_config is not None:
-        _read_webhooks(training, config_path=config_path, where=where, sources=sources, findings=findings)
-    training.output_dir = output_path(training.output_dir)
-    if training.group_offload_to_disk_path is not None:
-        training.group_offload_to_disk_path = output_path(training.group_offload_to_disk_path)
+            resolve("lycoris_config", training.model.lycoris_config)
+    if training.validation.user_prompt_library is not None:
+        resolve("user_prompt_library", training.validation.user_prompt_library)
+    if training.tracking.webhook_config is not None:
+        changes.update(
+            _read_webhooks(
+                training.tracking.webhook_config,
+                config_path=config_path,
+                where=where,
+                sources=sources,
+                findings=findings,
+            )
+        )
+    if training.memory.deepspeed_config:
+        try:
+            changes["deepspeed"] = parse_deepspeed(
+                training.memory.deepspeed_config,
+                mixed_precision=training.model.mixed_precision,
+                where=where,
+                base_dir=config_path.parent,
+            )
+        except DeepSpeedConfigError as error:
+            findings.problems.append(str(error))
+    changes["output_dir"] = output_path(training.output_dir)
+    if training.memory.group_offload_to_disk_path is not None:
+        changes["group_offload_to_disk_path"] = output_path(training.memory.group_offload_to_disk_path)
+    return changes
 
 
 def _read_webhooks(
-    training: TrainingConfig,
+    value: str | dict[str, Any] | list[Any],
     *,
     config_path: Path,
     where: str,
     sources: dict[str, Path],
     findings: KeyFindings,
-) -> None:
-    """Check ``webhook_config`` now, so a bad webhook stops the run before any work; a file is
-    recorded (resolved) so the launcher reads the same one."""
-    assert training.webhook_config is not None
+) -> dict[str, Any]:
+    """Read ``webhook_config`` now, once, so a bad webhook stops the run before any work; a
+    file is recorded (resolved) with the targets it held."""
     try:
-        _, source = read_webhook_config(training.webhook_config, where=where, named_in=config_path)
+        targets, source = read_webhook_config(value, where=where, named_in=config_path)
     except ConfigError as error:
         findings.problems.extend(error.problems)
-        return
+        return {}
+    changes: dict[str, Any] = {"webhooks": tuple(targets)}
     if source is not None:
-        training.webhook_config = str(source)
+        changes["webhook_config"] = str(source)
         sources["webhook_config"] = source
+    return changes
 
 
 def _load_datasets(
@@ -382,41 +415,52 @@ def _load_datasets(
         return []
     parsed = parse_datasets(raw, where=where, strict=strict)
     findings.merge(parsed.findings)
-    for dataset in parsed.datasets:
-        if dataset.needs_images:
-            # A dataset that leaves these unset uses config.json's values, as in SimpleTuner.
-            dataset.resolution = dataset.resolution or training.resolution
-            dataset.resolution_type = dataset.resolution_type or training.resolution_type
-            if dataset.minimum_image_size is None:
-                dataset.minimum_image_size = training.minimum_image_size
-        if dataset.instance_data_dir is not None and dataset.type == "local":
-            dataset.instance_data_dir = find_input_dir(dataset.instance_data_dir, named_in=path)
-        if dataset.encodes_latents and not dataset.cache_dir_vae:
-            # SimpleTuner's default: one folder per dataset below output_dir (masks are cached
-            # beside the latents of the image dataset that links them, so they need none).
-            default = training.output_dir / "cache" / "vae" / training.model_family / dataset.id
-            dataset.cache_dir_vae = str(default)
-            findings.notes.append(
-                f"{where}: dataset '{dataset.id}': cache_dir_vae not set; using {display(default)}"
-            )
-        elif dataset.type == "local":
-            for name in ("cache_dir_vae", "cache_dir"):
-                value = getattr(dataset, name)
-                if value and not has_scheme(value):
-                    setattr(dataset, name, str(output_path(value)))
-    if parsed.datasets and not parsed.findings.problems:
-        _check_cache_folders(parsed.datasets, where=where, findings=findings)
-        enabled_text = [d for d in parsed.datasets if d.enabled and d.dataset_type == "text_embeds"]
+    datasets = [
+        _complete_dataset(dataset, training, path=path, findings=findings) for dataset in parsed.datasets
+    ]
+    if datasets and not parsed.findings.problems:
+        _check_cache_folders(datasets, where=where, findings=findings)
+        enabled_text = [d for d in datasets if d.enabled and d.dataset_type == "text_embeds"]
         if not enabled_text:
-            cache_dir = str(training.output_dir / "cache" / "text" / training.model_family)
-            added = default_text_embeds(existing_ids={d.id for d in parsed.datasets}, cache_dir=cache_dir)
-            parsed.datasets.append(added)
+            cache_dir = str(training.output_dir / "cache" / "text" / training.model.model_family)
+            added = default_text_embeds(existing_ids={d.id for d in datasets}, cache_dir=cache_dir)
+            datasets.append(added)
             findings.warnings.append(
                 f"{where}: no text_embeds dataset; using '{added.id}' cached at {cache_dir}, as SimpleTuner does "
                 '(add {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds", "default": true, '
                 '"cache_dir": "cache/text"} to choose the place)'
             )
-    return parsed.datasets
+    return datasets
+
+
+def _complete_dataset(
+    dataset: DatasetConfig, training: TrainingConfig, *, path: Path, findings: KeyFindings
+) -> DatasetConfig:
+    """The dataset with what it leaves unset taken from config.json, and its local paths resolved."""
+    where = display(path)
+    changes: dict[str, Any] = {}
+    if dataset.needs_images:
+        # A dataset that leaves these unset uses config.json's values, as in SimpleTuner.
+        changes["resolution"] = dataset.resolution or training.data.resolution
+        changes["resolution_type"] = dataset.resolution_type or training.data.resolution_type
+        if dataset.minimum_image_size is None:
+            changes["minimum_image_size"] = training.data.minimum_image_size
+    if dataset.instance_data_dir is not None and dataset.type == "local":
+        changes["instance_data_dir"] = find_input_dir(dataset.instance_data_dir, named_in=path)
+    if dataset.encodes_latents and not dataset.cache_dir_vae:
+        # SimpleTuner's default: one folder per dataset below output_dir (masks are cached
+        # beside the latents of the image dataset that links them, so they need none).
+        default = training.output_dir / "cache" / "vae" / training.model.model_family / dataset.id
+        changes["cache_dir_vae"] = str(default)
+        findings.notes.append(
+            f"{where}: dataset '{dataset.id}': cache_dir_vae not set; using {display(default)}"
+        )
+    elif dataset.type == "local":
+        for name in ("cache_dir_vae", "cache_dir"):
+            value = getattr(dataset, name)
+            if value and not has_scheme(value):
+                changes[name] = str(output_path(value))
+    return dataclasses.replace(dataset, **changes)
 
 
 def _check_cache_folders(datasets: list[DatasetConfig], *, where: str, findings: KeyFindings) -> None:
@@ -454,14 +498,15 @@ def _load_lycoris(path: Path, *, strict: bool, findings: KeyFindings) -> Lycoris
     return parsed.config
 
 
-def _choose_seed(training: TrainingConfig, *, sources: dict[str, Path], findings: KeyFindings) -> None:
-    recorded = read_recorded_seed(training.output_dir)
+def _choose_seed(output_dir: Path, *, sources: dict[str, Path], findings: KeyFindings) -> int:
+    """The seed of a config that sets none: the one an earlier run recorded, or a new one."""
+    recorded = read_recorded_seed(output_dir)
     if recorded is not None:
-        training.seed = recorded
-        sources["seed"] = seed_file(training.output_dir)
+        sources["seed"] = seed_file(output_dir)
         findings.notes.append(f"seed not set; reusing {recorded} recorded in {display(sources['seed'])}")
-    else:
-        training.seed = draw_seed()
-        findings.notes.append(
-            f"seed not set; drew {training.seed} (recorded in {display(seed_file(training.output_dir))} when the run starts)"
-        )
+        return recorded
+    seed = draw_seed()
+    findings.notes.append(
+        f"seed not set; drew {seed} (recorded in {display(seed_file(output_dir))} when the run starts)"
+    )
+    return seed

@@ -6,6 +6,7 @@ The valid algorithms, preset keys and per-algorithm options are read from ``lyco
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,7 @@ KEY_SPELLINGS: dict[str, str] = {
 PRESENCE_SPELLINGS = frozenset({"disable_conv_cp"})
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class PresetConfig:
     """``apply_preset``: which modules LyCORIS wraps, with per-module overrides.
 
@@ -60,7 +61,7 @@ class PresetConfig:
         return {key: value for key, value in plain.items() if value is not None}
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class LycorisConfig:
     """Everything from ``lycoris_config.json``, typed."""
 
@@ -199,8 +200,7 @@ def parse_lycoris(raw: Any, *, where: str, strict: bool) -> ParsedLycoris:
         preset_raw, where=where, algos=algos, preset_keys=preset_keys, problems=result.problems
     )
     if config is not None and not result.problems:
-        config.apply_preset = preset
-        result.config = config
+        result.config = dataclasses.replace(config, apply_preset=preset)
     return result
 
 

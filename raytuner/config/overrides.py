@@ -22,11 +22,12 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from raytuner.config.errors import ConfigError
-from raytuner.config.fields import CoercionError, check_rules, coerce, field_types, problem, rule
+from raytuner.config.fields import check_value, field_types
 from raytuner.config.keys import KeyFindings
 from raytuner.config.loader import check_training
 from raytuner.config.lycoris import LycorisConfig
 from raytuner.config.run import RunConfig
+from raytuner.config.training import TrainingConfig, option_sections, replace_options, section_types
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -45,7 +46,7 @@ def override_run(
 ) -> RunConfig:
     """A copy of ``run`` with these values; ``ConfigError`` (one line per problem) naming ``where``."""
     problems: list[str] = []
-    new_training = _replace_fields(run.training, training or {}, where=where, problems=problems)
+    new_training = _override_training(run.training, training or {}, where=where, problems=problems)
     new_lycoris = run.lycoris
     if lycoris:
         if run.lycoris is None:
@@ -71,6 +72,22 @@ def override_run(
     )
 
 
+def _override_training(
+    training: TrainingConfig, values: Mapping[str, Any], *, where: str, problems: list[str]
+) -> TrainingConfig:
+    locations = option_sections()
+    sections = section_types()
+    changes: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in locations:
+            raise KeyError(f"TrainingConfig has no option {key!r}")
+        section = locations[key]
+        owner = TrainingConfig if section is None else sections[section]
+        option = next(item for item in dataclasses.fields(owner) if item.name == key)
+        changes[key] = check_value(option, field_types(owner)[key], value, where=where, problems=problems)
+    return replace_options(training, changes)
+
+
 def _replace_fields(obj: T, values: Mapping[str, Any], *, where: str, problems: list[str]) -> T:
     hints = field_types(type(obj))
     fields = {field.name: field for field in dataclasses.fields(obj)}
@@ -78,11 +95,7 @@ def _replace_fields(obj: T, values: Mapping[str, Any], *, where: str, problems: 
     for key, value in values.items():
         if key not in fields:
             raise KeyError(f"{type(obj).__name__} has no field {key!r}")
-        meta = fields[key].metadata or rule()
-        try:
-            changes[key] = check_rules(coerce(value, hints[key], example=meta["example"]), meta)
-        except CoercionError as error:
-            problems.append(problem(where, key, value, error.expected))
+        changes[key] = check_value(fields[key], hints[key], value, where=where, problems=problems)
     return dataclasses.replace(obj, **changes)
 
 

@@ -13,7 +13,7 @@ from raytuner.config.redact import redact as redact_secrets
 from raytuner.config.training import TrainingConfig
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """``training`` from config.json, ``datasets`` from multidatabackend.json, ``lycoris`` from
     lycoris_config.json.
@@ -47,7 +47,7 @@ class RunConfig:
         """JSON-ready form; credentials are ``***`` unless ``redact=False``."""
         plain = {
             "sources": to_plain(self.sources),
-            "training": to_plain(self.training),
+            "training": to_plain(self.training.flat()),  # config.json's flat keys
             "datasets": to_plain(self.datasets),
             "lycoris": to_plain(self.lycoris),
             "seed_drawn": self.seed_drawn,

@@ -1,18 +1,30 @@
-"""``TrainingConfig``: the options of SimpleTuner's ``config.json`` that raytuner reads.
+"""``TrainingConfig``: the options of SimpleTuner's ``config.json`` that raytuner reads, in
+frozen, typed sections.
 
-Field names are SimpleTuner's option names, so a user's key and the field are the same word.
-Defaults are SimpleTuner's (``raytuner/config/data/config_keys.tsv``); choices come from the
-same list.
+The file stays SimpleTuner's: one flat object of option names. Each option is a field of exactly
+one section (``model``, ``data``, ``flow``, ``optimization``, ``memory``, ``checkpoints``,
+``validation``, ``tracking``, ``ray``), under SimpleTuner's own name, so a user's key and the
+field are the same word, and each component of raytuner is handed the section it works from.
+Defaults are SimpleTuner's (``raytuner/config/data/config_keys.tsv``); a ``Literal`` names the
+values raytuner runs, and a rule's ``choices`` (SimpleTuner's list) the ones it refuses by name.
+
+Every section is frozen: the loader builds them once, and nothing changes a config after it is
+loaded; a variant (a sweep's trial, the demo's step count, paths placed under shared storage) is
+a new config made by :func:`replace_options`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-from raytuner.config.fields import rule
+from raytuner.config.deepspeed import DeepSpeedSettings
+from raytuner.config.fields import derived, rule
 from raytuner.config.surface import option_choices, value_aliases
+from raytuner.config.webhooks import WebhookTarget
 
 
 def _choices(name: str) -> tuple[str, ...]:
@@ -20,16 +32,16 @@ def _choices(name: str) -> tuple[str, ...]:
 
 
 # SimpleTuner's evaluation_type choices (its cmd_args.py); None and "none" turn evaluation off.
-EVALUATION_TYPES: tuple[str, ...] = ("none", "clip")
+EvaluationType = Literal["none", "clip"]
+EVALUATION_TYPES: tuple[str, ...] = get_args(EvaluationType)
 # SimpleTuner's default for pretrained_evaluation_model_name_or_path.
 DEFAULT_EVALUATION_MODEL = "openai/clip-vit-large-patch14-336"
-
 
 # SimpleTuner's optimizers raytuner runs (raytuner/train/optim.py builds each); the rest of
 # SimpleTuner's list is refused by name when the config is loaded, before any work starts. The
 # bnb-* names load everywhere: they need bitsandbytes and a CUDA GPU, which only the machine that
 # builds the optimizer can tell, so raytuner/train/optim.py refuses them there where either is missing.
-RAYTUNER_OPTIMIZERS: tuple[str, ...] = (
+OptimizerName = Literal[
     "adamw_bf16",
     "torch-adam",
     "torch-adamw",
@@ -53,12 +65,12 @@ RAYTUNER_OPTIMIZERS: tuple[str, ...] = (
     "prodigy",
     "bnb-adamw8bit",
     "bnb-lion8bit-paged",
-)
-
+]
+RAYTUNER_OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 
 # SimpleTuner's base_model_precision values raytuner runs (raytuner/quantize.py quantises
 # with optimum-quanto or torchao, installed with the "quantization" extra).
-QUANTIZED_PRECISIONS: tuple[str, ...] = (
+QuantizedPrecision = Literal[
     "int8-quanto",
     "fp8-quanto",
     "int4-quanto",
@@ -67,18 +79,31 @@ QUANTIZED_PRECISIONS: tuple[str, ...] = (
     "int8-torchao",
     "fp8wo-torchao",
     "fp8-torchao",
-)
+]
+QUANTIZED_PRECISIONS: tuple[str, ...] = get_args(QuantizedPrecision)
+BaseModelPrecision = Literal["no_change", QuantizedPrecision]
+
+LrScheduler = Literal[
+    "linear", "sine", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+]
+# bf16: the frozen base in bfloat16 under autocast, the LoKr weights in float32 (SimpleTuner's
+# meaning); fp16 and fp8 training are not implemented.
+MixedPrecision = Literal["no", "bf16"]
+ReportTo = Literal[
+    "simpletuner", "tensorboard", "wandb", "swanlab", "comet_ml", "custom-tracker", "all", "none"
+]
+ResolutionType = Literal["pixel", "area", "pixel_area"]
+GroupOffloadType = Literal["block_level", "leaf_level"]
 
 
-@dataclass(kw_only=True)
-class TrainingConfig:
-    """Everything from ``config.json``, typed. Paths are resolved by the loader."""
+@dataclass(frozen=True, kw_only=True)
+class ModelSection:
+    """Which base model, how it is loaded, and the adapter trained on it."""
 
-    # Model
     model_family: str
     model_flavour: str | None = None
-    model_type: str = field(default="lora", metadata=rule(choices=("lora", "full")))
-    lora_type: str = field(default="standard", metadata=rule(choices=_choices("lora_type")))
+    model_type: Literal["lora", "full"] = "lora"
+    lora_type: Literal["standard", "lycoris"] = "standard"
     lycoris_config: Path | None = field(
         default=Path("config/lycoris_config.json"), metadata=rule(path="input_file")
     )
@@ -87,73 +112,39 @@ class TrainingConfig:
     revision: str | None = None
     # The frozen base quantised (raytuner/quantize.py); SimpleTuner's other precisions are
     # refused here, before any work starts.
-    base_model_precision: str = field(
-        default="no_change",
-        metadata=rule(
-            choices=_choices("base_model_precision"),
-            not_yet_supported=tuple(
-                name
-                for name in _choices("base_model_precision")
-                if name not in ("no_change", *QUANTIZED_PRECISIONS)
-            ),
-        ),
+    base_model_precision: BaseModelPrecision = field(
+        default="no_change", metadata=rule(choices=_choices("base_model_precision"))
     )
     # cpu: quantise before moving to the device; accelerator: on the device. SimpleTuner's
     # pipeline-level quantisation is refused: raytuner quantises only the transformer it trains.
-    quantize_via: str = field(
-        default="accelerator",
-        metadata=rule(choices=_choices("quantize_via"), not_yet_supported=("pipeline",)),
+    quantize_via: Literal["cpu", "accelerator"] = field(
+        default="accelerator", metadata=rule(choices=_choices("quantize_via"))
+    )
+    mixed_precision: MixedPrecision = field(
+        default="bf16", metadata=rule(choices=_choices("mixed_precision"))
     )
 
-    # Files and reproducibility
-    output_dir: Path = field(default=Path("simpletuner-results"), metadata=rule(path="output"))
+
+@dataclass(frozen=True, kw_only=True)
+class DataSection:
+    """Where the datasets are described, and how images are sized, bucketed and encoded."""
+
     data_backend_config: Path = field(metadata=rule(path="input_file"))
-    seed: int | None = field(default=None, metadata=rule(ge=0))
-
-    # Optimisation
-    learning_rate: float = field(default=4e-07, metadata=rule(gt=0, example="1e-4"))
-    lr_scheduler: str = field(
-        default="constant_with_warmup",
-        metadata=rule(choices=_choices("lr_scheduler"), value_aliases=value_aliases().get("lr_scheduler")),
-    )
-    lr_warmup_steps: int = field(default=0, metadata=rule(ge=0))
-    lr_num_cycles: int = field(default=1, metadata=rule(ge=1))
-    lr_power: float = field(default=0.8, metadata=rule(gt=0))
-    optimizer: str = field(
-        default="adamw_bf16",
-        metadata=rule(
-            choices=_choices("optimizer"),
-            not_yet_supported=tuple(
-                name for name in _choices("optimizer") if name not in RAYTUNER_OPTIMIZERS
-            ),
-        ),
-    )
-    adam_beta1: float = field(default=0.9, metadata=rule(ge=0, le=1))
-    adam_beta2: float = field(default=0.999, metadata=rule(ge=0, le=1))
-    adam_epsilon: float = field(default=1e-08, metadata=rule(gt=0, example="1e-8"))
-    adam_weight_decay: float = field(default=1e-02, metadata=rule(ge=0))
-    optimizer_beta1: float | None = field(default=None, metadata=rule(ge=0, le=1))
-    optimizer_beta2: float | None = field(default=None, metadata=rule(ge=0, le=1))
-    optimizer_config: str | None = None
-    lr_end: float = field(default=4e-07, metadata=rule(ge=0, example="4e-7"))
-    lr_scale: bool = False
-    lr_scale_sqrt: bool = False
-    # bf16: the frozen base in bfloat16 under autocast, the LoKr weights in float32 (SimpleTuner's
-    # meaning); fp16 and fp8 training are not implemented.
-    mixed_precision: str = field(
-        default="bf16",
-        metadata=rule(choices=_choices("mixed_precision"), not_yet_supported=("fp16", "fp8")),
-    )
-    train_batch_size: int = field(default=4, metadata=rule(ge=1))
-    gradient_accumulation_steps: int = field(default=1, metadata=rule(ge=1))
-    max_train_steps: int | None = field(default=None, metadata=rule(ge=0, example="10000"))
-    num_train_epochs: int = field(default=1, metadata=rule(ge=0))
-    gradient_checkpointing: bool = True
-    max_grad_norm: float = field(default=2.0, metadata=rule(ge=0))
-    grad_clip_method: str = field(default="value", metadata=rule(choices=_choices("grad_clip_method")))
+    resolution: int | float = field(default=1024, metadata=rule(gt=0))
+    resolution_type: ResolutionType = "pixel_area"
+    minimum_image_size: int | float | None = field(default=None, metadata=rule(ge=0))
+    aspect_bucket_rounding: int | None = field(default=2, metadata=rule(ge=1, le=9))
+    aspect_bucket_alignment: int = field(default=64, metadata=rule(ge=1))
+    disable_bucket_pruning: bool = False
+    vae_batch_size: int = field(default=4, metadata=rule(ge=1))
+    vae_cache_ondemand: bool = False
     caption_dropout_probability: float = field(default=0.1, metadata=rule(ge=0, le=1))
 
-    # Flow-matching schedule
+
+@dataclass(frozen=True, kw_only=True)
+class FlowSection:
+    """The flow-matching noise schedule: which sigmas training draws."""
+
     flow_schedule_shift: float = field(default=3.0, metadata=rule(ge=0))
     flow_schedule_auto_shift: bool = False
     flow_sigmoid_scale: float = field(default=1.0, metadata=rule(gt=0))
@@ -162,16 +153,72 @@ class TrainingConfig:
     flow_beta_schedule_alpha: float = field(default=2.0, metadata=rule(gt=0))
     flow_beta_schedule_beta: float = field(default=2.0, metadata=rule(gt=0))
 
-    # EMA
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizationSection:
+    """The optimizer, its schedule, the batch shape, how long to train, clipping and EMA."""
+
+    learning_rate: float = field(default=4e-07, metadata=rule(gt=0, example="1e-4"))
+    lr_scheduler: LrScheduler = field(
+        default="constant_with_warmup",
+        metadata=rule(choices=_choices("lr_scheduler"), value_aliases=value_aliases().get("lr_scheduler")),
+    )
+    lr_warmup_steps: int = field(default=0, metadata=rule(ge=0))
+    lr_num_cycles: int = field(default=1, metadata=rule(ge=1))
+    lr_power: float = field(default=0.8, metadata=rule(gt=0))
+    lr_end: float = field(default=4e-07, metadata=rule(ge=0, example="4e-7"))
+    lr_scale: bool = False
+    lr_scale_sqrt: bool = False
+    optimizer: OptimizerName = field(default="adamw_bf16", metadata=rule(choices=_choices("optimizer")))
+    adam_beta1: float = field(default=0.9, metadata=rule(ge=0, le=1))
+    adam_beta2: float = field(default=0.999, metadata=rule(ge=0, le=1))
+    adam_epsilon: float = field(default=1e-08, metadata=rule(gt=0, example="1e-8"))
+    adam_weight_decay: float = field(default=1e-02, metadata=rule(ge=0))
+    optimizer_beta1: float | None = field(default=None, metadata=rule(ge=0, le=1))
+    optimizer_beta2: float | None = field(default=None, metadata=rule(ge=0, le=1))
+    optimizer_config: str | None = None
+    train_batch_size: int = field(default=4, metadata=rule(ge=1))
+    gradient_accumulation_steps: int = field(default=1, metadata=rule(ge=1))
+    max_train_steps: int | None = field(default=None, metadata=rule(ge=0, example="10000"))
+    num_train_epochs: int = field(default=1, metadata=rule(ge=0))
+    max_grad_norm: float = field(default=2.0, metadata=rule(ge=0))
+    grad_clip_method: Literal["value", "norm"] = "value"
     use_ema: bool = False
     ema_decay: float = field(default=0.995, metadata=rule(gt=0, le=1))
 
-    # Checkpoints
+
+@dataclass(frozen=True, kw_only=True)
+class MemorySection:
+    """How the model fits in memory: activation checkpointing and one memory strategy — group
+    offload (one small GPU) or DeepSpeed ZeRO (several), its plan parsed once, when loading."""
+
+    gradient_checkpointing: bool = True
+    disable_benchmark: bool = False
+    enable_group_offload: bool = False
+    group_offload_type: GroupOffloadType = "block_level"
+    group_offload_blocks_per_group: int = field(default=1, metadata=rule(ge=1))
+    group_offload_use_stream: bool = False
+    group_offload_to_disk_path: Path | None = field(default=None, metadata=rule(path="output"))
+    group_offload_text_encoder: bool = False
+    group_offload_vae: bool = False
+    enable_model_cpu_offload: bool = False
+    # A DeepSpeed JSON file, JSON text, an inline object, or a generated one: zero2, zero3,
+    # zero2-offload, zero3-offload (raytuner/config/deepspeed.py reads it into ``deepspeed``).
+    deepspeed_config: str | dict[str, Any] | None = None
+    deepspeed: DeepSpeedSettings | None = field(default=None, metadata=derived())
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointSection:
     checkpoint_step_interval: int | None = field(default=500, metadata=rule(ge=1))
     checkpoints_total_limit: int | None = field(default=5, metadata=rule(ge=1))
     resume_from_checkpoint: str | None = "latest"
 
-    # Validation and evaluation
+
+@dataclass(frozen=True, kw_only=True)
+class ValidationSection:
+    """Validation pictures during training, the eval loss, and CLIP scores."""
+
     validation_prompt: str | None = None
     validation_negative_prompt: str = "blurry, cropped, ugly"
     validation_resolution: str = "256"
@@ -188,15 +235,19 @@ class TrainingConfig:
     eval_timesteps: int = field(default=28, metadata=rule(ge=1))
     # "clip": every validation round scores its images against their prompts with the CLIP model
     # below and logs clip_score (raytuner/evaluate/clip_score.py, raytuner/train/validate.py).
-    evaluation_type: str | None = field(default=None, metadata=rule(choices=EVALUATION_TYPES))
+    evaluation_type: EvaluationType | None = None
     pretrained_evaluation_model_name_or_path: str = DEFAULT_EVALUATION_MODEL
 
-    # Tracking and publishing
-    report_to: str = field(default="none", metadata=rule(choices=_choices("report_to")))
+
+@dataclass(frozen=True, kw_only=True)
+class TrackingSection:
+    """Where a run's numbers, pictures, events and adapters are published."""
+
+    report_to: ReportTo = "none"
     tracker_project_name: str = "simpletuner"
     tracker_run_name: str = "simpletuner-testing"
     # How W&B shows validation images: one image per key ("gallery") or one table per round.
-    tracker_image_layout: str = field(default="gallery", metadata=rule(choices=("gallery", "table")))
+    tracker_image_layout: Literal["gallery", "table"] = "gallery"
     hub_model_id: str | None = None
     push_to_hub: bool = False
     push_checkpoints_to_hub: bool = False
@@ -208,45 +259,126 @@ class TrainingConfig:
     model_card_safe_for_work: bool = False
     model_card_note: str | None = None
     hf_token: str | None = field(default=None, repr=False)
-    # Webhooks (raytuner/config/webhooks.py reads them, raytuner/webhooks.py sends): a JSON file,
-    # JSON text, or an inline object or list of them. The reporting interval is SimpleTuner's
+    # Webhooks: a JSON file, JSON text, or an inline object or list of them, read once by
+    # raytuner/config/webhooks.py into ``webhooks``. The reporting interval is SimpleTuner's
     # seconds between progress events; unset sends one per step, as SimpleTuner does.
     webhook_config: str | dict[str, Any] | list[Any] | None = None
     webhook_reporting_interval: float | None = field(default=None, metadata=rule(gt=0))
+    webhooks: tuple[WebhookTarget, ...] = field(default=(), metadata=derived())
 
-    # Resolution and aspect buckets
-    resolution: int | float = field(default=1024, metadata=rule(gt=0))
-    resolution_type: str = field(default="pixel_area", metadata=rule(choices=_choices("resolution_type")))
-    minimum_image_size: int | float | None = field(default=None, metadata=rule(ge=0))
-    aspect_bucket_rounding: int | None = field(default=2, metadata=rule(ge=1, le=9))
-    aspect_bucket_alignment: int = field(default=64, metadata=rule(ge=1))
-    disable_bucket_pruning: bool = False
 
-    # VAE cache
-    vae_batch_size: int = field(default=4, metadata=rule(ge=1))
-    vae_cache_ondemand: bool = False
+@dataclass(frozen=True, kw_only=True)
+class RaySection:
+    """raytuner's own keys: how the run is laid out on Ray (raytuner/train/settings.py)."""
 
-    # Runtime and memory
-    disable_benchmark: bool = False
-    enable_group_offload: bool = False
-    group_offload_type: str = field(
-        default="block_level", metadata=rule(choices=("block_level", "leaf_level"))
-    )
-    group_offload_blocks_per_group: int = field(default=1, metadata=rule(ge=1))
-    group_offload_use_stream: bool = False
-    group_offload_to_disk_path: Path | None = field(default=None, metadata=rule(path="output"))
-    group_offload_text_encoder: bool = False
-    group_offload_vae: bool = False
-    enable_model_cpu_offload: bool = False
-    # A DeepSpeed JSON file, JSON text, an inline object, or a generated one: zero2, zero3,
-    # zero2-offload, zero3-offload (raytuner/train/zero.py).
-    deepspeed_config: str | dict[str, Any] | None = None
     # accelerate's process count; unset, SimpleTuner (and raytuner) use every GPU found.
     num_processes: int | None = field(default=None, metadata=rule(ge=1))
-
-    # raytuner's own keys: how the run is laid out on Ray (raytuner/train/settings.py).
     ray_num_workers: int | None = field(default=None, metadata=rule(ge=1))
     ray_gpus_per_worker: float | None = field(default=None, metadata=rule(ge=0))
     ray_cpus_per_worker: float | None = field(default=None, metadata=rule(gt=0))
     ray_storage_path: str | None = None
     ray_max_failures: int | None = field(default=None, metadata=rule(ge=-1))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingConfig:
+    """Everything from ``config.json``, typed, in sections. Paths are resolved by the loader."""
+
+    output_dir: Path = field(default=Path("simpletuner-results"), metadata=rule(path="output"))
+    seed: int | None = field(default=None, metadata=rule(ge=0))
+    model: ModelSection
+    data: DataSection
+    flow: FlowSection = field(default_factory=FlowSection)
+    optimization: OptimizationSection = field(default_factory=OptimizationSection)
+    memory: MemorySection = field(default_factory=MemorySection)
+    checkpoints: CheckpointSection = field(default_factory=CheckpointSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+    ray: RaySection = field(default_factory=RaySection)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> TrainingConfig:
+        """A config from flat option values as Python already holds them (benchmarks, tests):
+        sorted into sections, taken as given; ``load_config`` is the way in for a user's file."""
+        locations = option_sections(with_derived=True)
+        by_section: dict[str | None, dict[str, Any]] = {}
+        for key, value in options.items():
+            if key not in locations:
+                raise KeyError(f"TrainingConfig has no option {key!r}")
+            by_section.setdefault(locations[key], {})[key] = value
+        top = dict(by_section.pop(None, {}))
+        sections = section_types()
+        for name, section in sections.items():
+            if name in by_section or name in ("model", "data"):
+                top[name] = section(**by_section.get(name, {}))
+        return cls(**top)
+
+    def flat(self) -> dict[str, Any]:
+        """The options as config.json spells them: one flat mapping, parsed plans left out."""
+        values: dict[str, Any] = {}
+        for name, section in option_sections().items():
+            owner = self if section is None else getattr(self, section)
+            values[name] = getattr(owner, name)
+        return values
+
+
+def section_types() -> dict[str, type]:
+    """The sections of ``TrainingConfig``: attribute name -> section class."""
+    return dict(_SECTION_TYPES)
+
+
+def option_sections(*, with_derived: bool = False) -> dict[str, str | None]:
+    """Every config.json option -> the section holding it (None: ``TrainingConfig`` itself).
+
+    ``with_derived`` adds the parsed plans (``memory.deepspeed``, ``tracking.webhooks``).
+    """
+    options: dict[str, str | None] = {}
+    for item in dataclasses.fields(TrainingConfig):
+        if item.name in _SECTION_TYPES:
+            for option in dataclasses.fields(_SECTION_TYPES[item.name]):
+                if with_derived or not option.metadata.get("derived"):
+                    options[option.name] = item.name
+        else:
+            options[item.name] = None
+    return options
+
+
+def replace_options(training: TrainingConfig, changes: Mapping[str, Any]) -> TrainingConfig:
+    """A new config with these options (config.json names, or a parsed plan) replaced.
+
+    Values are taken as given: coercion and rules belong to the caller (the loader, or
+    raytuner/config/overrides.py for a sweep's values).
+    """
+    locations = option_sections(with_derived=True)
+    by_section: dict[str | None, dict[str, Any]] = {}
+    for key, value in changes.items():
+        if key not in locations:
+            raise KeyError(f"TrainingConfig has no option {key!r}")
+        by_section.setdefault(locations[key], {})[key] = value
+    top = dict(by_section.pop(None, {}))
+    for section, values in by_section.items():
+        assert section is not None
+        top[section] = dataclasses.replace(getattr(training, section), **values)
+    return dataclasses.replace(training, **top)
+
+
+_SECTION_CLASSES: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (
+        ModelSection,
+        DataSection,
+        FlowSection,
+        OptimizationSection,
+        MemorySection,
+        CheckpointSection,
+        ValidationSection,
+        TrackingSection,
+        RaySection,
+    )
+}
+# Annotations are strings here (postponed evaluation), so sections are found by class name.
+_SECTION_TYPES: dict[str, type] = {
+    item.name: _SECTION_CLASSES[str(item.type)]
+    for item in dataclasses.fields(TrainingConfig)
+    if str(item.type) in _SECTION_CLASSES
+}

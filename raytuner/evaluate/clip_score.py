@@ -24,7 +24,7 @@ from typing import Any, cast
 import torch
 from PIL import Image
 
-from raytuner.config.training import DEFAULT_EVALUATION_MODEL, TrainingConfig
+from raytuner.config.training import DEFAULT_EVALUATION_MODEL, ValidationSection
 from raytuner.errors import RaytunerError
 
 CLIP_EVALUATION = "clip"  # the evaluation_type that turns CLIP scoring on
@@ -76,15 +76,15 @@ def clip_model_problem(model_name_or_path: str) -> str | None:
     return _offline_hub_problem(text, shown)
 
 
-def clip_evaluation_problem(training: TrainingConfig) -> str | None:
+def clip_evaluation_problem(validation: ValidationSection) -> str | None:
     """Why the run's CLIP evaluation cannot work, found before Ray starts; None when it is off or may work.
 
     A relative folder is refused as well: Ray Train starts each worker in a working directory of
     its own, where the same relative path names nothing.
     """
-    if training.evaluation_type != CLIP_EVALUATION:
+    if validation.evaluation_type != CLIP_EVALUATION:
         return None
-    value = training.pretrained_evaluation_model_name_or_path
+    value = validation.pretrained_evaluation_model_name_or_path
     path = Path(value.strip()).expanduser()
     if value.strip() and not path.is_absolute() and path.is_dir():
         return (

@@ -147,7 +147,7 @@ def validation_prompts(
         texts = role_prompts(run)["validation"]
     cached = text.validation_keys()
     entries: list[tuple[str, str, str]] = []
-    if not run.training.validation_disable_unconditional:
+    if not run.training.validation.validation_disable_unconditional:
         entries.append((UNCONDITIONAL_NICKNAME, "", _checked_key(text, "empty", text.role_key("empty"), "")))
     # SimpleTuner: the prompt library first, then validation_prompt.
     order = [name for name in texts if name != PRIMARY_NICKNAME] + [
@@ -183,25 +183,27 @@ def validation_settings(
     pipeline's fixed negative prompt; replace ``negative`` with None for that one.
     """
     training = run.training
-    if training.validation_guidance_rescale:
+    if training.validation.validation_guidance_rescale:
         logger.warning(
             "validation_guidance_rescale=%s is ignored: the %s pipeline has no guidance rescale",
-            training.validation_guidance_rescale,
+            training.validation.validation_guidance_rescale,
             family.name,
         )
-    negative_prompt = training.validation_negative_prompt  # what role_prompts encodes as "negative"
+    negative_prompt = (
+        training.validation.validation_negative_prompt
+    )  # what role_prompts encodes as "negative"
     negative_key = _checked_key(text, "negative", text.role_key("negative"), negative_prompt)
     return ValidationSettings(
         resolutions=parse_validation_resolutions(
-            training.validation_resolution, multiple=family.pixels_per_token
+            training.validation.validation_resolution, multiple=family.pixels_per_token
         ),
-        num_inference_steps=training.validation_num_inference_steps,
-        guidance=training.validation_guidance,
+        num_inference_steps=training.validation.validation_num_inference_steps,
+        guidance=training.validation.validation_guidance,
         # SimpleTuner's expression (validation.py _get_generator): a validation_seed of 0 means unset.
-        seed=training.validation_seed or run.seed or 0,
+        seed=training.validation.validation_seed or run.seed or 0,
         negative=text.conditioning([negative_key])[0],
         negative_prompt=negative_prompt,
-        mixed_precision=training.mixed_precision,
+        mixed_precision=training.model.mixed_precision,
     )
 
 

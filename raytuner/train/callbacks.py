@@ -209,7 +209,7 @@ def worker_callbacks(job: TrainJob, *, rank: int) -> Callbacks:
             MetricsCallback(
                 MetricsLog(
                     training.output_dir,
-                    report_to=training.report_to,
+                    report_to=training.tracking.report_to,
                     run_name=job.run_name,
                     ray_metrics=job.ray_metrics,
                     wandb=job.wandb,
@@ -223,5 +223,5 @@ def worker_callbacks(job: TrainJob, *, rank: int) -> Callbacks:
                 job.hub, job.run, prompts=job.validation_prompts, total_steps=job.total_steps
             )
             callbacks.append(CheckpointUploadCallback(uploads))
-        callbacks.append(ProgressCallback(training.model_family))
+        callbacks.append(ProgressCallback(training.model.model_family))
     return Callbacks([*callbacks, *job.callbacks])

@@ -146,7 +146,7 @@ class Checkpointer:
 
     def adapter_metadata(self, step: int, *, ema: bool = False) -> dict[str, Any]:
         return {
-            "raytuner_family": self.run.training.model_family,
+            "raytuner_family": self.run.training.model.model_family,
             "raytuner_step": str(step),
             "raytuner_ema": "true" if ema else "false",
             "lycoris_config": self.run.to_dict()["lycoris"],

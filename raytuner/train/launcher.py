@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING
 from raytuner.batches.reader import check_batches
 from raytuner.cache.build import BuildOptions, run_cache
 from raytuner.cache.settings import cache_encoders, cache_location, image_datasets, role_prompts, text_dataset
-from raytuner.config import ConfigError, RunConfig, TrainingConfig, load_config, record_seed
+from raytuner.config import ConfigError, RunConfig, load_config, record_seed
 from raytuner.config.paths import display, has_scheme
+from raytuner.config.training import MemorySection, OptimizationSection
 from raytuner.errors import RaytunerError, find_error
 from raytuner.evaluate.metrics import read_metrics
 from raytuner.evaluate.wandb_tracker import WandbTarget, uses_wandb, wandb_target
@@ -72,20 +73,19 @@ class TrainOutcome:
     hub_url: str | None = None  # the Hub repo the run was published to
 
 
-def strategy_summary(training: TrainingConfig, deepspeed: DeepSpeedPlan | None) -> str:
+def strategy_summary(memory: MemorySection, deepspeed: DeepSpeedPlan | None) -> str:
     """How the workers hold the model, in a few words for the start-of-run line."""
     if deepspeed is not None:
         return f"DeepSpeed {deepspeed.describe()}"
-    if training.enable_group_offload:
-        return f"data parallel, base group-offloaded ({training.group_offload_type})"
+    if memory.enable_group_offload:
+        return f"data parallel, base group-offloaded ({memory.group_offload_type})"
     return "data parallel"
 
 
-def total_steps(run: RunConfig, steps_per_epoch: int) -> int:
-    training = run.training
-    if training.max_train_steps:
-        return training.max_train_steps
-    return training.num_train_epochs * steps_per_epoch
+def total_steps(optimization: OptimizationSection, steps_per_epoch: int) -> int:
+    if optimization.max_train_steps:
+        return optimization.max_train_steps
+    return optimization.num_train_epochs * steps_per_epoch
 
 
 def build_trainer(job: TrainJob, settings: RaySettings, *, callbacks: Sequence[object] = ()) -> TorchTrainer:
@@ -110,7 +110,9 @@ def build_trainer(job: TrainJob, settings: RaySettings, *, callbacks: Sequence[o
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=settings.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=job.run.training.checkpoints_total_limit),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=job.run.training.checkpoints.checkpoints_total_limit
+            ),
             # Ray Train V2 (Ray's default) takes ray.train.UserCallback objects here; mypy reads
             # the V1 RunConfig that ray.train exports when V2 is off, typed for Tune callbacks.
             callbacks=list(callbacks) or None,  # type: ignore[arg-type]
@@ -136,8 +138,8 @@ def prepare_job(
     ``callbacks`` are the run's own loop callbacks, sent to every worker.
     """
     steps_per_epoch = check_batches(run, workers=settings.num_workers)
-    steps = total_steps(run, steps_per_epoch)
-    schedule_problem = lr_schedule_problem(run.training, steps, world_size=settings.num_workers)
+    steps = total_steps(run.training.optimization, steps_per_epoch)
+    schedule_problem = lr_schedule_problem(run.training.optimization, steps, world_size=settings.num_workers)
     if schedule_problem:
         raise ConfigError([f"{display(run.sources['config'])}: {schedule_problem}"])
     # The workers read the driver's marker back from the checkpoint root and from output_dir.
@@ -166,17 +168,17 @@ def tracker_target(
 ) -> WandbTarget | None:
     """The W&B run of ``run`` (None unless report_to asks for W&B), with the run's redacted config."""
     training = run.training
-    if not uses_wandb(training.report_to):
+    if not uses_wandb(training.tracking.report_to):
         return None
     config = run.to_dict()  # secrets "***", webhook URLs included (raytuner/config/redact.py)
     config["raytuner"] = {"train_run_name": name, "sweep": sweep}
     return wandb_target(
         config,
-        report_to=training.report_to,
-        project=training.tracker_project_name,
-        name=name if sweep else training.tracker_run_name,
-        image_layout=training.tracker_image_layout,
-        family=training.model_family,
+        report_to=training.tracking.report_to,
+        project=training.tracking.tracker_project_name,
+        name=name if sweep else training.tracking.tracker_run_name,
+        image_layout=training.tracking.tracker_image_layout,
+        family=training.model.model_family,
         group=sweep,
         job_type="trial" if sweep else "train",
         client=client,
@@ -216,8 +218,9 @@ def _cache_and_train(
     callbacks: Sequence[TrainCallback],
 ) -> TrainOutcome:
     if on_cluster():
-        place_on_cluster(run, settings)
-    for line in pin_local_paths(run):
+        run = place_on_cluster(run, settings)
+    run, only_here = pin_local_paths(run)
+    for line in only_here:
         if on_cluster():
             logger.warning(
                 "%s of the head node's copy of the job: workers on other nodes cannot read it; "
@@ -228,11 +231,11 @@ def _cache_and_train(
     problems = preflight(run, settings)  # what check-config reports, before any work
     if problems:
         raise ConfigError(problems)
-    for warning in quantization_warnings(run.training):  # once, here on the driver
+    for warning in quantization_warnings(run.training.model):  # once, here on the driver
         logger.warning(warning)
     encoders = cache_encoders(run)  # the encoders' files, fetched before Ray starts
     # The repo is created (or found) before any work, as SimpleTuner does: a refused token fails here.
-    hub = open_repo(run) if run.training.push_to_hub else None
+    hub = open_repo(run) if run.training.tracking.push_to_hub else None
     with ray_session(dashboard=True):
         run.training.output_dir.mkdir(parents=True, exist_ok=True)
         record_seed(run)  # a drawn seed is kept, so resuming this output_dir replays the same plan
@@ -243,7 +246,7 @@ def _cache_and_train(
             "Ray Train run %s: %s, %s, %d steps (%d per epoch), checkpoints in %s/%s",
             name,
             settings.describe(),
-            strategy_summary(run.training, job.deepspeed),
+            strategy_summary(run.training.memory, job.deepspeed),
             job.total_steps,
             job.steps_per_epoch,
             settings.storage_path,
@@ -291,8 +294,8 @@ def training_error(error: BaseException) -> RaytunerError:
     return TrainError(f"training failed: {text[-1] if text else type(error).__name__}")
 
 
-def place_on_cluster(run: RunConfig, settings: RaySettings) -> None:
-    training = run.training
+def place_on_cluster(run: RunConfig, settings: RaySettings) -> RunConfig:
+    """``run`` with its outputs and caches on storage every node reaches, said in the log."""
     if not has_scheme(settings.storage_path) and Path(settings.storage_path).resolve().is_relative_to(
         Path.cwd().resolve()
     ):
@@ -300,10 +303,10 @@ def place_on_cluster(run: RunConfig, settings: RaySettings) -> None:
             "on a cluster, set ray_storage_path (or --ray-storage-path) to object storage (s3://…, gs://…) "
             "or a folder every node mounts: the job's working directory is a temporary copy on the head node"
         )
-    moved = place_under_shared_root(run, settings.storage_path)
+    run, moved = place_under_shared_root(run, settings.storage_path)
     for line in moved:
         logger.info("on the cluster: %s", line)
-    logger.info("output_dir: %s", training.output_dir)
+    logger.info("output_dir: %s", run.training.output_dir)
     for dataset in image_datasets(run):
         if dataset.cache_dir_vae:
             logger.info(
@@ -312,6 +315,7 @@ def place_on_cluster(run: RunConfig, settings: RaySettings) -> None:
     text = text_dataset(run)
     if text.cache_dir:
         logger.info("text cache: %s", cache_location(text, text.cache_dir))
+    return run
 
 
 def finish_outputs(run: RunConfig, result: object, total_steps: int) -> TrainOutcome:
@@ -327,7 +331,7 @@ def finish_outputs(run: RunConfig, result: object, total_steps: int) -> TrainOut
     evals = [e["eval_loss"] for e in entries if e.get("kind") == "eval"]
     eval_loss = evals[-1] if evals else None
     write_model_card(run, output_dir, steps=total_steps, eval_loss=eval_loss)
-    write_loss_curve(output_dir, title=f"{run.training.model_family} LoKr: {display(output_dir)}")
+    write_loss_curve(output_dir, title=f"{run.training.model.model_family} LoKr: {display(output_dir)}")
     write_validation_grid(output_dir)
     checkpoint = getattr(result, "checkpoint", None)
     return TrainOutcome(

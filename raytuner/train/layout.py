@@ -23,6 +23,7 @@ from typing import Any
 
 from raytuner.config import RunConfig
 from raytuner.config.paths import has_scheme
+from raytuner.config.training import replace_options
 from raytuner.errors import RaytunerError
 from raytuner.storage import Location, StorageError, describe_error, read_bytes, write_bytes_atomic
 
@@ -59,15 +60,14 @@ def _join(root: str, relative: str) -> str:
     return posixpath.join(root, relative) if has_scheme(root) else str(Path(root) / relative)
 
 
-def place_under_shared_root(run: RunConfig, root: str, *, working_dir: Path | None = None) -> list[str]:
-    """Move ``output_dir`` and cache folders inside ``working_dir`` (default: cwd) under ``root``.
-
-    Changes ``run`` in place; returns one line per path moved, for the log.
-    """
+def place_under_shared_root(
+    run: RunConfig, root: str, *, working_dir: Path | None = None
+) -> tuple[RunConfig, list[str]]:
+    """``run`` with ``output_dir`` and the cache folders inside ``working_dir`` (default: cwd)
+    moved under ``root``, and one line per path moved, for the log."""
     working_dir = working_dir or Path.cwd()
     moved: list[str] = []
-    training = run.training
-    relative_output = _inside(training.output_dir, working_dir)
+    relative_output = _inside(run.training.output_dir, working_dir)
     if relative_output is not None:
         if has_scheme(root):
             raise LayoutError(
@@ -75,20 +75,23 @@ def place_under_shared_root(run: RunConfig, root: str, *, working_dir: Path | No
                 f"{root} is object storage: set output_dir to a folder on a filesystem every node mounts "
                 "(writing the adapter and pictures straight to object storage is not implemented yet)"
             )
-        training.output_dir = Path(_join(root, str(relative_output)))
-        moved.append(f"output_dir -> {training.output_dir}")
+        output_dir = Path(_join(root, str(relative_output)))
+        run = replace(run, training=replace(run.training, output_dir=output_dir))
+        moved.append(f"output_dir -> {output_dir}")
 
     def under_root(value: str) -> str | None:
         relative = Path(value) if not Path(value).is_absolute() else _inside(Path(value), working_dir)
         return None if relative is None else _join(root, str(relative))
 
-    for dataset_id, key, value in _rewrite_local_caches(run, under_root):
-        moved.append(f"dataset '{dataset_id}' {key} -> {value}")
-    return moved
+    run, changed = _rewrite_local_caches(run, under_root)
+    moved.extend(f"dataset '{dataset_id}' {key} -> {value}" for dataset_id, key, value in changed)
+    return run, moved
 
 
-def _rewrite_local_caches(run: RunConfig, rewrite: Callable[[str], str | None]) -> list[tuple[str, str, str]]:
-    """Apply ``rewrite`` to every local cache folder of ``run`` (None leaves it); returns the changes.
+def _rewrite_local_caches(
+    run: RunConfig, rewrite: Callable[[str], str | None]
+) -> tuple[RunConfig, list[tuple[str, str, str]]]:
+    """``run`` with ``rewrite`` applied to every local cache folder (None leaves it), and the changes.
 
     URIs are left alone, and so is a relative ``cache_dir_vae`` of a ``type: aws`` dataset: it is
     a prefix inside the dataset's own bucket, already shared.
@@ -106,34 +109,37 @@ def _rewrite_local_caches(run: RunConfig, rewrite: Callable[[str], str | None]) 
                 changes[key] = rewritten
                 changed.append((dataset.id, key, rewritten))
         datasets.append(replace(dataset, **changes) if changes else dataset)
-    run.datasets = datasets
-    return changed
+    return replace(run, datasets=datasets), changed
 
 
-def pin_local_paths(run: RunConfig, *, working_dir: Path | None = None) -> list[str]:
-    """Make relative local paths absolute, against the driver's working directory.
+def pin_local_paths(run: RunConfig, *, working_dir: Path | None = None) -> tuple[RunConfig, list[str]]:
+    """``run`` with its relative local paths made absolute, against the driver's working directory.
 
     Ray Train starts each worker in a working directory of its own, so a relative model folder
-    or cache folder would point somewhere else there. Hub ids and URIs are left alone. Returns
-    one line per model folder that only this node can see, for a warning on a cluster.
+    or cache folder would point somewhere else there. Hub ids and URIs are left alone. Also
+    returns one line per model folder that only this node can see, for a warning on a cluster.
     """
     working_dir = (working_dir or Path.cwd()).resolve()
-    training = run.training
+    options = run.training.flat()
     only_here = []
+    pinned: dict[str, str] = {}
     for key in (
         "pretrained_model_name_or_path",
         "pretrained_vae_model_name_or_path",
         "pretrained_evaluation_model_name_or_path",
     ):
-        value = getattr(training, key)
+        value = options[key]
         if not value or has_scheme(value):
             continue
         path = Path(value).expanduser()
         if not path.is_absolute() and (working_dir / path).is_dir():
-            setattr(training, key, str(working_dir / path))
+            pinned[key] = str(working_dir / path)
             only_here.append(f"{key} {value} is inside the working directory")
-    _rewrite_local_caches(run, lambda value: None if Path(value).is_absolute() else str(working_dir / value))
-    return only_here
+    run = replace(run, training=replace_options(run.training, pinned))
+    run, _ = _rewrite_local_caches(
+        run, lambda value: None if Path(value).is_absolute() else str(working_dir / value)
+    )
+    return run, only_here
 
 
 def write_marker(locations: list[Location]) -> SharedRootMarker:

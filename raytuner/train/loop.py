@@ -57,14 +57,20 @@ class Worker:
         run, training = job.run, job.run.training
         self.strategy = build_strategy(job, rank=rank, world_size=world_size, device=device)
         self.model = build_model(run, device=device, base_device=self.strategy.base_device)
-        self.optimizer = build_optimizer(self.model.parameters, training, world_size=world_size)
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, training, total_steps=job.total_steps)
+        self.optimizer = build_optimizer(self.model.parameters, training.optimization, world_size=world_size)
+        self.lr_scheduler = build_lr_scheduler(
+            self.optimizer, training.optimization, total_steps=job.total_steps
+        )
         self.strategy.prepare(self.model, self.optimizer, StepSettings.from_training(training))
-        self.ema = AdapterEMA(self.model.parameters, decay=training.ema_decay) if training.use_ema else None
+        self.ema = (
+            AdapterEMA(self.model.parameters, decay=training.optimization.ema_decay)
+            if training.optimization.use_ema
+            else None
+        )
         self.shape = BatchShape(
-            per_worker=training.train_batch_size,
+            per_worker=training.optimization.train_batch_size,
             workers=world_size,
-            accumulation=training.gradient_accumulation_steps,
+            accumulation=training.optimization.gradient_accumulation_steps,
         )
         data = open_training_data(run)
         self.feed = StepFeed(
@@ -101,15 +107,15 @@ class Worker:
         while self.progress.step < self.job.total_steps:
             metrics = self.train_step()
             step, final = self.progress.step, self.progress.step == self.job.total_steps
-            if self.due(training.eval_steps_interval) or (final and self.evaluation):
+            if self.due(training.validation.eval_steps_interval) or (final and self.evaluation):
                 self.evaluate()
             if self.progress.eval_loss is not None:
                 # Repeated in every report, so a Tune scheduler never sees a report without it.
                 metrics["eval_loss"] = self.progress.eval_loss
             self.callbacks.on_step(step, metrics)
-            if self.due(training.validation_step_interval) or final:
+            if self.due(training.validation.validation_step_interval) or final:
                 self.validate()
-            checkpoint = self.due(training.checkpoint_step_interval) or final
+            checkpoint = self.due(training.checkpoints.checkpoint_step_interval) or final
             checkpointer.report(self.progress, metrics, checkpoint=checkpoint)
         if self.rank == 0:
             self.callbacks.on_end(self.progress.step, checkpointer.export(self.progress.step))

@@ -33,28 +33,30 @@ class AdaptedModel:
 
 def build_model(run: RunConfig, *, device: torch.device, base_device: torch.device) -> AdaptedModel:
     training = run.training
-    base_dtype = torch.bfloat16 if training.mixed_precision == "bf16" else torch.float32
-    family_class = get_family(training.model_family)
+    base_dtype = torch.bfloat16 if training.model.mixed_precision == "bf16" else torch.float32
+    family_class = get_family(training.model.model_family)
     family = family_class(
-        family_class.resolve_model_path(training.model_flavour, training.pretrained_model_name_or_path),
-        revision=training.revision,
+        family_class.resolve_model_path(
+            training.model.model_flavour, training.model.pretrained_model_name_or_path
+        ),
+        revision=training.model.revision,
         device=device,
         dtype=base_dtype,
     )
     # base_model_precision: quantised before the adapter is built, on the CPU first when
-    # quantize_via is "cpu" (raytuner/models/quantize.py).
+    # quantize_via is "cpu" (raytuner/quantize.py).
     transformer = quantize_base(
-        family.load_transformer(device=quantize_load_device(training, base_device)),
-        training,
+        family.load_transformer(device=quantize_load_device(training.model, base_device)),
+        training.model,
         device=base_device,
     ).requires_grad_(False)
-    if training.gradient_checkpointing and supports_gradient_checkpointing(transformer):
+    if training.memory.gradient_checkpointing and supports_gradient_checkpointing(transformer):
         transformer.enable_gradient_checkpointing()
     transformer.train()
     assert run.lycoris is not None, "the config check requires a lycoris_config"
     network, report = build_adapter(
         transformer,
-        adapter_spec(run.lycoris, training),
+        adapter_spec(run.lycoris, training.model),
         module_aliases=family.module_aliases,
         seed=run.seed,
     )

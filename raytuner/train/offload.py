@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from diffusers.models.modeling_utils import ModelMixin
 
-from raytuner.config.training import TrainingConfig
+from raytuner.config.training import MemorySection
 from raytuner.upstream import group_offload_hooks, group_offload_weight_sources
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class GroupOffloadPlan:
 
 
 def plan_group_offload(
-    training: TrainingConfig, *, device: torch.device, run_name: str, rank: int
+    memory: MemorySection, *, device: torch.device, run_name: str, rank: int
 ) -> GroupOffloadPlan | None:
     """The group offload this worker applies, or None when ``enable_group_offload`` is off.
 
@@ -57,16 +57,16 @@ def plan_group_offload(
     finds there under a module's name, so a folder shared between runs (or between workers on one
     node) would feed one model another's weights.
     """
-    if not training.enable_group_offload:
+    if not memory.enable_group_offload:
         return None
     notes: list[str] = []
-    use_stream = training.group_offload_use_stream
+    use_stream = memory.group_offload_use_stream
     if use_stream and device.type != "cuda":
         notes.append(
             f"group_offload_use_stream: streams need a CUDA device, this worker runs on {device.type}; offloading without streams"
         )
         use_stream = False
-    if use_stream and training.gradient_checkpointing:
+    if use_stream and memory.gradient_checkpointing:
         notes.append(
             "group_offload_use_stream with gradient_checkpointing: diffusers' offload hooks do not support "
             "streams under gradient checkpointing; offloading without streams (set gradient_checkpointing "
@@ -74,14 +74,14 @@ def plan_group_offload(
         )
         use_stream = False
     disk_path = None
-    if training.group_offload_to_disk_path is not None:
-        root = Path(training.group_offload_to_disk_path)
+    if memory.group_offload_to_disk_path is not None:
+        root = Path(memory.group_offload_to_disk_path)
         root.mkdir(parents=True, exist_ok=True)
         disk_path = Path(tempfile.mkdtemp(prefix=f"{run_name}-rank{rank}-", dir=root))
-    block_level = training.group_offload_type == "block_level"
+    block_level = memory.group_offload_type == "block_level"
     return GroupOffloadPlan(
-        offload_type=training.group_offload_type,
-        blocks_per_group=training.group_offload_blocks_per_group if block_level else None,
+        offload_type=memory.group_offload_type,
+        blocks_per_group=memory.group_offload_blocks_per_group if block_level else None,
         use_stream=use_stream,
         disk_path=disk_path,
         notes=tuple(notes),

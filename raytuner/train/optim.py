@@ -38,7 +38,7 @@ from diffusers.optimization import get_polynomial_decay_schedule_with_warmup, ge
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from raytuner.config.surface import option_choices
-from raytuner.config.training import TrainingConfig
+from raytuner.config.training import OptimizationSection
 from raytuner.errors import RaytunerError
 
 logger = logging.getLogger(__name__)
@@ -283,13 +283,13 @@ class OptimizerSettings:
     ignored: tuple[str, ...]
 
 
-def effective_learning_rate(training: TrainingConfig, *, world_size: int = 1) -> float:
+def effective_learning_rate(optimization: OptimizationSection, *, world_size: int = 1) -> float:
     """``learning_rate``, scaled as SimpleTuner's ``lr_scale``/``lr_scale_sqrt`` ask."""
-    if not training.lr_scale:
-        return training.learning_rate
-    samples_per_step = training.train_batch_size * training.gradient_accumulation_steps * world_size
-    factor = math.sqrt(samples_per_step) if training.lr_scale_sqrt else samples_per_step
-    return training.learning_rate * factor
+    if not optimization.lr_scale:
+        return optimization.learning_rate
+    samples_per_step = optimization.train_batch_size * optimization.gradient_accumulation_steps * world_size
+    factor = math.sqrt(samples_per_step) if optimization.lr_scale_sqrt else samples_per_step
+    return optimization.learning_rate * factor
 
 
 def parse_optimizer_config(text: str | None) -> dict[str, Any]:
@@ -327,9 +327,9 @@ def _parse_value(text: str) -> Any:
     return text
 
 
-def optimizer_settings(training: TrainingConfig, *, world_size: int = 1) -> OptimizerSettings:
-    """The class and keyword arguments for ``training.optimizer``; raises :class:`OptimizerError`."""
-    name = training.optimizer
+def optimizer_settings(optimization: OptimizationSection, *, world_size: int = 1) -> OptimizerSettings:
+    """The class and keyword arguments for ``optimization.optimizer``; raises :class:`OptimizerError`."""
+    name = optimization.optimizer
     choice = _OPTIMIZERS.get(name)
     if choice is None:
         known = "not supported by raytuner yet" if name in option_choices("optimizer") else "unknown"
@@ -338,24 +338,24 @@ def optimizer_settings(training: TrainingConfig, *, world_size: int = 1) -> Opti
         )
 
     optimizer_class = _optimizer_class(name, choice)
-    learning_rate = effective_learning_rate(training, world_size=world_size)
-    given = parse_optimizer_config(training.optimizer_config)
+    learning_rate = effective_learning_rate(optimization, world_size=world_size)
+    given = parse_optimizer_config(optimization.optimizer_config)
     # SimpleTuner's order: learning_rate, then the name's settings (prodigy's lr=1.0 wins), then
     # optimizer_config.
     settings: dict[str, Any] = {"lr": learning_rate}
     settings.update(choice.defaults)
     settings.update(given)
-    if (training.optimizer_beta1 is None) != (training.optimizer_beta2 is None):
+    if (optimization.optimizer_beta1 is None) != (optimization.optimizer_beta2 is None):
         raise OptimizerError(
             "'optimizer_beta1' and 'optimizer_beta2' go together: set both or neither, as SimpleTuner requires"
         )
-    if training.optimizer_beta1 is not None and training.optimizer_beta2 is not None:
-        settings["betas"] = (training.optimizer_beta1, training.optimizer_beta2)
+    if optimization.optimizer_beta1 is not None and optimization.optimizer_beta2 is not None:
+        settings["betas"] = (optimization.optimizer_beta1, optimization.optimizer_beta2)
 
     accepts = choice.accepts if choice.accepts is not None else _keyword_names(optimizer_class)
-    ignored = _ignored_options(training)
+    ignored = _ignored_options(optimization)
     if "lr" in choice.defaults and "lr" not in given and choice.defaults["lr"] != learning_rate:
-        scaled = " after lr_scale" if training.lr_scale else ""
+        scaled = " after lr_scale" if optimization.lr_scale else ""
         ignored.append(
             f"'optimizer' = {name!r} runs at lr {choice.defaults['lr']:g}, not 'learning_rate' "
             f"({learning_rate:g}{scaled}), as in SimpleTuner, whose settings for it set lr: it finds its "
@@ -410,20 +410,20 @@ def _keyword_names(optimizer_class: type[torch.optim.Optimizer]) -> frozenset[st
     return frozenset(parameters) - {"self", "params"}
 
 
-def _ignored_options(training: TrainingConfig) -> list[str]:
+def _ignored_options(optimization: OptimizationSection) -> list[str]:
     # adam_beta1/2, adam_epsilon and adam_weight_decay reach only a DeepSpeed-owned optimiser in
     # SimpleTuner; the config loader already warns about them (compatibility table), with the fix.
     lines = []
-    if training.lr_scale_sqrt and not training.lr_scale:
+    if optimization.lr_scale_sqrt and not optimization.lr_scale:
         lines.append("'lr_scale_sqrt' does nothing without 'lr_scale': true (as in SimpleTuner)")
     return lines
 
 
 def build_optimizer(
-    parameters: Iterable[torch.nn.Parameter], training: TrainingConfig, *, world_size: int = 1
+    parameters: Iterable[torch.nn.Parameter], optimization: OptimizationSection, *, world_size: int = 1
 ) -> torch.optim.Optimizer:
     """The optimiser ``config.json`` names, over ``parameters``, with SimpleTuner's settings."""
-    settings = optimizer_settings(training, world_size=world_size)
+    settings = optimizer_settings(optimization, world_size=world_size)
     for line in settings.ignored:
         logger.warning(line)
     trainable = list(parameters)
@@ -440,7 +440,7 @@ def build_optimizer(
 
 
 def build_lr_scheduler(
-    optimizer: torch.optim.Optimizer, training: TrainingConfig, *, total_steps: int
+    optimizer: torch.optim.Optimizer, optimization: OptimizationSection, *, total_steps: int
 ) -> LRScheduler:
     """SimpleTuner's ``lr_scheduler`` over ``total_steps`` optimiser steps; step it after each one.
 
@@ -452,8 +452,8 @@ def build_lr_scheduler(
     scheduler is stepped with an argument it does not take, and it warns that it misbehaves), so
     raytuner runs what the name and ``lr_num_cycles`` describe instead.
     """
-    name = training.lr_scheduler
-    warmup = training.lr_warmup_steps
+    name = optimization.lr_scheduler
+    warmup = optimization.lr_warmup_steps
     if name == "constant" and warmup > 0:
         # SimpleTuner's argument parser turns this into constant_with_warmup.
         name = "constant_with_warmup"
@@ -462,7 +462,11 @@ def build_lr_scheduler(
             raise OptimizerError(
                 "'lr_scheduler' = 'sine' needs 'lr_warmup_steps' > 0: it is the half-period of the wave"
             )
-        return _wave(optimizer, training.lr_end, lambda step: 0.5 * (1 + math.sin(math.pi * step / warmup)))
+        return _wave(
+            optimizer,
+            optimization.lr_end,
+            lambda step: 0.5 * (1 + math.sin(math.pi * step / warmup)),
+        )
     if name == "cosine":
         half_period = warmup
         if half_period <= 0:
@@ -473,18 +477,20 @@ def build_lr_scheduler(
                 half_period,
             )
         return _wave(
-            optimizer, training.lr_end, lambda step: 0.5 * (1 + math.cos(math.pi * step / half_period))
+            optimizer,
+            optimization.lr_end,
+            lambda step: 0.5 * (1 + math.cos(math.pi * step / half_period)),
         )
     if name == "polynomial":
-        return _polynomial(optimizer, training, total_steps=total_steps)
+        return _polynomial(optimizer, optimization, total_steps=total_steps)
     if name in ("linear", "constant", "constant_with_warmup", "cosine_with_restarts"):
         return get_scheduler(
             name,
             optimizer,
             num_warmup_steps=warmup,
             num_training_steps=total_steps,
-            num_cycles=training.lr_num_cycles,
-            power=training.lr_power,
+            num_cycles=optimization.lr_num_cycles,
+            power=optimization.lr_power,
         )
     raise OptimizerError(
         f"'lr_scheduler' = {name!r}: unknown; use one of: {', '.join(SUPPORTED_LR_SCHEDULERS)}"
@@ -501,23 +507,25 @@ def _wave(optimizer: torch.optim.Optimizer, lr_end: float, shape: Callable[[int]
     return LambdaLR(optimizer, [factor(group["lr"]) for group in optimizer.param_groups])
 
 
-def _polynomial(optimizer: torch.optim.Optimizer, training: TrainingConfig, *, total_steps: int) -> LambdaLR:
+def _polynomial(
+    optimizer: torch.optim.Optimizer, optimization: OptimizationSection, *, total_steps: int
+) -> LambdaLR:
     learning_rate = optimizer.defaults["lr"]
-    if not training.lr_end < learning_rate:
+    if not optimization.lr_end < learning_rate:
         raise OptimizerError(
-            f"'lr_end' = {training.lr_end!r} must be below the learning rate {learning_rate!r} "
+            f"'lr_end' = {optimization.lr_end!r} must be below the learning rate {learning_rate!r} "
             "for 'lr_scheduler' = 'polynomial'"
         )
-    if total_steps <= training.lr_warmup_steps:
+    if total_steps <= optimization.lr_warmup_steps:
         raise OptimizerError(
-            f"'lr_warmup_steps' = {training.lr_warmup_steps} leaves no steps to decay over in a "
+            f"'lr_warmup_steps' = {optimization.lr_warmup_steps} leaves no steps to decay over in a "
             f"{total_steps}-step run with 'lr_scheduler' = 'polynomial'"
         )
     # diffusers' get_scheduler does not pass lr_end on, so the schedule is called directly.
     return get_polynomial_decay_schedule_with_warmup(
         optimizer,
-        num_warmup_steps=training.lr_warmup_steps,
+        num_warmup_steps=optimization.lr_warmup_steps,
         num_training_steps=total_steps,
-        lr_end=training.lr_end,
-        power=training.lr_power,
+        lr_end=optimization.lr_end,
+        power=optimization.lr_power,
     )

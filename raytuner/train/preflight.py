@@ -22,7 +22,7 @@ from raytuner.config.loader import load_config
 from raytuner.config.paths import display, has_scheme
 from raytuner.config.preflight import check_run
 from raytuner.config.run import RunConfig
-from raytuner.config.training import TrainingConfig
+from raytuner.config.training import OptimizationSection
 from raytuner.evaluate.clip_score import clip_evaluation_problem
 from raytuner.evaluate.metrics import report_to_problem
 from raytuner.evaluate.validation import parse_validation_resolutions
@@ -72,30 +72,34 @@ def training_problems(run: RunConfig, settings: RaySettings) -> list[str]:
     where = display(run.sources["config"])
     problems = []
     try:
-        optimizer_settings(training, world_size=settings.num_workers)
+        optimizer_settings(training.optimization, world_size=settings.num_workers)
     except OptimizerError as error:
         problems.append(f"{where}: {error}")
-    report_problem = report_to_problem(training.report_to) or wandb_problem(
-        training.report_to, training.tracker_image_layout
+    report_problem = report_to_problem(training.tracking.report_to) or wandb_problem(
+        training.tracking.report_to, training.tracking.tracker_image_layout
     )
     if report_problem:
         problems.append(f"{where}: {report_problem}")
-    clip_problem = clip_evaluation_problem(training)  # the CLIP model of evaluation_type "clip"
+    clip_problem = clip_evaluation_problem(training.validation)  # the CLIP model of evaluation_type "clip"
     if clip_problem:
         problems.append(f"{where}: {clip_problem}")
-    quantization = quantization_problem(training, devices=worker_devices(settings))  # base_model_precision
+    quantization = quantization_problem(
+        training.model, training.memory, devices=worker_devices(settings)
+    )  # base_model_precision
     if quantization:
         problems.append(f"{where}: {quantization}")
     # With num_train_epochs the step count is known only once the epoch is planned; the schedule
     # is checked again then, against the real count.
     schedule_problem = lr_schedule_problem(
-        training, training.max_train_steps or training.lr_warmup_steps + 1, world_size=settings.num_workers
+        training.optimization,
+        training.optimization.max_train_steps or training.optimization.lr_warmup_steps + 1,
+        world_size=settings.num_workers,
     )
     if schedule_problem:
         problems.append(f"{where}: {schedule_problem}")
     try:
         # Checked whether or not anything is rendered: a value that does not parse is a typo.
-        parse_validation_resolutions(training.validation_resolution)
+        parse_validation_resolutions(training.validation.validation_resolution)
     except ValueError as error:
         problems.append(f"{where}: {error}")
     try:
@@ -135,20 +139,23 @@ def worker_devices(settings: RaySettings) -> list[torch.device]:
     return []
 
 
-def lr_schedule_problem(training: TrainingConfig, total_steps: int, *, world_size: int) -> str | None:
+def lr_schedule_problem(
+    optimization: OptimizationSection, total_steps: int, *, world_size: int
+) -> str | None:
     """Why ``lr_scheduler`` cannot run ``total_steps`` steps as configured, or None.
 
     Only ``polynomial`` and ``sine`` can refuse their settings, which they check when built, so
     one is built on a throwaway parameter; the others are not built here, which would log their
     notes (cosine's fallback half-period) a second time.
     """
-    if training.lr_scheduler not in ("polynomial", "sine"):
+    if optimization.lr_scheduler not in ("polynomial", "sine"):
         return None
     probe = torch.optim.SGD(
-        [torch.nn.Parameter(torch.zeros(1))], lr=effective_learning_rate(training, world_size=world_size)
+        [torch.nn.Parameter(torch.zeros(1))],
+        lr=effective_learning_rate(optimization, world_size=world_size),
     )
     try:
-        build_lr_scheduler(probe, training, total_steps=total_steps)
+        build_lr_scheduler(probe, optimization, total_steps=total_steps)
     except OptimizerError as error:
         return str(error)
     return None
@@ -156,14 +163,14 @@ def lr_schedule_problem(training: TrainingConfig, total_steps: int, *, world_siz
 
 def resume_path(run: RunConfig) -> str | None:
     """``resume_from_checkpoint`` when it names a checkpoint folder (not ``latest`` or off)."""
-    value = run.training.resume_from_checkpoint
+    value = run.training.checkpoints.resume_from_checkpoint
     if value is None or value.strip().lower() in (*FRESH_RUN_VALUES, "latest"):
         return None
     return value if has_scheme(value) else str(Path(value).expanduser().resolve())
 
 
 def resumes_latest(run: RunConfig) -> bool:
-    value = run.training.resume_from_checkpoint
+    value = run.training.checkpoints.resume_from_checkpoint
     return value is not None and value.strip().lower() == "latest"
 
 

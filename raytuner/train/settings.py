@@ -118,19 +118,19 @@ def read_settings(run: RunConfig, overrides: RayOverrides | None = None) -> RayR
     """The ``ray_*`` keys and flags of a run, checked without Ray; checkpoints default under ``output_dir``."""
     overrides = overrides or RayOverrides()
     training = run.training
-    num_workers = overrides.num_workers or training.ray_num_workers or training.num_processes
+    num_workers = overrides.num_workers or training.ray.ray_num_workers or training.ray.num_processes
     if num_workers is not None and num_workers < 1:
         raise SettingsError(f"ray_num_workers = {num_workers}: expected 1 or more")
     gpus, gpus_source = _given_gpus(run, overrides)
-    cpus = _first(overrides.cpus_per_worker, training.ray_cpus_per_worker, DEFAULT_CPUS_PER_WORKER)
+    cpus = _first(overrides.cpus_per_worker, training.ray.ray_cpus_per_worker, DEFAULT_CPUS_PER_WORKER)
     if (gpus is not None and gpus < 0) or cpus <= 0:
         raise SettingsError(
             f"ray_gpus_per_worker = {gpus}, ray_cpus_per_worker = {cpus}: expected GPUs >= 0 and CPUs > 0"
         )
-    max_failures = int(_first(overrides.max_failures, training.ray_max_failures, 0))
+    max_failures = int(_first(overrides.max_failures, training.ray.ray_max_failures, 0))
     if max_failures < -1:
         raise SettingsError(f"ray_max_failures = {max_failures}: expected -1 (no limit), 0 or more")
-    storage = overrides.storage_path or training.ray_storage_path
+    storage = overrides.storage_path or training.ray.ray_storage_path
     if storage is None:
         storage = str(training.output_dir / "ray")
     elif not has_scheme(storage):
@@ -160,7 +160,7 @@ def _given_gpus(run: RunConfig, overrides: RayOverrides) -> tuple[float | None, 
     """``gpus_per_worker`` from the flag or the key, and where it came from; None when neither sets it."""
     if overrides.gpus_per_worker is not None:
         return float(overrides.gpus_per_worker), f"{overrides.gpus_source} {overrides.gpus_per_worker:g}"
-    value = run.training.ray_gpus_per_worker
+    value = run.training.ray.ray_gpus_per_worker
     if value is not None:
         return float(value), f"ray_gpus_per_worker = {value:g} in {display(run.sources['config'])}"
     return None, ""

@@ -74,10 +74,12 @@ class StepSettings:
     @classmethod
     def from_training(cls, training: TrainingConfig) -> StepSettings:
         return cls(
-            schedule=flow_schedule_from_config(training),
-            mixed_precision=training.mixed_precision,
-            max_grad_norm=None if training.optimizer in UNCLIPPED_OPTIMIZERS else training.max_grad_norm,
-            grad_clip_method=training.grad_clip_method,
+            schedule=flow_schedule_from_config(training.flow),
+            mixed_precision=training.model.mixed_precision,
+            max_grad_norm=None
+            if training.optimization.optimizer in UNCLIPPED_OPTIMIZERS
+            else training.optimization.max_grad_norm,
+            grad_clip_method=training.optimization.grad_clip_method,
         )
 
 
@@ -270,7 +272,7 @@ def build_strategy(job: TrainJob, *, rank: int, world_size: int, device: torch.d
         from raytuner.train.zero import DeepSpeedZero
 
         return DeepSpeedZero(job.deepspeed, rank=rank, world_size=world_size, device=device)
-    offload = plan_group_offload(job.run.training, device=device, run_name=job.run_name, rank=rank)
+    offload = plan_group_offload(job.run.training.memory, device=device, run_name=job.run_name, rank=rank)
     if offload is not None:
         return GroupOffload(offload, rank=rank, world_size=world_size, device=device)
     return DataParallel(rank=rank, world_size=world_size, device=device)

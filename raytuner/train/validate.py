@@ -68,7 +68,7 @@ class Evaluation:
         self.strategy = strategy
         self.caches = eval_caches(run)
         self.samples: list[EvalSample] = (
-            eval_samples(self.caches, self.training.num_eval_images) if self.caches else []
+            eval_samples(self.caches, self.training.validation.num_eval_images) if self.caches else []
         )
 
     def __bool__(self) -> bool:
@@ -84,11 +84,11 @@ class Evaluation:
             self.samples,
             self.caches,
             self.text,
-            timesteps=self.training.eval_timesteps,
-            batch_size=self.training.train_batch_size,
+            timesteps=self.training.validation.eval_timesteps,
+            batch_size=self.training.optimization.train_batch_size,
             rank=0 if everyone else self.strategy.rank,
             world_size=1 if everyone else self.strategy.world_size,
-            mixed_precision=self.training.mixed_precision,
+            mixed_precision=self.training.model.mixed_precision,
             reduce_sum=self.strategy.eval_reduce,
         )
 
@@ -128,8 +128,10 @@ class Validator:
         self.clip: ClipScorer | None = None
         # Only rank 0 keeps its images (under ZeRO-3 the others render in lockstep and discard theirs).
         training = self.run.training
-        if training.evaluation_type == CLIP_EVALUATION and self.strategy.rank == 0:
-            self.clip = ClipScorer(training.pretrained_evaluation_model_name_or_path, device=self.device)
+        if training.validation.evaluation_type == CLIP_EVALUATION and self.strategy.rank == 0:
+            self.clip = ClipScorer(
+                training.validation.pretrained_evaluation_model_name_or_path, device=self.device
+            )
         self._ready = True
 
     def round(self, step: int) -> ValidationRound | None:

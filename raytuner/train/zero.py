@@ -1,9 +1,7 @@
 """DeepSpeed ZeRO inside a Ray Train worker (SimpleTuner's ``deepspeed_config``).
 
-``deepspeed_config`` is what SimpleTuner users pass: a path to a DeepSpeed JSON file, the JSON
-itself as text, or (in ``config.json``) an inline object. raytuner also generates the two
-configurations most LoKr runs want, by name: ``zero2`` and ``zero3``, each with ``-offload`` for
-the optimizer state in CPU memory.
+The loader has read and checked ``deepspeed_config`` (raytuner/config/deepspeed.py); here the
+plan is completed for the run's worker count, and the engine runs it.
 
 raytuner owns what ``config.json`` already says, so a DeepSpeed file may leave those values to it
 (absent or ``"auto"``, as with Accelerate) but may not contradict them: the batch shape
@@ -37,9 +35,9 @@ import torch
 
 from raytuner.adapters import plain_tensors
 from raytuner.config import RunConfig
+from raytuner.config.deepspeed import DeepSpeedConfigError, DeepSpeedSettings, is_auto
 from raytuner.config.paths import display
-from raytuner.config.training import TrainingConfig
-from raytuner.errors import RaytunerError
+from raytuner.config.training import OptimizationSection
 from raytuner.train.state import CheckpointError, CheckpointInfo
 from raytuner.train.step import UNCLIPPED_OPTIMIZERS, MicroBatch, StepResult, accumulate, micro_batch_loss
 from raytuner.train.strategy import StepSettings, TrainingStrategy, reduce_sum
@@ -49,27 +47,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Generated configurations: name -> (ZeRO stage, optimizer state offloaded to CPU memory).
-GENERATED_CONFIGS: dict[str, tuple[int, bool]] = {
-    "zero2": (2, False),
-    "zero2-offload": (2, True),
-    "zero3": (3, False),
-    "zero3-offload": (3, True),
-}
-SUPPORTED_STAGES = (2, 3)
 ENGINE_FOLDER = "deepspeed"  # inside a raytuner checkpoint folder
 ENGINE_TAG = "zero"
 # Sections raytuner fills from config.json; a file may leave them out or say "auto".
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-OWNED_SECTIONS = {
-    "optimizer": "raytuner builds the optimizer from config.json's 'optimizer' and 'learning_rate'",
-    "scheduler": "raytuner builds the schedule from config.json's 'lr_scheduler' and 'lr_warmup_steps'",
-}
-OFFLOAD_DEVICES = ("none", "cpu", "nvme")
-
-
-class DeepSpeedConfigError(RaytunerError, ValueError):
-    """A ``deepspeed_config`` raytuner cannot run; the message is one line naming key and fix."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,164 +59,55 @@ class DeepSpeedPlan:
     persistence threshold, which needs the model), with the notes the driver logs once."""
 
     config: dict[str, Any]
-    stage: int
-    offload_optimizer: str
-    offload_param: str
+    settings: DeepSpeedSettings
     notes: tuple[str, ...] = ()
 
+    @property
+    def stage(self) -> int:
+        return self.settings.stage
+
+    @property
+    def offload_optimizer(self) -> str:
+        return self.settings.offload_optimizer
+
+    @property
+    def offload_param(self) -> str:
+        return self.settings.offload_param
+
     def describe(self) -> str:
-        parts = [f"ZeRO stage {self.stage}"]
-        if self.offload_optimizer != "none":
-            parts.append(f"optimizer state offloaded to {self.offload_optimizer}")
-        if self.offload_param != "none":
-            parts.append(f"parameters offloaded to {self.offload_param}")
-        return ", ".join(parts)
-
-
-def read_deepspeed_config(
-    value: str | Mapping[str, Any], *, where: str, base_dir: Path | None = None
-) -> dict[str, Any]:
-    """``deepspeed_config`` as a dict: a generated name, inline JSON, a mapping or a file path."""
-    label = f"{where}: 'deepspeed_config'"
-    if isinstance(value, Mapping):
-        return json.loads(json.dumps(value))  # a deep, JSON-clean copy
-    text = value.strip()
-    if text in GENERATED_CONFIGS:
-        stage, offload = GENERATED_CONFIGS[text]
-        return generated_config(stage, offload_optimizer=offload)
-    if text.startswith("{"):
-        try:
-            parsed = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise DeepSpeedConfigError(
-                f"{label} is not valid JSON ({error.msg} at character {error.pos}): fix the text, or give a file path"
-            ) from None
-    else:
-        path = Path(text).expanduser()
-        if not path.is_absolute() and base_dir is not None and not path.exists():
-            path = base_dir / path
-        if not path.is_file():
-            names = ", ".join(GENERATED_CONFIGS)
-            raise DeepSpeedConfigError(
-                f"{label} = {text!r}: expected a DeepSpeed JSON file, JSON text or one of {names}; no such file"
-            )
-        try:
-            parsed = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise DeepSpeedConfigError(
-                f"{path}: not valid JSON ({error.msg}, line {error.lineno}): fix the file"
-            ) from None
-    if not isinstance(parsed, dict):
-        raise DeepSpeedConfigError(
-            f"{label}: expected a JSON object of DeepSpeed settings, got {type(parsed).__name__}"
-        )
-    return parsed
-
-
-def generated_config(stage: int, *, offload_optimizer: bool = False) -> dict[str, Any]:
-    """raytuner's defaults for ZeRO ``stage`` (2 or 3); batch and clipping come from config.json."""
-    zero: dict[str, Any] = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
-    if offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if stage == 3:
-        # Gather nothing into one file at save time: raytuner exports the adapter itself.
-        zero["stage3_gather_16bit_weights_on_model_save"] = False
-    return {"zero_optimization": zero}
-
-
-def _offload_device(zero: Mapping[str, Any], section: str, *, where: str) -> str:
-    spec = zero.get(section)
-    if spec is None:
-        return "none"
-    if not isinstance(spec, Mapping):
-        raise DeepSpeedConfigError(
-            f'{where}: \'zero_optimization.{section}\' = {spec!r}: expected an object such as {{"device": "cpu"}}'
-        )
-    device = str(spec.get("device", "none")).lower()
-    if device not in OFFLOAD_DEVICES:
-        raise DeepSpeedConfigError(
-            f"{where}: 'zero_optimization.{section}.device' = {device!r}: expected one of {', '.join(OFFLOAD_DEVICES)}"
-        )
-    if device == "nvme" and not spec.get("nvme_path"):
-        raise DeepSpeedConfigError(
-            f"{where}: 'zero_optimization.{section}': device nvme needs 'nvme_path', a folder on a fast local disk"
-        )
-    return device
-
-
-def _is_auto(value: Any) -> bool:
-    return isinstance(value, str) and value.strip().lower() == "auto"
+        return self.settings.describe()
 
 
 def plan_deepspeed(
-    user: Mapping[str, Any], training: TrainingConfig, *, world_size: int, where: str
+    settings: DeepSpeedSettings, optimization: OptimizationSection, *, world_size: int, where: str
 ) -> DeepSpeedPlan:
-    """Check ``user`` against config.json and fill in what raytuner owns; raise one error line."""
-    config: dict[str, Any] = json.loads(json.dumps(user))
-    notes: list[str] = []
-    for section, owner in OWNED_SECTIONS.items():
-        if section in config:
-            raise DeepSpeedConfigError(
-                f"{where}: deepspeed_config has a '{section}' section: {owner}; remove the section"
-            )
-    zero = config.get("zero_optimization")
-    if not isinstance(zero, dict):
-        raise DeepSpeedConfigError(
-            f"{where}: deepspeed_config has no 'zero_optimization' object: expected e.g. "
-            '{"zero_optimization": {"stage": 2}}, or "deepspeed_config": "zero2"'
-        )
-    stage = zero.get("stage", 0)
-    if stage not in SUPPORTED_STAGES:
-        raise DeepSpeedConfigError(
-            f"{where}: 'zero_optimization.stage' = {stage!r}: expected 2 or 3 (for plain data parallelism remove deepspeed_config)"
-        )
-    offload_optimizer = _offload_device(zero, "offload_optimizer", where=where)
-    offload_param = _offload_device(zero, "offload_param", where=where)
-    if offload_param != "none" and stage != 3:
-        raise DeepSpeedConfigError(
-            f"{where}: 'zero_optimization.offload_param' needs stage 3 (stage is {stage}): set \"stage\": 3 or remove offload_param"
-        )
-    # Accelerate-style "auto" inside zero_optimization: DeepSpeed's own defaults decide.
-    for key in [key for key, value in zero.items() if _is_auto(value)]:
-        del zero[key]
-
-    if config.get("fp16", {}).get("enabled") is True:
-        raise DeepSpeedConfigError(
-            f"{where}: deepspeed_config enables fp16: fp16 training is not supported; remove the fp16 section and use mixed_precision bf16"
-        )
-    bf16 = config.pop("bf16", None) or config.pop("bfloat16", None)
-    if isinstance(bf16, Mapping) and bf16.get("enabled") is True:
-        if training.mixed_precision != "bf16":
-            raise DeepSpeedConfigError(
-                f"{where}: deepspeed_config enables bf16 but mixed_precision is {training.mixed_precision!r}: "
-                'set "mixed_precision": "bf16" in config.json or remove the bf16 section'
-            )
-        notes.append(
-            "deepspeed_config bf16: trained as raytuner's mixed_precision bf16 (base in bfloat16 under "
-            "autocast, LoKr weights in float32)"
-        )
-
+    """The engine configuration for ``world_size`` workers; raise one error line when the
+    user's batch keys contradict config.json and the worker count."""
+    config: dict[str, Any] = json.loads(json.dumps(settings.config))
+    notes = list(settings.notes)
     wanted = {
-        "train_micro_batch_size_per_gpu": training.train_batch_size,
-        "gradient_accumulation_steps": training.gradient_accumulation_steps,
-        "train_batch_size": training.train_batch_size * training.gradient_accumulation_steps * world_size,
+        "train_micro_batch_size_per_gpu": optimization.train_batch_size,
+        "gradient_accumulation_steps": optimization.gradient_accumulation_steps,
+        "train_batch_size": optimization.train_batch_size
+        * optimization.gradient_accumulation_steps
+        * world_size,
     }
     for key in BATCH_KEYS:
         given = config.get(key)
-        if given is not None and not _is_auto(given) and given != wanted[key]:
+        if given is not None and not is_auto(given) and given != wanted[key]:
             raise DeepSpeedConfigError(
                 f"{where}: deepspeed_config '{key}' = {given!r} but config.json and the worker count give "
-                f"{wanted[key]} (train_batch_size {training.train_batch_size} x gradient_accumulation_steps "
-                f'{training.gradient_accumulation_steps} x {world_size} workers): set it to "auto" or remove it'
+                f"{wanted[key]} (train_batch_size {optimization.train_batch_size} x gradient_accumulation_steps "
+                f'{optimization.gradient_accumulation_steps} x {world_size} workers): set it to "auto" or remove it'
             )
         config[key] = wanted[key]
 
     clipping = config.get("gradient_clipping")
-    unclipped = training.optimizer in UNCLIPPED_OPTIMIZERS
-    if clipping is None or _is_auto(clipping):
-        clipping = 0.0 if unclipped else float(training.max_grad_norm or 0.0)
+    unclipped = optimization.optimizer in UNCLIPPED_OPTIMIZERS
+    if clipping is None or is_auto(clipping):
+        clipping = 0.0 if unclipped else float(optimization.max_grad_norm or 0.0)
         config["gradient_clipping"] = clipping
-    if clipping and training.grad_clip_method == "value":
+    if clipping and optimization.grad_clip_method == "value":
         notes.append(
             f"DeepSpeed clips gradients by their global norm: max_grad_norm {clipping} is applied as a norm "
             "limit, not per value (grad_clip_method value has no DeepSpeed equivalent)"
@@ -244,28 +116,20 @@ def plan_deepspeed(
     # optimizer state offloaded they run on the CPU partitions, which DeepSpeed only allows when
     # told that its own CPU Adam is not wanted.
     config["zero_allow_untested_optimizer"] = True
-    if offload_optimizer != "none":
+    if settings.offload_optimizer != "none":
         config.setdefault("zero_force_ds_cpu_optimizer", False)
     config.setdefault("steps_per_print", 2**31 - 1)  # raytuner's progress line says it already
     config.setdefault("wall_clock_breakdown", False)
-    return DeepSpeedPlan(
-        config=config,
-        stage=int(stage),
-        offload_optimizer=offload_optimizer,
-        offload_param=offload_param,
-        notes=tuple(notes),
-    )
+    return DeepSpeedPlan(config=config, settings=settings, notes=tuple(notes))
 
 
 def deepspeed_plan(run: RunConfig, *, world_size: int) -> DeepSpeedPlan | None:
     """The run's DeepSpeed plan (None without ``deepspeed_config``); raises one error line."""
-    value = run.training.deepspeed_config
-    if not value:
+    settings = run.training.memory.deepspeed
+    if settings is None:
         return None
-    config_path = run.sources["config"]
-    where = display(config_path)
-    user = read_deepspeed_config(value, where=where, base_dir=config_path.parent)
-    plan = plan_deepspeed(user, run.training, world_size=world_size, where=where)
+    where = display(run.sources["config"])
+    plan = plan_deepspeed(settings, run.training.optimization, world_size=world_size, where=where)
     missing = deepspeed_missing(plan)
     if missing is not None:
         raise DeepSpeedConfigError(f"{where}: 'deepspeed_config': {missing}")

@@ -11,6 +11,7 @@ resumes it; a sweep file or base config changed since is refused rather than mix
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -163,7 +164,9 @@ def build_tuner(plan: TrialPlan, *, max_steps: int, max_concurrent: int, output_
             metric=sweep.metric,
             mode="min",
             max_t=max_steps,
-            grace_period=sweep.early_stopping.grace_for(max_steps, sweep.base.training.eval_steps_interval),
+            grace_period=sweep.early_stopping.grace_for(
+                max_steps, sweep.base.training.validation.eval_steps_interval
+            ),
             reduction_factor=sweep.early_stopping.reduction_factor,
             brackets=sweep.early_stopping.brackets,
             # A trial that reaches the last step ends by itself, with its adapter written.
@@ -201,7 +204,7 @@ def run_sweep(sweep: Sweep, *, build_options: BuildOptions | None = None) -> Swe
     ``sweep.base`` (the loaded config with the sweep's ``fixed`` settings) is what every trial starts from.
     """
     base = sweep.base
-    if base.training.push_to_hub or base.training.push_checkpoints_to_hub:
+    if base.training.tracking.push_to_hub or base.training.tracking.push_checkpoints_to_hub:
         logger.warning(
             "push_to_hub applies to `raytuner train` only: no trial of a sweep publishes anything; train the "
             "best config with `raytuner train --config ...` to publish it"
@@ -219,8 +222,10 @@ def _check_cache_and_sweep(
 
     base = sweep.base
     if on_cluster():
-        place_on_cluster(base, settings)
-    for line in pin_local_paths(base):
+        base = place_on_cluster(base, settings)
+    base, only_here = pin_local_paths(base)
+    sweep = dataclasses.replace(sweep, base=base)  # every trial starts from the placed config
+    for line in only_here:
         if on_cluster():
             logger.warning(
                 "%s of the head node's copy of the job: trials on other nodes cannot read it", line
@@ -236,7 +241,7 @@ def _check_cache_and_sweep(
         record_seed(base)
         summary = run_cache(base, build_options or BuildOptions(), encoders)
         logger.info("cache (built once, shared by every trial):\n%s", summary.table())
-        max_steps = total_steps(base, check_batches(base, workers=settings.num_workers))
+        max_steps = total_steps(base.training.optimization, check_batches(base, workers=settings.num_workers))
         plan = TrialPlan(sweep=sweep, settings=settings, trials_dir=trials_dir)
         max_concurrent = concurrency(
             sweep, settings, {k: float(v) for k, v in ray.cluster_resources().items()}

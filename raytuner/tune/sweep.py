@@ -244,7 +244,7 @@ def _shift_problems(
 ) -> list[str]:
     swept = {parameter.key for parameter in parameters}
     config = display(run.sources["config"])
-    fixed_schedule = get_family(run.training.model_family).fixed_sigma_schedule
+    fixed_schedule = get_family(run.training.model.model_family).fixed_sigma_schedule
     if fixed_schedule:
         return [
             f"{where}: parameters '{key}': {fixed_schedule}, so every trial would train the same; "
@@ -260,7 +260,7 @@ def _shift_problems(
             "static shift is not used, so half the space trains the same; sweep the shift with "
             '"fixed": {"flow_schedule_auto_shift": false}'
         ]
-    auto = fixed["training"].get("flow_schedule_auto_shift", run.training.flow_schedule_auto_shift)
+    auto = fixed["training"].get("flow_schedule_auto_shift", run.training.flow.flow_schedule_auto_shift)
     if str(auto).strip().lower() in ("true", "1", "yes", "on"):
         return [
             f"{where}: parameters 'flow_schedule_shift': {config} sets flow_schedule_auto_shift true, whose "
@@ -441,8 +441,11 @@ def _resources(raw: Any, *, where: str, problems: list[str]) -> RayOverrides:
 
 
 def _base_value(run: RunConfig, parameter: Parameter) -> Any:
-    source = run.training if parameter.target == "training" else run.lycoris
-    value = getattr(source, parameter.key)
+    value = (
+        run.training.flat()[parameter.key]
+        if parameter.target == "training"
+        else getattr(run.lycoris, parameter.key)
+    )
     if parameter.key == "flow_schedule_shift" and (value is None or value <= 0):
         # A static shift of 0 or less applies none, exactly as a shift of 1.0 does.
         return 1.0

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raytuner.config.training import replace_options
 from raytuner.evaluate.wandb_tracker import client_settings
 from raytuner.train.settings import RaySettings
 from raytuner.tune.sweep import Sweep
@@ -61,13 +62,15 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     # no trial publishes: push_to_hub is for the `raytuner train` run of the chosen config.
     run = dataclasses.replace(
         run,
-        training=dataclasses.replace(
+        training=replace_options(
             run.training,
-            output_dir=output_dir,
-            resume_from_checkpoint="latest",
-            push_to_hub=False,
-            push_checkpoints_to_hub=False,
-            push_to_hub_background=False,
+            {
+                "output_dir": output_dir,
+                "resume_from_checkpoint": "latest",
+                "push_to_hub": False,
+                "push_checkpoints_to_hub": False,
+                "push_to_hub_background": False,
+            },
         ),
     )
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -140,7 +140,7 @@ UNWRITTEN_SHARD = "bucket=unwritten/part-unwritten.parquet"
 
 def discover_without_ray(run: RunConfig) -> list[DatasetWork]:
     """The build's discovery and placement of every image dataset, with the files probed in this process."""
-    family_cls = get_family(run.training.model_family)
+    family_cls = get_family(run.training.model.model_family)
     work = []
     for dataset in image_datasets(run):
         item = open_latent_cache(run, dataset, family_cls, VAE_IDENTITY, rebuild=False)
@@ -168,7 +168,7 @@ def commit_without_encoding(run: RunConfig, work: Sequence[DatasetWork]) -> dict
     text = TextWork.open(run, TEXT_IDENTITY, work)
     locations = fmt.shard_locations([row["key"] for row in text.todo], "part-unwritten.parquet")
     text.written = {location["key"]: location for location in locations}
-    text.commit(get_family(run.training.model_family))
+    text.commit(get_family(run.training.model.model_family))
     summaries = {}
     for item in work:
         keys = [entry["key"] for entry in latent_todo([item])]

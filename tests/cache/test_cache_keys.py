@@ -24,7 +24,7 @@ from tests.cache.helpers import draw_images, image_dataset, text_dataset, write_
 
 def _discover(run: RunConfig) -> dict[str, dict[str, tuple[tuple[str, ...], Placement | None]]]:
     """dataset id -> file -> (captions, placement or None when too small), as the build computes them."""
-    family = get_family(run.training.model_family)
+    family = get_family(run.training.model.model_family)
     found: dict[str, dict[str, tuple[tuple[str, ...], Placement | None]]] = {}
     for dataset in image_datasets(run):
         settings = bucket_settings(dataset, run, family)

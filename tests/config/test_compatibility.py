@@ -91,7 +91,7 @@ def test_aliases_resolve_as_simpletuner_resolves_them(write_run: Any, alias: str
     if mapping.maps_to is None:
         assert any(f"'{alias}' ignored, as SimpleTuner ignores it" in note for note in run.notes)
     elif mapping.maps_to in field_names(TrainingConfig):
-        assert getattr(run.training, mapping.maps_to) == (True if mapping.inverted else 7)
+        assert run.training.flat()[mapping.maps_to] == (True if mapping.inverted else 7)
         assert any(f"'{alias}' read as '{mapping.maps_to}'" in note for note in run.notes)
     else:
         assert any(f"not yet supported: {mapping.maps_to} = " in warning for warning in run.warnings)
@@ -105,7 +105,7 @@ def test_deliberate_differences_from_simpletuner_are_explained() -> None:
 
 def test_cosine_with_warmup_is_read_as_cosine(write_run: Any) -> None:
     run = load_config(write_run(config_updates={"lr_scheduler": "cosine_with_warmup"}))
-    assert run.training.lr_scheduler == "cosine"
+    assert run.training.optimization.lr_scheduler == "cosine"
 
 
 # SimpleTuner options raytuner does not implement yet, each set to a value that asks for something.

@@ -32,7 +32,7 @@ LARGE_IMAGE_SEQ_LEN = 4096
 
 def _family_of(config_path: Path) -> str:
     training = load_config(config_path).training
-    return get_family(training.model_family).name
+    return get_family(training.model.model_family).name
 
 
 def test_model_family_selects_the_family(write_run: Any) -> None:
@@ -65,8 +65,8 @@ def test_model_flavour_picks_the_hub_checkpoint(
     if flavour is not None:
         updates["model_flavour"] = flavour
     training = load_config(write_run(config_updates=updates)).training
-    resolved = get_family(training.model_family).resolve_model_path(
-        training.model_flavour, training.pretrained_model_name_or_path
+    resolved = get_family(training.model.model_family).resolve_model_path(
+        training.model.model_flavour, training.model.pretrained_model_name_or_path
     )
     assert resolved == hub_id
     with pytest.raises(ConfigError, match="'model_flavour' = 'xl': expected a cosmos2image flavour: 2b, 14b"):
@@ -79,11 +79,11 @@ def test_pretrained_model_name_or_path_loads_that_checkpoint(write_run: Any, tin
             config_updates={"model_flavour": "14b", "pretrained_model_name_or_path": str(tiny_cosmos_dir)}
         )
     ).training
-    path = get_family(training.model_family).resolve_model_path(
-        training.model_flavour, training.pretrained_model_name_or_path
+    path = get_family(training.model.model_family).resolve_model_path(
+        training.model.model_flavour, training.model.pretrained_model_name_or_path
     )
     assert path == str(tiny_cosmos_dir)
-    transformer = get_family(training.model_family)(path).load_transformer()
+    transformer = get_family(training.model.model_family)(path).load_transformer()
     tiny_width = json.loads((tiny_cosmos_dir / "transformer" / "config.json").read_text())[
         "num_attention_heads"
     ]
@@ -117,7 +117,9 @@ def test_revision_loads_that_hub_revision(
     def loaded(updates: dict[str, Any]) -> tuple[torch.Tensor, str]:
         run = load_config(write_run(config_updates={"pretrained_model_name_or_path": HUB_ID, **updates}))
         # The family as the training loop and the cache build make it.
-        family = get_family(run.training.model_family)(model_path_of(run), revision=run.training.revision)
+        family = get_family(run.training.model.model_family)(
+            model_path_of(run), revision=run.training.model.revision
+        )
         vae, _ = encoder_identities(run, family)
         return _first_weight(family), vae.identity["commit"]
 
@@ -157,7 +159,7 @@ def load_base(write_run: Any) -> dict[str, Any]:
 def _trainable_parameters(config_path: Path, model_dir: Path) -> int:
     run = load_config(config_path)
     assert run.lycoris is not None
-    family = get_family(run.training.model_family)(model_dir)
+    family = get_family(run.training.model.model_family)(model_dir)
     network, _ = build_adapter(
         family.load_transformer(), run.lycoris, module_aliases=family.module_aliases, seed=0
     )
@@ -210,7 +212,7 @@ def test_seed_seeds_the_adapter_initialisation(write_run: Any, tiny_cosmos_dir: 
     def initial_weights(seed: int) -> dict[str, torch.Tensor]:
         run = load_config(write_run(config_updates={"seed": seed}))
         assert run.lycoris is not None
-        family = get_family(run.training.model_family)(tiny_cosmos_dir)
+        family = get_family(run.training.model.model_family)(tiny_cosmos_dir)
         network, _ = build_adapter(
             family.load_transformer(), run.lycoris, module_aliases=family.module_aliases, seed=run.seed
         )
@@ -225,7 +227,7 @@ def _sigmas(write_run: Any, updates: dict[str, Any], *, image_seq_len: int = 256
     training = load_config(write_run(config_updates=updates)).training
     return flow.sample_training_sigmas(
         SIGMA_SAMPLES,
-        flow_schedule_from_config(training),
+        flow_schedule_from_config(training.flow),
         image_seq_len=image_seq_len,
         generator=torch.Generator().manual_seed(0),
     )
@@ -317,10 +319,10 @@ def _gradients_after_one_step(
         optimizer,
         latents,
         conditioning,
-        flow_schedule_from_config(run.training),
+        flow_schedule_from_config(run.training.flow),
         generator=torch.Generator().manual_seed(0),
-        max_grad_norm=run.training.max_grad_norm,
-        grad_clip_method=run.training.grad_clip_method,
+        max_grad_norm=run.training.optimization.max_grad_norm,
+        grad_clip_method=run.training.optimization.grad_clip_method,
     )
     return [p.grad.detach().clone() for p in parameters if p.grad is not None]
 

@@ -24,14 +24,18 @@ def test_keys_with_leading_dashes_and_string_values(write_run: Any) -> None:
         )
     )
     training = run.training
-    assert training.learning_rate == pytest.approx(4e-5) and isinstance(training.learning_rate, float)
-    assert training.gradient_checkpointing is False
-    assert training.validation_num_inference_steps == 20 and isinstance(
-        training.validation_num_inference_steps, int
+    assert training.optimization.learning_rate == pytest.approx(4e-5) and isinstance(
+        training.optimization.learning_rate, float
     )
-    assert training.validation_guidance_rescale == 0.0
-    assert training.train_batch_size == 2 and isinstance(training.train_batch_size, int)
-    assert training.resolution == 512 and isinstance(training.resolution, int)
+    assert training.memory.gradient_checkpointing is False
+    assert training.validation.validation_num_inference_steps == 20 and isinstance(
+        training.validation.validation_num_inference_steps, int
+    )
+    assert training.validation.validation_guidance_rescale == 0.0
+    assert training.optimization.train_batch_size == 2 and isinstance(
+        training.optimization.train_batch_size, int
+    )
+    assert training.data.resolution == 512 and isinstance(training.data.resolution, int)
 
 
 def test_dataset_and_lycoris_string_values_are_coerced(write_run: Any) -> None:
@@ -81,12 +85,12 @@ def test_simpletuner_aliases_are_mapped_with_a_note(write_run: Any, caplog: pyte
     with caplog.at_level(logging.INFO, logger="raytuner.config"):
         run = load_config(config_path)
     training = run.training
-    assert training.validation_step_interval == 250
-    assert training.checkpoint_step_interval == 300
-    assert training.checkpoints_total_limit == 2
-    assert training.vae_cache_ondemand is True  # vae_cache_preprocess false means on-demand
-    assert training.lr_scheduler == "cosine"
-    assert training.model_family == "cosmos2image"
+    assert training.validation.validation_step_interval == 250
+    assert training.checkpoints.checkpoint_step_interval == 300
+    assert training.checkpoints.checkpoints_total_limit == 2
+    assert training.data.vae_cache_ondemand is True  # vae_cache_preprocess false means on-demand
+    assert training.optimization.lr_scheduler == "cosine"
+    assert training.model.model_family == "cosmos2image"
     notes = "\n".join(run.notes)
     for name in (
         "validation_steps",
@@ -106,15 +110,15 @@ def test_simpletuner_aliases_are_mapped_with_a_note(write_run: Any, caplog: pyte
 
 def test_canonical_key_wins_over_its_alias(write_run: Any) -> None:
     run = load_config(write_run(config_updates={"validation_steps": 10, "validation_step_interval": 20}))
-    assert run.training.validation_step_interval == 20
+    assert run.training.validation.validation_step_interval == 20
     assert any("'validation_steps' and 'validation_step_interval' are both set" in w for w in run.warnings)
 
 
 def test_validation_prompt_library_path_is_read_as_user_prompt_library(write_run: Any, tmp_path: Any) -> None:
     (tmp_path / "prompts.json").write_text('{"cat": "a cat"}', encoding="utf-8")
     run = load_config(write_run(config_updates={"validation_prompt_library": "prompts.json"}))
-    assert run.training.user_prompt_library == tmp_path / "prompts.json"
-    assert run.training.validation_prompt_library is False
+    assert run.training.validation.user_prompt_library == tmp_path / "prompts.json"
+    assert run.training.validation.validation_prompt_library is False
     assert run.sources["user_prompt_library"] == tmp_path / "prompts.json"
 
 
@@ -126,7 +130,7 @@ def test_unknown_key_warns_with_the_closest_known_key(
     assert "config.json: unknown key 'learning_rat' (did you mean 'learning_rate'?)" in run.warnings
     assert "config.json: unknown key '--max_train_step' (did you mean 'max_train_steps'?)" in run.warnings
     assert any("did you mean 'learning_rate'" in record.getMessage() for record in caplog.records)
-    assert run.training.learning_rate == pytest.approx(4e-7)  # the typo did not set anything
+    assert run.training.optimization.learning_rate == pytest.approx(4e-7)  # the typo did not set anything
 
 
 def test_simpletuner_key_without_a_field_is_accepted_not_yet_supported(write_run: Any) -> None:

@@ -67,7 +67,7 @@ def test_then_by_file_name_in_that_folder(
     run = load_config(project / "config.json")
     assert run.sources["lycoris_config"] == project / "lycoris_config.json"
     assert run.sources["data_backend_config"] == project / "multidatabackend.json"
-    assert run.training.data_backend_config == project / "multidatabackend.json"
+    assert run.training.data.data_backend_config == project / "multidatabackend.json"
 
 
 def test_dataset_and_output_paths(project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

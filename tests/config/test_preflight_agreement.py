@@ -84,6 +84,6 @@ def test_a_checked_config_passes_every_command_s_pre_flight(
     config_path = write_run(config_updates={"validation_step_interval": 0, "validation_prompt": "a cat"})
     assert check_config_main(str(config_path)) == 0
     run = load_config(config_path)
-    assert run.training.validation_step_interval == 0
+    assert run.training.validation.validation_step_interval == 0
     for command in ("train", "tune", "cache"):
         assert preflight(run, resolve_settings(run), command=command) == []  # type: ignore[arg-type]

@@ -113,7 +113,7 @@ def secret_run(write_run: Any) -> Any:
 
 def test_secrets_are_redacted_in_to_dict_and_repr(secret_run: Any) -> None:
     run = load_config(secret_run)
-    assert run.training.hf_token == HF_TOKEN and run.datasets[0].aws_secret_access_key == AWS_SECRET
+    assert run.training.tracking.hf_token == HF_TOKEN and run.datasets[0].aws_secret_access_key == AWS_SECRET
     serialized = json.dumps(run.to_dict())
     printed = repr(run)
     for secret in SECRETS:

@@ -31,8 +31,8 @@ def test_seed_config_loads_from_any_cwd(
     assert run.sources["config"] == config_path.resolve()
     assert run.sources["data_backend_config"] == folder / "multidatabackend.json"
     assert run.sources["lycoris_config"] == folder / "lycoris_config.json"
-    assert run.training.model_family == folder.name
-    assert run.training.lora_type == "lycoris"
+    assert run.training.model.model_family == folder.name
+    assert run.training.model.lora_type == "lycoris"
     assert run.lycoris is not None and run.lycoris.algo == "lokr"
     assert run.lycoris.apply_preset is not None and "Attention" in run.lycoris.apply_preset.target_module
     assert run.training.seed == 42 and not run.seed_drawn
@@ -45,11 +45,11 @@ def test_seed_config_loads_from_any_cwd(
 def test_cosmos_seed_values_are_typed() -> None:
     run = load_config(CONFIGS / "cosmos2image" / "config.json")
     training = run.training
-    assert training.model_flavour == "2b"
-    assert training.learning_rate == pytest.approx(6e-5)
-    assert training.flow_schedule_shift == 0.0 and training.flow_schedule_auto_shift is True
-    assert training.use_ema is True and training.quantize_via == "cpu"
-    assert training.validation_prompt_library is False
+    assert training.model.model_flavour == "2b"
+    assert training.optimization.learning_rate == pytest.approx(6e-5)
+    assert training.flow.flow_schedule_shift == 0.0 and training.flow.flow_schedule_auto_shift is True
+    assert training.optimization.use_ema is True and training.model.quantize_via == "cpu"
+    assert training.validation.validation_prompt_library is False
     assert run.lycoris is not None and run.lycoris.bypass_mode and run.lycoris.full_matrix
     assert run.lycoris.apply_preset is not None
     assert run.lycoris.apply_preset.module_algo_map == {"Attention": {"factor": 4}}
@@ -60,11 +60,11 @@ def test_cosmos_seed_values_are_typed() -> None:
 def test_omnigen_seed_string_values_are_coerced() -> None:
     run = load_config(CONFIGS / "omnigen" / "config.json")
     training = run.training
-    assert training.model_flavour == "v1"
-    assert training.learning_rate == pytest.approx(4e-5)
-    assert training.gradient_checkpointing is True
-    assert training.validation_num_inference_steps == 20
-    assert training.validation_guidance_rescale == 0.0
+    assert training.model.model_flavour == "v1"
+    assert training.optimization.learning_rate == pytest.approx(4e-5)
+    assert training.memory.gradient_checkpointing is True
+    assert training.validation.validation_num_inference_steps == 20
+    assert training.validation.validation_guidance_rescale == 0.0
     assert any("validation_torch_compile" in warning for warning in run.warnings)
     assert run.lycoris is not None and run.lycoris.factor == 16
     assert run.lycoris.apply_preset is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from raytuner.config import DatasetConfig, TrainingConfig
+from raytuner.config.fields import field_names, field_rule, option_fields
 from raytuner.config.surface import config_keys, dataset_keys, option_specs
 
 # Fields raytuner has that SimpleTuner's option registry does not list (the seeds' docs use them).
@@ -13,7 +14,7 @@ RAYTUNER_ONLY_FIELDS = {"hf_token", "enable_model_cpu_offload"}
 
 def test_training_fields_are_simpletuner_option_names() -> None:
     # raytuner's own keys carry the ray_ prefix, so they can never shadow a SimpleTuner option.
-    names = {field.name for field in dataclasses.fields(TrainingConfig) if not field.name.startswith("ray_")}
+    names = {name for name in field_names(TrainingConfig) if not name.startswith("ray_")}
     assert names - config_keys() == RAYTUNER_ONLY_FIELDS
 
 
@@ -25,7 +26,7 @@ def test_dataset_fields_are_simpletuner_dataset_keys() -> None:
 def test_defaults_match_simpletuner() -> None:
     """Every option whose default SimpleTuner's list gives is a field with that default (a key left
     out behaves as in SimpleTuner); where raytuner acts differently, the compatibility table says why."""
-    defaults = {field.name: field.default for field in dataclasses.fields(TrainingConfig)}
+    defaults = {name: field.default for name, (field, _) in option_fields(TrainingConfig).items()}
     assert sorted(set(option_specs()) - set(defaults)) == []
     for name, spec in option_specs().items():
         if defaults[name] is dataclasses.MISSING:
@@ -45,7 +46,7 @@ def test_defaults_match_simpletuner() -> None:
 
 
 def test_choices_come_from_simpletuner() -> None:
-    fields = {field.name: field for field in dataclasses.fields(TrainingConfig)}
+    fields = option_fields(TrainingConfig)
     for name in (
         "lr_scheduler",
         "optimizer",
@@ -54,4 +55,4 @@ def test_choices_come_from_simpletuner() -> None:
         "report_to",
         "quantize_via",
     ):
-        assert fields[name].metadata["choices"] == option_specs()[name].choices
+        assert field_rule(*fields[name])["choices"] == option_specs()[name].choices

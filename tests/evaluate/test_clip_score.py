@@ -320,9 +320,9 @@ def test_evaluation_type_is_none_or_clip(tmp_path: Path, monkeypatch: pytest.Mon
     assert raised.value.problems == ("config.json: 'evaluation_type' = 'fid': expected one of: none, clip",)
     for value in ("clip", "none", None):
         run = load_run(tmp_path, evaluation_type=value)
-        assert run.training.evaluation_type == value
+        assert run.training.validation.evaluation_type == value
         assert not [warning for warning in run.warnings if "evaluation" in warning]
-    assert run.training.pretrained_evaluation_model_name_or_path == DEFAULT_EVALUATION_MODEL
+    assert run.training.validation.pretrained_evaluation_model_name_or_path == DEFAULT_EVALUATION_MODEL
 
 
 def test_the_evaluation_model_is_checked_before_ray_starts(

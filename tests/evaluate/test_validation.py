@@ -386,7 +386,7 @@ def _run_files(root: Path, model: Path, **config: object) -> RunConfig:
 
 def _build_text_cache(run: RunConfig) -> TextCache:
     """The cache step's text side without Ray: its own work list, encoder actor, shard writer and commit."""
-    family_cls = get_family(run.training.model_family)
+    family_cls = get_family(run.training.model.model_family)
     model_path = model_path_of(run)
     _, identity = encoder_identities(run, family_cls(model_path))
     work = TextWork.open(run, identity, [])

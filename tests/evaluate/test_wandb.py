@@ -185,7 +185,7 @@ def test_the_driver_hands_rank_zero_the_redacted_config_and_the_sweep_as_group(
     assert single.client == {"mode": "offline", "entity": "my-team"}
     text = repr(single.config)
     assert "hf_secret_value" not in text and "secret-path" not in text
-    assert single.config["training"]["learning_rate"] == run.training.learning_rate
+    assert single.config["training"]["learning_rate"] == run.training.optimization.learning_rate
 
     trial = tracker_target(run, name="sweep-1-abc123", sweep="sweep-1")
     assert trial is not None

@@ -86,7 +86,7 @@ def training(**keys: object) -> TrainingConfig:
         "data_backend_config": Path("unused.json"),
         "enable_group_offload": True,
     }
-    return TrainingConfig(**{**values, **keys})  # type: ignore[arg-type]
+    return TrainingConfig.from_options({**values, **keys})
 
 
 def train_steps(setup: Setup, steps: int, *, lr: float = 3e-2) -> list[float]:

@@ -98,7 +98,7 @@ def offload_matches_resident(
         "group_offload_use_stream": use_stream,
         "gradient_checkpointing": checkpointing,
     }
-    plan = plan_group_offload(training(**keys), device=device, run_name="gpu", rank=0)
+    plan = plan_group_offload(training(**keys).memory, device=device, run_name="gpu", rank=0)
     assert plan is not None
     # Streams need CUDA, and diffusers' hooks do not support them under gradient checkpointing.
     assert plan.use_stream == (use_stream and device.type == "cuda" and not checkpointing)
@@ -171,12 +171,14 @@ def process_group() -> Iterator[str]:
 
 def zero_matches_plain(model: Path, data: Data, device: torch.device, folder: Path, *, stage: int) -> None:
     """ZeRO ``stage`` through raytuner's engine against raytuner's plain step, then save and load."""
-    from raytuner.train.zero import DeepSpeedZero, generated_config, plan_deepspeed
+    from raytuner.config.deepspeed import check_deepspeed, generated_config
+    from raytuner.train.zero import DeepSpeedZero, plan_deepspeed
 
     settings = training(
         enable_group_offload=False, max_grad_norm=0.0, train_batch_size=4, mixed_precision="no"
     )
-    plan = plan_deepspeed(generated_config(stage), settings, world_size=1, where="test")
+    checked = check_deepspeed(generated_config(stage), mixed_precision="no", where="test")
+    plan = plan_deepspeed(checked, settings.optimization, world_size=1, where="test")
     assert plan.stage == stage and plan.config["gradient_clipping"] == 0.0
 
     def engine_for(setup: Setup) -> DeepSpeedZero:

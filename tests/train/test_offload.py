@@ -31,7 +31,7 @@ def offloaded_setup(
     if checkpointing:
         setup.transformer.enable_gradient_checkpointing()
         setup.transformer.train()
-    plan = plan_group_offload(training(**plan_keys), device=CPU, run_name="run", rank=0)
+    plan = plan_group_offload(training(**plan_keys).memory, device=CPU, run_name="run", rank=0)
     assert plan is not None
     apply_group_offload(setup.transformer, plan, onload_device=CPU)
     return setup, plan, OffloadedWeights(setup.transformer, onload_device=CPU)
@@ -95,9 +95,9 @@ def test_without_backward_safe_weights_disk_offload_corrupts_training(
 
 def test_each_run_and_rank_gets_a_fresh_disk_folder(tmp_path: Path) -> None:
     config = training(group_offload_to_disk_path=tmp_path)
-    first = plan_group_offload(config, device=CPU, run_name="run", rank=0)
-    again = plan_group_offload(config, device=CPU, run_name="run", rank=0)
-    other = plan_group_offload(config, device=CPU, run_name="run", rank=1)
+    first = plan_group_offload(config.memory, device=CPU, run_name="run", rank=0)
+    again = plan_group_offload(config.memory, device=CPU, run_name="run", rank=0)
+    other = plan_group_offload(config.memory, device=CPU, run_name="run", rank=1)
     assert first and again and other
     folders = {first.disk_path, again.disk_path, other.disk_path}
     assert len(folders) == 3 and all(folder and folder.is_dir() for folder in folders)
@@ -107,7 +107,7 @@ def test_streams_fall_back_off_cuda_and_under_gradient_checkpointing(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     cpu_plan = plan_group_offload(
-        training(group_offload_use_stream=True, gradient_checkpointing=False),
+        training(group_offload_use_stream=True, gradient_checkpointing=False).memory,
         device=CPU,
         run_name="r",
         rank=0,
@@ -115,7 +115,7 @@ def test_streams_fall_back_off_cuda_and_under_gradient_checkpointing(
     assert cpu_plan is not None and not cpu_plan.use_stream
     assert any("streams need a CUDA device" in note for note in cpu_plan.notes)
     cuda_plan = plan_group_offload(
-        training(group_offload_use_stream=True, gradient_checkpointing=True),
+        training(group_offload_use_stream=True, gradient_checkpointing=True).memory,
         device=torch.device("cuda"),
         run_name="r",
         rank=0,
@@ -123,20 +123,27 @@ def test_streams_fall_back_off_cuda_and_under_gradient_checkpointing(
     assert cuda_plan is not None and not cuda_plan.use_stream
     assert any("gradient_checkpointing" in note for note in cuda_plan.notes)
     kept = plan_group_offload(
-        training(group_offload_use_stream=True, gradient_checkpointing=False),
+        training(group_offload_use_stream=True, gradient_checkpointing=False).memory,
         device=torch.device("cuda"),
         run_name="r",
         rank=0,
     )
     assert kept is not None and kept.use_stream and not kept.notes
-    leaf = plan_group_offload(training(group_offload_type="leaf_level"), device=CPU, run_name="r", rank=0)
+    leaf = plan_group_offload(
+        training(group_offload_type="leaf_level").memory, device=CPU, run_name="r", rank=0
+    )
     assert leaf is not None and leaf.blocks_per_group is None
-    assert plan_group_offload(training(enable_group_offload=False), device=CPU, run_name="r", rank=0) is None
+    assert (
+        plan_group_offload(training(enable_group_offload=False).memory, device=CPU, run_name="r", rank=0)
+        is None
+    )
 
 
 def test_the_fallback_is_said_in_the_log(tiny_cosmos_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     setup = make_setup(tiny_cosmos_dir)
-    plan = plan_group_offload(training(group_offload_use_stream=True), device=CPU, run_name="r", rank=0)
+    plan = plan_group_offload(
+        training(group_offload_use_stream=True).memory, device=CPU, run_name="r", rank=0
+    )
     assert plan is not None
     with caplog.at_level(logging.INFO, logger="raytuner.train.offload"):
         apply_group_offload(setup.transformer, plan, onload_device=CPU)

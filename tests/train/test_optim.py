@@ -35,7 +35,9 @@ CAN_RUN_BITSANDBYTES = HAS_BITSANDBYTES and torch.cuda.is_available()
 
 
 def training(**options: Any) -> TrainingConfig:
-    return TrainingConfig(model_family="cosmos2image", data_backend_config=Path("unused.json"), **options)
+    return TrainingConfig.from_options(
+        {"model_family": "cosmos2image", "data_backend_config": Path("unused.json"), **options}
+    )
 
 
 def tiny_model() -> torch.nn.Linear:
@@ -45,13 +47,15 @@ def tiny_model() -> torch.nn.Linear:
 
 def group(config: TrainingConfig, *, world_size: int = 1) -> dict[str, Any]:
     """The settings the optimiser built from ``config`` runs with."""
-    return build_optimizer(tiny_model().parameters(), config, world_size=world_size).param_groups[0]
+    return build_optimizer(
+        tiny_model().parameters(), config.optimization, world_size=world_size
+    ).param_groups[0]
 
 
 def lr_curve(config: TrainingConfig, *, total_steps: int, at: list[int]) -> list[float]:
     """The learning rate each of the optimiser steps in ``at`` runs with."""
-    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(1))], config)
-    scheduler = build_lr_scheduler(optimizer, config, total_steps=total_steps)
+    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(1))], config.optimization)
+    scheduler = build_lr_scheduler(optimizer, config.optimization, total_steps=total_steps)
     seen = []
     for _ in range(max(at) + 1):
         seen.append(optimizer.param_groups[0]["lr"])
@@ -108,7 +112,7 @@ def test_supported_names_are_the_torch_optimizers_and_simpletuners_schedules() -
 def test_optimizer_picks_its_class_and_takes_a_step(name: str) -> None:
     model = tiny_model()
     before = model.weight.detach().clone()
-    optimizer = build_optimizer(model.parameters(), training(optimizer=name, learning_rate=1e-2))
+    optimizer = build_optimizer(model.parameters(), training(optimizer=name, learning_rate=1e-2).optimization)
     assert type(optimizer) is EXPECTED_CLASSES[name]
     model(torch.ones(4, 3)).square().sum().backward()
     optimizer.step()
@@ -188,7 +192,7 @@ def test_optimizer_defaults_are_all_settings_its_class_takes(name: str) -> None:
     # A default the class does not take would be dropped with a warning on every run.
     config = training(optimizer=name, learning_rate=1.0)
     try:
-        settings = optimizer_settings(config)
+        settings = optimizer_settings(config.optimization)
     except OptimizerError:
         assert name in BITSANDBYTES_CLASSES and not CAN_RUN_BITSANDBYTES
         return
@@ -212,7 +216,7 @@ def test_optimizer_config_reaches_the_optimi_and_prodigy_optimizers(
     config = training(optimizer=name, learning_rate=1e-3, optimizer_config=optimizer_config)
     model = tiny_model()
     before = model.weight.detach().clone()
-    optimizer = build_optimizer(model.parameters(), config)
+    optimizer = build_optimizer(model.parameters(), config.optimization)
     settings = optimizer.param_groups[0]
     assert {key: settings[key] for key in expected} == expected
     for key, value in parse_optimizer_config(optimizer_config).items():
@@ -237,7 +241,7 @@ def test_prodigy_runs_at_lr_1_over_learning_rate_and_says_so(caplog: pytest.LogC
 
 def test_prodigy_adapts_its_step_size() -> None:
     model = tiny_model()
-    optimizer = build_optimizer(model.parameters(), training(optimizer="prodigy"))
+    optimizer = build_optimizer(model.parameters(), training(optimizer="prodigy").optimization)
     for _ in range(20):
         optimizer.zero_grad()
         model(torch.ones(4, 3)).square().sum().backward()
@@ -252,7 +256,7 @@ def test_prodigy_adapts_its_step_size() -> None:
 @pytest.mark.parametrize("name", BITSANDBYTES_CLASSES)
 def test_bitsandbytes_optimizer_without_cuda_or_package_names_what_is_missing(name: str) -> None:
     with pytest.raises(OptimizerError) as raised:
-        optimizer_settings(training(optimizer=name))
+        optimizer_settings(training(optimizer=name).optimization)
     message = str(raised.value)
     assert message.startswith(f"'optimizer' = {name!r} needs bitsandbytes and a CUDA GPU; missing here: ")
     missing = message.split("; missing here: ")[1]
@@ -263,7 +267,7 @@ def test_bitsandbytes_optimizer_without_cuda_or_package_names_what_is_missing(na
     )
     assert "\n" not in message
     with pytest.raises(OptimizerError, match="^" + re.escape(message) + "$"):
-        build_optimizer(tiny_model().parameters(), training(optimizer=name))
+        build_optimizer(tiny_model().parameters(), training(optimizer=name).optimization)
 
 
 @pytest.mark.skipif(CAN_RUN_BITSANDBYTES, reason="this machine has bitsandbytes and a CUDA GPU")
@@ -289,9 +293,9 @@ def test_config_naming_a_bitsandbytes_optimizer_loads_and_is_refused_before_work
     for file_name, body in files.items():
         (tmp_path / file_name).write_text(json.dumps(body))
     run = load_config(tmp_path / "config.json")
-    assert run.training.optimizer == "bnb-lion8bit-paged"
+    assert run.training.optimization.optimizer == "bnb-lion8bit-paged"
     with pytest.raises(OptimizerError, match=r"^'optimizer' = 'bnb-lion8bit-paged' needs bitsandbytes"):
-        optimizer_settings(run.training)
+        optimizer_settings(run.training.optimization)
 
 
 @pytest.mark.gpu
@@ -302,7 +306,7 @@ def test_bitsandbytes_optimizer_builds_and_steps_on_cuda(name: str) -> None:
     # 8192 weights: over SimpleTuner's min_8bit_size of 4096, so the state is kept in 8 bits.
     model = torch.nn.Linear(64, 128).cuda()
     before = model.weight.detach().clone()
-    optimizer = build_optimizer(model.parameters(), training(optimizer=name, learning_rate=1e-3))
+    optimizer = build_optimizer(model.parameters(), training(optimizer=name, learning_rate=1e-3).optimization)
     assert type(optimizer) is getattr(bitsandbytes_optim, BITSANDBYTES_CLASSES[name])
     for _ in range(2):
         optimizer.zero_grad()
@@ -316,7 +320,9 @@ def test_bitsandbytes_optimizer_builds_and_steps_on_cuda(name: str) -> None:
 
 def test_adamw_bf16_runs_adamw_with_adamw_bf16_defaults_on_float32_weights() -> None:
     model = tiny_model()
-    optimizer = build_optimizer(model.parameters(), training(optimizer="adamw_bf16", learning_rate=1e-3))
+    optimizer = build_optimizer(
+        model.parameters(), training(optimizer="adamw_bf16", learning_rate=1e-3).optimization
+    )
     settings = optimizer.param_groups[0]
     assert type(optimizer) is torch.optim.AdamW
     assert (settings["eps"], settings["weight_decay"], settings["betas"]) == (1e-6, 1e-2, (0.9, 0.999))
@@ -339,7 +345,7 @@ def test_adamw_bf16_runs_adamw_with_adamw_bf16_defaults_on_float32_weights() -> 
 )
 def test_optimizer_raytuner_cannot_run_is_refused_by_name(name: str, verdict: str) -> None:
     with pytest.raises(OptimizerError) as raised:
-        build_optimizer(tiny_model().parameters(), training(optimizer=name))
+        build_optimizer(tiny_model().parameters(), training(optimizer=name).optimization)
     message = str(raised.value)
     assert message.startswith(f"'optimizer' = {name!r}: {verdict}; use one of: adamw_bf16, torch-adam,")
     assert "\n" not in message
@@ -355,7 +361,7 @@ def test_learning_rate_sets_optimizer_lr() -> None:
 
 def test_lr_scale_multiplies_by_batch_accumulation_and_workers() -> None:
     config = training(learning_rate=1e-4, train_batch_size=4, gradient_accumulation_steps=2, lr_scale=True)
-    assert effective_learning_rate(config, world_size=3) == pytest.approx(1e-4 * 24)
+    assert effective_learning_rate(config.optimization, world_size=3) == pytest.approx(1e-4 * 24)
     assert group(config, world_size=3)["lr"] == pytest.approx(1e-4 * 24)
     assert group(training(learning_rate=1e-4, train_batch_size=4), world_size=3)["lr"] == 1e-4
 
@@ -544,8 +550,8 @@ def test_cosine_without_warmup_uses_simpletuners_1000_step_half_period(
     config = training(learning_rate=LR, lr_scheduler="cosine", lr_end=0.0)
     with caplog.at_level(logging.WARNING, logger="raytuner.train.optim"):
         assert lr_curve(config, total_steps=10, at=[0])[0] == pytest.approx(LR)
-        optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(1))], config)
-        scheduler = build_lr_scheduler(optimizer, config, total_steps=2000)
+        optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(1))], config.optimization)
+        scheduler = build_lr_scheduler(optimizer, config.optimization, total_steps=2000)
         for _ in range(500):
             optimizer.step()
             scheduler.step()
@@ -566,6 +572,6 @@ def test_cosine_without_warmup_uses_simpletuners_1000_step_half_period(
 )
 def test_schedule_that_cannot_run_is_refused_in_one_line(options: dict[str, Any], message: str) -> None:
     config = training(learning_rate=LR, **options)
-    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(1))], config)
+    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(1))], config.optimization)
     with pytest.raises(OptimizerError, match=f"^{re.escape(message)}"):
-        build_lr_scheduler(optimizer, config, total_steps=10)
+        build_lr_scheduler(optimizer, config.optimization, total_steps=10)

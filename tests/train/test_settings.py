@@ -102,9 +102,12 @@ def test_num_train_epochs_sets_the_step_count_when_max_train_steps_is_unset(
     tmp_path: Path, tiny_cosmos_dir: Path
 ) -> None:
     run = load(tmp_path, tiny_cosmos_dir, max_train_steps=0, num_train_epochs=3)
-    assert total_steps(run, steps_per_epoch=5) == 15
+    assert total_steps(run.training.optimization, steps_per_epoch=5) == 15
     assert (
-        total_steps(load(tmp_path, tiny_cosmos_dir, max_train_steps=7, num_train_epochs=3), steps_per_epoch=5)
+        total_steps(
+            load(tmp_path, tiny_cosmos_dir, max_train_steps=7, num_train_epochs=3).training.optimization,
+            steps_per_epoch=5,
+        )
         == 7
     )
 
@@ -117,7 +120,7 @@ def test_on_a_cluster_relative_outputs_and_caches_move_under_the_shared_root(
     monkeypatch.chdir(job_copy)
     run = load(job_copy, tiny_cosmos_dir, output_dir="output/run")
     shared = tmp_path / "shared"
-    moved = place_under_shared_root(run, str(shared))
+    run, moved = place_under_shared_root(run, str(shared))
     assert run.training.output_dir == shared / "output/run"
     assert {d.id: d.cache_dir_vae or d.cache_dir for d in run.datasets} == {
         "shapes": str(shared / "cache/vae"),
@@ -134,8 +137,9 @@ def test_relative_model_and_cache_paths_are_pinned_for_the_workers(
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").symlink_to(tiny_cosmos_dir.parent)
     run = load(tmp_path, Path("models") / tiny_cosmos_dir.name)
-    assert pin_local_paths(run)
-    assert run.training.pretrained_model_name_or_path == str(tmp_path / "models" / tiny_cosmos_dir.name)
+    run, only_here = pin_local_paths(run)
+    assert only_here
+    assert run.training.model.pretrained_model_name_or_path == str(tmp_path / "models" / tiny_cosmos_dir.name)
     assert all(Path(d.cache_dir_vae or d.cache_dir or "").is_absolute() for d in run.datasets)
 
 
@@ -218,4 +222,4 @@ def test_a_warm_up_longer_than_the_known_steps_is_refused_and_an_epoch_run_waits
     # With num_train_epochs the step count is known once the epoch is planned, and checked then.
     run = load(tmp_path, tiny_cosmos_dir, max_train_steps=0, num_train_epochs=100, **schedule)
     assert training_problems(run, resolve_settings(run)) == []
-    assert lr_schedule_problem(run.training, 20, world_size=1) is not None
+    assert lr_schedule_problem(run.training.optimization, 20, world_size=1) is not None

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from raytuner.config.deepspeed import check_deepspeed, generated_config
 from raytuner.train.job import TrainJob
 from raytuner.train.layout import SharedRootMarker
 from raytuner.train.strategy import (
@@ -17,7 +18,7 @@ from raytuner.train.strategy import (
     build_strategy,
     worker_environment,
 )
-from raytuner.train.zero import DeepSpeedZero, generated_config, plan_deepspeed
+from raytuner.train.zero import DeepSpeedZero, plan_deepspeed
 from tests.cache.helpers import image_dataset, text_dataset, write_run_files
 
 CPU = torch.device("cpu")
@@ -27,7 +28,10 @@ def job(tmp_path: Path, model: Path, *, deepspeed: bool = False, **config: objec
     (tmp_path / "images").mkdir(parents=True, exist_ok=True)
     datasets = [image_dataset(tmp_path / "images", "cache/vae"), text_dataset("cache/text")]
     run = write_run_files(tmp_path, model, datasets, **config).load()
-    plan = plan_deepspeed(generated_config(2), run.training, world_size=2, where="t") if deepspeed else None
+    checked = check_deepspeed(
+        generated_config(2), mixed_precision=run.training.model.mixed_precision, where="t"
+    )
+    plan = plan_deepspeed(checked, run.training.optimization, world_size=2, where="t") if deepspeed else None
     return TrainJob(
         run=run,
         run_name="run",

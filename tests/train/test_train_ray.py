@@ -293,7 +293,7 @@ def test_eval_loss_is_stable_and_uses_the_configured_images_and_noise_levels(
     family = get_family("cosmos2image")(cosmos_data.model)
     transformer = family.load_transformer()
     caches, text = eval_caches(run), open_training_data(run).text
-    assert len(eval_samples(caches, run.training.num_eval_images)) == 2  # all the held-out images
+    assert len(eval_samples(caches, run.training.validation.num_eval_images)) == 2  # all the held-out images
     assert len(eval_samples(caches, 1)) == 1
 
     def loss(timesteps: int, limit: int = 4) -> float:

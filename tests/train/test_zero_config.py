@@ -11,15 +11,15 @@ import pytest
 
 from raytuner.cli import main
 from raytuner.config import ConfigError
-from raytuner.config.training import TrainingConfig
-from raytuner.train.launcher import strategy_summary
-from raytuner.train.zero import (
+from raytuner.config.deepspeed import (
     DeepSpeedConfigError,
-    DeepSpeedPlan,
+    check_deepspeed,
     generated_config,
-    plan_deepspeed,
     read_deepspeed_config,
 )
+from raytuner.config.training import TrainingConfig
+from raytuner.train.launcher import strategy_summary
+from raytuner.train.zero import DeepSpeedPlan, plan_deepspeed
 from tests.cache.helpers import image_dataset, text_dataset, write_run_files
 
 WHERE = "config.json"
@@ -32,11 +32,13 @@ def training(**keys: Any) -> TrainingConfig:
         "train_batch_size": 2,
         "gradient_accumulation_steps": 3,
     }
-    return TrainingConfig(**{**values, **keys})
+    return TrainingConfig.from_options({**values, **keys})
 
 
 def plan(user: dict[str, Any], *, workers: int = 2, **keys: Any) -> DeepSpeedPlan:
-    return plan_deepspeed(user, training(**keys), world_size=workers, where=WHERE)
+    config = training(**keys)
+    checked = check_deepspeed(user, mixed_precision=config.model.mixed_precision, where=WHERE)
+    return plan_deepspeed(checked, config.optimization, world_size=workers, where=WHERE)
 
 
 @pytest.mark.parametrize("name", ["zero2", "zero3", "zero2-offload", "zero3-offload"])
@@ -183,7 +185,7 @@ def test_an_inline_deepspeed_object_loads_from_config_json(tmp_path: Path, tiny_
         tmp_path, tiny_cosmos_dir, datasets, deepspeed_config={"zero_optimization": {"stage": 3}}
     )
     run = files.load()
-    assert run.training.deepspeed_config == {"zero_optimization": {"stage": 3}}
+    assert run.training.memory.deepspeed_config == {"zero_optimization": {"stage": 3}}
 
 
 def test_raytuner_train_refuses_a_bad_deepspeed_config_before_ray_starts(
@@ -209,7 +211,12 @@ def test_raytuner_train_refuses_a_bad_deepspeed_config_before_ray_starts(
 
 
 def test_the_start_line_names_the_strategy() -> None:
-    assert strategy_summary(training(), None) == "data parallel"
-    assert "group-offloaded (block_level)" in strategy_summary(training(enable_group_offload=True), None)
+    assert strategy_summary(training().memory, None) == "data parallel"
+    assert "group-offloaded (block_level)" in strategy_summary(
+        training(enable_group_offload=True).memory, None
+    )
     zero3 = plan(generated_config(3, offload_optimizer=True))
-    assert strategy_summary(training(), zero3) == "DeepSpeed ZeRO stage 3, optimizer state offloaded to cpu"
+    assert (
+        strategy_summary(training().memory, zero3)
+        == "DeepSpeed ZeRO stage 3, optimizer state offloaded to cpu"
+    )

@@ -87,12 +87,12 @@ def test_a_good_sweep_reads_with_the_base_config_as_its_first_point(tmp_path: Pa
     run = load_config(write_base(tmp_path))
     sweep = read_sweep(write_sweep(tmp_path, GOOD_SWEEP), run)
     assert sweep.base_point == {"learning_rate": 0.01, "factor": run.lycoris.factor}
-    assert sweep.base.training.max_train_steps == 6  # "fixed" applied to every trial
+    assert sweep.base.training.optimization.max_train_steps == 6  # "fixed" applied to every trial
     assert sweep.sampler == {"n_startup_trials": 2}
     assert sweep.metric == "loss"  # no eval dataset: the training loss, with a warning
     trial = sweep.trial_run({"learning_rate": 0.05, "factor": 8}, where="test")
-    assert trial.training.learning_rate == 0.05 and trial.lycoris.factor == 8
-    assert run.training.learning_rate == 0.01  # the base run is left as it was
+    assert trial.training.optimization.learning_rate == 0.05 and trial.lycoris.factor == 8
+    assert run.training.optimization.learning_rate == 0.01  # the base run is left as it was
 
 
 def test_the_factor_rescales_every_preset_entry_and_keeps_the_base_exactly(tmp_path: Path) -> None:
@@ -194,7 +194,7 @@ def test_sweeping_the_shift_needs_auto_shift_off(tmp_path: Path) -> None:
     read = read_sweep(write_sweep(tmp_path, fixed), run)
     # A static shift of 0 applies none, exactly as 1.0 does: that is the base config's point.
     assert read.base_point["flow_schedule_shift"] == 1.0
-    assert read.base.training.flow_schedule_auto_shift is False
+    assert read.base.training.flow.flow_schedule_auto_shift is False
 
 
 def test_the_example_sweeps_read_against_their_configs(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -209,9 +209,11 @@ def test_the_example_sweeps_read_against_their_configs(monkeypatch: pytest.Monke
         sweep = read_sweep(CONFIGS / folder / "sweep.json", run)
         assert {parameter.key for parameter in sweep.parameters} == axes
         if "flow_schedule_shift" in axes:
-            assert sweep.base.training.flow_schedule_auto_shift is False
+            assert sweep.base.training.flow.flow_schedule_auto_shift is False
     seed = load_config(CONFIGS / "cosmos2image" / "config.json")
-    assert seed.training.flow_schedule_auto_shift is True  # the seed's own setting, turned off by the sweep
+    assert (
+        seed.training.flow.flow_schedule_auto_shift is True
+    )  # the seed's own setting, turned off by the sweep
 
 
 def test_concurrency_fits_every_worker_of_every_trial() -> None:

@@ -233,11 +233,11 @@ def test_a_four_trial_sweep_writes_the_table_plots_best_config_and_adapter(inter
 
     # best_config.json is a config raytuner train takes as it is, with the best trial's values.
     best_run = load_config(output_dir / sweep_results.BEST_CONFIG)
-    assert best_run.training.learning_rate == pytest.approx(best.point["learning_rate"])
-    assert best_run.training.flow_schedule_shift == pytest.approx(best.point["flow_schedule_shift"])
-    assert best_run.training.flow_schedule_auto_shift is False
+    assert best_run.training.optimization.learning_rate == pytest.approx(best.point["learning_rate"])
+    assert best_run.training.flow.flow_schedule_shift == pytest.approx(best.point["flow_schedule_shift"])
+    assert best_run.training.flow.flow_schedule_auto_shift is False
     assert best_run.lycoris is not None and best_run.lycoris.factor == best.point["factor"]
-    assert best_run.training.ray_num_workers == 1
+    assert best_run.training.ray.ray_num_workers == 1
     assert best_run.training.output_dir == output_dir / "best_run"
 
 
