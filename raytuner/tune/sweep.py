@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from raytuner.config import ConfigError, RunConfig
+from raytuner.config.fields import build, rule
 from raytuner.config.loader import read_json
 from raytuner.config.overrides import override_run
 from raytuner.config.paths import display
@@ -77,12 +78,32 @@ SIGMA_SCHEDULE_KEYS = (
 
 
 @dataclass(frozen=True, kw_only=True)
+class SweepCounts:
+    """How many trials, how many at once, and the sampler's seed (unset: the run's seed)."""
+
+    num_samples: int = field(default=DEFAULT_NUM_SAMPLES, metadata=rule(ge=1))
+    max_concurrent_trials: int | None = field(default=None, metadata=rule(ge=1))
+    seed: int | None = field(default=None, metadata=rule(ge=0))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialResources:
+    """``resources_per_trial``: each trial's Ray Train workers, as ``raytuner train``'s flags."""
+
+    num_workers: int | None = field(default=None, metadata=rule(ge=1))
+    cpus_per_worker: float | None = field(default=None, metadata=rule(gt=0))
+    gpus_per_worker: float | None = field(default=None, metadata=rule(ge=0))
+
+
+@dataclass(frozen=True, kw_only=True)
 class EarlyStopping:
     """ASHA's settings, in training steps (its time attribute is the reported ``step``)."""
 
-    grace_period: int | None  # None: the eval interval, else a ninth of a trial
-    reduction_factor: float = DEFAULT_REDUCTION_FACTOR
-    brackets: int = 1
+    grace_period: int | None = field(
+        default=None, metadata=rule(ge=1)
+    )  # None: the eval interval, else a ninth of a trial
+    reduction_factor: float = field(default=DEFAULT_REDUCTION_FACTOR, metadata=rule(gt=1))
+    brackets: int = field(default=1, metadata=rule(ge=1))
 
     def grace_for(self, total_steps: int, eval_interval: int | None) -> int:
         if self.grace_period is not None:
@@ -157,9 +178,10 @@ def read_sweep(path: str | Path, run: RunConfig) -> Sweep:
                 f'{where}: \'{parameter.key}\' is both in "parameters" and in "fixed"; keep it in one'
             )
     problems.extend(_shift_problems(run, parameters, fixed, where=where))
-    num_samples = _integer(raw, "num_samples", DEFAULT_NUM_SAMPLES, where=where, problems=problems, low=1)
-    concurrent = _integer(raw, "max_concurrent_trials", None, where=where, problems=problems, low=1)
-    seed = _integer(raw, "seed", run.seed, where=where, problems=problems, low=0)
+    # The same field rules as config.json's options (raytuner/config/fields.py).
+    counts = build(SweepCounts, raw, where=where, problems=problems) or SweepCounts()
+    num_samples = counts.num_samples
+    seed = run.seed if counts.seed is None else counts.seed
     name = raw.get("name", sweep_path.stem)
     if not isinstance(name, str) or not _NAME.match(name):
         problems.append(
@@ -181,9 +203,9 @@ def read_sweep(path: str | Path, run: RunConfig) -> Sweep:
         name=str(name),
         parameters=parameters,
         fixed=fixed,
-        num_samples=int(num_samples or DEFAULT_NUM_SAMPLES),
-        max_concurrent_trials=concurrent,
-        seed=int(seed if seed is not None else run.seed),
+        num_samples=num_samples,
+        max_concurrent_trials=counts.max_concurrent_trials,
+        seed=seed,
         metric=metric,
         sampler=sampler,
         early_stopping=early_stopping,
@@ -270,50 +292,6 @@ def _shift_problems(
     return []
 
 
-def _integer(
-    raw: dict[str, Any],
-    key: str,
-    default: int | None,
-    *,
-    where: str,
-    problems: list[str],
-    low: int,
-    section: str = "",
-) -> int | None:
-    """``raw[key]`` as an integer >= ``low`` (``default`` when absent or bad, with a problem)."""
-    value = raw.get(key, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        problems.append(f"{where}: {section}'{key}' = {value!r}: expected an integer >= {low}")
-        return default
-    return value
-
-
-def _number(
-    raw: dict[str, Any],
-    key: str,
-    default: float | None,
-    *,
-    where: str,
-    problems: list[str],
-    section: str,
-    above: float,
-    inclusive: bool = False,
-) -> float | None:
-    """``raw[key]`` as a number > ``above`` (>= with ``inclusive``); ``default`` when absent or bad."""
-    value = raw.get(key, default)
-    if value is None:
-        return None
-    in_range = value >= above if inclusive else value > above
-    if isinstance(value, bool) or not isinstance(value, int | float) or not in_range:
-        problems.append(
-            f"{where}: {section}'{key}' = {value!r}: expected a number {'>=' if inclusive else '>'} {above:g}"
-        )
-        return default
-    return float(value)
-
-
 def _known_keys(
     raw: dict[str, Any], allowed: tuple[str, ...], *, section: str, where: str, problems: list[str]
 ) -> None:
@@ -394,21 +372,7 @@ def _early_stopping(raw: Any, *, where: str, problems: list[str]) -> EarlyStoppi
         )
         return None
     _known_keys(raw, EARLY_STOPPING_KEYS, section="early_stopping", where=where, problems=problems)
-    section = "early_stopping "
-    grace = _integer(raw, "grace_period", None, low=1, section=section, where=where, problems=problems)
-    factor = _number(
-        raw,
-        "reduction_factor",
-        DEFAULT_REDUCTION_FACTOR,
-        above=1,
-        section=section,
-        where=where,
-        problems=problems,
-    )
-    brackets = _integer(raw, "brackets", 1, low=1, section=section, where=where, problems=problems)
-    return EarlyStopping(
-        grace_period=grace, reduction_factor=factor or DEFAULT_REDUCTION_FACTOR, brackets=brackets or 1
-    )
+    return build(EarlyStopping, raw, where=f"{where}: early_stopping", problems=problems)
 
 
 def _resources(raw: Any, *, where: str, problems: list[str]) -> RayOverrides:
@@ -418,25 +382,13 @@ def _resources(raw: Any, *, where: str, problems: list[str]) -> RayOverrides:
         )
         return RayOverrides()
     _known_keys(raw, RESOURCE_KEYS, section="resources_per_trial", where=where, problems=problems)
-    section = "resources_per_trial "
+    where = f"{where}: resources_per_trial"
+    resources = build(TrialResources, raw, where=where, problems=problems) or TrialResources()
     return RayOverrides(
-        num_workers=_integer(
-            raw, "num_workers", None, low=1, section=section, where=where, problems=problems
-        ),
-        cpus_per_worker=_number(
-            raw, "cpus_per_worker", None, above=0, section=section, where=where, problems=problems
-        ),
-        gpus_per_worker=_number(
-            raw,
-            "gpus_per_worker",
-            None,
-            above=0,
-            inclusive=True,
-            section=section,
-            where=where,
-            problems=problems,
-        ),
-        gpus_source=f"{where}: resources_per_trial gpus_per_worker =",
+        num_workers=resources.num_workers,
+        cpus_per_worker=resources.cpus_per_worker,
+        gpus_per_worker=resources.gpus_per_worker,
+        gpus_source=f"{where} gpus_per_worker =",
     )
 
 

@@ -151,18 +151,18 @@ def test_the_factor_rescales_every_preset_entry_and_keeps_the_base_exactly(tmp_p
         ({**GOOD_SWEEP, "sampler": {"n_startup": 2}}, "sampler 'n_startup' is not a TPESampler setting"),
         (
             {**GOOD_SWEEP, "early_stopping": {"reduction_factor": 1}},
-            "'reduction_factor' = 1: expected a number > 1",
+            "early_stopping: 'reduction_factor' = 1: expected a number > 1",
         ),
         ({**GOOD_SWEEP, "resources_per_trial": {"workers": 2}}, "did you mean 'num_workers'"),
         (
             {**GOOD_SWEEP, "resources_per_trial": {"gpus_per_worker": -1}},
-            "resources_per_trial 'gpus_per_worker' = -1: expected a number >= 0",
+            "resources_per_trial: 'gpus_per_worker' = -1: expected a number >= 0",
         ),
         (
             {**GOOD_SWEEP, "early_stopping": {"grace_period": 0}},
-            "'grace_period' = 0: expected an integer >= 1",
+            "early_stopping: 'grace_period' = 0: expected a number >= 1",
         ),
-        ({**GOOD_SWEEP, "num_samples": 0}, "'num_samples' = 0: expected an integer >= 1"),
+        ({**GOOD_SWEEP, "num_samples": 0}, "'num_samples' = 0: expected a number >= 1"),
         ("[1, 2]", "expected a JSON object"),
         ('{"parameters": {', "invalid JSON at line 1"),
     ],
