@@ -421,8 +421,8 @@ def test_raytuner_train_publishes_every_checkpoint_and_the_final_adapter_without
     hub: HubServer, tiny_cosmos_dir: Path, cosmos_data: Data, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     root = tmp_path_factory.mktemp("hub-e2e")
-    data = cosmos_data  # the session's images: their cache is built by the first run that trains on them
-    config = write_run_files(root, data.model, data.datasets, **E2E_CONFIG).config
+    # The session's images: their cache is built by whichever run trains on them first.
+    config = write_run_files(root, cosmos_data.model, cosmos_data.datasets, **E2E_CONFIG).config
     temp_dir, remove_temp = short_temp_dir(tmp_path_factory, "rh")
     environment = {
         name: value
