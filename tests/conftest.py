@@ -7,12 +7,16 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from raytuner.ray_runtime import free_port
 from tests.ray_cluster import RayCluster
 from tests.s3_server import S3Server
+
+if TYPE_CHECKING:
+    from tests.training_data import Data
 
 # Tests never reach a model hub: everything they load is built offline by raytuner itself.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,6 +39,22 @@ def tiny_cosmos_dir(tiny_checkpoints: dict[str, Path]) -> Path:
 @pytest.fixture(scope="session")
 def tiny_omnigen_dir(tiny_checkpoints: dict[str, Path]) -> Path:
     return tiny_checkpoints["omnigen"]
+
+
+@pytest.fixture(scope="session")
+def cosmos_data(tmp_path_factory: pytest.TempPathFactory, tiny_cosmos_dir: Path) -> Data:
+    """8 training and 2 held-out tiny Cosmos2 images (no masks) with their cache folders, shared by
+    every module that trains on them.
+
+    The first run on them builds their cache (text, latents, held-out latents); later runs, in any
+    module, find it built and encode nothing, as a user's next run on the same data does. Building
+    it once instead of once per module saves a Ray Data build (a text and a VAE actor) each time.
+    """
+    # Imported here: the helper loads raytuner's config and model code, which the session's
+    # collection (and the tests that use no model) need not wait for.
+    from tests.training_data import cosmos_training_data
+
+    return cosmos_training_data(tmp_path_factory.mktemp("cosmos-data"), tiny_cosmos_dir)
 
 
 @pytest.fixture(scope="session")

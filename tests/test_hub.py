@@ -39,7 +39,7 @@ from raytuner.outputs import write_config_copies, write_model_card
 from tests.cache.helpers import draw_images, image_dataset, text_dataset, write_run_files
 from tests.hub_server import Commit, HubServer
 from tests.ray_head import clean_environment, short_temp_dir
-from tests.training_data import Data, cosmos_training_data
+from tests.training_data import Data
 
 TOKEN = "hf_raytuner_hub_test_token_5f2c9a"
 USER = "tester"
@@ -418,11 +418,11 @@ E2E_CONFIG: dict[str, Any] = {
 @pytest.mark.ray  # raytuner train starts a local Ray of its own
 @pytest.mark.slow
 def test_raytuner_train_publishes_every_checkpoint_and_the_final_adapter_without_leaking_the_token(
-    hub: HubServer, tiny_cosmos_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    hub: HubServer, tiny_cosmos_dir: Path, cosmos_data: Data, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     root = tmp_path_factory.mktemp("hub-e2e")
-    data: Data = cosmos_training_data(root / "data", tiny_cosmos_dir)
-    config = write_run_files(root, data.model, data.datasets, **E2E_CONFIG).config
+    # The session's images: their cache is built by whichever run trains on them first.
+    config = write_run_files(root, cosmos_data.model, cosmos_data.datasets, **E2E_CONFIG).config
     temp_dir, remove_temp = short_temp_dir(tmp_path_factory, "rh")
     environment = {
         name: value

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from raytuner.cache import format as fmt
 from raytuner.cache.folders import adopt_orphans, load_committed
@@ -49,9 +50,13 @@ from raytuner.config.datasets import DatasetConfig
 from raytuner.config.run import RunConfig
 from raytuner.data import discovery
 from raytuner.errors import find_error
-from raytuner.models.base import ModelFamily
 from raytuner.models.registry import get_family
 from raytuner.ray_runtime import original_map_errors, ray_session
+
+if TYPE_CHECKING:
+    # Only annotations name the family class: importing it would load torch and diffusers
+    # into every process that only reads or writes the cache's files.
+    from raytuner.models.base import ModelFamily
 
 logger = logging.getLogger(__name__)
 

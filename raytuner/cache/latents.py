@@ -11,6 +11,7 @@ import posixpath
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
@@ -22,9 +23,13 @@ from raytuner.cache.summary import BucketSummary, DatasetSummary, shared_note
 from raytuner.config.run import RunConfig
 from raytuner.data import discovery
 from raytuner.data.discovery import SkippedFile
-from raytuner.models.base import ModelFamily
 from raytuner.placement import actor_gpus, cluster_facts, default_actor_count
 from raytuner.storage import StorageError, describe_error, write_bytes_atomic
+
+if TYPE_CHECKING:
+    # Only annotations name the family class: importing it would load torch and diffusers
+    # into every process that only reads or writes the cache's files.
+    from raytuner.models.base import ModelFamily
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raytuner.cache.format import CacheError
 from raytuner.cache.identity import component_identity, encoder_key
@@ -25,9 +25,13 @@ from raytuner.config.paths import display
 from raytuner.config.run import RunConfig
 from raytuner.data import discovery
 from raytuner.data.buckets import BucketError, BucketSettings
-from raytuner.models.base import ModelFamily
 from raytuner.models.registry import get_family
 from raytuner.storage import Location, has_scheme
+
+if TYPE_CHECKING:
+    # Only annotations name the family class: importing it would load torch and diffusers
+    # into every process that only reads or writes the cache's files.
+    from raytuner.models.base import ModelFamily
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import pyarrow as pa
 
@@ -19,9 +19,13 @@ from raytuner.cache.keys import caption_key
 from raytuner.cache.rows import DatasetWork
 from raytuner.cache.settings import EncoderIdentity, role_prompts, skips, text_cache_location, text_dataset
 from raytuner.config.run import RunConfig
-from raytuner.models.base import ModelFamily
 from raytuner.placement import actor_gpus, cluster_facts
 from raytuner.storage import Location
+
+if TYPE_CHECKING:
+    # Only annotations name the family class: importing it would load torch and diffusers
+    # into every process that only reads or writes the cache's files.
+    from raytuner.models.base import ModelFamily
 
 logger = logging.getLogger(__name__)
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from raytuner.errors import RaytunerError
-from raytuner.models.base import ModelFamily
+
+if TYPE_CHECKING:
+    from raytuner.models.base import ModelFamily
 
 _FAMILIES: dict[str, type[ModelFamily]] = {}
 

@@ -275,7 +275,11 @@ def test_identical_files_share_a_latent_row_and_train_as_samples_of_their_own(
 
 
 def test_a_killed_build_leaves_the_old_cache_and_the_next_run_finishes_it(
-    built: dict[str, Any], tmp_path: Path, tiny_cosmos_dir: Path, ray_cluster: Any
+    built: dict[str, Any],
+    tmp_path: Path,
+    tiny_cosmos_dir: Path,
+    ray_cluster: Any,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     files, images = _copy_run(built, tmp_path, tiny_cosmos_dir)
     vae_cache = tmp_path / "cache" / "vae"
@@ -312,23 +316,21 @@ def test_a_killed_build_leaves_the_old_cache_and_the_next_run_finishes_it(
     for shard in orphans:
         pq.read_metadata(shard)
 
-    finished = subprocess.run(
-        [sys.executable, "-m", "raytuner.cli", "cache", "--config", str(files.config)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    assert "images/s" in finished.stdout and "text-embeds" in finished.stdout
+    # The next run is the same command in this process, on the session's Ray: only the killed
+    # build needs a process of its own (one a kill can stop), and a second one would only add its
+    # start-up and its connection to the cluster.
+    capsys.readouterr()
+    code = main(["cache", "--config", str(files.config)])
+    finished = capsys.readouterr()
+    assert code == 0, finished.err[-3000:]
+    assert "images/s" in finished.out and "text-embeds" in finished.out
     manifest = read_manifest(Location(uri=str(vae_cache)))
     assert manifest is not None and manifest.rows == 24
     assert _committed_keys(vae_cache) > before
     adopted = sum(pq.read_metadata(shard).num_rows for shard in orphans)
     # Rows of the killed build's whole shards are adopted, not encoded again; the rest is encoded
     # one image per VAE call (vae_batch_size 1).
-    table_row = next(line for line in finished.stdout.splitlines() if line.startswith("shapes "))
+    table_row = next(line for line in finished.out.splitlines() if line.startswith("shapes "))
     assert table_row.split()[:4] == ["shapes", "all", "24", str(12 - adopted)]
 
 

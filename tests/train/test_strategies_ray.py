@@ -22,7 +22,6 @@ from tests.training_data import (
     Data,
     assert_same_adapter,
     checkpoints,
-    cosmos_training_data,
     train,
     train_lines,
 )
@@ -38,11 +37,6 @@ RUN: dict[str, Any] = {
     "validation_step_interval": 2,
     "eval_steps_interval": 2,
 }
-
-
-@pytest.fixture(scope="module")
-def cosmos_data(tmp_path_factory: pytest.TempPathFactory, tiny_cosmos_dir: Path) -> Data:
-    return cosmos_training_data(tmp_path_factory.mktemp("strategy-data"), tiny_cosmos_dir)
 
 
 @pytest.fixture(scope="module")

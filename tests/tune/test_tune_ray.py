@@ -35,7 +35,7 @@ from raytuner.tune.command import SweepOutcome, run_sweep
 from raytuner.tune.sweep import read_sweep
 from tests.cache.helpers import write_run_files
 from tests.ray_head import clean_environment, short_temp_dir
-from tests.training_data import Data, cosmos_training_data
+from tests.training_data import Data
 from tests.wandb_records import offline_runs
 
 pytestmark = pytest.mark.slow
@@ -116,9 +116,10 @@ def cache_counts(data: Data) -> dict[str, tuple[int, int]]:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory, tiny_cosmos_dir: Path) -> Data:
-    """8 training and 2 eval images; their cache is built by the first sweep."""
-    return cosmos_training_data(tmp_path_factory.mktemp("tune-data"), tiny_cosmos_dir)
+def data(cosmos_data: Data) -> Data:
+    """The session's 8 training and 2 eval images: the sweep's cache step builds their cache when no
+    earlier run has, and finds it built otherwise; either way no trial encodes anything."""
+    return cosmos_data
 
 
 @pytest.fixture(scope="module")
