@@ -25,15 +25,18 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from raytuner.config.errors import ConfigError
+from raytuner.config.fields import build
 from raytuner.config.paths import display, find_input_file, input_candidates
 from raytuner.config.surface import did_you_mean
 
-WEBHOOK_TYPES: tuple[str, ...] = ("discord", "raw")
+WebhookType = Literal["discord", "raw"]
+WEBHOOK_TYPES: tuple[str, ...] = get_args(WebhookType)
 # SimpleTuner's levels, most severe first; a target with level L receives messages of level <= L.
-LOG_LEVELS: dict[str, int] = {"critical": 0, "error": 1, "warning": 2, "info": 3, "debug": 4}
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+LOG_LEVELS: dict[str, int] = {level: rank for rank, level in enumerate(get_args(LogLevel))}
 URL_KEYS: dict[str, str] = {"discord": "webhook_url", "raw": "callback_url"}
 KNOWN_KEYS: tuple[str, ...] = (
     "webhook_type",
@@ -50,10 +53,10 @@ KNOWN_KEYS: tuple[str, ...] = (
 class WebhookTarget:
     """One place a run's events go; plain data, so it travels to the workers in the job."""
 
-    webhook_type: str
+    webhook_type: WebhookType
     url: str = field(repr=False)  # a credential: never shown
     message_prefix: str | None = None
-    log_level: str = "info"
+    log_level: LogLevel = "info"
     auth_token: str | None = field(default=None, repr=False)
     ssl_no_verify: bool = False
 
@@ -118,6 +121,19 @@ def read_webhook_config(
     return targets, source
 
 
+@dataclass(frozen=True, kw_only=True)
+class _WebhookEntry:
+    """One entry of ``webhook_config`` as written, read by the same field rules as config.json."""
+
+    webhook_type: WebhookType
+    webhook_url: str | None = None
+    callback_url: str | None = None
+    message_prefix: str | None = None
+    log_level: LogLevel = "info"
+    auth_token: str | None = field(default=None, repr=False)
+    ssl_no_verify: bool = False
+
+
 def _read_target(entry: Any, *, place: str, problems: list[str]) -> WebhookTarget | None:
     if not isinstance(entry, Mapping):
         problems.append(f"{place}: expected an object, got {type(entry).__name__}")
@@ -129,15 +145,19 @@ def _read_target(entry: Any, *, place: str, problems: list[str]) -> WebhookTarge
                 f"{place}: unknown key '{key}'{did_you_mean(str(key), KNOWN_KEYS)}; "
                 f"expected some of: {', '.join(KNOWN_KEYS)}"
             )
-    kind = entry.get("webhook_type")
-    if kind not in WEBHOOK_TYPES:
-        shown = "not set" if kind is None else f"= {kind!r}"
-        hint = did_you_mean(kind, WEBHOOK_TYPES) if isinstance(kind, str) else ""
-        problems.append(f"{place}: 'webhook_type' {shown}: expected one of: {', '.join(WEBHOOK_TYPES)}{hint}")
+    values = dict(entry)
+    if isinstance(values.get("log_level"), str):
+        values["log_level"] = values["log_level"].lower()  # SimpleTuner reads levels in any case
+    if values.get("webhook_type") is None:
+        problems.append(f"{place}: 'webhook_type' not set: expected one of: {', '.join(WEBHOOK_TYPES)}")
         return None
+    written = build(_WebhookEntry, values, where=place, problems=problems)
+    if written is None:
+        return None
+    kind = written.webhook_type
     url_key = URL_KEYS[kind]
-    url = entry.get(url_key)
-    if not isinstance(url, str) or not url.strip():
+    url = getattr(written, url_key)
+    if url is None or not url.strip():
         other = URL_KEYS["raw" if kind == "discord" else "discord"]
         fix = (
             f"; rename '{other}' to '{url_key}' (SimpleTuner reads '{url_key}' for {kind})"
@@ -151,29 +171,13 @@ def _read_target(entry: Any, *, place: str, problems: list[str]) -> WebhookTarge
         problems.append(
             f"{place}: '{url_key}' is not an http(s) URL: expected https://… (value hidden: a credential)"
         )
-    level = entry.get("log_level", "info")
-    if not isinstance(level, str) or level.lower() not in LOG_LEVELS:
-        hint = did_you_mean(level, LOG_LEVELS) if isinstance(level, str) else ""
-        problems.append(f"{place}: 'log_level' = {level!r}: expected one of: {', '.join(LOG_LEVELS)}{hint}")
-    prefix = entry.get("message_prefix")
-    if prefix is not None and not isinstance(prefix, str):
-        problems.append(f"{place}: 'message_prefix' = {prefix!r}: expected text")
-    token = entry.get("auth_token")
-    if token is not None and not isinstance(token, str):
-        problems.append(f"{place}: 'auth_token' (value hidden): expected text")
-    no_verify = entry.get("ssl_no_verify", False)
-    if isinstance(no_verify, str) and no_verify.lower() in ("true", "false"):
-        no_verify = no_verify.lower() == "true"  # string booleans, as in SimpleTuner's config files
-    if not isinstance(no_verify, bool):
-        problems.append(f"{place}: 'ssl_no_verify' = {no_verify!r}: expected true or false")
     if len(problems) > before:
         return None
-    assert isinstance(url, str) and isinstance(level, str)
     return WebhookTarget(
         webhook_type=kind,
         url=url.strip(),
-        message_prefix=prefix,
-        log_level=level.lower(),
-        auth_token=token or None,
-        ssl_no_verify=bool(no_verify),
+        message_prefix=written.message_prefix,
+        log_level=written.log_level,
+        auth_token=written.auth_token or None,
+        ssl_no_verify=written.ssl_no_verify,
     )
