@@ -6,13 +6,16 @@ import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from raytuner.config.fields import build, field_names, problem, rule
 from raytuner.config.keys import KeyFindings, sort_key
+from raytuner.config.training import ResolutionType
 
-BACKEND_TYPES: tuple[str, ...] = ("local", "aws")
-DATASET_TYPES: tuple[str, ...] = ("image", "eval", "text_embeds", "conditioning")
+BackendType = Literal["local", "aws"]
+BACKEND_TYPES: tuple[str, ...] = get_args(BackendType)
+DatasetType = Literal["image", "eval", "text_embeds", "conditioning"]
+DATASET_TYPES: tuple[str, ...] = get_args(DatasetType)
 # SimpleTuner's conditioning_type values; only loss masks are implemented so far.
 CONDITIONING_TYPES: tuple[str, ...] = (
     "mask",
@@ -22,7 +25,8 @@ CONDITIONING_TYPES: tuple[str, ...] = (
     "reference_loose",
 )
 _LATER_CONDITIONING_TYPES = ("segmentation", "controlnet", "reference_strict", "reference_loose")
-CAPTION_STRATEGIES: tuple[str, ...] = ("filename", "textfile", "instanceprompt")
+CaptionStrategy = Literal["filename", "textfile", "instanceprompt"]
+CAPTION_STRATEGIES: tuple[str, ...] = get_args(CaptionStrategy)
 METADATA_BACKENDS: tuple[str, ...] = ("discovery",)
 # Values SimpleTuner accepts that raytuner does not handle yet: named in the error, not a typo.
 _LATER_BACKEND_TYPES = ("csv", "huggingface", "webshart", "memory")
@@ -52,29 +56,31 @@ class DatasetConfig:
     """One dataset entry, typed. Local paths are resolved by the loader."""
 
     id: str
-    type: str = field(metadata=rule(choices=BACKEND_TYPES, not_yet_supported=_LATER_BACKEND_TYPES))
-    dataset_type: str = field(
+    type: BackendType = field(metadata=rule(choices=BACKEND_TYPES, not_yet_supported=_LATER_BACKEND_TYPES))
+    dataset_type: DatasetType = field(
         default="image", metadata=rule(choices=DATASET_TYPES, not_yet_supported=_LATER_DATASET_TYPES)
     )
     default: bool = False
     disabled: bool = False
     instance_data_dir: Path | None = field(default=None, metadata=rule(path="input_dir"))
-    caption_strategy: str = field(
+    caption_strategy: CaptionStrategy = field(
         default="filename",
         metadata=rule(choices=CAPTION_STRATEGIES, not_yet_supported=_LATER_CAPTION_STRATEGIES),
     )
     instance_prompt: str | None = None
-    metadata_backend: str = field(
+    metadata_backend: Literal["discovery"] = field(
         default="discovery",
         metadata=rule(choices=METADATA_BACKENDS, not_yet_supported=_LATER_METADATA_BACKENDS),
     )
     crop: bool = False
-    crop_aspect: str = field(
+    crop_aspect: Literal["square", "preserve", "random", "closest"] = field(
         default="square", metadata=rule(choices=("square", "preserve", "random", "closest"))
     )
-    crop_style: str = field(default="random", metadata=rule(choices=("center", "centre", "random", "corner")))
+    crop_style: Literal["center", "centre", "random", "corner"] = field(
+        default="random", metadata=rule(choices=("center", "centre", "random", "corner"))
+    )
     resolution: int | float | None = field(default=None, metadata=rule(gt=0))
-    resolution_type: str | None = field(default=None, metadata=rule(choices=("pixel", "area", "pixel_area")))
+    resolution_type: ResolutionType | None = None
     minimum_image_size: int | float | None = field(default=None, metadata=rule(ge=0))
     maximum_image_size: int | float | None = field(default=None, metadata=rule(ge=0))
     target_downsample_size: int | float | None = field(default=None, metadata=rule(ge=0))
