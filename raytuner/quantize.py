@@ -158,7 +158,7 @@ def precision_problem(model: ModelSection, *, devices: Sequence[torch.device]) -
 def _memory_problem(model: ModelSection, memory: MemorySection) -> str | None:
     if not is_quantized(model):
         return None
-    if memory.deepspeed is not None:
+    if memory.deepspeed_config:
         # Checked with deepspeed 0.19.8, ZeRO-2 and ZeRO-3: deepspeed.initialize fails moving the
         # engine's module ("_apply(): Couldn't swap QLinear.weight", likewise torchao's Linear.weight).
         return (
