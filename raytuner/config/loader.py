@@ -30,6 +30,7 @@ from raytuner.config.paths import (
     input_candidates,
     output_path,
 )
+from raytuner.config.placeholders import fill_dataset_placeholders
 from raytuner.config.run import RunConfig
 from raytuner.config.seed import draw_seed, read_recorded_seed, seed_file
 from raytuner.config.surface import did_you_mean, flavours, key_aliases, simpletuner_families
@@ -413,7 +414,13 @@ def _load_datasets(
     except ConfigError as error:
         findings.problems.extend(error.problems)
         return []
-    parsed = parse_datasets(raw, where=where, strict=strict)
+    # SimpleTuner fills the placeholders before it reads any entry, so every rule sees the filled value.
+    filled = fill_dataset_placeholders(
+        raw, model_family=training.model.model_family, output_dir=str(training.output_dir), where=where
+    )
+    findings.problems.extend(filled.problems)
+    findings.warnings.extend(filled.warnings)
+    parsed = parse_datasets(filled.entries, where=where, strict=strict)
     findings.merge(parsed.findings)
     datasets = [
         _complete_dataset(dataset, training, path=path, findings=findings) for dataset in parsed.datasets
