@@ -454,6 +454,10 @@ def _complete_dataset(
             changes["minimum_image_size"] = training.data.minimum_image_size
     if dataset.instance_data_dir is not None and dataset.type == "local":
         changes["instance_data_dir"] = find_input_dir(dataset.instance_data_dir, named_in=path)
+    if dataset.parquet is not None and dataset.type == "local" and not has_scheme(dataset.parquet.path):
+        # SimpleTuner opens the table from the working directory; the dataset file's folder is tried too.
+        table = find_input_file(dataset.parquet.path, named_in=path) or output_path(dataset.parquet.path)
+        changes["parquet"] = dataclasses.replace(dataset.parquet, path=str(table))
     if dataset.encodes_latents and not dataset.cache_dir_vae:
         # SimpleTuner's default: one folder per dataset below output_dir (masks are cached
         # beside the latents of the image dataset that links them, so they need none).
