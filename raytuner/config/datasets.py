@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from raytuner.config.fields import build, field_names, problem, rule
+from raytuner.config.fields import build, derived, field_names, problem, rule
 from raytuner.config.keys import KeyFindings, sort_key
+from raytuner.config.parquet import PARQUET_BLOCK, PARQUET_KEYS, ParquetSettings, parse_parquet_block
 from raytuner.config.training import ResolutionType
 
 BackendType = Literal["local", "aws"]
@@ -25,9 +26,10 @@ CONDITIONING_TYPES: tuple[str, ...] = (
     "reference_loose",
 )
 _LATER_CONDITIONING_TYPES = ("segmentation", "controlnet", "reference_strict", "reference_loose")
-CaptionStrategy = Literal["filename", "textfile", "instanceprompt"]
+CaptionStrategy = Literal["filename", "textfile", "instanceprompt", "parquet"]
 CAPTION_STRATEGIES: tuple[str, ...] = get_args(CaptionStrategy)
-METADATA_BACKENDS: tuple[str, ...] = ("discovery",)
+MetadataBackend = Literal["discovery", "parquet"]
+METADATA_BACKENDS: tuple[str, ...] = get_args(MetadataBackend)
 # Values SimpleTuner accepts that raytuner does not handle yet: named in the error, not a typo.
 _LATER_BACKEND_TYPES = ("csv", "huggingface", "webshart", "memory")
 _LATER_DATASET_TYPES = (
@@ -39,8 +41,9 @@ _LATER_DATASET_TYPES = (
     "caption",
     "grounding",
 )
-_LATER_CAPTION_STRATEGIES = ("parquet", "csv", "huggingface")
-_LATER_METADATA_BACKENDS = ("parquet", "json", "huggingface")
+# SimpleTuner reads caption_strategy csv only from type csv datasets (refused above).
+_LATER_CAPTION_STRATEGIES = ("csv", "huggingface")
+_LATER_METADATA_BACKENDS = ("json", "huggingface")
 
 # SimpleTuner reads both spellings of these keys; raytuner stores the first.
 KEY_SPELLINGS: dict[str, str] = {
@@ -68,10 +71,12 @@ class DatasetConfig:
         metadata=rule(choices=CAPTION_STRATEGIES, not_yet_supported=_LATER_CAPTION_STRATEGIES),
     )
     instance_prompt: str | None = None
-    metadata_backend: Literal["discovery"] = field(
+    metadata_backend: MetadataBackend = field(
         default="discovery",
         metadata=rule(choices=METADATA_BACKENDS, not_yet_supported=_LATER_METADATA_BACKENDS),
     )
+    # The ``parquet`` block, read by parse_datasets (a nested object, not a flat option).
+    parquet: ParquetSettings | None = field(default=None, metadata=derived())
     crop: bool = False
     crop_aspect: Literal["square", "preserve", "random", "closest"] = field(
         default="square", metadata=rule(choices=("square", "preserve", "random", "closest"))
@@ -164,10 +169,24 @@ def parse_datasets(raw: Any, *, where: str, strict: bool) -> ParsedDatasets:
         if isinstance(dataset_id, str) and dataset_id:
             place = f"dataset '{dataset_id}'"
         label = f"{where}: {place}"
-        values = _sort_keys(entry, where=where, place=place, fields=fields, strict=strict, result=result)
+        block = entry.get(PARQUET_BLOCK)
+        values = _sort_keys(
+            {key: value for key, value in entry.items() if key != PARQUET_BLOCK},
+            where=where,
+            place=place,
+            fields=fields,
+            strict=strict,
+            result=result,
+        )
+        if block is not None:
+            values[PARQUET_BLOCK] = parse_parquet_block(
+                block, where=where, place=place, strict=strict, findings=result.findings
+            )
         dataset = build(DatasetConfig, values, where=label, problems=result.problems)
+        if dataset is not None and values.get(PARQUET_BLOCK) is not None:
+            dataset = dataclasses.replace(dataset, parquet=values[PARQUET_BLOCK])
         if dataset is not None:
-            _check_dataset(dataset, label=label, problems=result.problems)
+            _check_dataset(dataset, label=label, problems=result.problems, has_block=block is not None)
             result.datasets.append(dataset)
     if not result.problems:
         _check_dataset_list(result, where=where)
@@ -221,7 +240,7 @@ def _sort_keys(
     return values
 
 
-def _check_dataset(dataset: DatasetConfig, *, label: str, problems: list[str]) -> None:
+def _check_dataset(dataset: DatasetConfig, *, label: str, problems: list[str], has_block: bool) -> None:
     if not dataset.id.strip():
         problems.append(f"{label}: 'id' = '': expected a non-empty name; give each dataset a unique id")
     if dataset.type == "local" and dataset.needs_images and dataset.instance_data_dir is None:
@@ -231,6 +250,21 @@ def _check_dataset(dataset: DatasetConfig, *, label: str, problems: list[str]) -
         )
     if dataset.type == "aws" and not dataset.aws_bucket_name:
         problems.append(f"{label}: 'aws_bucket_name' is required for a dataset of type aws")
+    if dataset.metadata_backend == "parquet" and not has_block:
+        problems.append(
+            f"{label}: metadata_backend parquet needs a 'parquet' block; add "
+            '"parquet": {"path": "captions.parquet", "filename_column": "id", "caption_column": "description"}'
+        )
+    if dataset.caption_strategy == "parquet" and dataset.metadata_backend != "parquet":
+        problems.append(
+            problem(
+                label,
+                "caption_strategy",
+                "parquet",
+                'a dataset with "metadata_backend": "parquet", as SimpleTuner requires',
+                'set "metadata_backend": "parquet" and its "parquet" block, or use caption_strategy textfile',
+            )
+        )
     if dataset.caption_strategy == "instanceprompt" and not dataset.instance_prompt:
         problems.append(
             problem(
@@ -356,3 +390,8 @@ def default_text_embeds(*, existing_ids: set[str], cache_dir: str) -> DatasetCon
     return DatasetConfig(
         id=dataset_id, type="local", dataset_type="text_embeds", default=True, cache_dir=cache_dir
     )
+
+
+def dataset_keys() -> frozenset[str]:
+    """Every dataset key raytuner reads: the entry's fields and its nested ``parquet`` block's keys."""
+    return field_names(DatasetConfig) | {PARQUET_BLOCK} | PARQUET_KEYS

@@ -30,6 +30,7 @@ from raytuner.config.paths import (
     input_candidates,
     output_path,
 )
+from raytuner.config.placeholders import fill_dataset_placeholders
 from raytuner.config.run import RunConfig
 from raytuner.config.seed import draw_seed, read_recorded_seed, seed_file
 from raytuner.config.surface import did_you_mean, flavours, key_aliases, simpletuner_families
@@ -413,7 +414,13 @@ def _load_datasets(
     except ConfigError as error:
         findings.problems.extend(error.problems)
         return []
-    parsed = parse_datasets(raw, where=where, strict=strict)
+    # SimpleTuner fills the placeholders before it reads any entry, so every rule sees the filled value.
+    filled = fill_dataset_placeholders(
+        raw, model_family=training.model.model_family, output_dir=str(training.output_dir), where=where
+    )
+    findings.problems.extend(filled.problems)
+    findings.warnings.extend(filled.warnings)
+    parsed = parse_datasets(filled.entries, where=where, strict=strict)
     findings.merge(parsed.findings)
     datasets = [
         _complete_dataset(dataset, training, path=path, findings=findings) for dataset in parsed.datasets
@@ -447,6 +454,10 @@ def _complete_dataset(
             changes["minimum_image_size"] = training.data.minimum_image_size
     if dataset.instance_data_dir is not None and dataset.type == "local":
         changes["instance_data_dir"] = find_input_dir(dataset.instance_data_dir, named_in=path)
+    if dataset.parquet is not None and dataset.type == "local" and not has_scheme(dataset.parquet.path):
+        # SimpleTuner opens the table from the working directory; the dataset file's folder is tried too.
+        table = find_input_file(dataset.parquet.path, named_in=path) or output_path(dataset.parquet.path)
+        changes["parquet"] = dataclasses.replace(dataset.parquet, path=str(table))
     if dataset.encodes_latents and not dataset.cache_dir_vae:
         # SimpleTuner's default: one folder per dataset below output_dir (masks are cached
         # beside the latents of the image dataset that links them, so they need none).

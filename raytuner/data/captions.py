@@ -6,6 +6,7 @@
   line is one caption, and training draws one of them each time the image is used, as
   SimpleTuner does (raytuner draws it from the seed, the image and the step, so runs repeat).
 * ``instanceprompt``: the dataset's ``instance_prompt`` for every image.
+* ``parquet``: the dataset's metadata table (:mod:`raytuner.data.metadata_table`).
 """
 
 from __future__ import annotations

@@ -27,6 +27,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from raytuner.config.datasets import DatasetConfig
 from raytuner.data.captions import CaptionError, caption_file_for, caption_from_filename, caption_from_text
+from raytuner.data.metadata_table import (
+    MetadataTableError,
+    image_identifier,
+    read_caption_table,
+    table_location,
+)
 from raytuner.errors import RaytunerError
 from raytuner.storage import Location, S3Settings, StorageError, describe_error, list_files, read_bytes
 
@@ -77,6 +83,8 @@ class ListedFile:
     mtime_ns: int
     caption_path: str | None = None
     caption_fingerprint: str = ""
+    # caption_strategy parquet: the metadata table's captions, read when the dataset is listed.
+    table_captions: tuple[str, ...] = ()
 
     @property
     def fingerprint(self) -> str:
@@ -147,6 +155,13 @@ def list_dataset(dataset: DatasetConfig, *, captions: bool = True) -> Listing:
     except StorageError as error:
         raise DatasetError(f"dataset '{dataset.id}': cannot list {location}: {error}") from None
     by_path = {info.path: info for info in infos}
+    table: dict[str, tuple[str, ...]] | None = None
+    if captions and dataset.caption_strategy == "parquet":
+        where = table_location(dataset, location.s3)
+        try:
+            table = read_caption_table(dataset, where)
+        except MetadataTableError as error:
+            raise DatasetError(str(error)) from None
     for info in sorted(infos, key=lambda item: item.path):
         relative = posixpath.relpath(info.path, root) if root else info.path
         parts = relative.split("/")
@@ -173,6 +188,20 @@ def list_dataset(dataset: DatasetConfig, *, captions: bool = True) -> Listing:
                 )
                 continue
             caption_fp = f"{caption_info.size}|{_mtime_ns(caption_info)}"
+        table_captions: tuple[str, ...] = ()
+        if table is not None:
+            assert dataset.parquet is not None
+            table_captions = table.get(image_identifier(relative, dataset.parquet), ())
+            if not table_captions:
+                listing.skipped.append(
+                    SkippedFile(
+                        dataset_id=dataset.id,
+                        relative=relative,
+                        reason=f"no caption for {image_identifier(relative, dataset.parquet)!r} in "
+                        f"{posixpath.basename(dataset.parquet.path)} (caption_strategy parquet)",
+                    )
+                )
+                continue
         listing.files.append(
             ListedFile(
                 dataset_id=dataset.id,
@@ -182,6 +211,7 @@ def list_dataset(dataset: DatasetConfig, *, captions: bool = True) -> Listing:
                 mtime_ns=_mtime_ns(info),
                 caption_path=caption_path,
                 caption_fingerprint=caption_fp,
+                table_captions=table_captions,
             )
         )
     return listing
@@ -285,6 +315,8 @@ def captions_for(listed: ListedFile, probe: Probe, dataset: DatasetConfig) -> tu
         if not caption:
             raise CaptionError("the file name gives an empty caption (caption_strategy filename)")
         return (caption,)
+    if dataset.caption_strategy == "parquet":
+        return listed.table_captions
     return probe.captions
 
 

@@ -174,11 +174,40 @@ BAD_CASES: list[tuple[str, dict[str, Any], list[str]]] = [
                     "id": "images",
                     "type": "local",
                     "instance_data_dir": "images",
+                    "caption_strategy": "csv",
+                }
+            ]
+        },
+        ["'csv' is not supported yet"],
+    ),
+    (
+        "parquet-captions-without-parquet-metadata",
+        {
+            "datasets": [
+                {
+                    "id": "images",
+                    "type": "local",
+                    "instance_data_dir": "images",
                     "caption_strategy": "parquet",
                 }
             ]
         },
-        ["'parquet' is not supported yet"],
+        ["'caption_strategy' = 'parquet': expected a dataset with \"metadata_backend\": \"parquet\""],
+    ),
+    (
+        "parquet-metadata-without-path",
+        {
+            "datasets": [
+                {
+                    "id": "images",
+                    "type": "local",
+                    "instance_data_dir": "images",
+                    "metadata_backend": "parquet",
+                    "parquet": {"caption_column": "text"},
+                }
+            ]
+        },
+        ["dataset 'images': 'parquet.path' = null: expected the metadata table's file"],
     ),
     (
         "instanceprompt-without-prompt",
