@@ -4,7 +4,8 @@ SimpleTuner fills every string value of every dataset entry, nested lists and ob
 included (never the keys), before it reads the entry: ``{model_family}``, ``{output_dir}``,
 ``{id}`` (the entry's own id as written) and ``{env:NAME}`` (the environment variable, empty
 when unset). It leaves any other ``{...}`` as written, so a typo becomes a folder literally
-named ``{modelfamily}``; raytuner refuses it instead, naming the placeholder.
+named ``{modelfamily}``; raytuner refuses it instead, naming the placeholder, except in a prompt
+(``instance_prompt``), whose braces may be the user's own words.
 """
 
 from __future__ import annotations
@@ -90,11 +91,18 @@ class _Filler:
             return self.env.get(name, "")
         if token in self.variables:
             return self.variables[token]
+        if _is_text(key):
+            return match.group(0)  # words in a prompt, as SimpleTuner leaves them: "a {red} car"
         self.result.problems.append(
             f"{self.label}: '{key}' = {_shown(key, value)}: unknown placeholder {match.group(0)}; "
             f"expected one of {', '.join(KNOWN_PLACEHOLDERS)}; fix its name, or remove the braces"
         )
         return match.group(0)
+
+
+def _is_text(key: str) -> bool:
+    """A value that is words for the model (``instance_prompt``), not a name or a path."""
+    return re.sub(r"\[\d+\]", "", key).rsplit(".", 1)[-1].endswith("prompt")
 
 
 def _shown(key: str, value: str) -> str:

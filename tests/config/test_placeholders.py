@@ -10,7 +10,7 @@ import pytest
 from raytuner.config import load_config
 from raytuner.config.errors import ConfigError
 from raytuner.config.placeholders import fill_dataset_placeholders
-from tests.config.helpers import WriteRun
+from tests.config.helpers import BASE_DATASETS, WriteRun
 
 TEXT = {
     "id": "text",
@@ -89,3 +89,12 @@ def test_a_secret_with_an_unknown_placeholder_stays_hidden() -> None:
     [line] = filled.problems
     assert "unknown placeholder {secret}" in line
     assert "= '{secret}'" not in line
+
+
+def test_braces_in_a_prompt_are_the_users_words(write_run: WriteRun) -> None:
+    datasets = [
+        {**BASE_DATASETS[0], "caption_strategy": "instanceprompt", "instance_prompt": "a {red} car by {id}"},
+        BASE_DATASETS[1],
+    ]
+    run = load_config(write_run(datasets=datasets))
+    assert run.datasets[0].instance_prompt == "a {red} car by images"
