@@ -215,7 +215,12 @@ def format_markdown() -> str:
         "- **not-applicable**: meaningless on raytuner; the warning says what replaces it (a switch left "
         "off, or a value that asks for nothing raytuner does not already do, is silent).",
         "",
-        "Any other key is unknown: a warning naming the closest known key (an error under `--strict`).",
+        "Any other key is unknown. One that is a near miss of a known key (`learning-rate`, "
+        "`lerning_rate` for `learning_rate`) is an error naming the key meant, since the run would "
+        "otherwise use that option's default; any other is a warning naming the closest known key (an "
+        "error under `--strict`). A key written both with and without `--` (`learning_rate`, "
+        "`--learning_rate`) keeps the later value with a warning, as SimpleTuner's argparse does. An "
+        "unsupported `model_family` is reported alone, before any other key is checked.",
         "",
         f"Config options honoured: **{config_counts['honoured']} of {sum(config_counts.values())}** "
         f"({honoured_share('config'):.1%}).",
