@@ -308,7 +308,15 @@ def _env_options(path: Path) -> ConfigOptions:
     values = {name: " ".join(words) for name, words in variables.items() if words}
     for name, target in ENV_TO_OPTION.items():
         if name in values:
-            _add_env_option(target, _unquote(values[name]), options)
+            value = _unquote(values[name])
+            if value.lower() == "false":
+                # SimpleTuner passes nothing for it, so a switch that defaults on stays on.
+                options.notes.append(
+                    f"{where}: {name}=false passes nothing, as in SimpleTuner: "
+                    f"{target.partition('=')[0]} keeps its default"
+                )
+                continue
+            _add_env_option(target, value, options)
     extra = values.get(EXTRA_ARGS_VARIABLE, "")
     options.pairs.extend(_extra_args(extra, where=where, warnings=options.warnings))
     for name in values:
@@ -337,8 +345,6 @@ def _unquote(value: str) -> str:
 def _add_env_option(target: str, value: str, options: ConfigOptions) -> None:
     key, _, fixed = target.partition("=")
     written = f"--{key}"
-    if value.lower() == "false":
-        return  # SimpleTuner passes nothing, so the option keeps its default
     if value.lower() == "true":
         options.pairs.append((written, fixed or True))
     else:
