@@ -1,9 +1,11 @@
 """``load_config``: SimpleTuner's three files in, one typed ``RunConfig`` out.
 
+The config may be config.json, config.toml or config.env (``raytuner/config/formats.py``).
 Nothing is silently dropped: every key is sorted by the compatibility table
 (``raytuner/config/compatibility.py``): a field, a SimpleTuner alias (mapped, with a note), a
 not-yet-supported option (warning), a not-applicable one (warning saying what replaces it), or
-unknown (warning with the closest known key). ``strict=True`` refuses unknown keys one by one
+unknown (an error for a near miss of a known key, else a warning with the closest known key); a
+key set twice keeps the later value, as in SimpleTuner. ``strict=True`` refuses unknown keys one by one
 and not-yet-supported ones in a single line. Problems are collected across all three files and
 raised together as one ``ConfigError``.
 """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import pytest
 
 from raytuner.config import ConfigError, load_config
 from raytuner.config.formats import options_as_object
+from raytuner.outputs import write_config_copies
 
 TOML = """
 model_family = "cosmos2image"
@@ -131,3 +133,12 @@ def test_config_env_of_an_environment_is_read_over_the_base_one(write_run: Any, 
     assert run.training.optimization.learning_rate == pytest.approx(3e-4)
     assert run.training.seed == 7  # from config/config.env
     assert any("read over config/config.env" in note for note in run.notes)
+
+
+def test_the_run_keeps_a_config_json_copy_of_a_toml_or_env_config(write_run: Any, tmp_path: Path) -> None:
+    for name, text in (("config.toml", TOML), ("config.env", ENV)):
+        run = load_config(_write(write_run, name, text))
+        (copy, *_rest) = write_config_copies(run, tmp_path / name.replace(".", "-"))
+        written = json.loads(copy.read_text(encoding="utf-8"))
+        assert copy.name == "config.json" and written == options_as_object(run.sources["config"]), name
+        assert written.get("model_family", written.get("--model_family")) == "cosmos2image", name
