@@ -25,8 +25,24 @@ EXIT_BUG = 1
 EXIT_ERROR = 2
 # huggingface_hub reads this once, when it is first imported.
 HUB_TELEMETRY_ENV = "HF_HUB_DISABLE_TELEMETRY"
+CONFIG_HELP = (
+    "config.json, config.toml or config.env (default: found as SimpleTuner finds it: config/config.json, "
+    ".toml or .env, or as ENV / SIMPLETUNER_ENV, CONFIG_PATH and CONFIG_BACKEND / CONFIG_TYPE choose)"
+)
 
 logger = logging.getLogger(__name__)
+
+
+def _config_path(args: argparse.Namespace) -> str:
+    """``--config``, else the file SimpleTuner would read here (config/config.json, ENV, CONFIG_PATH,
+    CONFIG_BACKEND), printed so the user sees which one runs."""
+    if args.config is not None:
+        return str(args.config)
+    from raytuner.config.search import find_config
+
+    found = find_config()
+    print(found.describe(), flush=True)
+    return str(found.path)
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -34,13 +50,9 @@ def _check_config(args: argparse.Namespace) -> int:
 
     if args.keys:
         return print_keys(args.format)
-    if args.config is None:
-        from raytuner.errors import RaytunerError
-
-        raise RaytunerError("check-config needs --config config.json (or --keys to print the key table)")
     from raytuner.train.preflight import check_config_main
 
-    return check_config_main(args.config, strict=args.strict)
+    return check_config_main(_config_path(args), strict=args.strict)
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
@@ -69,7 +81,7 @@ def _cache(args: argparse.Namespace) -> int:
     from raytuner.train.preflight import preflight
     from raytuner.train.settings import read_settings
 
-    run = load_config(args.config, strict=args.strict)
+    run = load_config(_config_path(args), strict=args.strict)
     request = read_settings(run)
     with cluster_connection():
         problems = preflight(run, request.settle(), command="cache")
@@ -97,13 +109,13 @@ def _train(args: argparse.Namespace) -> int:
         storage_path=args.ray_storage_path,
         max_failures=args.ray_max_failures,
     )
-    return train_main(args.config, strict=args.strict, overrides=overrides)
+    return train_main(_config_path(args), strict=args.strict, overrides=overrides)
 
 
 def _tune(args: argparse.Namespace) -> int:
     from raytuner.tune.command import tune_main
 
-    return tune_main(args.config, args.sweep, strict=args.strict)
+    return tune_main(_config_path(args), args.sweep, strict=args.strict)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -189,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check-config",
         help="load a SimpleTuner config.json and print it resolved, or print the SimpleTuner compatibility table",
     )
-    check.add_argument("--config", help="path to config.json")
+    check.add_argument("--config", help=CONFIG_HELP)
     check.add_argument("--strict", action="store_true", help="make 'accepted, not yet supported' keys errors")
     check.add_argument(
         "--keys",
@@ -209,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         "cache",
         help="encode the datasets of a config into the Parquet latent and text caches (Ray Data), and update them",
     )
-    cache.add_argument("--config", required=True, help="path to config.json")
+    cache.add_argument("--config", help=CONFIG_HELP)
     cache.add_argument("--strict", action="store_true", help="make 'accepted, not yet supported' keys errors")
     cache.add_argument(
         "--rebuild",
@@ -229,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a LoKr adapter with Ray Train: check the config, build the cache, train, validate, write the adapter",
     )
-    train.add_argument("--config", required=True, help="path to config.json")
+    train.add_argument("--config", help=CONFIG_HELP)
     train.add_argument("--strict", action="store_true", help="make 'accepted, not yet supported' keys errors")
     _add_ray_flags(train)
     train.set_defaults(handler=_train)
@@ -238,9 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tune",
         help="sweep learning rate, LoKr factor, flow shift and more with Ray Tune + Optuna TPE + ASHA over one cache",
     )
-    tune.add_argument(
-        "--config", required=True, help="path to config.json: the base config, the first point tried"
-    )
+    tune.add_argument("--config", help=f"the base config, the first point tried: {CONFIG_HELP}")
     tune.add_argument(
         "--sweep",
         required=True,

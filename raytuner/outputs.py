@@ -19,6 +19,7 @@ from typing import Any
 
 from raytuner.adapters import ADAPTER_FILENAME
 from raytuner.config import RunConfig
+from raytuner.config.formats import options_as_object
 from raytuner.config.redact import redact
 from raytuner.evaluate.metrics import read_metrics
 from raytuner.models.registry import get_family
@@ -42,7 +43,8 @@ NOT_FOR_ALL_AUDIENCES = "not-for-all-audiences"
 
 
 def write_config_copies(run: RunConfig, output_dir: Path) -> list[Path]:
-    """The config files as run, redacted, under ``output_dir/config/``; and the resolved run."""
+    """The config files as run, redacted, under ``output_dir/config/`` (the options of any config
+    format as ``config.json``); and the resolved run."""
     folder = output_dir / CONFIG_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -50,7 +52,12 @@ def write_config_copies(run: RunConfig, output_dir: Path) -> list[Path]:
         source = run.sources.get(role)
         if source is None:
             continue
-        content: Any = json.loads(Path(source).read_text(encoding="utf-8"))
+        # A config.toml or config.env is copied as the config.json of the options it held.
+        content: Any = (
+            options_as_object(Path(source))
+            if role == "config"
+            else json.loads(Path(source).read_text(encoding="utf-8"))
+        )
         target = folder / name
         target.write_text(json.dumps(redact(content), indent=2) + "\n", encoding="utf-8")
         written.append(target)

@@ -23,6 +23,7 @@ from raytuner.errors import RaytunerError, find_error
 from raytuner.storage import Location, StorageError
 from raytuner.train.launcher import TrainError
 from raytuner.tune.command import SweepError
+from tests.config.helpers import clear_config_variables
 
 PACKAGE = Path(__file__).resolve().parents[1] / "raytuner"
 
@@ -189,11 +190,15 @@ def test_an_expected_error_is_one_error_line_per_problem_and_exit_2(
     ]
 
 
-def test_a_usage_problem_is_an_error_line_too(capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_usage_problem_is_an_error_line_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    clear_config_variables(monkeypatch)
     assert main(["check-config"]) == 2
-    assert capsys.readouterr().err.splitlines() == [
-        "error: check-config needs --config config.json (or --keys to print the key table)"
-    ]
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: no config file found (format json, looked at: config/config.json; ")
+    assert line.endswith("pass --config, or set CONFIG_PATH or ENV as for SimpleTuner")
 
 
 def _deep_bug() -> int:

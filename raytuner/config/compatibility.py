@@ -215,7 +215,25 @@ def format_markdown() -> str:
         "- **not-applicable**: meaningless on raytuner; the warning says what replaces it (a switch left "
         "off, or a value that asks for nothing raytuner does not already do, is silent).",
         "",
-        "Any other key is unknown: a warning naming the closest known key (an error under `--strict`).",
+        "Any other key is unknown. One that is a near miss of a known key (`learning-rate`, "
+        "`lerning_rate` for `learning_rate`) is an error naming the key meant, since the run would "
+        "otherwise use that option's default; any other is a warning naming the closest known key (an "
+        "error under `--strict`). A key written both with and without `--` (`learning_rate`, "
+        "`--learning_rate`) keeps the later value with a warning, as SimpleTuner's argparse does. An "
+        "unsupported `model_family` is reported alone, before any other key is checked.",
+        "",
+        "The options may come from `config.json`, `config.toml` (its top-level keys) or `config.env` "
+        "(SimpleTuner's variables, `LEARNING_RATE` for `learning_rate` and so on, then the words of "
+        "`TRAINER_EXTRA_ARGS`; `true` turns a switch on, `false` passes nothing so the option keeps "
+        "its default, as in SimpleTuner; a `config/<env>/config.env` is read over `config/config.env`). "
+        "Without `--config`, the file is found as SimpleTuner finds it: `config/config.env` is sourced "
+        "first; `SIMPLETUNER_ENVIRONMENT`, `SIMPLETUNER_ENV` or `ENV` names an environment "
+        "(`config/<env>/`); `SIMPLETUNER_CONFIG_BACKEND`, `CONFIG_BACKEND` or `CONFIG_TYPE` picks the "
+        "format, else the first of `config.json`, `config.toml`, `config.env` there; `CONFIG_PATH` "
+        "names the file or its folder (raytuner honours it for every format, SimpleTuner's own TOML "
+        "and env readers only look in `config/`). Unlike SimpleTuner, a `config.env` option is read "
+        "from the file only, never from a variable already in the environment, and `{env:NAME}` "
+        "placeholders in values are not expanded.",
         "",
         f"Config options honoured: **{config_counts['honoured']} of {sum(config_counts.values())}** "
         f"({honoured_share('config'):.1%}).",

@@ -3,8 +3,9 @@
 Every key a file holds is one of: a raytuner field (kept; if its status is still
 ``not-yet-supported`` and the value asks for something, it is reported as such), a
 ``not-applicable`` key (warning saying what replaces it, unless the value asks for nothing), a
-``not-yet-supported`` key without a field (reported), or unknown (warning with the closest known
-key; an error under ``--strict``).
+``not-yet-supported`` key without a field (reported), or unknown: an error when it is a near miss
+of a known key (``learning-rate``), else a warning with the closest known key (an error under
+``--strict``).
 Not-yet-supported keys are collected across all three files, so ``--strict`` can refuse them in
 one error that lists them all.
 """
@@ -16,7 +17,7 @@ from typing import Any
 
 from raytuner.config.compatibility import KeyStatus, Scope, key_status, keys_in
 from raytuner.config.redact import show_value
-from raytuner.config.surface import did_you_mean
+from raytuner.config.surface import did_you_mean, near_miss
 
 
 @dataclass(kw_only=True)
@@ -106,7 +107,16 @@ def sort_key(
     if row is None:
         if key in fields:
             return True
-        message = f"{label}: unknown key '{written or key}'{did_you_mean(key, fields | keys_in(scope))}"
+        known = fields | keys_in(scope)
+        meant = near_miss(key, known)
+        if meant is not None:
+            # A misspelt key would leave its option at the default, silently changing the run.
+            findings.problems.append(
+                f"{label}: unknown key '{written or key}' (did you mean '{meant}'?); fix the spelling, "
+                f"or the run would use the default {meant}"
+            )
+            return False
+        message = f"{label}: unknown key '{written or key}'{did_you_mean(key, known)}"
         (findings.problems if strict else findings.warnings).append(message)
         return False
     if row.status == "not-yet-supported" and not row.asks_nothing(value):

@@ -1,9 +1,11 @@
 """``load_config``: SimpleTuner's three files in, one typed ``RunConfig`` out.
 
+The config may be config.json, config.toml or config.env (``raytuner/config/formats.py``).
 Nothing is silently dropped: every key is sorted by the compatibility table
 (``raytuner/config/compatibility.py``): a field, a SimpleTuner alias (mapped, with a note), a
 not-yet-supported option (warning), a not-applicable one (warning saying what replaces it), or
-unknown (warning with the closest known key). ``strict=True`` refuses unknown keys one by one
+unknown (an error for a near miss of a known key, else a warning with the closest known key); a
+key set twice keeps the later value, as in SimpleTuner. ``strict=True`` refuses unknown keys one by one
 and not-yet-supported ones in a single line. Problems are collected across all three files and
 raised together as one ``ConfigError``.
 """
@@ -11,7 +13,6 @@ raised together as one ``ConfigError``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from raytuner.config.datasets import DatasetConfig, default_text_embeds, parse_d
 from raytuner.config.deepspeed import DeepSpeedConfigError, parse_deepspeed
 from raytuner.config.errors import ConfigError
 from raytuner.config.fields import CoercionError, build, coerce, field_names, problem
+from raytuner.config.formats import read_json, read_options
 from raytuner.config.keys import KeyFindings, sort_key
 from raytuner.config.lycoris import LycorisConfig, parse_lycoris
 from raytuner.config.paths import (
@@ -31,6 +33,7 @@ from raytuner.config.paths import (
     output_path,
 )
 from raytuner.config.placeholders import fill_dataset_placeholders
+from raytuner.config.redact import show_value
 from raytuner.config.run import RunConfig
 from raytuner.config.seed import draw_seed, read_recorded_seed, seed_file
 from raytuner.config.surface import did_you_mean, flavours, key_aliases, simpletuner_families
@@ -41,26 +44,6 @@ from raytuner.models.registry import family_aliases, get_family, known_families
 logger = logging.getLogger(__name__)
 
 
-def read_json(path: Path) -> Any:
-    """The decoded file; a missing file and malformed JSON are different errors."""
-    shown = display(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{shown}: file not found (working directory: {Path.cwd()})") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{shown}: is a folder, expected a JSON file") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{shown}: not UTF-8 text; save it as UTF-8 JSON") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ConfigError(
-            f"{shown}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}; "
-            "fix the syntax there (a trailing comma or a missing quote is the usual cause)"
-        ) from None
-
-
 def load_config(path: str | Path, *, strict: bool = False) -> RunConfig:
     """Load ``config.json`` and the files it names into a validated ``RunConfig``.
 
@@ -68,17 +51,18 @@ def load_config(path: str | Path, *, strict: bool = False) -> RunConfig:
     """
     config_path = Path(path).expanduser()
     if not config_path.is_file():
-        read_json(config_path)  # raises the not-found / is-a-folder error
+        read_options(config_path)  # raises the not-found / is-a-folder error
     config_path = config_path.resolve()
     where = display(config_path)
-    raw = read_json(config_path)
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            f'{where}: expected a JSON object of options ({{"model_family": ...}}), got a list or value'
-        )
-
-    findings = KeyFindings()
-    values = _sort_config_keys(raw, where=where, strict=strict, findings=findings)
+    options = read_options(config_path)
+    findings = KeyFindings(
+        problems=list(options.problems), warnings=list(options.warnings), notes=list(options.notes)
+    )
+    values = _sort_config_keys(options.pairs, where=where, strict=strict, findings=findings)
+    unsupported_family = _family_problem(values.get("model_family"), where=where)
+    if unsupported_family is not None:
+        # Nothing else is worth reading for a family raytuner cannot train: this line alone.
+        raise ConfigError(unsupported_family)
     training = build(TrainingConfig, values, where=where, problems=findings.problems)
     sources: dict[str, Path] = {"config": config_path}
     datasets: list[DatasetConfig] = []
@@ -123,22 +107,38 @@ def load_config(path: str | Path, *, strict: bool = False) -> RunConfig:
     )
 
 
+def _latest_values(
+    pairs: list[tuple[str, Any]], *, where: str, findings: KeyFindings
+) -> dict[str, tuple[str, Any]]:
+    """Each key (``--`` dropped) with the spelling and value set last, in first-seen order.
+
+    SimpleTuner passes every key to argparse as ``--key=value``, which keeps the later of two;
+    so does raytuner, saying so.
+    """
+    latest: dict[str, tuple[str, Any]] = {}
+    for written, value in pairs:
+        key = written.removeprefix("--")
+        if key in latest:
+            earlier, earlier_value = latest[key]
+            findings.warnings.append(
+                f"{where}: '{key}' is set twice (as '{earlier}' = {show_value(key, earlier_value)} and "
+                f"'{written}' = {show_value(key, value)}); using the later one, as SimpleTuner does; "
+                "remove the other to silence this warning"
+            )
+        latest[key] = (written, value)
+    return latest
+
+
 def _sort_config_keys(
-    raw: dict[str, Any], *, where: str, strict: bool, findings: KeyFindings
+    pairs: list[tuple[str, Any]], *, where: str, strict: bool, findings: KeyFindings
 ) -> dict[str, Any]:
-    """config.json keys as TrainingConfig field values; everything else is noted, warned or refused."""
+    """config keys as TrainingConfig field values; everything else is noted, warned or refused."""
     fields = field_names(TrainingConfig)
     values: dict[str, Any] = {}
-    written_as: dict[str, str] = {}
     aliased: list[tuple[str, str, Any]] = []
-    for written, value in raw.items():
-        key = written[2:] if written.startswith("--") else written
-        if key in written_as:
-            findings.problems.append(
-                f"{where}: '{key}' is set twice (as '{written_as[key]}' and '{written}'); keep one"
-            )
-            continue
-        written_as[key] = written
+    latest = _latest_values(pairs, where=where, findings=findings)
+    written_as = {key: written for key, (written, _value) in latest.items()}
+    for key, (written, value) in latest.items():
         if key in key_aliases():
             alias = key_aliases()[key]
             if alias.maps_to is None:
@@ -189,22 +189,9 @@ def _check_model(
     """The model section with the family's alias resolved and its flavour named."""
     family = model.model_family
     aliases = family_aliases()
-    supported_families = known_families()
     if family in aliases:
         model = dataclasses.replace(model, model_family=aliases[family])
         findings.notes.append(f"{where}: model_family '{family}' read as '{model.model_family}'")
-    elif family not in supported_families:
-        supported = ", ".join(supported_families)
-        if family in simpletuner_families():
-            findings.problems.append(
-                f"{where}: model_family '{family}' is not supported by raytuner (supported: {supported})"
-            )
-        else:
-            hint = did_you_mean(family, supported_families) or did_you_mean(family, simpletuner_families())
-            findings.problems.append(
-                f"{where}: 'model_family' = {family!r}: unknown model family{hint}; raytuner supports: {supported}"
-            )
-        return model
     valid = {flavour.name: flavour for flavour in flavours(model.model_family)}
     written = model.model_flavour
     if written is None:
@@ -243,6 +230,19 @@ def _check_model(
             )
         )
     return model
+
+
+def _family_problem(value: Any, *, where: str) -> str | None:
+    """The one line refusing a model family raytuner cannot train; None for a supported family
+    (or its alias) and for a value the field rules report (missing, not text)."""
+    if not isinstance(value, str) or value in family_aliases() or value in known_families():
+        return None
+    supported_families = known_families()
+    supported = ", ".join(supported_families)
+    if value in simpletuner_families():
+        return f"{where}: model_family '{value}' is not supported by raytuner (supported: {supported})"
+    hint = did_you_mean(value, supported_families) or did_you_mean(value, simpletuner_families())
+    return f"{where}: 'model_family' = {value!r}: unknown model family{hint}; raytuner supports: {supported}"
 
 
 def check_training(training: TrainingConfig, *, where: str, findings: KeyFindings) -> None:

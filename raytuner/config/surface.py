@@ -170,10 +170,24 @@ def flavours(family: str) -> tuple[Flavour, ...]:
     return tuple(flavour for flavour in _families_sections()[2] if flavour.family == family)
 
 
-def closest(name: str, candidates: Iterable[str]) -> str | None:
+# How alike two names must be (difflib's ratio) for one to be read as a misspelling of the other:
+# ``learning-rate`` or ``lerning_rate`` for ``learning_rate``, not ``validation_seed`` for ``seed``.
+NEAR_MISS = 0.85
+
+
+def closest(name: str, candidates: Iterable[str], *, cutoff: float = 0.6) -> str | None:
     """The candidate most like ``name`` (for did-you-mean), or None when nothing is close."""
-    matches = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.6)
+    matches = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=cutoff)
     return matches[0] if matches else None
+
+
+def near_miss(name: str, candidates: Iterable[str]) -> str | None:
+    """The known name ``name`` is a misspelling of (dashes for underscores, a letter off), or None."""
+    known = set(candidates)
+    respelt = name.strip("-").replace("-", "_").lower()
+    if respelt in known and respelt != name:
+        return respelt
+    return closest(name, known, cutoff=NEAR_MISS)
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:

@@ -28,7 +28,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from raytuner.adapters import ADAPTER_FILENAME
-from raytuner.config.loader import read_json
+from raytuner.config.formats import options_as_object, read_json
 from raytuner.config.overrides import PRESET_MAPS, rescale_preset_entry
 from raytuner.config.paths import display
 from raytuner.evaluate.metrics import read_metrics
@@ -320,7 +320,7 @@ def write_best(best: TrialOutcome, sweep: Sweep, output_dir: Path) -> tuple[Path
     ):
         if value is not None:
             training_values[key] = value
-    config = _without_keys(read_json(base.sources["config"]), training_values)
+    config = _without_keys(options_as_object(base.sources["config"]), training_values)
     config.update(training_values)
     for role in ("data_backend_config", "lycoris_config", "user_prompt_library"):
         if role in base.sources:

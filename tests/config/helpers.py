@@ -72,3 +72,11 @@ def make_write_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> WriteRun:
         return tmp_path / "config.json"
 
     return write
+
+
+def clear_config_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset the variables that choose SimpleTuner's config file, so a test sets only its own."""
+    from raytuner.config.search import BACKEND_VARIABLES, ENVIRONMENT_VARIABLES
+
+    for name in (*ENVIRONMENT_VARIABLES, *BACKEND_VARIABLES, "CONFIG_PATH"):
+        monkeypatch.delenv(name, raising=False)

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from raytuner.config import ConfigError, load_config
+from tests.config.helpers import BASE_CONFIG, BASE_LYCORIS
 
 
 def test_keys_with_leading_dashes_and_string_values(write_run: Any) -> None:
@@ -64,9 +65,15 @@ def test_dataset_and_lycoris_string_values_are_coerced(write_run: Any) -> None:
     )
 
 
-def test_the_same_key_twice_is_an_error(write_run: Any) -> None:
-    with pytest.raises(ConfigError, match="'seed' is set twice"):
-        load_config(write_run(config_updates={"--seed": 1}))
+def test_the_same_key_twice_keeps_the_later_one_with_a_warning(write_run: Any) -> None:
+    # SimpleTuner passes both to argparse as --seed=..., which keeps the later.
+    run = load_config(write_run(config_updates={"--seed": 1}))
+    assert run.training.seed == 1
+    (warning,) = [w for w in run.warnings if "set twice" in w]
+    assert warning.startswith("config.json: 'seed' is set twice (as 'seed' = 7 and '--seed' = 1)")
+    assert "using the later one" in warning
+    earlier = load_config(write_run(config={"--learning_rate": 2e-4, **BASE_CONFIG, "learning_rate": 1e-4}))
+    assert earlier.training.optimization.learning_rate == pytest.approx(1e-4)
 
 
 def test_simpletuner_aliases_are_mapped_with_a_note(write_run: Any, caplog: pytest.LogCaptureFixture) -> None:
@@ -122,15 +129,45 @@ def test_validation_prompt_library_path_is_read_as_user_prompt_library(write_run
     assert run.sources["user_prompt_library"] == tmp_path / "prompts.json"
 
 
-def test_unknown_key_warns_with_the_closest_known_key(
-    write_run: Any, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_misspelt_key_is_an_error_naming_the_key_meant(write_run: Any) -> None:
+    # Read as unknown, it would leave learning_rate at its default (4e-7): a different run.
+    config_path = write_run(
+        config_updates={"learning-rate": 1e-4, "lerning_rate": 1e-4, "--max_train_step": 5}
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(config_path)
+    assert caught.value.problems == (
+        "config.json: unknown key 'learning-rate' (did you mean 'learning_rate'?); fix the spelling, "
+        "or the run would use the default learning_rate",
+        "config.json: unknown key 'lerning_rate' (did you mean 'learning_rate'?); fix the spelling, "
+        "or the run would use the default learning_rate",
+        "config.json: unknown key '--max_train_step' (did you mean 'max_train_steps'?); fix the spelling, "
+        "or the run would use the default max_train_steps",
+    )
+
+
+def test_a_misspelt_dataset_or_lycoris_key_is_an_error(write_run: Any) -> None:
+    datasets = [
+        {"id": "images", "type": "local", "instance_data_dir": "images", "crop_stlye": "center"},
+        {"id": "text", "type": "local", "dataset_type": "text_embeds", "default": True},
+    ]
+    with pytest.raises(ConfigError) as caught:
+        load_config(write_run(datasets=datasets, lycoris={**BASE_LYCORIS, "factr": 2}))
+    problems = "\n".join(caught.value.problems)
+    assert (
+        "dataset 'images': unknown key 'crop_stlye' (did you mean 'crop_style'?); fix the spelling"
+        in problems
+    )
+    assert "lycoris_config.json: unknown key 'factr' (did you mean 'factor'?); fix the spelling" in problems
+
+
+def test_an_unknown_key_unlike_any_known_one_warns(write_run: Any, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="raytuner.config"):
-        run = load_config(write_run(config_updates={"learning_rat": 1e-4, "--max_train_step": 5}))
-    assert "config.json: unknown key 'learning_rat' (did you mean 'learning_rate'?)" in run.warnings
-    assert "config.json: unknown key '--max_train_step' (did you mean 'max_train_steps'?)" in run.warnings
+        run = load_config(write_run(config_updates={"learning_speed": 1e-4, "team_notes": "x"}))
+    assert "config.json: unknown key 'learning_speed' (did you mean 'learning_rate'?)" in run.warnings
+    assert "config.json: unknown key 'team_notes'" in run.warnings
     assert any("did you mean 'learning_rate'" in record.getMessage() for record in caplog.records)
-    assert run.training.optimization.learning_rate == pytest.approx(4e-7)  # the typo did not set anything
+    assert run.training.optimization.learning_rate == pytest.approx(4e-7)  # the key did not set anything
 
 
 def test_simpletuner_key_without_a_field_is_accepted_not_yet_supported(write_run: Any) -> None:
@@ -154,30 +191,26 @@ def test_strict_refuses_unknown_keys_everywhere(write_run: Any) -> None:
             "id": "images",
             "type": "local",
             "instance_data_dir": "images",
-            "crop_stlye": "center",
+            "owner": "me",
             "probability": 0.5,
         },
         {"id": "text", "type": "local", "dataset_type": "text_embeds", "default": True},
     ]
     config_path = write_run(
-        config_updates={"learning_rat": 1e-4}, datasets=datasets, lycoris={"algo": "lokr", "factr": 2}
+        config_updates={"team_notes": "x"}, datasets=datasets, lycoris={"algo": "lokr", "comment": "x"}
     )
     run = load_config(config_path)
-    assert any(
-        "dataset 'images': unknown key 'crop_stlye' (did you mean 'crop_style'?)" in w for w in run.warnings
-    )
+    assert any("dataset 'images': unknown key 'owner'" in w for w in run.warnings)
     assert any(
         "multidatabackend.json: accepted, not yet supported: probability = 0.5 (in dataset 'images')" in w
         for w in run.warnings
     )
-    assert any("lycoris_config.json: unknown key 'factr' (did you mean 'factor'?)" in w for w in run.warnings)
+    assert any("lycoris_config.json: unknown key 'comment'" in w for w in run.warnings)
     with pytest.raises(ConfigError) as caught:
         load_config(config_path, strict=True)
     # One line per unknown key, then one line listing every not-yet-supported key of the three files.
     assert len(caught.value.problems) == 4
-    assert (
-        caught.value.problems[0] == "config.json: unknown key 'learning_rat' (did you mean 'learning_rate'?)"
-    )
+    assert caught.value.problems[0] == "config.json: unknown key 'team_notes'"
     assert "multidatabackend.json: " in caught.value.problems[3] and "probability" in caught.value.problems[3]
 
 
@@ -286,3 +319,28 @@ def test_auto_shift_wins_over_a_static_shift_with_a_note(write_run: Any) -> None
     )
     assert any("flow_schedule_auto_shift is on" in note for note in run.notes)
     assert not any("applies no shift" in warning for warning in run.warnings)
+
+
+def test_an_unsupported_model_family_is_the_only_line(write_run: Any) -> None:
+    # Another family's config fails on its other keys too; the family is what to fix, so it is all
+    # that is said.
+    config_path = write_run(
+        config_updates={
+            "model_family": "flux",
+            "learning_rate": "fast",
+            "lora_type": "standard",
+            "flux_lora_target": "all",
+            "learning-rate": 1e-4,
+        }
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(config_path)
+    assert caught.value.problems == (
+        "config.json: model_family 'flux' is not supported by raytuner (supported: cosmos2image, omnigen)",
+    )
+    with pytest.raises(ConfigError) as typo:
+        load_config(write_run(config_updates={"model_family": "omnigne", "seed": "x"}))
+    (unknown,) = typo.value.problems
+    assert unknown.startswith(
+        "config.json: 'model_family' = 'omnigne': unknown model family (did you mean 'omnigen'?)"
+    )
