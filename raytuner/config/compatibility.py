@@ -232,8 +232,8 @@ def format_markdown() -> str:
         "format, else the first of `config.json`, `config.toml`, `config.env` there; `CONFIG_PATH` "
         "names the file or its folder (raytuner honours it for every format, SimpleTuner's own TOML "
         "and env readers only look in `config/`). Unlike SimpleTuner, a `config.env` option is read "
-        "from the file only, never from a variable already in the environment, and `{env:NAME}` "
-        "placeholders in values are not expanded.",
+        "from the file only, never from a variable already in the environment. As in SimpleTuner, "
+        "`{env:NAME}` in an option's value is the environment variable (empty when unset).",
         "",
         f"Config options honoured: **{config_counts['honoured']} of {sum(config_counts.values())}** "
         f"({honoured_share('config'):.1%}).",

@@ -32,7 +32,7 @@ from raytuner.config.paths import (
     input_candidates,
     output_path,
 )
-from raytuner.config.placeholders import fill_dataset_placeholders
+from raytuner.config.placeholders import fill_dataset_placeholders, fill_env_placeholders
 from raytuner.config.redact import show_value
 from raytuner.config.run import RunConfig
 from raytuner.config.seed import draw_seed, read_recorded_seed, seed_file
@@ -58,7 +58,8 @@ def load_config(path: str | Path, *, strict: bool = False) -> RunConfig:
     findings = KeyFindings(
         problems=list(options.problems), warnings=list(options.warnings), notes=list(options.notes)
     )
-    values = _sort_config_keys(options.pairs, where=where, strict=strict, findings=findings)
+    pairs = [(key, fill_env_placeholders(value)) for key, value in options.pairs]
+    values = _sort_config_keys(pairs, where=where, strict=strict, findings=findings)
     unsupported_family = _family_problem(values.get("model_family"), where=where)
     if unsupported_family is not None:
         # Nothing else is worth reading for a family raytuner cannot train: this line alone.

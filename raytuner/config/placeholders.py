@@ -100,6 +100,25 @@ class _Filler:
         return match.group(0)
 
 
+def fill_env_placeholders(value: Any, *, environ: Mapping[str, str] | None = None) -> Any:
+    """``value`` with every ``{env:NAME}`` in its strings (nested ones included) replaced by the
+    environment variable, empty when unset: what SimpleTuner does to each config option's value
+    (``{"hf_token": "{env:HF_TOKEN}"}``). Other braces are left as written."""
+    env = os.environ if environ is None else environ
+    if isinstance(value, str):
+        return _PLACEHOLDER.sub(
+            lambda match: (
+                env.get(match.group(1)[4:], "") if match.group(1).startswith("env:") else match.group(0)
+            ),
+            value,
+        )
+    if isinstance(value, list):
+        return [fill_env_placeholders(item, environ=env) for item in value]
+    if isinstance(value, dict):
+        return {key: fill_env_placeholders(item, environ=env) for key, item in value.items()}
+    return value
+
+
 def _is_text(key: str) -> bool:
     """A value that is words for the model (``instance_prompt``), not a name or a path."""
     return re.sub(r"\[\d+\]", "", key).rsplit(".", 1)[-1].endswith("prompt")

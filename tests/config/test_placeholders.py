@@ -98,3 +98,18 @@ def test_braces_in_a_prompt_are_the_users_words(write_run: WriteRun) -> None:
     ]
     run = load_config(write_run(datasets=datasets))
     assert run.datasets[0].instance_prompt == "a {red} car by images"
+
+
+def test_env_placeholders_in_config_values_are_the_environment(
+    write_run: WriteRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RAYTUNER_TEST_PROJECT", "lokr-sweeps")
+    monkeypatch.delenv("RAYTUNER_TEST_UNSET", raising=False)
+    config = write_run(
+        config_updates={
+            "tracker_project_name": "{env:RAYTUNER_TEST_PROJECT}",
+            "tracker_run_name": "run{env:RAYTUNER_TEST_UNSET}-{kept}",
+        }
+    )
+    tracking = load_config(config).training.tracking
+    assert (tracking.tracker_project_name, tracking.tracker_run_name) == ("lokr-sweeps", "run-{kept}")
