@@ -194,6 +194,7 @@ def parse_datasets(raw: Any, *, where: str, strict: bool) -> ParsedDatasets:
         dataset = build(DatasetConfig, values, where=label, problems=result.problems)
         if dataset is not None:
             dataset = _hub_defaults(dataset, values, derived_values)
+            _check_hub_keys_elsewhere(dataset, values, block, label=label, problems=result.problems)
             _check_dataset(dataset, label=label, problems=result.problems)
             result.datasets.append(dataset)
     if not result.problems:
@@ -307,6 +308,20 @@ def _hub_defaults(dataset: DatasetConfig, values: dict[str, Any], block: dict[st
     return dataclasses.replace(dataset, **changes)
 
 
+def _check_hub_keys_elsewhere(
+    dataset: DatasetConfig, values: dict[str, Any], block: Any, *, label: str, problems: list[str]
+) -> None:
+    """Hugging Face keys on another type of dataset would be ignored: each is named instead."""
+    if dataset.type == "huggingface":
+        return
+    named = [key for key in HUB_SHARED_KEYS if key in values] + (["huggingface"] if block is not None else [])
+    for key in named:
+        problems.append(
+            f"{label}: '{key}' is read only for a dataset of type huggingface; remove it, "
+            'or set "type": "huggingface"'
+        )
+
+
 def _check_hub_columns(dataset: DatasetConfig, *, label: str, problems: list[str]) -> None:
     names: dict[str, tuple[Any, ...]] = {
         "huggingface.caption_column": dataset.caption_columns,
@@ -331,12 +346,6 @@ def _check_hub_dataset(dataset: DatasetConfig, *, label: str, problems: list[str
                     problem(
                         label, key, "huggingface", "a type huggingface dataset", 'set "type": "huggingface"'
                     )
-                )
-        for key in ("dataset_name", "revision"):
-            if getattr(dataset, key) is not None:
-                problems.append(
-                    f"{label}: '{key}' is read only for a dataset of type huggingface; remove it, "
-                    'or set "type": "huggingface"'
                 )
         return
     if dataset.dataset_type not in ("image", "eval"):

@@ -160,7 +160,7 @@ def list_dataset(dataset: DatasetConfig, *, captions: bool = True) -> Listing:
     location = dataset_location(dataset)
     listing = Listing(dataset=dataset, location=location)
     if location.hub is not None:
-        return _list_rows(listing, location.hub)
+        return _list_rows(listing, location.hub, captions=captions)
     _, root = location.resolve()
     try:
         infos = list(list_files(location))
@@ -207,18 +207,21 @@ def list_dataset(dataset: DatasetConfig, *, captions: bool = True) -> Listing:
     return listing
 
 
-def _list_rows(listing: Listing, rows: huggingface.HubRows) -> Listing:
+def _list_rows(listing: Listing, rows: huggingface.HubRows, *, captions: bool) -> Listing:
     """Every row of a Hugging Face split, addressed by index (``split/index`` in reports).
 
-    The caption fingerprint is the split's fingerprint and the caption columns read, so a changed
-    dataset or another caption column reads every row again.
+    A row's fingerprint holds the split's fingerprint, the image column and, when the probe reads
+    captions from the rows, the caption columns: a changed dataset or another column reads every
+    row again, and two datasets reading one split differently never share a probe.
     """
     try:
         count = huggingface.row_count(rows)
-        identity = f"{huggingface.fingerprint(rows)}|{rows.caption_columns}|{rows.fallback_caption_column}"
+        parts = [huggingface.fingerprint(rows), rows.split, rows.image_column]
     except huggingface.HubDatasetError as error:
         raise DatasetError(str(error)) from None
-    identity = hashlib.sha256(f"{identity}|{rows.description_column}".encode()).hexdigest()[:32]
+    if captions and listing.dataset.caption_strategy == "huggingface":
+        parts += [*rows.caption_columns, str(rows.fallback_caption_column), rows.description_column]
+    identity = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
     listing.files = [
         ListedFile(
             dataset_id=rows.dataset_id,

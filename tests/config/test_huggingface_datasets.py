@@ -146,6 +146,14 @@ def test_what_is_not_implemented_is_named(write_run: WriteRun) -> None:
             "'dataset_name' is read only for a dataset of type huggingface",
         ),
         (
+            {"id": "hub", "type": "local", "instance_data_dir": "images", "split": "test"},
+            "'split' is read only for a dataset of type huggingface",
+        ),
+        (
+            {"id": "hub", "type": "local", "instance_data_dir": "images", "huggingface": {}},
+            "'huggingface' is read only for a dataset of type huggingface",
+        ),
+        (
             {"id": "hub", "type": "local", "instance_data_dir": "images", "caption_strategy": "huggingface"},
             "'caption_strategy' = 'huggingface'",
         ),

@@ -96,6 +96,9 @@ def test_instanceprompt_captions_every_row_and_a_changed_caption_column_reads_ro
     images, _ = _probe_all(_dataset(folder, caption_strategy="instanceprompt", instance_prompt="sks"))
     assert [image.captions for image in images] == [("sks",), ("sks",)]
     before = {listed.fingerprint for listed in list_dataset(_dataset(folder)).files}
+    # Read once for both datasets on one split, a row would be probed for captions it does not need.
+    prompted = list_dataset(_dataset(folder, caption_strategy="instanceprompt", instance_prompt="sks")).files
+    assert before.isdisjoint(listed.fingerprint for listed in prompted)
     after = {
         listed.fingerprint for listed in list_dataset(_dataset(folder, caption_columns=("other",))).files
     }
