@@ -42,9 +42,27 @@ def is_local_name(name: str) -> bool:
     return os.path.isabs(os.path.expanduser(name))
 
 
-@functools.lru_cache(maxsize=8)
 def open_rows(rows: HubRows) -> Any:
-    """The split as a ``datasets.Dataset`` whose image column yields bytes (no decode), once per process."""
+    """The split as a ``datasets.Dataset`` whose image column yields bytes (no decode).
+
+    Opened once per process and folder state: Ray reuses worker processes across builds, and a
+    folder rewritten with ``save_to_disk`` in between must be read anew there too.
+    """
+    return _open_rows(rows, _folder_stamp(rows))
+
+
+def _folder_stamp(rows: HubRows) -> tuple[int, ...]:
+    if not is_local_name(rows.name):
+        return ()
+    folder = Path(rows.name).expanduser()
+    return tuple(
+        (folder / name).stat().st_mtime_ns if (folder / name).is_file() else 0
+        for name in ("state.json", "dataset_dict.json", f"{rows.split}/state.json")
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _open_rows(rows: HubRows, stamp: tuple[int, ...]) -> Any:
     import datasets
 
     try:

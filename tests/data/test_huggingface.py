@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import shutil
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from raytuner.config.datasets import DatasetConfig
-from raytuner.data import huggingface
 from raytuner.data.discovery import DatasetError, list_dataset, merge_probes, probe_file, read_source
 from raytuner.data.synthetic import synthetic_images
 from tests.hub_datasets import save_hub_dataset
@@ -105,8 +105,18 @@ def test_instanceprompt_captions_every_row_and_a_changed_caption_column_reads_ro
     assert before.isdisjoint(after)
 
 
+def test_a_folder_saved_again_is_read_anew(tmp_path: Path) -> None:
+    folder = save_hub_dataset(tmp_path / "hub", 2)
+    before = {listed.fingerprint for listed in list_dataset(_dataset(folder)).files}
+    save_hub_dataset(tmp_path / "next", 3, caption=["one", "two", "three"])
+    shutil.rmtree(folder)
+    shutil.copytree(tmp_path / "next", folder, copy_function=shutil.copy)  # new modification times
+    images, _ = _probe_all(_dataset(folder))
+    assert [image.captions for image in images] == [("one",), ("two",), ("three",)]
+    assert before.isdisjoint(listed.fingerprint for listed in list_dataset(_dataset(folder)).files)
+
+
 def test_a_folder_this_node_cannot_see_is_one_clear_error(tmp_path: Path) -> None:
-    huggingface.open_rows.cache_clear()
     with pytest.raises(
         DatasetError, match=r"dataset 'hub': node cannot read folder .*missing .*shared filesystem"
     ):
