@@ -73,7 +73,6 @@ def _open_rows(rows: HubRows, stamp: tuple[int, ...]) -> Any:
         OSError,
         ValueError,
         KeyError,
-        FileNotFoundError,
         datasets.exceptions.DatasetNotFoundError,
     ) as error:
         text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -113,6 +112,12 @@ def _load_split(rows: HubRows) -> Any:
                         f"{', '.join(saved)}; set split to one of them"
                     )
                 return saved[rows.split]
+            if rows.split != "train":
+                # One saved split has no name to choose by; reading it for another name would ignore split.
+                raise HubDatasetError(
+                    f"dataset '{rows.dataset_id}': 'split' = '{rows.split}': {folder} holds a single split "
+                    "(saved from a Dataset, not a DatasetDict); remove split, or save a DatasetDict"
+                )
             return saved
     return datasets.load_dataset(rows.name, split=rows.split, revision=rows.revision)
 

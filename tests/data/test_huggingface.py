@@ -87,6 +87,9 @@ def test_another_image_column_and_split_are_read(tmp_path: Path) -> None:
         list_dataset(_dataset(tmp_path / "hub"))
     with pytest.raises(DatasetError, match=r"'image_column' = 'image'.*columns: picture, caption"):
         list_dataset(_dataset(tmp_path / "hub", split="test"))
+    save_hub_dataset(tmp_path / "single", 1)
+    with pytest.raises(DatasetError, match=r"'split' = 'test'.*holds a single split"):
+        list_dataset(_dataset(tmp_path / "single", split="test"))
 
 
 def test_instanceprompt_captions_every_row_and_a_changed_caption_column_reads_rows_again(
