@@ -1,4 +1,4 @@
-"""Where datasets and caches live: a local folder, a shared filesystem, or object storage.
+"""Where datasets and caches live: a local folder, a shared filesystem, object storage, or a Hugging Face dataset.
 
 A :class:`Location` is a root plus the settings needed to open it (S3 endpoint, region and
 credentials), small enough to send to every Ray task so that every node opens the same place.
@@ -65,18 +65,38 @@ class S3Settings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class HubRows:
+    """Where a Hugging Face dataset's rows come from and which columns hold images and captions."""
+
+    dataset_id: str
+    name: str  # Hub id, or an absolute local folder
+    split: str = "train"
+    revision: str | None = None
+    image_column: str = "image"
+    caption_columns: tuple[str, ...] = ("caption",)
+    fallback_caption_column: str | None = None
+    description_column: str = "description"
+
+    def __str__(self) -> str:
+        revision = f"@{self.revision}" if self.revision else ""
+        return f"huggingface:{self.name}{revision}[{self.split}]"
+
+
+@dataclass(frozen=True, kw_only=True)
 class Location:
-    """A folder: a local path, or ``s3://bucket/prefix`` / ``gs://bucket/prefix``."""
+    """A folder: a local path, or ``s3://bucket/prefix`` / ``gs://bucket/prefix``; or the rows of a
+    Hugging Face dataset (``hub``, shown as its ``uri``), read by row index rather than by path."""
 
     uri: str
     s3: S3Settings | None = None
+    hub: HubRows | None = None
 
     def __str__(self) -> str:
         return self.uri
 
     @property
     def is_local(self) -> bool:
-        return not has_scheme(self.uri) or self.uri.startswith("file://")
+        return self.hub is None and (not has_scheme(self.uri) or self.uri.startswith("file://"))
 
     @property
     def scheme(self) -> str:

@@ -90,10 +90,9 @@ def load_and_crop(row: dict[str, Any], sources: Mapping[str, Location]) -> dict[
         if not path:
             continue
         location = sources[dataset_id]
-        filesystem, _ = location.resolve()
         what = "" if name == "pixels" else "mask: "
         try:
-            pixels = place_pixels(discovery.read_bytes(filesystem, path), row)
+            pixels = place_pixels(discovery.read_source(location, path), row)
         except FileNotFoundError:
             discovery.check_visible(dataset_id, location)
             row["error"] = f"{what}file disappeared while the cache was built"

@@ -459,6 +459,8 @@ def _complete_dataset(
         # SimpleTuner opens the table from the working directory; the dataset file's folder is tried too.
         table = find_input_file(dataset.parquet.path, named_in=path) or output_path(dataset.parquet.path)
         changes["parquet"] = dataclasses.replace(dataset.parquet, path=str(table))
+    if dataset.type == "huggingface" and dataset.dataset_name:
+        changes.update(_hub_folder(dataset, where=where, findings=findings))
     if dataset.encodes_latents and not dataset.cache_dir_vae:
         # SimpleTuner's default: one folder per dataset below output_dir (masks are cached
         # beside the latents of the image dataset that links them, so they need none).
@@ -467,12 +469,47 @@ def _complete_dataset(
         findings.notes.append(
             f"{where}: dataset '{dataset.id}': cache_dir_vae not set; using {display(default)}"
         )
-    elif dataset.type == "local":
+    elif dataset.type in ("local", "huggingface"):
         for name in ("cache_dir_vae", "cache_dir"):
             value = getattr(dataset, name)
             if value and not has_scheme(value):
                 changes[name] = str(output_path(value))
     return dataclasses.replace(dataset, **changes)
+
+
+def _hub_folder(dataset: DatasetConfig, *, where: str, findings: KeyFindings) -> dict[str, Any]:
+    """A huggingface dataset_name that names a folder here, made absolute so every node reads the same one.
+
+    As ``datasets.load_dataset`` does, a name that is an existing folder (relative to the working
+    directory) is that folder, and any other name is a Hub id; a name that can only be a path
+    (absolute, or starting with ``.`` or ``~``) must be an existing folder.
+    """
+    assert dataset.dataset_name is not None
+    folder = Path(dataset.dataset_name).expanduser()
+    path_only = folder.is_absolute() or dataset.dataset_name.startswith((".", "~"))
+    if not (path_only or folder.is_dir()):
+        return {}
+    if dataset.revision is not None:
+        findings.problems.append(
+            problem(
+                f"{where}: dataset '{dataset.id}'",
+                "revision",
+                dataset.revision,
+                f"no revision: dataset_name '{dataset.dataset_name}' is a local folder, which has none",
+                "remove revision, or name the Hub dataset",
+            )
+        )
+    if not folder.is_dir():
+        findings.problems.append(
+            problem(
+                f"{where}: dataset '{dataset.id}'",
+                "dataset_name",
+                dataset.dataset_name,
+                "an existing folder (a datasets save_to_disk output or data files) or a Hub id (user/name)",
+            )
+        )
+        return {}
+    return {"dataset_name": str(folder.resolve())}
 
 
 def _check_cache_folders(datasets: list[DatasetConfig], *, where: str, findings: KeyFindings) -> None:

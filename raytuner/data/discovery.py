@@ -26,6 +26,7 @@ from typing import Any
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from raytuner.config.datasets import DatasetConfig
+from raytuner.data import huggingface
 from raytuner.data.captions import CaptionError, caption_file_for, caption_from_filename, caption_from_text
 from raytuner.data.metadata_table import (
     MetadataTableError,
@@ -52,13 +53,30 @@ TRANSIENT_ERRORS = ("unreadable:", "file disappeared", "caption file unreadable"
 
 
 def dataset_location(dataset: DatasetConfig) -> Location:
-    """Where a dataset's images are: its local folder, or ``s3://bucket/prefix``."""
+    """Where a dataset's images are: its local folder, ``s3://bucket/prefix``, or a Hugging Face dataset's rows."""
+    if dataset.type == "huggingface":
+        rows = hub_rows(dataset)
+        return Location(uri=str(rows), hub=rows)
     if dataset.type == "aws":
         prefix = dataset.aws_data_prefix.strip("/")
         uri = f"s3://{dataset.aws_bucket_name}" + (f"/{prefix}" if prefix else "")
         return Location(uri=uri, s3=s3_settings(dataset))
     assert dataset.instance_data_dir is not None
     return Location(uri=str(dataset.instance_data_dir))
+
+
+def hub_rows(dataset: DatasetConfig) -> huggingface.HubRows:
+    assert dataset.dataset_name is not None
+    return huggingface.HubRows(
+        dataset_id=dataset.id,
+        name=dataset.dataset_name,
+        split=dataset.split,
+        revision=dataset.revision,
+        image_column=dataset.image_column,
+        caption_columns=dataset.caption_columns,
+        fallback_caption_column=dataset.fallback_caption_column,
+        description_column=dataset.description_column,
+    )
 
 
 def s3_settings(dataset: DatasetConfig) -> S3Settings:
@@ -149,6 +167,8 @@ def list_dataset(dataset: DatasetConfig, *, captions: bool = True) -> Listing:
     """
     location = dataset_location(dataset)
     listing = Listing(dataset=dataset, location=location)
+    if location.hub is not None:
+        return _list_rows(listing, location.hub, captions=captions)
     _, root = location.resolve()
     try:
         infos = list(list_files(location))
@@ -217,6 +237,46 @@ def list_dataset(dataset: DatasetConfig, *, captions: bool = True) -> Listing:
     return listing
 
 
+def _list_rows(listing: Listing, rows: huggingface.HubRows, *, captions: bool) -> Listing:
+    """Every row of a Hugging Face split, addressed by index (``split/index`` in reports).
+
+    A row's fingerprint holds the split's fingerprint, the image column and, when the probe reads
+    captions from the rows, the caption columns: a changed dataset or another column reads every
+    row again, and two datasets reading one split differently never share a probe.
+    """
+    try:
+        count = huggingface.row_count(rows)
+        parts = [huggingface.fingerprint(rows), rows.split, rows.image_column]
+    except huggingface.HubDatasetError as error:
+        raise DatasetError(str(error)) from None
+    if captions and listing.dataset.caption_strategy == "huggingface":
+        parts += [*rows.caption_columns, str(rows.fallback_caption_column), rows.description_column]
+    identity = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
+    listing.files = [
+        ListedFile(
+            dataset_id=rows.dataset_id,
+            path=str(index),
+            relative=f"{rows.split}/{index}",
+            size=0,
+            mtime_ns=0,
+            caption_fingerprint=identity,
+        )
+        for index in range(count)
+    ]
+    return listing
+
+
+def read_source(location: Location, path: str) -> bytes:
+    """One image's bytes: a file, or the row ``path`` (its index) of a Hugging Face dataset."""
+    if location.hub is None:
+        filesystem, _ = location.resolve()
+        return read_bytes(filesystem, path)
+    try:
+        return huggingface.image_bytes(location.hub, int(path))
+    except huggingface.HubDatasetError as error:
+        raise DatasetError(str(error)) from None
+
+
 def node_cannot_see(dataset_id: str, location: Location) -> str:
     host = socket.gethostname()
     return (
@@ -233,9 +293,8 @@ def check_visible(dataset_id: str, location: Location) -> None:
 
 def probe_file(listed: ListedFile, location: Location, *, caption_strategy: str) -> Probe:
     """Read one file: hash, decoded size (EXIF-rotated), full decode, captions. Errors become ``Probe.error``."""
-    filesystem, _ = location.resolve()
     try:
-        data = read_bytes(filesystem, listed.path)
+        data = read_source(location, listed.path)
     except FileNotFoundError:
         check_visible(listed.dataset_id, location)
         return Probe(fingerprint=listed.fingerprint, error="file disappeared while the cache was built")
@@ -250,12 +309,14 @@ def probe_file(listed: ListedFile, location: Location, *, caption_strategy: str)
     except ImageDecodeError as error:
         return Probe(fingerprint=listed.fingerprint, error=str(error))
     captions: tuple[str, ...] = ()
-    if caption_strategy == "textfile":
-        # Other strategies depend on the config, not the files: they are applied when probes are merged.
-        try:
-            captions = read_caption_file(listed, filesystem)
-        except CaptionError as error:
-            return Probe(fingerprint=listed.fingerprint, error=str(error))
+    # Other strategies depend on the config, not the files: they are applied when probes are merged.
+    try:
+        if caption_strategy == "textfile":
+            captions = read_caption_file(listed, location.resolve()[0])
+        elif caption_strategy == "huggingface" and location.hub is not None:
+            captions = row_captions(location.hub, int(listed.path))
+    except CaptionError as error:
+        return Probe(fingerprint=listed.fingerprint, error=str(error))
     return Probe(
         fingerprint=listed.fingerprint,
         sha256=hashlib.sha256(data).hexdigest(),
@@ -303,6 +364,18 @@ def read_caption_file(listed: ListedFile, filesystem: Any) -> tuple[str, ...]:
     except OSError as error:
         raise CaptionError(f"caption file unreadable: {describe_error(name, error)}") from None
     return caption_from_text(data, where=name)
+
+
+def row_captions(rows: huggingface.HubRows, index: int) -> tuple[str, ...]:
+    captions = huggingface.row_captions(rows, index)
+    if not captions:
+        columns = ", ".join(
+            rows.caption_columns + ((rows.fallback_caption_column,) if rows.fallback_caption_column else ())
+        )
+        raise CaptionError(
+            f"no caption in column(s) {columns} or {rows.description_column} (caption_strategy huggingface)"
+        )
+    return captions
 
 
 def captions_for(listed: ListedFile, probe: Probe, dataset: DatasetConfig) -> tuple[str, ...]:

@@ -238,7 +238,7 @@ BAD_CASES: list[tuple[str, dict[str, Any], list[str]]] = [
             {"datasets": [{"id": "images", "type": backend, "instance_data_dir": "images"}]},
             [f"dataset 'images': 'type' = '{backend}'", f"'{backend}' is not supported yet", "local, aws"],
         )
-        for backend in ("csv", "huggingface", "webshart", "memory")
+        for backend in ("csv", "webshart", "memory")
     ),
     (
         "missing-instance-data-dir-key",

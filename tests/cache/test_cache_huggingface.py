@@ -1,0 +1,84 @@
+"""type huggingface datasets (saved with datasets, no Hub) through the Ray Data cache build and training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from raytuner.batches.reader import LatentCache, TextCache
+from raytuner.cache.build import BuildOptions, run_cache
+from raytuner.cache.format import REPORT_NAME
+from raytuner.cache.keys import caption_key
+from raytuner.storage import Location
+from tests.cache.helpers import text_dataset
+from tests.hub_datasets import save_hub_dataset
+from tests.training_data import Data, load_run, train
+
+pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
+
+CAPTIONS = ["a red circle", "a blue square", ""]
+
+
+def test_a_huggingface_dataset_is_cached_and_trained_like_a_folder(
+    tmp_path: Path, tiny_cosmos_dir: Path
+) -> None:
+    folder = save_hub_dataset(tmp_path / "hub", 3, caption=CAPTIONS)
+    captioned: dict[str, Any] = {
+        "id": "hub",
+        "type": "huggingface",
+        "dataset_name": str(folder),
+        "metadata_backend": "huggingface",
+        "caption_strategy": "huggingface",
+        "huggingface": {"caption_column": "caption"},
+        "resolution": 64,
+        "resolution_type": "pixel_area",
+        "cache_dir_vae": str(tmp_path / "cache" / "vae"),
+    }
+    # Shaped like SimpleTuner's cosmos2image.lycoris-lokr example dataloader, at a tiny resolution.
+    example: dict[str, Any] = {
+        "id": "dreambooth",
+        "type": "huggingface",
+        "dataset_name": str(folder),
+        "crop": True,
+        "crop_style": "random",
+        "crop_aspect": "square",
+        "minimum_image_size": 32,
+        "maximum_image_size": 64,
+        "target_downsample_size": 64,
+        "resolution": 32,
+        "resolution_type": "pixel",
+        "metadata_backend": "huggingface",
+        "caption_strategy": "instanceprompt",
+        "instance_prompt": "🟫",
+        "cache_dir_vae": str(tmp_path / "cache" / "vae-example"),
+    }
+    data = Data(
+        datasets=[captioned, example, text_dataset(tmp_path / "cache" / "text")], model=tiny_cosmos_dir
+    )
+    config = {
+        "max_train_steps": 2,
+        "use_ema": False,
+        "validation_step_interval": 100,
+        "checkpoint_step_interval": 100,
+    }
+    summary = run_cache(load_run(tmp_path / "run", data, **config), BuildOptions())
+    assert [(d.images, d.encoded, d.skipped) for d in summary.datasets] == [(2, 2, 1), (3, 3, 0)]
+    report = json.loads((tmp_path / "cache" / "vae" / REPORT_NAME).read_text())
+    assert report["source"] == f"huggingface:{folder}[train]"
+    assert [entry["file"] for entry in report["skipped"]] == ["train/2"]
+    # Each row's latents come with its caption from the caption column, encoded in the text cache.
+    latents = LatentCache("hub", Location(uri=str(tmp_path / "cache" / "vae")))
+    keys = {latents.caption_key(sample.key, seed=11, step=0) for sample in latents.samples}
+    assert keys == {caption_key(caption) for caption in CAPTIONS[:2]}
+    text = TextCache(Location(uri=str(tmp_path / "cache" / "text")))
+    assert len(text.conditioning(sorted(keys))) == 2
+    example_latents = LatentCache("dreambooth", Location(uri=str(tmp_path / "cache" / "vae-example")))
+    assert {bucket for bucket in (sample.bucket for sample in example_latents.samples)} == {"32x32"}
+    # A second build reads nothing new: the rows are known by the split's fingerprint.
+    again = run_cache(load_run(tmp_path / "run", data, **config), BuildOptions())
+    assert [(d.images, d.encoded) for d in again.datasets] == [(2, 0), (3, 0)]
+    outcome = train(tmp_path / "run", data, workers=1, **config)
+    assert outcome.steps == 2 and outcome.adapter.is_file()
