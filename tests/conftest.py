@@ -97,6 +97,9 @@ _AWS_VARIABLES = (
 )
 
 
+TRAIN_HEALTH_CHECK_INTERVAL_S = 0.5
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server) -> Iterator[RayCluster]:
     """One Ray for every Ray test: a real 2-node cluster (``ray.cluster_utils.Cluster``) on this machine.
@@ -112,10 +115,17 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server) -
     # and fails where that folder does not exist yet (a fresh machine).
     (Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray").mkdir(exist_ok=True)
     dashboard_port = free_port()
-    # Ray Train's placement-group cleaner finds the State API through this variable, not through
-    # the last Ray started on the machine (the demo and job-submit tests start others).
-    saved_api_server = os.environ.get("RAY_API_SERVER_ADDRESS")
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
+    # The cluster's processes inherit these from this one (and the test process reads the first).
+    settings = {
+        # Ray Train's placement-group cleaner finds the State API through this variable, not through
+        # the last Ray started on the machine (the demo and job-submit tests start others).
+        "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}",
+        # Ray Train's controller looks at its workers every 2 s by default, so a run that has ended
+        # is seen ~1 s later on average; the suite's runs take seconds, and there are dozens.
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(TRAIN_HEALTH_CHECK_INTERVAL_S),
+    }
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     cluster = Cluster(
         initialize_head=True,
         # The dashboard (on loopback) serves the State API that Ray Train's clean-up of finished runs
@@ -136,10 +146,11 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server) -
     finally:
         ray.shutdown()
         cluster.shutdown()
-        if saved_api_server is None:
-            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
-        else:
-            os.environ["RAY_API_SERVER_ADDRESS"] = saved_api_server
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 # Runs after every other test: it checks that the tests named by the compatibility table passed.
