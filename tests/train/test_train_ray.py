@@ -51,7 +51,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def cosmos_data(tmp_path_factory: pytest.TempPathFactory, tiny_cosmos_dir: Path) -> Data:
+def masked_cosmos_data(tmp_path_factory: pytest.TempPathFactory, tiny_cosmos_dir: Path) -> Data:
     """8 training images with loss masks and 2 eval images, one shared cache for every run here."""
     return cosmos_training_data(tmp_path_factory.mktemp("train-data"), tiny_cosmos_dir, masks=True)
 
@@ -65,12 +65,12 @@ def webhook_server() -> Iterator[WebhookServer]:
 
 @pytest.fixture(scope="module")
 def two_workers(
-    ray_cluster, cosmos_data: Data, tmp_path_factory, webhook_server: WebhookServer
+    ray_cluster, masked_cosmos_data: Data, tmp_path_factory, webhook_server: WebhookServer
 ) -> TrainOutcome:
     # The webhooks' URL and token are SECRET, so the check that no output holds it covers them too.
     return train(
         tmp_path_factory.mktemp("two-workers"),
-        cosmos_data,
+        masked_cosmos_data,
         workers=2,
         webhook_config=[
             {
@@ -84,8 +84,10 @@ def two_workers(
 
 
 @pytest.fixture(scope="module")
-def one_worker_accumulating(ray_cluster, cosmos_data: Data, tmp_path_factory) -> TrainOutcome:
-    return train(tmp_path_factory.mktemp("one-worker"), cosmos_data, workers=1, gradient_accumulation_steps=2)
+def one_worker_accumulating(ray_cluster, masked_cosmos_data: Data, tmp_path_factory) -> TrainOutcome:
+    return train(
+        tmp_path_factory.mktemp("one-worker"), masked_cosmos_data, workers=1, gradient_accumulation_steps=2
+    )
 
 
 def test_two_workers_train_validate_evaluate_and_write_every_output(two_workers: TrainOutcome) -> None:
@@ -155,11 +157,13 @@ def test_two_workers_send_the_runs_events_to_their_webhooks(
 
 
 def test_the_adapter_and_its_ema_twin_load_with_the_seeds_recipe(
-    two_workers: TrainOutcome, cosmos_data: Data
+    two_workers: TrainOutcome, masked_cosmos_data: Data
 ) -> None:
     family = get_family("cosmos2image")
     for path in (two_workers.adapter, two_workers.output_dir / "ema" / ADAPTER_FILENAME):
-        transformer = family.transformer_class.from_pretrained(cosmos_data.model, subfolder="transformer")
+        transformer = family.transformer_class.from_pretrained(
+            masked_cosmos_data.model, subfolder="transformer"
+        )
         assert load_adapter(path, transformer, merge=True).loras
     trained, averaged = (
         adapter_tensors(two_workers.adapter),
@@ -177,12 +181,12 @@ def test_one_worker_with_accumulation_matches_two_workers(
 
 
 def test_resume_from_latest_continues_the_step_count_and_the_curve(
-    ray_cluster, cosmos_data: Data, tmp_path: Path, one_worker_accumulating: TrainOutcome
+    ray_cluster, masked_cosmos_data: Data, tmp_path: Path, one_worker_accumulating: TrainOutcome
 ) -> None:
     options = {"workers": 1, "gradient_accumulation_steps": 2}
-    train(tmp_path, cosmos_data, max_train_steps=3, **options)
+    train(tmp_path, masked_cosmos_data, max_train_steps=3, **options)
     assert [line["step"] for line in train_lines(tmp_path / "output")] == [1, 2, 3]
-    resumed = train(tmp_path, cosmos_data, **options)
+    resumed = train(tmp_path, masked_cosmos_data, **options)
     lines = train_lines(resumed.output_dir)
     assert [line["step"] for line in lines] == list(range(1, STEPS + 1))
     # The continued run started from step 3's state: its first step is 4, none trained twice.
@@ -192,12 +196,12 @@ def test_resume_from_latest_continues_the_step_count_and_the_curve(
 
 
 def test_a_checkpoint_path_is_the_starting_state_of_a_new_run(
-    ray_cluster, cosmos_data: Data, tmp_path: Path, one_worker_accumulating: TrainOutcome
+    ray_cluster, masked_cosmos_data: Data, tmp_path: Path, one_worker_accumulating: TrainOutcome
 ) -> None:
     checkpoint = next((one_worker_accumulating.output_dir / "ray").glob("*/checkpoint-0000004"))
     started = train(
         tmp_path,
-        cosmos_data,
+        masked_cosmos_data,
         workers=1,
         gradient_accumulation_steps=2,
         resume_from_checkpoint=str(checkpoint),
@@ -207,12 +211,12 @@ def test_a_checkpoint_path_is_the_starting_state_of_a_new_run(
 
 
 def test_a_killed_worker_is_replaced_and_the_run_reaches_its_last_step(
-    ray_cluster, cosmos_data: Data, tmp_path: Path, one_worker_accumulating: TrainOutcome
+    ray_cluster, masked_cosmos_data: Data, tmp_path: Path, one_worker_accumulating: TrainOutcome
 ) -> None:
     marker = tmp_path / "failed-once"
     outcome = train(
         tmp_path,
-        cosmos_data,
+        masked_cosmos_data,
         workers=1,
         max_failures=1,
         gradient_accumulation_steps=2,
@@ -229,12 +233,12 @@ def test_a_killed_worker_is_replaced_and_the_run_reaches_its_last_step(
 
 
 def test_a_run_without_retries_fails_with_one_line_and_the_driver_sends_it_to_the_webhook(
-    ray_cluster, cosmos_data: Data, tmp_path: Path, webhook_server: WebhookServer
+    ray_cluster, masked_cosmos_data: Data, tmp_path: Path, webhook_server: WebhookServer
 ) -> None:
     with pytest.raises(TrainError) as raised:
         train(
             tmp_path,
-            cosmos_data,
+            masked_cosmos_data,
             workers=1,
             callbacks=(KillWorker(step=1, marker=tmp_path / "failed"),),
             max_train_steps=2,
@@ -256,9 +260,9 @@ def test_a_run_without_retries_fails_with_one_line_and_the_driver_sends_it_to_th
 
 
 def test_the_masks_are_cached_beside_the_latents_and_weight_every_training_batch(
-    two_workers: TrainOutcome, cosmos_data: Data, tmp_path: Path
+    two_workers: TrainOutcome, masked_cosmos_data: Data, tmp_path: Path
 ) -> None:
-    run = load_run(tmp_path, cosmos_data)
+    run = load_run(tmp_path, masked_cosmos_data)
     data = open_training_data(run)
     for batch in data.plan(BatchShape(per_worker=2, workers=2), seed=run.seed, epoch=0).batches:
         masks = data.loss_masks(batch, batch.keys)
@@ -270,9 +274,9 @@ def test_the_masks_are_cached_beside_the_latents_and_weight_every_training_batch
 
 
 def test_caption_dropout_trains_on_the_cached_empty_prompt(
-    two_workers: TrainOutcome, cosmos_data: Data, tmp_path: Path
+    two_workers: TrainOutcome, masked_cosmos_data: Data, tmp_path: Path
 ) -> None:
-    run = load_run(tmp_path, cosmos_data)
+    run = load_run(tmp_path, masked_cosmos_data)
     data = open_training_data(run)
     batch = data.plan(BatchShape(per_worker=2, workers=2), seed=run.seed, epoch=0).batches[0]
     empty = data.text.conditioning([data.text.role_key("empty")])[0]["prompt_embeds"]
@@ -287,10 +291,10 @@ def test_caption_dropout_trains_on_the_cached_empty_prompt(
 
 
 def test_eval_loss_is_stable_and_uses_the_configured_images_and_noise_levels(
-    two_workers: TrainOutcome, cosmos_data: Data, tmp_path: Path
+    two_workers: TrainOutcome, masked_cosmos_data: Data, tmp_path: Path
 ) -> None:
-    run = load_run(tmp_path, cosmos_data, num_eval_images=4)
-    family = get_family("cosmos2image")(cosmos_data.model)
+    run = load_run(tmp_path, masked_cosmos_data, num_eval_images=4)
+    family = get_family("cosmos2image")(masked_cosmos_data.model)
     transformer = family.load_transformer()
     caches, text = eval_caches(run), open_training_data(run).text
     assert len(eval_samples(caches, run.training.validation.num_eval_images)) == 2  # all the held-out images
@@ -306,30 +310,30 @@ def test_eval_loss_is_stable_and_uses_the_configured_images_and_noise_levels(
 
 
 def test_checkpoints_on_object_storage_are_written_and_resumed_from(
-    ray_cluster, s3_server, cosmos_data: Data, tmp_path: Path
+    ray_cluster, s3_server, masked_cosmos_data: Data, tmp_path: Path
 ) -> None:
     bucket = s3_server.create_bucket("raytuner-runs")
     storage = f"s3://{bucket}/checkpoints"
     options = {"workers": 1, "ray_storage_path": storage, "validation_prompt": None, "use_ema": False}
-    first = train(tmp_path, cosmos_data, max_train_steps=2, checkpoint_step_interval=1, **options)
+    first = train(tmp_path, masked_cosmos_data, max_train_steps=2, checkpoint_step_interval=1, **options)
     filesystem = s3_server.filesystem()
     listed = filesystem.get_file_info(pafs.FileSelector(f"{bucket}/checkpoints", recursive=True))
     names = {info.path.rsplit("/", 1)[-1] for info in listed}
     assert {"raytuner_checkpoint.json", "training_state.pt", ADAPTER_FILENAME} <= names
     assert first.checkpoint is not None and "checkpoint-0000002" in first.checkpoint
-    resumed = train(tmp_path, cosmos_data, max_train_steps=3, checkpoint_step_interval=1, **options)
+    resumed = train(tmp_path, masked_cosmos_data, max_train_steps=3, checkpoint_step_interval=1, **options)
     assert [line["step"] for line in train_lines(resumed.output_dir)] == [1, 2, 3]
 
 
 def test_clip_scores_and_weights_and_biases_offline_on_an_int8_base(
-    ray_cluster, cosmos_data: Data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ray_cluster, masked_cosmos_data: Data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clip = build_tiny_clip(tmp_path / "clip")
     # The driver hands WANDB_MODE to rank 0, whose process does not inherit this test's environment.
     monkeypatch.setenv("WANDB_MODE", "offline")
     outcome = train(
         tmp_path,
-        cosmos_data,
+        masked_cosmos_data,
         workers=1,
         max_train_steps=2,
         validation_step_interval=1,
@@ -391,8 +395,8 @@ def test_clip_scores_and_weights_and_biases_offline_on_an_int8_base(
     # Trained on the int8 base, the adapter loads into the unquantised base with the seeds' recipe
     # (create_lycoris_from_weights + merge_to) and changes what it predicts.
     family = get_family("cosmos2image")
-    base = family.transformer_class.from_pretrained(cosmos_data.model, subfolder="transformer")
-    adapted = family.transformer_class.from_pretrained(cosmos_data.model, subfolder="transformer")
+    base = family.transformer_class.from_pretrained(masked_cosmos_data.model, subfolder="transformer")
+    adapted = family.transformer_class.from_pretrained(masked_cosmos_data.model, subfolder="transformer")
     assert load_adapter(outcome.adapter, adapted, merge=True).loras
     assert any(
         not torch.equal(weight, base.state_dict()[name]) for name, weight in adapted.state_dict().items()
