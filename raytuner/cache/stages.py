@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +20,9 @@ from raytuner.cache import format as fmt
 from raytuner.data import discovery
 from raytuner.data.discovery import ListedFile
 from raytuner.storage import Location
+
+if TYPE_CHECKING:
+    from raytuner.config.training import DataSection
 
 
 def probe_batch(
@@ -120,7 +123,12 @@ class VaeEncoder:
     """Actor: the family's VAE, loaded once per actor on its GPU (or CPU)."""
 
     def __init__(
-        self, family_name: str, model_path: str, revision: str | None, local_sources: Mapping[str, Location]
+        self,
+        family_name: str,
+        model_path: str,
+        revision: str | None,
+        local_sources: Mapping[str, Location],
+        data: DataSection,
     ) -> None:
         import torch
 
@@ -138,7 +146,7 @@ class VaeEncoder:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.family = get_family(family_name)(model_path, revision=revision, device=device)
-        self.family.load_vae()
+        self.family.apply_vae_options(slicing=data.vae_enable_slicing, tiling=data.vae_enable_tiling)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         if self.unreadable is not None:

@@ -138,6 +138,10 @@ class DataSection:
     disable_bucket_pruning: bool = False
     vae_batch_size: int = field(default=4, metadata=rule(ge=1))
     vae_cache_ondemand: bool = False
+    # diffusers' VAE slicing and tiling in the cache build's VAE encoder actors (raytuner's only
+    # VAE encoding): less memory for large batches or images.
+    vae_enable_slicing: bool = False
+    vae_enable_tiling: bool = False
     caption_dropout_probability: float = field(default=0.1, metadata=rule(ge=0, le=1))
 
 

@@ -7,6 +7,7 @@ names its LoKr presets may target. The training loop only ever talks to this int
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,11 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from PIL import Image
 
 from raytuner import flow
+
+logger = logging.getLogger(__name__)
+
+# (VAE class, feature) pairs already warned about: an actor pool warns once per process, not per call.
+_WARNED_VAE_FEATURES: set[tuple[str, str]] = set()
 
 # One prompt's conditioning as cached (tensors without batch padding), and a collated batch of it.
 PromptConditioning = dict[str, torch.Tensor]
@@ -144,6 +150,31 @@ class ModelFamily(ABC):
             # diffusers wraps ModelMixin.to in functools.wraps, which hides the bound self from mypy.
             self._vae = vae.to(self.device).eval().requires_grad_(False)  # type: ignore[arg-type]
         return self._vae
+
+    def apply_vae_options(self, *, slicing: bool, tiling: bool) -> ModelMixin:
+        """The VAE of :meth:`load_vae` with diffusers' slicing (one image per VAE pass) and tiling
+        (large images in overlapping tiles) as SimpleTuner's vae_enable_slicing/vae_enable_tiling
+        ask. A VAE class without the feature is named in a warning, once, and encodes as before."""
+        vae = self.load_vae()
+        # diffusers marks support with the use_slicing/use_tiling flags its encode() reads;
+        # enable_*() on a class without them raises NotImplementedError.
+        for wanted, feature in ((slicing, "slicing"), (tiling, "tiling")):
+            if not wanted:
+                continue
+            if hasattr(vae, f"use_{feature}"):
+                getattr(vae, f"enable_{feature}")()
+                continue
+            key = (type(vae).__name__, feature)
+            if key not in _WARNED_VAE_FEATURES:
+                _WARNED_VAE_FEATURES.add(key)
+                logger.warning(
+                    "vae_enable_%s: %s (%s) has no VAE %s; images are encoded without it",
+                    feature,
+                    type(vae).__name__,
+                    self.display_name,
+                    feature,
+                )
+        return vae
 
     # ---- encoding (the cache step) -------------------------------------------------------------
 

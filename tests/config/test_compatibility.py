@@ -131,7 +131,7 @@ NOT_YET_SUPPORTED: dict[str, Any] = {
     "fsdp_enable": True,
     "attention_mechanism": "sageattention",
     "disable_tf32": True,
-    "vae_enable_tiling": True,
+    "fuse_qkv_projections": True,
     "post_checkpoint_script": "upload.sh",
     "twinflow_enabled": True,
     "maximum_image_size": 2048,
