@@ -142,6 +142,9 @@ class DataSection:
     # VAE encoding): less memory for large batches or images.
     vae_enable_slicing: bool = False
     vae_enable_tiling: bool = False
+    # Captions per text-encoder forward pass in the text cache build; the text_embeds dataset's
+    # own text_encoder_batch_size wins (raytuner/cache/settings.py: text_batch_size).
+    text_encoder_batch_size: int = field(default=1, metadata=rule(ge=1))
     caption_dropout_probability: float = field(default=0.1, metadata=rule(ge=0, le=1))
 
 
