@@ -129,7 +129,6 @@ NOT_YET_SUPPORTED: dict[str, Any] = {
     "crepa_enabled": True,
     "masked_loss_probability": 0.5,
     "fsdp_enable": True,
-    "attention_mechanism": "sageattention",
     "disable_tf32": True,
     "fuse_qkv_projections": True,
     "post_checkpoint_script": "upload.sh",
