@@ -18,6 +18,7 @@ from raytuner.cache.format import CacheError
 from raytuner.cache.stages import VaeEncoder
 from raytuner.cli import main, report_error
 from raytuner.config import ConfigError
+from raytuner.config.training import DataSection
 from raytuner.data.discovery import DatasetError
 from raytuner.errors import RaytunerError, find_error
 from raytuner.storage import Location, StorageError
@@ -310,6 +311,12 @@ def test_an_error_raised_in_a_ray_train_worker_arrives_as_raised(ray_cluster: An
 
 def test_an_encoder_actor_raises_an_unreadable_dataset_on_its_first_call(tmp_path: Path) -> None:
     """Not from its constructor, whose errors reach the driver as text only."""
-    encoder = VaeEncoder("cosmos2image", "unused", None, {"shapes": Location(uri=str(tmp_path / "gone"))})
+    encoder = VaeEncoder(
+        "cosmos2image",
+        "unused",
+        None,
+        {"shapes": Location(uri=str(tmp_path / "gone"))},
+        DataSection(data_backend_config=tmp_path / "multidatabackend.json"),
+    )
     with pytest.raises(DatasetError, match=r"^dataset 'shapes': node .* cannot read"):
         encoder({})

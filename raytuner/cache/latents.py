@@ -71,6 +71,7 @@ def encode_latents(
                 "model_path": model_path,
                 "revision": run.training.model.revision,
                 "local_sources": local_sources,
+                "data": run.training.data,
             },
             batch_size=run.training.data.vae_batch_size,
             compute=stages.actor_pool(actors),

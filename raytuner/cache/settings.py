@@ -108,6 +108,13 @@ def text_dataset(run: RunConfig) -> DatasetConfig:
     return embeds[0]
 
 
+def text_batch_size(run: RunConfig) -> int:
+    """Captions per text-encoder pass: the text_embeds dataset's text_encoder_batch_size, else
+    config.json's (SimpleTuner reads the dataset's first, then the option, default 1)."""
+    own = text_dataset(run).text_encoder_batch_size
+    return own if own is not None else run.training.data.text_encoder_batch_size
+
+
 def cache_location(dataset: DatasetConfig, value: str) -> Location:
     """A cache folder: a local path, a URI, or (for ``type: aws``) a prefix in the dataset's bucket."""
     if dataset.type == "aws" and not has_scheme(value) and not value.startswith("/"):

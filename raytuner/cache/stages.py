@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +20,9 @@ from raytuner.cache import format as fmt
 from raytuner.data import discovery
 from raytuner.data.discovery import ListedFile
 from raytuner.storage import Location
+
+if TYPE_CHECKING:
+    from raytuner.config.training import DataSection
 
 
 def probe_batch(
@@ -119,7 +122,12 @@ class VaeEncoder:
     """Actor: the family's VAE, loaded once per actor on its GPU (or CPU)."""
 
     def __init__(
-        self, family_name: str, model_path: str, revision: str | None, local_sources: Mapping[str, Location]
+        self,
+        family_name: str,
+        model_path: str,
+        revision: str | None,
+        local_sources: Mapping[str, Location],
+        data: DataSection,
     ) -> None:
         import torch
 
@@ -137,7 +145,7 @@ class VaeEncoder:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.family = get_family(family_name)(model_path, revision=revision, device=device)
-        self.family.load_vae()
+        self.family.apply_vae_options(slicing=data.vae_enable_slicing, tiling=data.vae_enable_tiling)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         if self.unreadable is not None:
@@ -269,17 +277,24 @@ SHARD_RESULT_SCHEMA = pa.schema(
 class TextEncoder:
     """Actor: the family's text side (Cosmos2: T5; OmniGen: its chat-template tokenizer)."""
 
-    def __init__(self, family_name: str, model_path: str, revision: str | None) -> None:
+    def __init__(self, family_name: str, model_path: str, revision: str | None, batch_size: int) -> None:
         import torch
 
         from raytuner.models.registry import get_family
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.family = get_family(family_name)(model_path, revision=revision, device=device)
+        self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         rows = rows_of(batch)
-        conditioning = self.family.encode_prompts([row["prompt"] for row in rows])
+        prompts = [row["prompt"] for row in rows]
+        # text_encoder_batch_size captions per forward pass; Ray Data's batch only carries rows here.
+        conditioning = [
+            item
+            for start in range(0, len(prompts), self.batch_size)
+            for item in self.family.encode_prompts(prompts[start : start + self.batch_size])
+        ]
         out: dict[str, list[Any]] = defaultdict(list)
         for row, item in zip(rows, conditioning, strict=True):
             lengths = {int(tensor.shape[0]) for tensor in item.values()}

@@ -17,7 +17,14 @@ from raytuner.cache.folders import adopt_orphans, load_committed
 from raytuner.cache.format import CacheError
 from raytuner.cache.keys import caption_key
 from raytuner.cache.rows import DatasetWork
-from raytuner.cache.settings import EncoderIdentity, role_prompts, skips, text_cache_location, text_dataset
+from raytuner.cache.settings import (
+    EncoderIdentity,
+    role_prompts,
+    skips,
+    text_batch_size,
+    text_cache_location,
+    text_dataset,
+)
 from raytuner.config.run import RunConfig
 from raytuner.placement import actor_gpus, cluster_facts
 from raytuner.storage import Location
@@ -29,6 +36,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# Prompts per Ray Data batch handed to the encoder actor: a whole number of its forward passes
+# (text_encoder_batch_size each), at least this many to keep the per-batch overhead small.
 TEXT_BATCH = 64
 
 
@@ -149,6 +158,7 @@ def encode_text(
     schema = fmt.text_schema(family_cls.prompt_tensors)
     build_id = fmt.new_build_id()
     write_rows = text_dataset(run).write_batch_size
+    per_pass = text_batch_size(run)
     dataset = (
         ray.data.from_items(list(text.todo))
         .map_batches(
@@ -157,8 +167,9 @@ def encode_text(
                 "family_name": family_cls.name,
                 "model_path": model_path,
                 "revision": run.training.model.revision,
+                "batch_size": per_pass,
             },
-            batch_size=TEXT_BATCH,
+            batch_size=-(-TEXT_BATCH // per_pass) * per_pass,
             compute=stages.actor_pool(1),
             num_gpus=actor_gpus(cluster_facts()),
         )

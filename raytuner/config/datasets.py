@@ -103,6 +103,8 @@ class DatasetConfig:
     repeats: int = field(default=0, metadata=rule(ge=0))
     is_regularisation_data: bool = False
     write_batch_size: int = field(default=128, metadata=rule(ge=1))
+    # A text_embeds dataset's captions per text-encoder pass; unset, config.json's.
+    text_encoder_batch_size: int | None = field(default=None, metadata=rule(ge=1))
     vae_cache_clear_each_epoch: bool = False
     # Masked loss: an image dataset names its mask dataset; the mask dataset says what it holds.
     conditioning_data: str | None = None

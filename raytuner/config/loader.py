@@ -73,6 +73,7 @@ def load_config(path: str | Path, *, strict: bool = False) -> RunConfig:
         training = dataclasses.replace(training, model=model)
         check_training(training, where=where, findings=findings)
         _check_flow_schedule(training, explicit=set(values), where=where, findings=findings)
+        _check_attention(training, where=where, findings=findings)
         resolved = _resolve_training_paths(
             training, config_path=config_path, where=where, sources=sources, findings=findings
         )
@@ -304,6 +305,24 @@ def _check_flow_schedule(
         findings.notes.append(
             f"{where}: flow_schedule_shift {training.flow.flow_schedule_shift} is not used because "
             "flow_schedule_auto_shift is on (as in SimpleTuner, the resolution-dependent shift wins)"
+        )
+
+
+def _check_attention(training: TrainingConfig, *, where: str, findings: KeyFindings) -> None:
+    """Refuse an attention_mechanism the family's transformer cannot run (it would be ignored)."""
+    mechanism = training.memory.attention_mechanism
+    if mechanism == "diffusers" or training.model.model_family not in known_families():
+        return
+    fixed = get_family(training.model.model_family).fixed_attention
+    if fixed:
+        findings.problems.append(
+            problem(
+                where,
+                "attention_mechanism",
+                mechanism,
+                f"diffusers for {training.model.model_family} ({fixed})",
+                "remove attention_mechanism or set it to diffusers",
+            )
         )
 
 

@@ -95,6 +95,62 @@ ReportTo = Literal[
 ResolutionType = Literal["pixel", "area", "pixel_area"]
 GroupOffloadType = Literal["block_level", "leaf_level"]
 
+# SimpleTuner's attention_mechanism choices (its field registry, in its order).
+ATTENTION_MECHANISMS: tuple[str, ...] = (
+    "diffusers",
+    "xformers",
+    "sla",
+    "sageattention",
+    "sageattention-int8-fp16-triton",
+    "sageattention-int8-fp16-cuda",
+    "sageattention-int8-fp8-cuda",
+    "flash-attn",
+    "flash-attn-hub",
+    "flash-attn-2",
+    "flash-attn-varlen-hub",
+    "flash-attn-3",
+    "flash-attn-3-hub",
+    "flash-attn-3-varlen",
+    "flash-attn-3-varlen-hub",
+    "flash-attn-4-hub",
+    "flex",
+    "metal-flash-attention",
+    "metal-flash-attention-int8",
+    "metal-flash-attention-int4",
+    "native",
+    "cudnn",
+    "native-efficient",
+    "native-flash",
+    "native-math",
+    "native-npu",
+    "native-xla",
+)
+# The ones raytuner runs: diffusers' default attention and the diffusers attention backends
+# SimpleTuner maps its names to (raytuner/models/base.py: ATTENTION_BACKENDS). SLA, SageAttention
+# (SimpleTuner's own training/inference switch, sageattention_usage) and Metal flash attention are
+# SimpleTuner's own kernels, refused by name.
+AttentionMechanism = Literal[
+    "diffusers",
+    "xformers",
+    "flash-attn",
+    "flash-attn-hub",
+    "flash-attn-2",
+    "flash-attn-varlen-hub",
+    "flash-attn-3",
+    "flash-attn-3-hub",
+    "flash-attn-3-varlen",
+    "flash-attn-3-varlen-hub",
+    "flash-attn-4-hub",
+    "flex",
+    "native",
+    "cudnn",
+    "native-efficient",
+    "native-flash",
+    "native-math",
+    "native-npu",
+    "native-xla",
+]
+
 
 @dataclass(frozen=True, kw_only=True)
 class ModelSection:
@@ -138,6 +194,13 @@ class DataSection:
     disable_bucket_pruning: bool = False
     vae_batch_size: int = field(default=4, metadata=rule(ge=1))
     vae_cache_ondemand: bool = False
+    # diffusers' VAE slicing and tiling in the cache build's VAE encoder actors (raytuner's only
+    # VAE encoding): less memory for large batches or images.
+    vae_enable_slicing: bool = False
+    vae_enable_tiling: bool = False
+    # Captions per text-encoder forward pass in the text cache build; the text_embeds dataset's
+    # own text_encoder_batch_size wins (raytuner/cache/settings.py: text_batch_size).
+    text_encoder_batch_size: int = field(default=1, metadata=rule(ge=1))
     caption_dropout_probability: float = field(default=0.1, metadata=rule(ge=0, le=1))
 
 
@@ -194,6 +257,11 @@ class MemorySection:
 
     gradient_checkpointing: bool = True
     disable_benchmark: bool = False
+    # The training transformer's attention (and the validation pipeline's, the same object):
+    # diffusers' default, or one of diffusers' attention backends (its kernel must be installed).
+    attention_mechanism: AttentionMechanism = field(
+        default="diffusers", metadata=rule(choices=ATTENTION_MECHANISMS)
+    )
     enable_group_offload: bool = False
     group_offload_type: GroupOffloadType = "block_level"
     group_offload_blocks_per_group: int = field(default=1, metadata=rule(ge=1))

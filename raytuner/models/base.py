@@ -7,6 +7,7 @@ names its LoKr presets may target. The training loop only ever talks to this int
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,40 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from PIL import Image
 
 from raytuner import flow
+from raytuner.errors import RaytunerError
+
+logger = logging.getLogger(__name__)
+
+
+class AttentionBackendError(RaytunerError, RuntimeError):
+    """An attention_mechanism whose diffusers backend cannot run where the transformer is built."""
+
+
+# attention_mechanism -> diffusers' attention backend (diffusers.models.attention_dispatch), as
+# SimpleTuner maps its names; "diffusers" keeps the transformer's own attention processors.
+ATTENTION_BACKENDS: Mapping[str, str] = {
+    "xformers": "xformers",
+    "flash-attn": "flash",
+    "flash-attn-hub": "flash_hub",
+    "flash-attn-2": "flash_varlen",
+    "flash-attn-varlen-hub": "flash_varlen_hub",
+    "flash-attn-3": "_flash_3",
+    "flash-attn-3-hub": "_flash_3_hub",
+    "flash-attn-3-varlen": "_flash_varlen_3",
+    "flash-attn-3-varlen-hub": "_flash_3_varlen_hub",
+    "flash-attn-4-hub": "flash_4_hub",
+    "flex": "flex",
+    "native": "native",
+    "cudnn": "_native_cudnn",
+    "native-efficient": "_native_efficient",
+    "native-flash": "_native_flash",
+    "native-math": "_native_math",
+    "native-npu": "_native_npu",
+    "native-xla": "_native_xla",
+}
+
+# (VAE class, feature) pairs already warned about: an actor pool warns once per process, not per call.
+_WARNED_VAE_FEATURES: set[tuple[str, str]] = set()
 
 # One prompt's conditioning as cached (tensors without batch padding), and a collated batch of it.
 PromptConditioning = dict[str, torch.Tensor]
@@ -73,6 +108,9 @@ class ModelFamily(ABC):
     # Why a quantised base (base_model_precision) is advised against for this family, in the words
     # of a warning; None when the family's guide has nothing against it.
     quantized_base_advice: ClassVar[str | None] = None
+    # None when the transformer's attention goes through diffusers' attention backends (every
+    # attention_mechanism applies); otherwise why it does not, in the words of a config error.
+    fixed_attention: ClassVar[str | None] = None
     # flavour -> default hub id; a local path given as pretrained_model_name_or_path always wins.
     flavours: ClassVar[Mapping[str, str]]
     default_flavour: ClassVar[str]
@@ -135,6 +173,23 @@ class ModelFamily(ABC):
         # diffusers wraps ModelMixin.to in functools.wraps, which hides the bound self from mypy.
         return transformer.to(device or self.device)  # type: ignore[arg-type]
 
+    def apply_attention(self, transformer: ModelMixin, mechanism: str) -> None:
+        """Run ``transformer``'s attention through diffusers' backend for ``mechanism``
+        (attention_mechanism); "diffusers" leaves its own processors as they are."""
+        backend = ATTENTION_BACKENDS.get(mechanism)
+        if backend is None:
+            return
+        # diffusers makes the backend the process's active one too (attention_dispatch's registry):
+        # a worker holds one transformer, so that is the run's attention wherever it is dispatched.
+        try:
+            transformer.set_attention_backend(backend)
+        except (RuntimeError, ValueError, ImportError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise AttentionBackendError(
+                f"'attention_mechanism' = '{mechanism}': diffusers' '{backend}' attention backend cannot run "
+                f"on this machine ({reason}); install its kernel there or set attention_mechanism to diffusers"
+            ) from None
+
     def load_vae(self) -> ModelMixin:
         """The frozen VAE in float32 (loaded once), on ``self.device``."""
         if self._vae is None:
@@ -144,6 +199,31 @@ class ModelFamily(ABC):
             # diffusers wraps ModelMixin.to in functools.wraps, which hides the bound self from mypy.
             self._vae = vae.to(self.device).eval().requires_grad_(False)  # type: ignore[arg-type]
         return self._vae
+
+    def apply_vae_options(self, *, slicing: bool, tiling: bool) -> ModelMixin:
+        """The VAE of :meth:`load_vae` with diffusers' slicing (one image per VAE pass) and tiling
+        (large images in overlapping tiles) as SimpleTuner's vae_enable_slicing/vae_enable_tiling
+        ask. A VAE class without the feature is named in a warning, once, and encodes as before."""
+        vae = self.load_vae()
+        # diffusers marks support with the use_slicing/use_tiling flags its encode() reads;
+        # enable_*() on a class without them raises NotImplementedError.
+        for wanted, feature in ((slicing, "slicing"), (tiling, "tiling")):
+            if not wanted:
+                continue
+            if hasattr(vae, f"use_{feature}"):
+                getattr(vae, f"enable_{feature}")()
+                continue
+            key = (type(vae).__name__, feature)
+            if key not in _WARNED_VAE_FEATURES:
+                _WARNED_VAE_FEATURES.add(key)
+                logger.warning(
+                    "vae_enable_%s: %s (%s) has no VAE %s; images are encoded without it",
+                    feature,
+                    type(vae).__name__,
+                    self.display_name,
+                    feature,
+                )
+        return vae
 
     # ---- encoding (the cache step) -------------------------------------------------------------
 

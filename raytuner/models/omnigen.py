@@ -69,6 +69,10 @@ class OmniGen(ModelFamily):
     fixed_sigma_schedule: ClassVar[str | None] = (
         "OmniGen trains with its own flow-matching schedule (t = sigmoid(N(0, 1))) and applies no shift"
     )
+    # diffusers' OmniGen attention processor calls PyTorch's scaled_dot_product_attention itself.
+    fixed_attention: ClassVar[str | None] = (
+        "OmniGen's diffusers attention calls PyTorch SDPA directly, not diffusers' attention backends"
+    )
     flavours: ClassVar[dict[str, str]] = {"v1": "Shitao/OmniGen-v1-diffusers"}
     default_flavour: ClassVar[str] = "v1"
     pipeline_class = OmniGenPipeline

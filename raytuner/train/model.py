@@ -50,6 +50,7 @@ def build_model(run: RunConfig, *, device: torch.device, base_device: torch.devi
         training.model,
         device=base_device,
     ).requires_grad_(False)
+    family.apply_attention(transformer, training.memory.attention_mechanism)
     if training.memory.gradient_checkpointing and supports_gradient_checkpointing(transformer):
         transformer.enable_gradient_checkpointing()
     transformer.train()

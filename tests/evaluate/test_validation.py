@@ -390,7 +390,7 @@ def _build_text_cache(run: RunConfig) -> TextCache:
     model_path = model_path_of(run)
     _, identity = encoder_identities(run, family_cls(model_path))
     work = TextWork.open(run, identity, [])
-    columns = stages.TextEncoder(family_cls.name, model_path, None)(
+    columns = stages.TextEncoder(family_cls.name, model_path, None, 1)(
         {"key": [row["key"] for row in work.todo], "prompt": [row["prompt"] for row in work.todo]}
     )
     written = stages.write_text_shards(
