@@ -8,6 +8,7 @@ loads into a fresh diffusers pipeline with the seeds' inference recipe.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,8 +169,9 @@ def test_seed_presets_match_the_expected_modules(tiny_checkpoints: dict[str, Pat
 
 def test_a_target_matching_nothing_warns_with_the_class_names(tiny_checkpoints: dict[str, Path]) -> None:
     omnigen = get_family("omnigen")(tiny_checkpoints["omnigen"])
-    spec = copy.deepcopy(seed_lycoris_config("omnigen"))
-    spec.apply_preset = PresetConfig(target_module=["Attention", "MLPBlock"])
+    spec = dataclasses.replace(
+        seed_lycoris_config("omnigen"), apply_preset=PresetConfig(target_module=["Attention", "MLPBlock"])
+    )
     _, report = build_adapter(omnigen.load_transformer(), spec, module_aliases=omnigen.module_aliases)
     assert report.modules_per_target == {"Attention": 8, "MLPBlock": 0}
     assert len(report.warnings) == 1
