@@ -22,12 +22,12 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from raytuner.config.errors import ConfigError
-from raytuner.config.fields import check_value, field_types
+from raytuner.config.fields import check_value, option_fields
 from raytuner.config.keys import KeyFindings
 from raytuner.config.loader import check_training
 from raytuner.config.lycoris import LycorisConfig
 from raytuner.config.run import RunConfig
-from raytuner.config.training import TrainingConfig, option_sections, replace_options, section_types
+from raytuner.config.training import TrainingConfig, replace_options
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -75,28 +75,23 @@ def override_run(
 def _override_training(
     training: TrainingConfig, values: Mapping[str, Any], *, where: str, problems: list[str]
 ) -> TrainingConfig:
-    locations = option_sections()
-    sections = section_types()
-    changes: dict[str, Any] = {}
-    for key, value in values.items():
-        if key not in locations:
-            raise KeyError(f"TrainingConfig has no option {key!r}")
-        section = locations[key]
-        owner = TrainingConfig if section is None else sections[section]
-        option = next(item for item in dataclasses.fields(owner) if item.name == key)
-        changes[key] = check_value(option, field_types(owner)[key], value, where=where, problems=problems)
-    return replace_options(training, changes)
+    return replace_options(training, _checked(TrainingConfig, values, where=where, problems=problems))
 
 
 def _replace_fields(obj: T, values: Mapping[str, Any], *, where: str, problems: list[str]) -> T:
-    hints = field_types(type(obj))
-    fields = {field.name: field for field in dataclasses.fields(obj)}
+    return dataclasses.replace(obj, **_checked(type(obj), values, where=where, problems=problems))
+
+
+def _checked(cls: type, values: Mapping[str, Any], *, where: str, problems: list[str]) -> dict[str, Any]:
+    """``values`` coerced and checked by the rules of ``cls``'s options (its sections' included)."""
+    options = option_fields(cls)
     changes: dict[str, Any] = {}
     for key, value in values.items():
-        if key not in fields:
-            raise KeyError(f"{type(obj).__name__} has no field {key!r}")
-        changes[key] = check_value(fields[key], hints[key], value, where=where, problems=problems)
-    return dataclasses.replace(obj, **changes)
+        if key not in options:
+            raise KeyError(f"{cls.__name__} has no option {key!r}")
+        option, annotation = options[key]
+        changes[key] = check_value(option, annotation, value, where=where, problems=problems)
+    return changes
 
 
 def _override_lycoris(

@@ -368,15 +368,8 @@ class TrainingConfig:
     def from_options(cls, options: Mapping[str, Any]) -> TrainingConfig:
         """A config from flat option values as Python already holds them (benchmarks, tests):
         sorted into sections, taken as given; ``load_config`` is the way in for a user's file."""
-        locations = option_sections(with_derived=True)
-        by_section: dict[str | None, dict[str, Any]] = {}
-        for key, value in options.items():
-            if key not in locations:
-                raise KeyError(f"TrainingConfig has no option {key!r}")
-            by_section.setdefault(locations[key], {})[key] = value
-        top = dict(by_section.pop(None, {}))
-        sections = section_types()
-        for name, section in sections.items():
+        top, by_section = _split_by_section(options)
+        for name, section in section_types().items():
             if name in by_section or name in ("model", "data"):
                 top[name] = section(**by_section.get(name, {}))
         return cls(**top)
@@ -417,17 +410,27 @@ def replace_options(training: TrainingConfig, changes: Mapping[str, Any]) -> Tra
     Values are taken as given: coercion and rules belong to the caller (the loader, or
     raytuner/config/overrides.py for a sweep's values).
     """
-    locations = option_sections(with_derived=True)
-    by_section: dict[str | None, dict[str, Any]] = {}
-    for key, value in changes.items():
-        if key not in locations:
-            raise KeyError(f"TrainingConfig has no option {key!r}")
-        by_section.setdefault(locations[key], {})[key] = value
-    top = dict(by_section.pop(None, {}))
+    top, by_section = _split_by_section(changes)
     for section, values in by_section.items():
-        assert section is not None
         top[section] = dataclasses.replace(getattr(training, section), **values)
     return dataclasses.replace(training, **top)
+
+
+def _split_by_section(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """``options`` (config.json names, or a parsed plan) sorted into ``TrainingConfig``'s own
+    fields and each section's; an unknown name is a ``KeyError``."""
+    locations = option_sections(with_derived=True)
+    top: dict[str, Any] = {}
+    by_section: dict[str, dict[str, Any]] = {}
+    for key, value in options.items():
+        if key not in locations:
+            raise KeyError(f"TrainingConfig has no option {key!r}")
+        section = locations[key]
+        if section is None:
+            top[key] = value
+        else:
+            by_section.setdefault(section, {})[key] = value
+    return top, by_section
 
 
 _SECTION_CLASSES: dict[str, type] = {
