@@ -243,6 +243,21 @@ class Bench:
             torch.cuda.synchronize(self.device)
 
 
+def raytuner_options(family: str, settings: Settings) -> dict[str, Any]:
+    """The config.json options of the raytuner side of the bench: what both benches train with."""
+    return dict(
+        model_family=family,
+        data_backend_config=Path("multidatabackend.json"),  # read by the cache, never here
+        optimizer="adamw_bf16",
+        learning_rate=settings.learning_rate,
+        max_grad_norm=settings.max_grad_norm,
+        grad_clip_method=settings.grad_clip_method,
+        flow_schedule_shift=settings.flow_schedule_shift,
+        flow_schedule_auto_shift=settings.flow_schedule_auto_shift,
+        mixed_precision="bf16",
+    )
+
+
 def build_transformer(bench: Bench, family: str, *, on: torch.device, seed: int) -> torch.nn.Module:
     """The family's transformer with random weights, in bf16, on ``on``.
 
@@ -350,15 +365,7 @@ class RaytunerSide(Side):
         offload = cell.strategy == "group_offload"
         self.training = TrainingConfig.from_options(
             dict(
-                model_family=cell.family,
-                data_backend_config=Path("multidatabackend.json"),  # read by the cache, never here
-                optimizer="adamw_bf16",
-                learning_rate=settings.learning_rate,
-                max_grad_norm=settings.max_grad_norm,
-                grad_clip_method=settings.grad_clip_method,
-                flow_schedule_shift=settings.flow_schedule_shift,
-                flow_schedule_auto_shift=settings.flow_schedule_auto_shift,
-                mixed_precision="bf16",
+                **raytuner_options(cell.family, settings),
                 gradient_checkpointing=cell.checkpointing,
                 enable_group_offload=offload,
                 group_offload_type="block_level",

@@ -204,15 +204,7 @@ def training_config(family: str, settings: gpu_train.Settings, precision: str, v
     """gpu_train's raytuner side's settings (plain, no checkpointing) with the base's precision."""
     return TrainingConfig.from_options(
         dict(
-            model_family=family,
-            data_backend_config=Path("multidatabackend.json"),  # read by the cache, never here
-            optimizer="adamw_bf16",
-            learning_rate=settings.learning_rate,
-            max_grad_norm=settings.max_grad_norm,
-            grad_clip_method=settings.grad_clip_method,
-            flow_schedule_shift=settings.flow_schedule_shift,
-            flow_schedule_auto_shift=settings.flow_schedule_auto_shift,
-            mixed_precision="bf16",
+            **gpu_train.raytuner_options(family, settings),
             base_model_precision=precision,
             quantize_via="accelerator" if via == NOT_APPLICABLE else via,
         )
