@@ -35,11 +35,10 @@ from lycoris.modules.norms import NormModule
 
 from raytuner.config import LycorisConfig
 from raytuner.errors import RaytunerError
+from raytuner.filenames import ADAPTER_FILENAME
 from raytuner.upstream import preserved_lycoris_class_state
 
 logger = logging.getLogger(__name__)
-
-ADAPTER_FILENAME = "pytorch_lora_weights.safetensors"
 
 
 class AdapterError(RaytunerError, ValueError):

@@ -41,11 +41,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raytuner.adapters import ADAPTER_FILENAME
 from raytuner.config import RunConfig
 from raytuner.config.fields import problem
 from raytuner.config.paths import display
 from raytuner.errors import RaytunerError
+from raytuner.filenames import ADAPTER_FILENAME
 from raytuner.outputs import (
     MODEL_CARD_FILENAME,
     STEP_FOLDER_PREFIX,

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raytuner.adapters import ADAPTER_FILENAME
 from raytuner.config import RunConfig
 from raytuner.config.formats import options_as_object
 from raytuner.config.redact import redact
 from raytuner.evaluate.metrics import read_metrics
+from raytuner.filenames import ADAPTER_FILENAME
 from raytuner.models.registry import get_family
 
 logger = logging.getLogger(__name__)

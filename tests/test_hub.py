@@ -23,9 +23,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from raytuner.adapters import ADAPTER_FILENAME
 from raytuner.cli import main
 from raytuner.config import RunConfig
+from raytuner.filenames import ADAPTER_FILENAME
 from raytuner.hub import (
     CheckpointUploads,
     HubError,

@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "raytuner"
 
 LAYERS = (
     "raytuner.errors",  # the one error type; imports nothing of raytuner
+    "raytuner.filenames",  # the names of the files a run writes; imports nothing
     "raytuner.upstream",  # workarounds for upstream behaviour, in one place
     "raytuner.logs",  # logging set up where a process starts, never on import
     "raytuner.flow",  # flow-matching math: plain tensor functions

@@ -67,6 +67,8 @@ OptimizerName = Literal[
     "bnb-lion8bit-paged",
 ]
 RAYTUNER_OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
+# SimpleTuner never clips for the optimisers that bound their own updates.
+UNCLIPPED_OPTIMIZERS: tuple[OptimizerName, ...] = ("optimi-stableadamw", "prodigy")
 
 # SimpleTuner's base_model_precision values raytuner runs (raytuner/quantize.py quantises
 # with optimum-quanto or torchao, installed with the "quantization" extra).

@@ -22,8 +22,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from raytuner.adapters import ADAPTER_FILENAME, AdapterError, inspect_adapter_file
+from raytuner.adapters import AdapterError, inspect_adapter_file
 from raytuner.errors import RaytunerError
+from raytuner.filenames import ADAPTER_FILENAME
 from raytuner.generate.prompts import parse_resolution
 from raytuner.models.registry import get_family, known_families
 from raytuner.models.safety import GUARDRAIL_PACKAGE, is_guardrail_installed, is_tiny_checkpoint

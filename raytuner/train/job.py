@@ -1,15 +1,21 @@
-"""What the driver sends every worker of a training run (``train_loop_config``)."""
+"""What the driver sends every worker of a training run (``train_loop_config``), and the function
+Ray Train runs on each worker.
+
+Ray Train's controller unpickles both before it starts the workers, so this module and everything
+a job holds import no model code: no diffusers, LyCORIS or transformers, which take seconds to
+import and would delay every run's start (``tests/train/test_job.py`` checks it).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from raytuner.config import RunConfig
 from raytuner.evaluate.wandb_tracker import WandbTarget
 from raytuner.hub import HubTarget
+from raytuner.train.deepspeed_plan import DeepSpeedPlan
 from raytuner.train.layout import SharedRootMarker
-from raytuner.train.zero import DeepSpeedPlan
 from raytuner.webhooks import WebhookSettings
 
 if TYPE_CHECKING:
@@ -33,3 +39,10 @@ class TrainJob:
     webhooks: WebhookSettings | None = None  # webhook_config, read by the driver (raytuner/webhooks.py)
     wandb: WandbTarget | None = None  # the W&B run rank 0 logs to (report_to wandb / all); no key
     callbacks: tuple[TrainCallback, ...] = ()  # the run's own, on every worker (they must pickle)
+
+
+def train_job(config: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker``: the loop, imported on the worker only."""
+    from raytuner.train.loop import train_worker
+
+    train_worker(config)

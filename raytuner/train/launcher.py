@@ -30,7 +30,8 @@ from raytuner.quantize import quantization_warnings
 from raytuner.ray_runtime import cluster_connection, ray_session
 from raytuner.storage import Location
 from raytuner.train.callbacks import TrainCallback
-from raytuner.train.job import TrainJob
+from raytuner.train.deepspeed_plan import DeepSpeedPlan, deepspeed_plan
+from raytuner.train.job import TrainJob, train_job
 from raytuner.train.layout import (
     LayoutError,
     on_cluster,
@@ -38,7 +39,6 @@ from raytuner.train.layout import (
     place_under_shared_root,
     write_marker,
 )
-from raytuner.train.loop import train_worker
 from raytuner.train.preflight import lr_schedule_problem, preflight, resume_path
 from raytuner.train.settings import (
     RayOverrides,
@@ -48,7 +48,6 @@ from raytuner.train.settings import (
     run_name,
     storage_filesystem,
 )
-from raytuner.train.zero import DeepSpeedPlan, deepspeed_plan
 from raytuner.upstream import report_poll_interval
 from raytuner.webhooks import report_failures, webhook_settings
 
@@ -99,7 +98,7 @@ def build_trainer(job: TrainJob, settings: RaySettings, *, callbacks: Sequence[o
         resources["GPU"] = settings.gpus_per_worker
     filesystem, storage_path = storage_filesystem(settings)
     return TorchTrainer(
-        train_worker,
+        train_job,
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(
             num_workers=settings.num_workers, use_gpu=settings.use_gpu, resources_per_worker=resources
@@ -320,7 +319,7 @@ def place_on_cluster(run: RunConfig, settings: RaySettings) -> RunConfig:
 
 def finish_outputs(run: RunConfig, result: object, total_steps: int) -> TrainOutcome:
     """Model card, loss curve and validation grid of a finished run, and where its adapter is."""
-    from raytuner.adapters import ADAPTER_FILENAME
+    from raytuner.filenames import ADAPTER_FILENAME
     from raytuner.outputs import write_loss_curve, write_model_card, write_validation_grid
 
     output_dir = run.training.output_dir

@@ -17,6 +17,7 @@ import torch
 
 from raytuner.cache.settings import cache_setting_problems
 from raytuner.config.check import EXIT_OK, format_run, quiet_config_logging
+from raytuner.config.deepspeed import DeepSpeedConfigError
 from raytuner.config.errors import ConfigError
 from raytuner.config.loader import load_config
 from raytuner.config.paths import display, has_scheme
@@ -30,6 +31,7 @@ from raytuner.evaluate.wandb_tracker import wandb_problem
 from raytuner.hub import hub_problems
 from raytuner.placement import local_facts
 from raytuner.quantize import quantization_problem
+from raytuner.train.deepspeed_plan import deepspeed_plan
 from raytuner.train.optim import (
     OptimizerError,
     build_lr_scheduler,
@@ -38,7 +40,6 @@ from raytuner.train.optim import (
 )
 from raytuner.train.settings import RaySettings, read_settings, run_name, storage_filesystem
 from raytuner.train.state import CheckpointError, read_manifest
-from raytuner.train.zero import DeepSpeedConfigError, deepspeed_plan
 
 # resume_from_checkpoint values that start a run fresh.
 FRESH_RUN_VALUES = ("", "none", "false")

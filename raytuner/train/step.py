@@ -30,8 +30,6 @@ from raytuner.precision import autocast
 ReduceSum = Callable[[torch.Tensor], torch.Tensor]
 # The float32 loss of one micro-batch, with the graph for its backward pass.
 LossOf = Callable[["MicroBatch"], torch.Tensor]
-# SimpleTuner never clips for the optimisers that bound their own updates.
-UNCLIPPED_OPTIMIZERS = ("optimi-stableadamw", "prodigy")
 
 
 @dataclass(frozen=True, kw_only=True)

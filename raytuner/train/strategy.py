@@ -32,7 +32,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from raytuner import flow
-from raytuner.config.training import TrainingConfig
+from raytuner.config.training import UNCLIPPED_OPTIMIZERS, TrainingConfig
 from raytuner.train.offload import (
     OFFLOAD_DEVICE,
     GroupOffloadPlan,
@@ -44,7 +44,6 @@ from raytuner.train.offload import (
 from raytuner.train.schedule import flow_schedule_from_config
 from raytuner.train.state import CheckpointInfo
 from raytuner.train.step import (
-    UNCLIPPED_OPTIMIZERS,
     MicroBatch,
     ReduceSum,
     StepResult,

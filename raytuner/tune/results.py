@@ -27,11 +27,11 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from raytuner.adapters import ADAPTER_FILENAME
 from raytuner.config.formats import options_as_object, read_json
 from raytuner.config.overrides import PRESET_MAPS, rescale_preset_entry
 from raytuner.config.paths import display
 from raytuner.evaluate.metrics import read_metrics
+from raytuner.filenames import ADAPTER_FILENAME
 from raytuner.tune.sweep import Sweep
 
 logger = logging.getLogger(__name__)

@@ -172,7 +172,8 @@ def process_group() -> Iterator[str]:
 def zero_matches_plain(model: Path, data: Data, device: torch.device, folder: Path, *, stage: int) -> None:
     """ZeRO ``stage`` through raytuner's engine against raytuner's plain step, then save and load."""
     from raytuner.config.deepspeed import check_deepspeed, generated_config
-    from raytuner.train.zero import DeepSpeedZero, plan_deepspeed
+    from raytuner.train.deepspeed_plan import plan_deepspeed
+    from raytuner.train.zero import DeepSpeedZero
 
     settings = training(
         enable_group_offload=False, max_grad_norm=0.0, train_batch_size=4, mixed_precision="no"

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from raytuner.adapters import ADAPTER_FILENAME
 from raytuner.evaluate.metrics import read_metrics
+from raytuner.filenames import ADAPTER_FILENAME
 from tests.cache.helpers import draw_images, image_dataset, text_dataset, write_run_files
 from tests.ray_head import (
     RAY,

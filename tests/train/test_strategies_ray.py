@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from raytuner.adapters import ADAPTER_FILENAME, load_adapter
+from raytuner.adapters import load_adapter
+from raytuner.filenames import ADAPTER_FILENAME
 from raytuner.models.registry import get_family
 from raytuner.train.launcher import TrainOutcome
 from raytuner.train.zero import ENGINE_FOLDER, ENGINE_TAG

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from raytuner.config.deepspeed import check_deepspeed, generated_config
+from raytuner.train.deepspeed_plan import plan_deepspeed
 from raytuner.train.job import TrainJob
 from raytuner.train.layout import SharedRootMarker
 from raytuner.train.strategy import (
@@ -18,7 +19,7 @@ from raytuner.train.strategy import (
     build_strategy,
     worker_environment,
 )
-from raytuner.train.zero import DeepSpeedZero, plan_deepspeed
+from raytuner.train.zero import DeepSpeedZero
 from tests.cache.helpers import image_dataset, text_dataset, write_run_files
 
 CPU = torch.device("cpu")

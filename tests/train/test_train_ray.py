@@ -22,12 +22,13 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from raytuner.adapters import ADAPTER_FILENAME, load_adapter
+from raytuner.adapters import load_adapter
 from raytuner.batches.plan import BatchShape
 from raytuner.batches.reader import caption_dropped, eval_caches, open_training_data
 from raytuner.evaluate.clip_score import ClipScorer
 from raytuner.evaluate.eval_loss import eval_samples, evaluation_loss
 from raytuner.evaluate.metrics import read_metrics
+from raytuner.filenames import ADAPTER_FILENAME
 from raytuner.models.registry import get_family
 from raytuner.models.tiny import build_tiny_clip
 from raytuner.train.launcher import TrainError, TrainOutcome

@@ -18,8 +18,8 @@ from raytuner.config.deepspeed import (
     read_deepspeed_config,
 )
 from raytuner.config.training import TrainingConfig
+from raytuner.train.deepspeed_plan import DeepSpeedPlan, plan_deepspeed
 from raytuner.train.launcher import strategy_summary
-from raytuner.train.zero import DeepSpeedPlan, plan_deepspeed
 from tests.cache.helpers import image_dataset, text_dataset, write_run_files
 
 WHERE = "config.json"

@@ -25,10 +25,10 @@ from typing import Any
 import pytest
 from safetensors.torch import load_file
 
-from raytuner.adapters import ADAPTER_FILENAME
 from raytuner.cache.format import read_manifest
 from raytuner.config import load_config
 from raytuner.evaluate.metrics import read_metrics
+from raytuner.filenames import ADAPTER_FILENAME
 from raytuner.storage import Location
 from raytuner.tune import results as sweep_results
 from raytuner.tune.command import SweepOutcome, run_sweep
