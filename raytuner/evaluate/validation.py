@@ -20,9 +20,9 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from PIL import Image
 
 from raytuner.batches.reader import TextCache
@@ -32,6 +32,9 @@ from raytuner.cache.settings import role_prompts
 from raytuner.config.run import RunConfig
 from raytuner.models.base import ModelFamily, PromptConditioning
 from raytuner.precision import autocast
+
+if TYPE_CHECKING:  # the pre-flight check imports this module and must not wait for diffusers
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
 logger = logging.getLogger(__name__)
 

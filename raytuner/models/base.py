@@ -12,15 +12,20 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, TypedDict
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypedDict
 
 import torch
-from diffusers.models.modeling_utils import ModelMixin
-from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from PIL import Image
 
 from raytuner import flow
 from raytuner.errors import RaytunerError
+
+if TYPE_CHECKING:
+    # For annotations only: the data types below (conditioning, batches) are read by processes
+    # that never load a model (Ray Train's controller, a sweep's trial driver), and importing
+    # diffusers costs seconds; each family's module imports its own classes.
+    from diffusers.models.modeling_utils import ModelMixin
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,6 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
-from diffusers.optimization import get_polynomial_decay_schedule_with_warmup, get_scheduler
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from raytuner.config.surface import option_choices
@@ -484,6 +483,10 @@ def build_lr_scheduler(
     if name == "polynomial":
         return _polynomial(optimizer, optimization, total_steps=total_steps)
     if name in ("linear", "constant", "constant_with_warmup", "cosine_with_restarts"):
+        # Imported here: the pre-flight check reads this module's optimizer tables on the driver,
+        # which loads no model; importing diffusers there costs seconds.
+        from diffusers.optimization import get_scheduler
+
         return get_scheduler(
             name,
             optimizer,
@@ -522,6 +525,8 @@ def _polynomial(
             f"{total_steps}-step run with 'lr_scheduler' = 'polynomial'"
         )
     # diffusers' get_scheduler does not pass lr_end on, so the schedule is called directly.
+    from diffusers.optimization import get_polynomial_decay_schedule_with_warmup
+
     return get_polynomial_decay_schedule_with_warmup(
         optimizer,
         num_warmup_steps=optimization.lr_warmup_steps,

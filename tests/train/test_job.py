@@ -54,3 +54,15 @@ def test_the_controller_unpickles_the_worker_function_and_job_without_model_code
     ).stdout.decode()
     assert imported.strip() == "[]", imported
     assert pickle.loads(payload)[0] is train_job
+
+
+def test_the_launcher_and_a_sweeps_trial_import_no_model_code() -> None:
+    """`raytuner train`'s driver and each sweep trial's driver load no model: diffusers, LyCORIS and
+    transformers are imported where a model is (the workers, the cache's encoders)."""
+    script = (
+        "import sys\n"
+        "import raytuner.train.launcher, raytuner.tune.trial\n"
+        f"print(sorted(name for name in {MODEL_CODE!r} if name in sys.modules))\n"
+    )
+    imported = subprocess.run([sys.executable, "-c", script], capture_output=True, check=True).stdout.decode()
+    assert imported.strip() == "[]", imported
