@@ -18,9 +18,9 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers.models.modeling_utils import ModelMixin
 
 from raytuner import flow
 from raytuner.batches.plan import sample_generators, sample_seed
@@ -28,6 +28,9 @@ from raytuner.batches.reader import LatentCache, TextCache
 from raytuner.config.run import RunConfig
 from raytuner.models.base import ModelFamily
 from raytuner.precision import autocast
+
+if TYPE_CHECKING:  # a sweep's driver reads this module's dataset list and loads no model
+    from diffusers.models.modeling_utils import ModelMixin
 
 EVAL_NOISE_SEED = 0
 # Sums a flat tensor over the workers (all-reduce sum).
