@@ -21,7 +21,7 @@ from raytuner.cache.rows import DatasetWork
 from raytuner.config import RunConfig
 from raytuner.config.datasets import DatasetConfig
 from raytuner.data import problematic
-from raytuner.data.discovery import Listing, SkippedFile, dataset_location
+from raytuner.data.discovery import Listing, SkippedFile, dataset_location, list_dataset
 from raytuner.storage import Location
 from tests.cache.helpers import (
     add_broken_files,
@@ -99,6 +99,11 @@ def test_max_num_samples_keeps_the_same_images_every_build(tmp_path: Path, tiny_
     (second,) = discover_without_ray(_run(tmp_path, tiny_cosmos_dir, [entry]))
     assert set(second.rows) == set(first.rows)
     assert set(second.existing) >= {row.key for row in second.rows.values()}
+    # A Hugging Face split is limited the same way, over its row names.
+    folder = save_hub_dataset(tmp_path / "hub", 4)
+    hub = DatasetConfig(id="hub", type="huggingface", dataset_name=str(folder), max_num_samples=3)
+    rows = [listed.relative for listed in list_dataset(hub).files]
+    assert len(rows) == 3 and rows == [listed.relative for listed in list_dataset(hub).files]
 
 
 def test_crop_aspect_closest_and_random_choose_from_the_buckets(
