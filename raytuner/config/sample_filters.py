@@ -76,7 +76,14 @@ def parse_crop_buckets(
         for item in value:
             aspect, weight = _number(item.get("aspect")), _number(item.get("weight"))
             extra = set(item) - {"aspect", "weight"}
-            if aspect is None or aspect <= 0 or weight is None or weight < 0 or extra:
+            # closest reads only the aspect, as in SimpleTuner; random draws by the weights.
+            unweighted = weight is None and crop_aspect != "random" and "weight" not in item
+            if (
+                aspect is None
+                or aspect <= 0
+                or extra
+                or not (unweighted or (weight is not None and weight >= 0))
+            ):
                 refuse('objects with a positive "aspect" and a "weight" (no other keys)')
                 return None
             buckets.append(AspectBucket(aspect=aspect, weight=weight))
@@ -146,10 +153,16 @@ def parse_caption_shuffle(
             findings.problems.append(
                 problem(label, f"{CAPTION_SHUFFLE_BLOCK}.{key}", kept[key], "true or false")
             )
-    for key, lowest in (("count", 1), ("position_start", 0), ("seed", 0)):
+    whole_numbers = (
+        ("count", 1, "a positive whole number"),
+        ("position_start", 0, "a whole number, 0 or more"),
+        ("seed", None, "a whole number"),
+    )
+    for key, lowest, expected in whole_numbers:
         item = kept.get(key)
-        if item is not None and (isinstance(item, bool) or not isinstance(item, int) or item < lowest):
-            expected = "a positive whole number" if lowest else "a whole number, 0 or more"
+        if item is None:
+            continue
+        if isinstance(item, bool) or not isinstance(item, int) or (lowest is not None and item < lowest):
             findings.problems.append(problem(label, f"{CAPTION_SHUFFLE_BLOCK}.{key}", item, expected))
     if "split_on" in kept and kept["split_on"] not in SPLIT_ON:
         findings.problems.append(

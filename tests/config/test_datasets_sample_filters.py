@@ -51,6 +51,10 @@ def test_the_keys_are_read_into_the_dataset(write_run: WriteRun) -> None:
     assert run.datasets[0].crop_aspect_buckets == (AspectBucket(aspect=1.0), AspectBucket(aspect=0.75))
     assert run.datasets[0].caption_shuffle is None
     assert any('caption_shuffle has no effect without "enable": true' in warning for warning in run.warnings)
+    # closest reads only the aspects of the dict form, so weights may be left out there.
+    objects = {**IMAGES, "crop_aspect": "closest", "crop_aspect_buckets": [{"aspect": 1.5}, {"aspect": 0.5}]}
+    run = load_config(write_run(datasets=[objects, TEXT]))
+    assert run.datasets[0].crop_aspect_buckets == (AspectBucket(aspect=1.5), AspectBucket(aspect=0.5))
 
 
 def test_delete_problematic_images_in_config_json_reaches_every_dataset_without_a_warning(
