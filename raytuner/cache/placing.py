@@ -16,8 +16,10 @@ from raytuner.cache.format import CacheError
 from raytuner.cache.keys import caption_key, content_key, sample_key
 from raytuner.cache.rows import DatasetWork, LatentRow, SourceFile
 from raytuner.data import discovery
-from raytuner.data.buckets import BucketSettings, crop_seed_for, place
+from raytuner.data.buckets import BucketSettings, aspect_limit_reason, crop_seed_for, place
+from raytuner.data.captions import with_shuffles
 from raytuner.data.discovery import DiscoveredMask, Probe, SkippedFile
+from raytuner.data.problematic import delete_problematic
 from raytuner.storage import describe_error
 
 logger = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ def probe_listings(work: Sequence[DatasetWork]) -> None:
         listed_fingerprints = {listed.fingerprint for listed in _listed_files(item)}
         probes = {fp: probe for fp, probe in known[item.dataset.id].items() if fp in listed_fingerprints}
         item.images, item.skipped = discovery.merge_probes(item.listing, probes)
+        item.skipped = delete_problematic(item.listing, item.skipped)
         if item.mask_listing is not None:
             item.masks = pair_masks(item, probes)
         try:
@@ -110,20 +113,23 @@ def too_small_reason(settings: BucketSettings) -> str:
 def place_images(item: DatasetWork, *, seed: int, vae_key: str) -> None:
     """Bucket, crop and key every discovered image of one dataset: ``item.rows``, by sample key."""
     placed: set[str] = set()
+    # SimpleTuner shuffles every caption strategy's captions but an instance prompt's.
+    shuffle = item.dataset.caption_shuffle if item.dataset.caption_strategy != "instanceprompt" else None
     # By relative path, so which of two identical files keeps the content key never changes.
     for image in sorted(item.images, key=lambda image: image.relative):
         placement = place(
             item.settings, image.width, image.height, crop_seed=crop_seed_for(seed, image.sha256)
         )
         if placement is None:
+            reason: str | None = too_small_reason(item.settings)
+        else:
+            reason = aspect_limit_reason(item.settings, placement)
+        if reason is not None or placement is None:
             item.skipped.append(
-                SkippedFile(
-                    dataset_id=item.dataset.id,
-                    relative=image.relative,
-                    reason=too_small_reason(item.settings),
-                )
+                SkippedFile(dataset_id=item.dataset.id, relative=image.relative, reason=reason or "")
             )
             continue
+        captions = with_shuffles(image.captions, shuffle, seed=seed)
         mask = item.masks.get(image.relative) if item.mask is not None else None
         key = content_key(image, placement, vae_key, mask)
         sample = sample_key(key, image.relative) if key in placed else key
@@ -133,14 +139,14 @@ def place_images(item: DatasetWork, *, seed: int, vae_key: str) -> None:
             sample=sample,
             dataset_id=item.dataset.id,
             source=image.relative,
-            caption_keys=tuple(caption_key(caption) for caption in image.captions),
+            caption_keys=tuple(caption_key(caption) for caption in captions),
             bucket=placement.label,
             width=placement.bucket[0],
             height=placement.bucket[1],
             file=SourceFile(
                 path=image.path,
                 placement=placement,
-                captions=tuple(image.captions),
+                captions=captions,
                 original=(image.width, image.height),
                 mask_path=mask.path if mask is not None else "",
             ),

@@ -165,6 +165,9 @@ def bucket_settings(dataset: DatasetConfig, run: RunConfig, family: type[ModelFa
             crop_style=dataset.crop_style,
             rounding=training.data.aspect_bucket_rounding or 2,
             alignment=alignment,
+            crop_aspect_buckets=dataset.crop_aspect_buckets,
+            minimum_aspect_ratio=dataset.minimum_aspect_ratio,
+            maximum_aspect_ratio=dataset.maximum_aspect_ratio,
         )
     except BucketError as error:
         raise CacheError(

@@ -11,6 +11,14 @@ from typing import Any, Literal, get_args
 from raytuner.config.fields import build, derived, field_names, problem, rule
 from raytuner.config.keys import KeyFindings, sort_key
 from raytuner.config.parquet import PARQUET_BLOCK, PARQUET_KEYS, ParquetSettings, parse_parquet_block
+from raytuner.config.sample_filters import (
+    CAPTION_SHUFFLE_BLOCK,
+    CAPTION_SHUFFLE_KEYS,
+    CROP_BUCKETS_KEY,
+    AspectBucket,
+    CaptionShuffle,
+    read_sample_blocks,
+)
 from raytuner.config.training import ResolutionType
 
 BackendType = Literal["local", "aws", "huggingface"]
@@ -53,7 +61,7 @@ KEY_SPELLINGS: dict[str, str] = {
     "webshart_optimize_captions": "webshart_optimise_captions",
 }
 # Nested objects of a dataset entry read by this module's parser (not fields of their own).
-DATASET_BLOCKS = ("huggingface", PARQUET_BLOCK)
+DATASET_BLOCKS = ("huggingface", PARQUET_BLOCK, CAPTION_SHUFFLE_BLOCK, CROP_BUCKETS_KEY)
 # Keys of a type huggingface dataset that SimpleTuner reads at the top level or, when unset there,
 # from its "huggingface" block; raytuner stores them as the top-level fields.
 HUB_SHARED_KEYS = ("dataset_name", "split", "revision", "image_column")
@@ -127,6 +135,18 @@ class DatasetConfig:
     caption_columns: tuple[str, ...] = field(default=("caption",), metadata=derived())
     fallback_caption_column: str | None = field(default=None, metadata=derived())
     description_column: str = field(default="description", metadata=derived())
+
+    # ---- which samples, cropped how (raytuner/config/sample_filters.py parses the nested ones) ----
+    # Images whose bucket's aspect ratio (width / height) is outside these are left out; 0: no limit.
+    minimum_aspect_ratio: float | None = field(default=None, metadata=rule(ge=0))
+    maximum_aspect_ratio: float | None = field(default=None, metadata=rule(ge=0))
+    # At most this many images, the same ones every build (raytuner/data/sampling.py); 0: all.
+    max_num_samples: int | None = field(default=None, metadata=rule(ge=0))
+    # The aspect ratios crop_aspect random or closest chooses from.
+    crop_aspect_buckets: tuple[AspectBucket, ...] = field(default=(), metadata=derived())
+    caption_shuffle: CaptionShuffle | None = field(default=None, metadata=derived())
+    # Unset: config.json's delete_problematic_images (the loader fills it in).
+    delete_problematic_images: bool | None = None
 
     @property
     def enabled(self) -> bool:
@@ -205,6 +225,16 @@ def parse_datasets(raw: Any, *, where: str, strict: bool) -> ParsedDatasets:
         dataset = build(DatasetConfig, values, where=label, problems=result.problems)
         if dataset is not None and values.get(PARQUET_BLOCK) is not None:
             dataset = dataclasses.replace(dataset, parquet=values[PARQUET_BLOCK])
+        if dataset is not None:
+            buckets, shuffle = read_sample_blocks(
+                entry,
+                crop_aspect=dataset.crop_aspect,
+                where=where,
+                place=place,
+                strict=strict,
+                findings=result.findings,
+            )
+            dataset = dataclasses.replace(dataset, crop_aspect_buckets=buckets, caption_shuffle=shuffle)
         if dataset is not None:
             dataset = _hub_defaults(dataset, values, derived_values)
             _check_hub_keys_elsewhere(dataset, values, block, label=label, problems=result.problems)
@@ -561,4 +591,9 @@ def default_text_embeds(*, existing_ids: set[str], cache_dir: str) -> DatasetCon
 
 def dataset_keys() -> frozenset[str]:
     """Every dataset key raytuner reads: the entry's fields and its nested ``parquet`` block's keys."""
-    return field_names(DatasetConfig) | {PARQUET_BLOCK} | PARQUET_KEYS
+    return (
+        field_names(DatasetConfig)
+        | {PARQUET_BLOCK, CAPTION_SHUFFLE_BLOCK, CROP_BUCKETS_KEY}
+        | PARQUET_KEYS
+        | CAPTION_SHUFFLE_KEYS
+    )

@@ -472,6 +472,8 @@ def _complete_dataset(
         changes["resolution_type"] = dataset.resolution_type or training.data.resolution_type
         if dataset.minimum_image_size is None:
             changes["minimum_image_size"] = training.data.minimum_image_size
+        if dataset.delete_problematic_images is None:
+            changes["delete_problematic_images"] = training.data.delete_problematic_images
     if dataset.instance_data_dir is not None and dataset.type == "local":
         changes["instance_data_dir"] = find_input_dir(dataset.instance_data_dir, named_in=path)
     if dataset.parquet is not None and dataset.type == "local" and not has_scheme(dataset.parquet.path):

@@ -204,6 +204,8 @@ class DataSection:
     # own text_encoder_batch_size wins (raytuner/cache/settings.py: text_batch_size).
     text_encoder_batch_size: int = field(default=1, metadata=rule(ge=1))
     caption_dropout_probability: float = field(default=0.1, metadata=rule(ge=0, le=1))
+    # Delete the files of local and aws datasets that cannot be decoded (a dataset's own key wins).
+    delete_problematic_images: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -28,6 +28,7 @@ import math
 import random
 from dataclasses import dataclass
 
+from raytuner.config.sample_filters import AspectBucket
 from raytuner.errors import RaytunerError
 
 RESOLUTION_TYPES = ("pixel", "area", "pixel_area")
@@ -54,6 +55,9 @@ class BucketSettings:
     crop_style: str = "random"
     rounding: int = 2  # aspect_bucket_rounding
     alignment: int = 64  # aspect_bucket_alignment
+    crop_aspect_buckets: tuple[AspectBucket, ...] = ()
+    minimum_aspect_ratio: float | None = None
+    maximum_aspect_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if self.resolution_type not in RESOLUTION_TYPES:
@@ -62,10 +66,9 @@ class BucketSettings:
             )
         if self.crop_style not in CROP_STYLES:
             raise BucketError(f"crop_style {self.crop_style!r}: expected one of {', '.join(CROP_STYLES)}")
-        if self.crop and self.crop_aspect not in ("square", "preserve"):
+        if self.crop and self.crop_aspect in ("random", "closest") and not self.crop_aspect_buckets:
             raise BucketError(
-                f"crop_aspect {self.crop_aspect!r} needs crop_aspect_buckets, which raytuner does not support yet; "
-                'use "square" or "preserve"'
+                f"crop_aspect {self.crop_aspect!r} needs crop_aspect_buckets (a list of aspect ratios)"
             )
 
     @property
@@ -240,9 +243,10 @@ def place(settings: BucketSettings, width: int, height: int, *, crop_seed: int =
         target = (edge, edge)
         _, intermediary = _calculate(settings, 1.0, settings.target, original)
     else:
-        target, intermediary = _calculate(
-            settings, aspect_of(width, height, settings.rounding), settings.target, original
-        )
+        wanted = aspect_of(width, height, settings.rounding)
+        if settings.crop and settings.crop_aspect in ("random", "closest"):
+            wanted = chosen_aspect(settings, wanted, crop_seed=crop_seed)
+        target, intermediary = _calculate(settings, wanted, settings.target, original)
     aspect = aspect_of(*target, settings.rounding)
     if aspect == 1.0:
         # TrainingSample: square buckets use pixel_resolution, and the intermediary must cover it.
@@ -263,6 +267,33 @@ def place(settings: BucketSettings, width: int, height: int, *, crop_seed: int =
     intermediary = _fit_around(intermediary, target)
     left, top = crop_origin(intermediary, target, settings.crop_style, crop_seed=crop_seed)
     return Placement(bucket=target, intermediary=intermediary, left=left, top=top, aspect=aspect)
+
+
+def chosen_aspect(settings: BucketSettings, own: float, *, crop_seed: int) -> float:
+    """crop_aspect closest: the bucket nearest the image's own (rounded) aspect, the first on a tie;
+    random: one drawn per image (by weight in the dict form), fixed by ``crop_seed`` so that a
+    rebuild draws the same bucket and the cache keeps its rows."""
+    buckets = settings.crop_aspect_buckets
+    if settings.crop_aspect == "closest":
+        return min(buckets, key=lambda bucket: abs(bucket.aspect - own)).aspect
+    rng = random.Random(f"crop_aspect:{crop_seed}")
+    if buckets[0].weight is None:
+        return rng.choice(buckets).aspect
+    return rng.choices(buckets, weights=[bucket.weight or 0.0 for bucket in buckets])[0].aspect
+
+
+def aspect_limit_reason(settings: BucketSettings, placement: Placement) -> str | None:
+    """Why a placed image is left out by minimum_aspect_ratio / maximum_aspect_ratio (None: kept).
+
+    As SimpleTuner, the limits apply to the bucket's aspect (width / height after the crop), and 0
+    means no limit.
+    """
+    low, high = settings.minimum_aspect_ratio, settings.maximum_aspect_ratio
+    if low and placement.aspect < low:
+        return f"bucket {placement.label} has aspect ratio {placement.aspect:g}, below minimum_aspect_ratio {low:g}"
+    if high and placement.aspect > high:
+        return f"bucket {placement.label} has aspect ratio {placement.aspect:g}, above maximum_aspect_ratio {high:g}"
+    return None
 
 
 def _larger_than_target(settings: BucketSettings, original: tuple[int, int]) -> bool:

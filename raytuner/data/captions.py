@@ -7,12 +7,18 @@
   SimpleTuner does (raytuner draws it from the seed, the image and the step, so runs repeat).
 * ``instanceprompt``: the dataset's ``instance_prompt`` for every image.
 * ``parquet``: the dataset's metadata table (:mod:`raytuner.data.metadata_table`).
+
+``caption_shuffle`` adds shuffled orders of each caption's tags as more captions of the image
+(:func:`with_shuffles`), encoded in the text cache with the others.
 """
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
+import random
 
+from raytuner.config.sample_filters import CaptionShuffle
 from raytuner.errors import RaytunerError
 
 
@@ -39,3 +45,41 @@ def caption_from_text(data: bytes, *, where: str) -> tuple[str, ...]:
     if not captions:
         raise CaptionError(f"caption file {where} is empty")
     return captions
+
+
+# caption_shuffle: how each split_on setting cuts a caption into tags, and joins them again.
+_SPLIT = {"comma": (",", ", "), "space": (" ", " "), "period": (".", ". ")}
+
+
+def shuffled_captions(caption: str, shuffle: CaptionShuffle, *, seed: int) -> tuple[str, ...]:
+    """SimpleTuner's caption_shuffle of one caption: the caption (unless include_original is false),
+    then up to ``count`` distinct orders of its tags, the first ``position_start`` tags kept in place.
+
+    Each order is drawn from the seed, the caption's MD5 and the variant's number, as SimpleTuner
+    draws it, so the same caption gives the same variants in every build (and in SimpleTuner). A
+    caption with fewer than two tags to move stays as it is.
+    """
+    split, join = _SPLIT[shuffle.split_on]
+    tags = [tag.strip() for tag in caption.split(split) if tag.strip()]
+    fixed, movable = tags[: shuffle.position_start], tags[shuffle.position_start :]
+    if len(movable) <= 1:
+        return (caption,)
+    variants = [caption] if shuffle.include_original else []
+    caption_hash = int(hashlib.md5(caption.encode("utf-8")).hexdigest(), 16) & 0xFFFFFFFF
+    base = shuffle.seed if shuffle.seed is not None else seed
+    for number in range(shuffle.count):
+        order = list(movable)
+        random.Random(base + caption_hash + number).shuffle(order)
+        variant = join.join(fixed + order)
+        if variant not in variants:
+            variants.append(variant)
+    return tuple(variants) or (caption,)
+
+
+def with_shuffles(captions: tuple[str, ...], shuffle: CaptionShuffle | None, *, seed: int) -> tuple[str, ...]:
+    """Every caption of an image followed by its shuffled variants (unchanged without caption_shuffle)."""
+    if shuffle is None:
+        return captions
+    return tuple(
+        variant for caption in captions for variant in shuffled_captions(caption, shuffle, seed=seed)
+    )

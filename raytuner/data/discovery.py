@@ -26,7 +26,7 @@ from typing import Any
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from raytuner.config.datasets import DatasetConfig
-from raytuner.data import huggingface
+from raytuner.data import huggingface, sampling
 from raytuner.data.captions import CaptionError, caption_file_for, caption_from_filename, caption_from_text
 from raytuner.data.metadata_table import (
     MetadataTableError,
@@ -50,6 +50,8 @@ IGNORED_FOLDERS = frozenset(
 DISCOVERY_INDEX = "raytuner_discovery.parquet"
 # Probe errors that say nothing about the file's content (it may be readable next time).
 TRANSIENT_ERRORS = ("unreadable:", "file disappeared", "caption file unreadable")
+# Skip reasons of files that are not a decodable image (what delete_problematic_images deletes).
+UNDECODABLE = ("zero-byte file", "not an image", "corrupt or truncated image")
 
 
 def dataset_location(dataset: DatasetConfig) -> Location:
@@ -168,7 +170,7 @@ def list_dataset(dataset: DatasetConfig, *, captions: bool = True) -> Listing:
     location = dataset_location(dataset)
     listing = Listing(dataset=dataset, location=location)
     if location.hub is not None:
-        return _list_rows(listing, location.hub, captions=captions)
+        return _limited(_list_rows(listing, location.hub, captions=captions))
     _, root = location.resolve()
     try:
         infos = list(list_files(location))
@@ -234,6 +236,17 @@ def list_dataset(dataset: DatasetConfig, *, captions: bool = True) -> Listing:
                 table_captions=table_captions,
             )
         )
+    return _limited(listing)
+
+
+def _limited(listing: Listing) -> Listing:
+    """The listing with only the files ``max_num_samples`` keeps (images and their skips alike)."""
+    relatives = [listed.relative for listed in listing.files] + [skip.relative for skip in listing.skipped]
+    kept = sampling.chosen_files(
+        relatives, dataset_id=listing.dataset.id, limit=listing.dataset.max_num_samples
+    )
+    listing.files = [listed for listed in listing.files if listed.relative in kept]
+    listing.skipped = [skip for skip in listing.skipped if skip.relative in kept]
     return listing
 
 

@@ -18,6 +18,7 @@ from raytuner.cache.summary import DatasetSummary
 from raytuner.cache.text import TextWork
 from raytuner.config import RunConfig, load_config
 from raytuner.data import discovery
+from raytuner.data.problematic import delete_problematic
 from raytuner.data.synthetic import COLOURS, SHAPES, draw_shape
 from raytuner.models.registry import get_family
 
@@ -153,6 +154,7 @@ def discover_without_ray(run: RunConfig) -> list[DatasetWork]:
             for listed in item.listing.files
         }
         item.images, item.skipped = discovery.merge_probes(item.listing, probes)
+        item.skipped = delete_problematic(item.listing, item.skipped)
         place_images(item, seed=run.seed, vae_key=VAE_IDENTITY.key)
         work.append(item)
     return work

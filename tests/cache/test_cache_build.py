@@ -31,6 +31,7 @@ from raytuner.cache.summary import CacheSummary
 from raytuner.cli import main
 from raytuner.data.buckets import BucketSettings, place
 from raytuner.data.discovery import open_image
+from raytuner.data.problematic import DELETED
 from raytuner.models.cosmos2image import Cosmos2Image
 from raytuner.models.tiny import build_tiny_checkpoint
 from raytuner.storage import Location
@@ -77,12 +78,12 @@ def built(
     return {"root": root, "images": images, "files": files, "summary": summary, "broken": broken}
 
 
-def _write(root: Path, model: Path, images: Path) -> RunFiles:
+def _write(root: Path, model: Path, images: Path, **config: Any) -> RunFiles:
     datasets = [
         image_dataset(images, root / "cache" / "vae", write_batch_size=4),
         text_dataset(root / "cache" / "text"),
     ]
-    return write_run_files(root, model, datasets)
+    return write_run_files(root, model, datasets, **config)
 
 
 def test_the_cache_builds_on_a_two_node_cluster(built: dict[str, Any], ray_cluster: Any) -> None:
@@ -227,10 +228,17 @@ def test_a_rerun_encodes_only_new_and_changed_images(
     assert before < with_new and len(with_new) == 22
 
     Image.open(images / "image_101.png").rotate(90).save(images / "image_101.png")
-    changed = _build(files)
+    # With delete_problematic_images in config.json, this build also deletes the undecodable files.
+    assert all((images / name).exists() for name in built["broken"])
+    changed = _build(_write(tmp_path, tiny_cosmos_dir, images, delete_problematic_images=True))
     assert changed.encoded == 1 and changed.datasets[0].images == 22
     after = _committed_keys(tmp_path / "cache" / "vae")
     assert len(after - with_new) == 1 and len(with_new - after) == 1
+    assert not any((images / name).exists() for name in built["broken"])
+    report = json.loads((tmp_path / "cache" / "vae" / REPORT_NAME).read_text())
+    assert {entry["file"] for entry in report["skipped"] if entry["reason"].endswith(DELETED)} == set(
+        built["broken"]
+    )
 
 
 def _as_written_before_copies_were_samples(cache: Path) -> None:

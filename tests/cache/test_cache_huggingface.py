@@ -10,8 +10,10 @@ import pytest
 
 from raytuner.batches.reader import LatentCache, TextCache
 from raytuner.cache.build import BuildOptions, run_cache
-from raytuner.cache.format import REPORT_NAME
+from raytuner.cache.format import REPORT_NAME, read_index, read_manifest
 from raytuner.cache.keys import caption_key
+from raytuner.config.sample_filters import CaptionShuffle
+from raytuner.data.captions import shuffled_captions
 from raytuner.storage import Location
 from tests.cache.helpers import text_dataset
 from tests.hub_datasets import save_hub_dataset
@@ -33,6 +35,8 @@ def test_a_huggingface_dataset_is_cached_and_trained_like_a_folder(
         "metadata_backend": "huggingface",
         "caption_strategy": "huggingface",
         "huggingface": {"caption_column": "caption"},
+        # Each caption's words shuffled into one more caption, encoded with the others.
+        "caption_shuffle": {"enable": True, "count": 1, "split_on": "space", "seed": 3},
         "resolution": 64,
         "resolution_type": "pixel_area",
         "cache_dir_vae": str(tmp_path / "cache" / "vae"),
@@ -69,12 +73,29 @@ def test_a_huggingface_dataset_is_cached_and_trained_like_a_folder(
     report = json.loads((tmp_path / "cache" / "vae" / REPORT_NAME).read_text())
     assert report["source"] == f"huggingface:{folder}[train]"
     assert [entry["file"] for entry in report["skipped"]] == ["train/2"]
-    # Each row's latents come with its caption from the caption column, encoded in the text cache.
-    latents = LatentCache("hub", Location(uri=str(tmp_path / "cache" / "vae")))
-    keys = {latents.caption_key(sample.key, seed=11, step=0) for sample in latents.samples}
-    assert keys == {caption_key(caption) for caption in CAPTIONS[:2]}
+    # Each row's latents come with its caption from the caption column and its shuffled variant
+    # (caption_shuffle), all encoded in the text cache; each step draws one of them.
+    shuffle = CaptionShuffle(enable=True, count=1, split_on="space", seed=3)
+    expected = {
+        caption_key(variant)
+        for caption in CAPTIONS[:2]
+        for variant in shuffled_captions(caption, shuffle, seed=11)
+    }
+    assert len(expected) == 4
+    folder_vae = Location(uri=str(tmp_path / "cache" / "vae"))
+    manifest = read_manifest(folder_vae)
+    assert manifest is not None
+    indexed = {
+        key for keys in read_index(folder_vae, manifest).column("caption_keys").to_pylist() for key in keys
+    }
+    assert indexed == expected
+    latents = LatentCache("hub", folder_vae)
+    drawn = {
+        latents.caption_key(sample.key, seed=11, step=step) for sample in latents.samples for step in range(8)
+    }
+    assert drawn <= expected
     text = TextCache(Location(uri=str(tmp_path / "cache" / "text")))
-    assert len(text.conditioning(sorted(keys))) == 2
+    assert len(text.conditioning(sorted(expected))) == 4
     example_latents = LatentCache("dreambooth", Location(uri=str(tmp_path / "cache" / "vae-example")))
     assert {bucket for bucket in (sample.bucket for sample in example_latents.samples)} == {"32x32"}
     # A second build reads nothing new: the rows are known by the split's fingerprint.

@@ -153,14 +153,24 @@ def test_crop_keys_choose_the_crop(tmp_path: Path, tiny_cosmos_dir: Path) -> Non
     assert (corner.bucket, corner.left, corner.top) == ((64, 64), 0, 0)
     # preserve keeps the aspect: 160 / 64 = 2.5, short edge 64 -> 160 x 64.
     assert keep.bucket == (160, 64)
-    (problem,) = cache_setting_problems(
-        _run(
-            tmp_path,
-            tiny_cosmos_dir,
-            [image_dataset(tmp_path / "images", tmp_path / "c4", crop=True, crop_aspect="random")],
-        )
+    # closest and random choose among crop_aspect_buckets (tests/cache/test_cache_sample_filters.py).
+    closest = _run(
+        tmp_path,
+        tiny_cosmos_dir,
+        [
+            image_dataset(
+                tmp_path / "images",
+                tmp_path / "c4",
+                crop=True,
+                crop_aspect="closest",
+                crop_aspect_buckets=[1.5],
+                resolution_type="pixel",
+            )
+        ],
     )
-    assert "crop_aspect 'random' needs crop_aspect_buckets" in problem
+    assert cache_setting_problems(closest) == []
+    placed = _discover(closest)["shapes"]["image_000.png"][1]
+    assert placed is not None and placed.bucket == (96, 64)
 
 
 def test_size_limits_skip_and_downsample(tmp_path: Path, tiny_cosmos_dir: Path) -> None:
