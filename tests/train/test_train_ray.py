@@ -181,12 +181,22 @@ def test_one_worker_with_accumulation_matches_two_workers(
     assert [a["loss"] for a in first] == pytest.approx([b["loss"] for b in second], rel=1e-4)
 
 
-def test_resume_from_latest_continues_the_step_count_and_the_curve(
-    ray_cluster, masked_cosmos_data: Data, tmp_path: Path, one_worker_accumulating: TrainOutcome
+def test_resume_from_latest_on_object_storage_continues_the_step_count_and_the_curve(
+    ray_cluster, s3_server, masked_cosmos_data: Data, tmp_path: Path, one_worker_accumulating: TrainOutcome
 ) -> None:
-    options = {"workers": 1, "gradient_accumulation_steps": 2}
-    train(tmp_path, masked_cosmos_data, max_train_steps=3, **options)
+    """Checkpoints written to S3 (ray_storage_path), and the next run resumes from the latest."""
+    bucket = s3_server.create_bucket("raytuner-runs")
+    options = {
+        "workers": 1,
+        "gradient_accumulation_steps": 2,
+        "ray_storage_path": f"s3://{bucket}/checkpoints",
+    }
+    first = train(tmp_path, masked_cosmos_data, max_train_steps=3, **options)
     assert [line["step"] for line in train_lines(tmp_path / "output")] == [1, 2, 3]
+    listed = s3_server.filesystem().get_file_info(pafs.FileSelector(f"{bucket}/checkpoints", recursive=True))
+    names = {info.path.rsplit("/", 1)[-1] for info in listed}
+    assert {"raytuner_checkpoint.json", "training_state.pt", ADAPTER_FILENAME} <= names
+    assert first.checkpoint is not None and "checkpoint-0000003" in first.checkpoint
     resumed = train(tmp_path, masked_cosmos_data, **options)
     lines = train_lines(resumed.output_dir)
     assert [line["step"] for line in lines] == list(range(1, STEPS + 1))
@@ -308,22 +318,6 @@ def test_eval_loss_is_stable_and_uses_the_configured_images_and_noise_levels(
     assert loss(4) == loss(4)  # fixed noise and noise levels: the same weights, the same number
     assert loss(4) != loss(8)
     assert loss(4, limit=1) != loss(4)
-
-
-def test_checkpoints_on_object_storage_are_written_and_resumed_from(
-    ray_cluster, s3_server, masked_cosmos_data: Data, tmp_path: Path
-) -> None:
-    bucket = s3_server.create_bucket("raytuner-runs")
-    storage = f"s3://{bucket}/checkpoints"
-    options = {"workers": 1, "ray_storage_path": storage, "validation_prompt": None, "use_ema": False}
-    first = train(tmp_path, masked_cosmos_data, max_train_steps=2, checkpoint_step_interval=1, **options)
-    filesystem = s3_server.filesystem()
-    listed = filesystem.get_file_info(pafs.FileSelector(f"{bucket}/checkpoints", recursive=True))
-    names = {info.path.rsplit("/", 1)[-1] for info in listed}
-    assert {"raytuner_checkpoint.json", "training_state.pt", ADAPTER_FILENAME} <= names
-    assert first.checkpoint is not None and "checkpoint-0000002" in first.checkpoint
-    resumed = train(tmp_path, masked_cosmos_data, max_train_steps=3, checkpoint_step_interval=1, **options)
-    assert [line["step"] for line in train_lines(resumed.output_dir)] == [1, 2, 3]
 
 
 def test_clip_scores_and_weights_and_biases_offline_on_an_int8_base(
