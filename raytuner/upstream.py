@@ -437,3 +437,18 @@ def standard_gamma(concentration: torch.Tensor, *, generator: torch.Generator | 
 
     samples: torch.Tensor = torch._standard_gamma(concentration, generator=generator)
     return samples
+
+
+def keep_deepspeed_collectives_on_gloo() -> None:
+    """On a CPU worker, keep DeepSpeed from building its shared-memory all-reduce.
+
+    DeepSpeed's communication backend (``deepspeed.comm.torch.TorchBackend``) JIT-compiles a C++
+    extension (``deepspeed_shm_comm``, with ninja) when its accelerator is the CPU: about 30 s of
+    both cores on a 2-core machine, at the first run in each Python environment, and a failure on a
+    CPU image without a C++ toolchain. raytuner's CPU runs reduce their gradients over gloo, as
+    without DeepSpeed. DeepSpeed has no setting for this; it reads which ops may be built from
+    ``deepspeed.ops.__compatible_ops__``, a dict it builds on first access and keeps for edits.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

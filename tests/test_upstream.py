@@ -315,3 +315,25 @@ def test_torchs_seeded_gamma_draws_follow_the_generator() -> None:
     assert bool((draw(0) > 0).all())
     # The reason for the private function: a Beta draw takes no generator.
     assert "generator" not in inspect.signature(torch.distributions.Beta.sample).parameters
+
+
+def test_deepspeed_builds_no_shared_memory_all_reduce_once_told_it_is_not_compatible() -> None:
+    """In a fresh interpreter on the CPU accelerator: DeepSpeed's backend asks the ops dict, and
+    gets no op to build (it would otherwise compile one for ~30 s, which this test would show as a
+    module printed instead of None)."""
+    script = (
+        "from raytuner.upstream import keep_deepspeed_collectives_on_gloo\n"
+        "from deepspeed.accelerator import get_accelerator\n"
+        "assert get_accelerator().device_name() == 'cpu'\n"
+        "import deepspeed.ops\n"
+        "assert deepspeed.ops.__compatible_ops__['deepspeed_shm_comm'], 'the op no longer builds on CPU'\n"
+        "keep_deepspeed_collectives_on_gloo()\n"
+        "from deepspeed.comm.torch import build_shm_op\n"
+        "print(build_shm_op())\n"
+    )
+    environment = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    finished = subprocess.run(
+        [sys.executable, "-c", script], env=environment, capture_output=True, text=True, timeout=300
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert finished.stdout.strip().splitlines()[-1] == "None", finished.stdout[-2000:]

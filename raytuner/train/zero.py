@@ -36,6 +36,7 @@ from raytuner.train.deepspeed_plan import DeepSpeedPlan
 from raytuner.train.state import CheckpointError, CheckpointInfo
 from raytuner.train.step import MicroBatch, StepResult, accumulate, micro_batch_loss
 from raytuner.train.strategy import StepSettings, TrainingStrategy, reduce_sum
+from raytuner.upstream import keep_deepspeed_collectives_on_gloo
 
 if TYPE_CHECKING:
     from raytuner.train.model import AdaptedModel
@@ -98,6 +99,8 @@ class DeepSpeedZero(TrainingStrategy):
     def prepare(self, model: AdaptedModel, optimizer: torch.optim.Optimizer, settings: StepSettings) -> None:
         import deepspeed
 
+        if self.device.type == "cpu":
+            keep_deepspeed_collectives_on_gloo()
         self.model, self.settings = model, settings
         self.parameters = list(model.parameters)
         config = json.loads(json.dumps(self.plan.config))
