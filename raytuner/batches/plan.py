@@ -54,6 +54,9 @@ class DatasetSampling:
     dataset_id: str
     repeats: int = 0  # SimpleTuner: each sample is seen 1 + repeats times per epoch
     is_regularisation: bool = False
+    # allow_dataset_oversubscription, for a dataset whose repeats the user left at 0: a bucket
+    # smaller than one global batch gets the repeats that fill one instead of being left out.
+    oversubscribe: bool = False
     start_step: int = 0  # drawn at 1-based optimizer steps start_step..end_step (inclusive)
     end_step: int = 0  # 0: no end
 
@@ -123,6 +126,8 @@ class EpochPlan:
     epoch: int
     batches: tuple[GlobalBatch, ...]
     pruned: tuple[str, ...] = ()  # "dataset bucket (n samples)" for each bucket left out
+    # "dataset bucket: n samples, repeats r" for each bucket whose repeats oversubscription raised
+    oversubscribed: tuple[str, ...] = ()
     first_step: int | None = None  # steps trained before this epoch, when a schedule applies
 
     def __len__(self) -> int:
@@ -144,13 +149,24 @@ def sample_seed(seed: int, key: str, step: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def too_small_message(dataset_id: str, available: int, shape: BatchShape) -> str:
+def too_small_message(dataset_id: str, available: int, shape: BatchShape, *, repeats: int = 0) -> str:
     return (
         f"no images detected in dataset '{dataset_id}': {available} sample(s) per epoch after bucketing, "
         f"fewer than one global batch of {shape.global_size} (train_batch_size {shape.per_worker} x "
         f"{shape.workers} worker(s) x gradient_accumulation_steps {shape.accumulation}); "
-        f'raise "repeats" for this dataset, add images, or lower train_batch_size'
+        f'raise "repeats" for this dataset, add images, lower train_batch_size, or '
+        + _oversubscription_fix(repeats)
     )
+
+
+def _oversubscription_fix(repeats: int) -> str:
+    """The fix naming allow_dataset_oversubscription (which, as in SimpleTuner, never overrides repeats)."""
+    if repeats:
+        return (
+            f'remove this dataset\'s "repeats" ({repeats}) and set "allow_dataset_oversubscription": true '
+            "to repeat its images as needed"
+        )
+    return 'set "allow_dataset_oversubscription": true to repeat its images as needed'
 
 
 def plan_epoch(
@@ -185,6 +201,7 @@ def plan_epoch(
         by_bucket[sample.dataset_id][sample.bucket].append(sample.key)
     batches: list[GlobalBatch] = []
     pruned: list[str] = []
+    oversubscribed: list[str] = []
     for sampling in datasets:
         buckets = by_bucket.get(sampling.dataset_id, {})
         copies = 1 + sampling.repeats
@@ -193,6 +210,13 @@ def plan_epoch(
         for bucket in sorted(buckets):
             # Sorted first, so the plan never depends on the order rows were written in.
             entries = sorted(buckets[bucket]) * copies
+            if len(entries) < shape.global_size and sampling.oversubscribe:
+                # SimpleTuner pads only the undersized buckets: ceil(global batch / samples) copies.
+                bucket_copies = -(-shape.global_size // len(buckets[bucket]))
+                entries = sorted(buckets[bucket]) * bucket_copies
+                oversubscribed.append(
+                    f"{sampling.dataset_id} {bucket}: {len(buckets[bucket])} samples, repeats {bucket_copies - 1}"
+                )
             if len(entries) < shape.global_size and prune_buckets:
                 pruned.append(f"{sampling.dataset_id} {bucket} ({len(entries)} samples)")
                 continue
@@ -216,17 +240,26 @@ def plan_epoch(
                 raise PlanError(
                     f"no images detected in dataset '{sampling.dataset_id}': its {available} sample(s) per epoch "
                     f"are spread over {len(buckets)} aspect bucket(s), none of which fills one global batch of "
-                    f'{shape.global_size}; raise "repeats", add images of those sizes, or set '
-                    '"disable_bucket_pruning": true to fill batches by repeating images'
+                    f'{shape.global_size}; raise "repeats", add images of those sizes, set '
+                    '"disable_bucket_pruning": true to fill batches by repeating images, or '
+                    + _oversubscription_fix(sampling.repeats)
                 )
-            raise PlanError(too_small_message(sampling.dataset_id, available, shape))
+            raise PlanError(
+                too_small_message(sampling.dataset_id, available, shape, repeats=sampling.repeats)
+            )
     # Interleave datasets and buckets: a dataset with more batches is drawn proportionally more often.
     order = _rng(seed, epoch, "batches").permutation(len(batches))
     shuffled = [batches[i] for i in order]
     if first_step is not None and any(sampling.window.scheduled for sampling in datasets):
         windows = {sampling.dataset_id: sampling.window for sampling in datasets}
         shuffled = schedule_batches(shuffled, windows, first_step=first_step)
-    return EpochPlan(epoch=epoch, batches=tuple(shuffled), pruned=tuple(pruned), first_step=first_step)
+    return EpochPlan(
+        epoch=epoch,
+        batches=tuple(shuffled),
+        pruned=tuple(pruned),
+        oversubscribed=tuple(oversubscribed),
+        first_step=first_step,
+    )
 
 
 def schedule_batches(

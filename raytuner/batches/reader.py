@@ -236,6 +236,13 @@ class TrainingData:
                 shape.global_size,
                 ", ".join(plan.pruned),
             )
+        if plan.oversubscribed and epoch == 0:
+            logger.warning(
+                "allow_dataset_oversubscription: bucket(s) smaller than one global batch of %d repeat "
+                "their images to fill it: %s",
+                shape.global_size,
+                "; ".join(plan.oversubscribed),
+            )
         return plan
 
     def step_plans(self, shape: BatchShape, *, seed: int) -> StepPlans:
@@ -293,6 +300,7 @@ def dataset_sampling(run: RunConfig) -> list[DatasetSampling]:
             dataset_id=dataset.id,
             repeats=dataset.repeats,
             is_regularisation=dataset.is_regularisation_data,
+            oversubscribe=run.training.data.allow_dataset_oversubscription and not dataset.repeats,
             start_step=dataset.start_step,
             end_step=dataset.end_step,
         )

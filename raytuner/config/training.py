@@ -192,6 +192,9 @@ class DataSection:
     aspect_bucket_rounding: int | None = field(default=2, metadata=rule(ge=1, le=9))
     aspect_bucket_alignment: int = field(default=64, metadata=rule(ge=1))
     disable_bucket_pruning: bool = False
+    # A bucket smaller than one global batch, in a dataset without its own repeats, is repeated
+    # until it fills one (SimpleTuner's oversubscription) instead of stopping the run.
+    allow_dataset_oversubscription: bool = False
     vae_batch_size: int = field(default=4, metadata=rule(ge=1))
     vae_cache_ondemand: bool = False
     # diffusers' VAE slicing and tiling in the cache build's VAE encoder actors (raytuner's only
