@@ -259,6 +259,9 @@ class MemorySection:
     offload (one small GPU) or DeepSpeed ZeRO (several), its plan parsed once, when loading."""
 
     gradient_checkpointing: bool = True
+    # Checkpoint only every Nth transformer block (SimpleTuner's block_index % N == 0): less
+    # recomputation, more activation memory; 1 or unset is every block.
+    gradient_checkpointing_interval: int | None = field(default=None, metadata=rule(ge=1))
     disable_benchmark: bool = False
     # The training transformer's attention (and the validation pipeline's, the same object):
     # diffusers' default, or one of diffusers' attention backends (its kernel must be installed).
