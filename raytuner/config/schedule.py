@@ -99,3 +99,14 @@ def schedule_problem(datasets: Sequence[DatasetConfig], *, where: str, last_step
         "set start_step/end_step so that every step has a dataset"
         + (f", or set max_train_steps to {idle - 1}" if idle > 1 else "")
     )
+
+
+def never_drawn(datasets: Sequence[DatasetConfig], *, where: str, last_step: int) -> list[str]:
+    """A warning for each training dataset whose window starts after the run's last step
+    (SimpleTuner warns the same: "It will never sample")."""
+    return [
+        f"{where}: dataset '{each.dataset_id}' starts at step {each.start} (start_step), after the run's "
+        f"last step {last_step}: it is never trained on; lower start_step or train longer"
+        for each in training_windows(datasets)
+        if each.start > last_step
+    ]

@@ -22,7 +22,7 @@ from raytuner.config.loader import load_config
 from raytuner.config.paths import display, has_scheme
 from raytuner.config.preflight import check_run
 from raytuner.config.run import RunConfig
-from raytuner.config.schedule import schedule_problem
+from raytuner.config.schedule import never_drawn, schedule_problem
 from raytuner.config.training import OptimizationSection
 from raytuner.evaluate.clip_score import clip_evaluation_problem
 from raytuner.evaluate.metrics import report_to_problem
@@ -76,6 +76,14 @@ def datasets_schedule_problem(run: RunConfig, *, last_step: int | None) -> str |
     source = run.sources.get("data_backend_config")
     where = display(source) if source is not None else "datasets"
     return schedule_problem(run.datasets, where=where, last_step=last_step)
+
+
+def datasets_never_drawn(run: RunConfig, *, last_step: int) -> list[str]:
+    """Warnings for training datasets whose start_step comes after the run's last step."""
+    source = run.sources.get("data_backend_config")
+    return never_drawn(
+        run.datasets, where=display(source) if source is not None else "datasets", last_step=last_step
+    )
 
 
 def training_problems(run: RunConfig, settings: RaySettings) -> list[str]:

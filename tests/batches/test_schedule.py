@@ -12,7 +12,7 @@ from raytuner.batches.plan import BatchShape, DatasetSampling, EpochPlan, PlanSa
 from raytuner.batches.steps import StepPlans
 from raytuner.config import ConfigError, load_config
 from raytuner.config.schedule import StepWindow, first_idle_step
-from raytuner.train.preflight import datasets_schedule_problem
+from raytuner.train.preflight import datasets_never_drawn, datasets_schedule_problem
 from tests.config.helpers import BASE_DATASETS, make_write_run
 
 SHAPE = BatchShape(per_worker=2)
@@ -168,3 +168,10 @@ def test_a_step_without_an_active_dataset_is_refused_at_load_and_against_the_run
         "'images0' steps 1-100); set start_step/end_step so that every step has a dataset, or set "
         "max_train_steps to 100"
     )
+    # A dataset that starts after the run's last step is trained on never: a warning, as in SimpleTuner.
+    late = load_config(write(datasets=_datasets_with({}, {"start_step": 500})))
+    assert datasets_never_drawn(late, last_step=100) == [
+        "multidatabackend.json: dataset 'images1' starts at step 500 (start_step), after the run's last "
+        "step 100: it is never trained on; lower start_step or train longer"
+    ]
+    assert datasets_never_drawn(late, last_step=500) == []
