@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from raytuner.batches.plan import BatchShape, DatasetSampling, EpochPlan, PlanSample, plan_epoch
+from raytuner.batches.reader import dataset_sampling
 from raytuner.batches.steps import StepPlans
 from raytuner.config import ConfigError, load_config
 from raytuner.config.schedule import StepWindow, first_idle_step
@@ -135,6 +136,11 @@ def test_config_reads_the_schedule_and_refuses_bad_values(
     write = make_write_run(tmp_path, monkeypatch)
     run = load_config(write(datasets=_datasets_with({"end_step": "300"}, {"start_step": 300})))
     assert [(d.start_step, d.end_step) for d in run.datasets[:2]] == [(0, 300), (300, 0)]
+    # The plan reads them as 1-based inclusive windows: "low" steps 1-300, "high" from step 300 on.
+    assert [s.window for s in dataset_sampling(run)] == [
+        StepWindow(dataset_id="images0", start=1, end=300),
+        StepWindow(dataset_id="images1", start=300, end=None),
+    ]
     with pytest.raises(ConfigError) as caught:
         load_config(write(datasets=_datasets_with({"start_step": -1, "end_step": 1.5})))
     assert len(caught.value.problems) == 2
