@@ -3,7 +3,8 @@
 Each test here fails when the upstream behaviour a workaround relies on changes: the GCS cluster
 config's message, the autoscaling config's node types, the monitor process's command line, Ray
 Train's report polling, its wrapped worker errors and the module it logs reports from, diffusers'
-group offload hooks and groups, a pipeline's execution device, OmniGen's processor call, LyCORIS's
+group offload hooks and groups, a pipeline's execution device, OmniGen's processor call, the
+checkpointing function each transformer block is handed to, LyCORIS's
 class-level presets and its logger, torch's seeded gamma. Real libraries throughout. The
 end-to-end check on a running autoscaler is in tests/cluster/test_fake_autoscaling.py.
 """
