@@ -40,7 +40,7 @@ import copy
 import functools
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -399,6 +399,52 @@ def supports_gradient_checkpointing(model: torch.nn.Module) -> bool:
     (``enable_gradient_checkpointing`` raises a bare ValueError when it is false).
     """
     return bool(getattr(model, "_supports_gradient_checkpointing", False))
+
+
+# ---- diffusers: gradient_checkpointing_interval ------------------------------------------------
+
+
+class BlockCheckpointing:
+    """diffusers' per-block checkpointing function that checkpoints only every ``interval``-th block.
+
+    diffusers 0.42's ``enable_gradient_checkpointing(gradient_checkpointing_func)`` is public, but
+    what the function is called with is not: ``CosmosTransformer3DModel.forward`` and
+    ``OmniGenTransformer2DModel.forward`` call ``self._gradient_checkpointing_func(block, *inputs)``
+    once per entry of their block list (``transformer_blocks`` / ``layers``), in order, while
+    grad is enabled; the default function runs ``torch.utils.checkpoint.checkpoint(block.__call__,
+    *inputs, use_reentrant=False)``. This one does that for blocks ``0, N, 2N, ...`` (SimpleTuner's
+    ``block_index % interval == 0``) and calls the other blocks directly, keeping their
+    activations. ``checkpointed`` / ``kept`` count the block calls of each kind.
+    """
+
+    def __init__(self, blocks: Sequence[torch.nn.Module], interval: int) -> None:
+        self.interval = interval
+        self._index = {id(block): index for index, block in enumerate(blocks)}
+        self.checkpointed = 0
+        self.kept = 0
+
+    def checkpoints(self, block: torch.nn.Module) -> bool:
+        index = self._index.get(id(block))
+        # A module outside the block list (none in diffusers 0.42) is checkpointed, as by default.
+        return index is None or index % self.interval == 0
+
+    def __call__(self, block: torch.nn.Module, *inputs: Any) -> Any:
+        if self.checkpoints(block):
+            import torch.utils.checkpoint
+
+            self.checkpointed += 1
+            return torch.utils.checkpoint.checkpoint(block.__call__, *inputs, use_reentrant=False)
+        self.kept += 1
+        return block(*inputs)
+
+
+def enable_block_interval_checkpointing(
+    model: Any, blocks: Sequence[torch.nn.Module], interval: int
+) -> BlockCheckpointing:
+    """Turn on ``model``'s gradient checkpointing for every ``interval``-th of ``blocks`` only."""
+    function = BlockCheckpointing(blocks, interval)
+    model.enable_gradient_checkpointing(gradient_checkpointing_func=function)
+    return function
 
 
 # ---- LyCORIS ------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Each test here fails when the upstream behaviour a workaround relies on changes: the GCS cluster
 config's message, the autoscaling config's node types, the monitor process's command line, Ray
 Train's report polling, its wrapped worker errors and the module it logs reports from, diffusers'
-group offload hooks and groups, a pipeline's execution device, OmniGen's processor call, LyCORIS's
+group offload hooks and groups, a pipeline's execution device, OmniGen's processor call, the
+checkpointing function each transformer block is handed to, LyCORIS's
 class-level presets and its logger, torch's seeded gamma. Real libraries throughout. The
 end-to-end check on a running autoscaler is in tests/cluster/test_fake_autoscaling.py.
 """
@@ -261,6 +262,38 @@ def test_gradient_checkpointing_support_is_read_from_the_models_class() -> None:
     assert not upstream.supports_gradient_checkpointing(Plain())
     with pytest.raises(ValueError, match="does not support gradient checkpointing"):
         Plain().enable_gradient_checkpointing()
+
+
+@pytest.mark.parametrize("family_name", ["cosmos2image", "omnigen"])
+def test_diffusers_hands_each_block_of_the_block_list_in_order_to_the_checkpointing_function(
+    family_name: str, tiny_cosmos_dir: Path, tiny_omnigen_dir: Path
+) -> None:
+    from diffusers.models.modeling_utils import ModelMixin
+
+    from raytuner.data.synthetic import synthetic_images, to_pixels
+    from raytuner.models.registry import get_family
+
+    family = get_family(family_name)(tiny_cosmos_dir if family_name == "cosmos2image" else tiny_omnigen_dir)
+    latents = family.encode_images(to_pixels([synthetic_images(1, width=64, height=64, seed=1)[0].image]))
+    conditioning = family.collate_conditioning(family.encode_prompts(["a red square"]))
+    transformer = family.load_transformer().requires_grad_(False)
+    seen: list[torch.nn.Module] = []
+
+    def record(block: torch.nn.Module, *inputs: Any) -> Any:
+        seen.append(block)
+        return block(*inputs)
+
+    transformer.enable_gradient_checkpointing(gradient_checkpointing_func=record)
+    latents.requires_grad_(True)  # grad enabled, as in training
+    family.predict(transformer, latents, torch.tensor([0.5]), conditioning)
+    assert seen == list(getattr(transformer, family.checkpoint_blocks))
+    assert len(seen) == 2
+    # The default function BlockCheckpointing stands in for: non-reentrant torch checkpointing.
+    assert '"use_reentrant": False' in inspect.getsource(ModelMixin.enable_gradient_checkpointing)
+    # The interval function counts only the calls it is given: each block, once per forward.
+    counter = upstream.enable_block_interval_checkpointing(transformer, seen, 2)
+    family.predict(transformer, latents, torch.tensor([0.5]), conditioning)
+    assert (counter.checkpointed, counter.kept) == (1, 1)
 
 
 def test_lycoris_presets_are_class_state_which_is_restored_after_the_block() -> None:

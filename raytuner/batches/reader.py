@@ -28,6 +28,7 @@ from raytuner.batches.plan import (
     plan_epoch,
     sample_seed,
 )
+from raytuner.batches.steps import StepPlans
 from raytuner.cache.format import CacheError, Manifest, read_index, read_manifest, tensor_from_fields
 from raytuner.cache.settings import latent_cache_location, text_cache_location
 from raytuner.config.datasets import DatasetConfig
@@ -214,10 +215,19 @@ class TrainingData:
     def samples(self) -> list[PlanSample]:
         return [sample for cache in self.latents.values() for sample in cache.samples]
 
-    def plan(self, shape: BatchShape, *, seed: int, epoch: int) -> EpochPlan:
-        """The epoch's plan; buckets left out by pruning are named in a warning (at epoch 0)."""
+    def plan(self, shape: BatchShape, *, seed: int, epoch: int, first_step: int | None = None) -> EpochPlan:
+        """The epoch's plan; buckets left out by pruning are named in a warning (at epoch 0).
+
+        ``first_step`` (the steps trained before the epoch) applies the datasets' schedules.
+        """
         plan = plan_epoch(
-            self.samples, self.sampling, shape, seed=seed, epoch=epoch, prune_buckets=self.prune_buckets
+            self.samples,
+            self.sampling,
+            shape,
+            seed=seed,
+            epoch=epoch,
+            prune_buckets=self.prune_buckets,
+            first_step=first_step,
         )
         if plan.pruned and epoch == 0:
             logger.warning(
@@ -226,7 +236,21 @@ class TrainingData:
                 shape.global_size,
                 ", ".join(plan.pruned),
             )
+        if plan.oversubscribed and epoch == 0:
+            logger.warning(
+                "allow_dataset_oversubscription: bucket(s) smaller than one global batch of %d repeat "
+                "their images to fill it: %s",
+                shape.global_size,
+                "; ".join(plan.oversubscribed),
+            )
         return plan
+
+    def step_plans(self, shape: BatchShape, *, seed: int) -> StepPlans:
+        """The batch of each step, with the datasets' ``start_step``/``end_step`` applied."""
+        return StepPlans(
+            lambda epoch, first_step: self.plan(shape, seed=seed, epoch=epoch, first_step=first_step),
+            scheduled=any(sampling.window.scheduled for sampling in self.sampling),
+        )
 
     def caption_keys(self, batch: GlobalBatch, keys: Sequence[str], *, seed: int, step: int) -> list[str]:
         """The caption each of ``keys`` (a rank's slice of ``batch``) trains on at ``step``.
@@ -269,10 +293,16 @@ def training_datasets(run: RunConfig) -> list[DatasetConfig]:
 
 
 def dataset_sampling(run: RunConfig) -> list[DatasetSampling]:
-    """How the plan samples each training dataset: ``repeats`` and ``is_regularisation_data``."""
+    """How the plan samples each training dataset: ``repeats``, ``is_regularisation_data`` and its
+    ``start_step``/``end_step`` window."""
     return [
         DatasetSampling(
-            dataset_id=dataset.id, repeats=dataset.repeats, is_regularisation=dataset.is_regularisation_data
+            dataset_id=dataset.id,
+            repeats=dataset.repeats,
+            is_regularisation=dataset.is_regularisation_data,
+            oversubscribe=run.training.data.allow_dataset_oversubscription and not dataset.repeats,
+            start_step=dataset.start_step,
+            end_step=dataset.end_step,
         )
         for dataset in training_datasets(run)
     ]
@@ -315,7 +345,9 @@ def check_batches(run: RunConfig, *, workers: int | None = None) -> int:
     ``gradient_accumulation_steps``, with ``workers`` as given, else ``ray_num_workers``, else
     ``num_processes``, else 1 (``raytuner cache`` alone does not know how many GPUs a run will use).
     Raises PlanError ("no images detected in dataset ...").
-    Returns the number of global batches per epoch.
+    Returns the number of global batches per epoch, every dataset's batches counted (with
+    ``start_step``/``end_step`` an epoch may be shorter; SimpleTuner counts them all too when it
+    turns ``num_train_epochs`` into steps).
     """
     training = run.training
     shape = BatchShape(

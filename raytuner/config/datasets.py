@@ -25,6 +25,7 @@ from raytuner.config.sample_filters import (
     CaptionShuffle,
     read_sample_blocks,
 )
+from raytuner.config.schedule import check_dataset_window, schedule_problem
 from raytuner.config.training import ResolutionType
 
 BackendType = Literal["local", "aws", "huggingface"]
@@ -136,6 +137,11 @@ class DatasetConfig:
     caption_columns: tuple[str, ...] = field(default=("caption",), metadata=derived())
     fallback_caption_column: str | None = field(default=None, metadata=derived())
     description_column: str = field(default="description", metadata=derived())
+    # --- dataset schedule (raytuner/config/schedule.py): the 1-based optimizer steps it is drawn at,
+    # both ends inclusive; end_step 0 is no end, as in SimpleTuner.
+    start_step: int = field(default=0, metadata=rule(ge=0))
+    end_step: int = field(default=0, metadata=rule(ge=0))
+    # --- end of dataset schedule
 
     # ---- which samples, cropped how (raytuner/config/sample_filters.py parses the nested ones) ----
     # Images whose bucket's aspect ratio (width / height) is outside these are left out; 0: no limit.
@@ -299,6 +305,7 @@ def _sort_keys(
 
 def _check_dataset(dataset: DatasetConfig, *, label: str, problems: list[str], has_block: bool) -> None:
     check_hub_dataset(dataset, label=label, problems=problems)
+    check_dataset_window(dataset, label=label, problems=problems)
     if not dataset.id.strip():
         problems.append(f"{label}: 'id' = '': expected a non-empty name; give each dataset a unique id")
     if dataset.type == "local" and dataset.needs_images and dataset.instance_data_dir is None:
@@ -344,6 +351,10 @@ def _check_dataset_list(result: ParsedDatasets, *, where: str) -> None:
             )
     enabled = [dataset for dataset in datasets if dataset.enabled]
     _check_conditioning_links(enabled, where=where, problems=result.problems)
+    # A gap in the dataset schedule before a later start (the run's length is checked with its steps).
+    gap = schedule_problem(enabled, where=where, last_step=None)
+    if gap:
+        result.problems.append(gap)
     if not any(dataset.dataset_type == "image" for dataset in enabled):
         result.problems.append(
             f'{where}: no enabled image dataset; add an entry with "dataset_type": "image" (the default) '

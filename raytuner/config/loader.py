@@ -270,6 +270,13 @@ def check_training(training: TrainingConfig, *, where: str, findings: KeyFinding
             "read back from disk do not train correctly; use block_level to offload to disk, or leaf_level "
             "without group_offload_to_disk_path (CPU memory)"
         )
+    memory = training.memory
+    if (memory.gradient_checkpointing_interval or 1) > 1 and not memory.gradient_checkpointing:
+        # SimpleTuner ignores the interval without gradient_checkpointing, silently.
+        findings.warnings.append(
+            f"{where}: 'gradient_checkpointing_interval' = {memory.gradient_checkpointing_interval} has no "
+            "effect: gradient_checkpointing is off; set gradient_checkpointing true, or remove the interval"
+        )
     if training.memory.enable_group_offload and training.memory.deepspeed_config:
         findings.problems.append(
             f"{where}: 'enable_group_offload' and 'deepspeed_config' are both set: expected one memory strategy; "

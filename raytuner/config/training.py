@@ -194,6 +194,9 @@ class DataSection:
     aspect_bucket_rounding: int | None = field(default=2, metadata=rule(ge=1, le=9))
     aspect_bucket_alignment: int = field(default=64, metadata=rule(ge=1))
     disable_bucket_pruning: bool = False
+    # A bucket smaller than one global batch, in a dataset without its own repeats, is repeated
+    # until it fills one (SimpleTuner's oversubscription) instead of stopping the run.
+    allow_dataset_oversubscription: bool = False
     vae_batch_size: int = field(default=4, metadata=rule(ge=1))
     vae_cache_ondemand: bool = False
     # diffusers' VAE slicing and tiling in the cache build's VAE encoder actors (raytuner's only
@@ -260,6 +263,9 @@ class MemorySection:
     offload (one small GPU) or DeepSpeed ZeRO (several), its plan parsed once, when loading."""
 
     gradient_checkpointing: bool = True
+    # Checkpoint only every Nth transformer block (SimpleTuner's block_index % N == 0): less
+    # recomputation, more activation memory; 1 or unset is every block.
+    gradient_checkpointing_interval: int | None = field(default=None, metadata=rule(ge=1))
     disable_benchmark: bool = False
     # The training transformer's attention (and the validation pipeline's, the same object):
     # diffusers' default, or one of diffusers' attention backends (its kernel must be installed).

@@ -19,6 +19,7 @@ from PIL import Image
 
 from raytuner import flow
 from raytuner.errors import RaytunerError
+from raytuner.upstream import BlockCheckpointing, enable_block_interval_checkpointing
 
 if TYPE_CHECKING:
     # For annotations only: the data types below (conditioning, batches) are read by processes
@@ -138,6 +139,8 @@ class ModelFamily(ABC):
     prompt_tensors: ClassVar[tuple[str, ...]]
     # Pipeline components a validation pipeline is built without: it renders from cached conditioning.
     validation_skipped_components: ClassVar[tuple[str, ...]] = ()
+    # The transformer's list of blocks, each checkpointed on its own under gradient checkpointing.
+    checkpoint_blocks: ClassVar[str]
 
     def __init__(
         self,
@@ -194,6 +197,17 @@ class ModelFamily(ABC):
                 f"'attention_mechanism' = '{mechanism}': diffusers' '{backend}' attention backend cannot run "
                 f"on this machine ({reason}); install its kernel there or set attention_mechanism to diffusers"
             ) from None
+
+    def enable_gradient_checkpointing(
+        self, transformer: ModelMixin, *, interval: int | None = None
+    ) -> BlockCheckpointing | None:
+        """Checkpoint the transformer's blocks: every one, or every ``interval``-th from the first
+        (gradient_checkpointing_interval); the interval's counter is returned."""
+        if interval is None or interval <= 1:  # SimpleTuner reads 1 as "every block"
+            transformer.enable_gradient_checkpointing()
+            return None
+        blocks = getattr(transformer, self.checkpoint_blocks)
+        return enable_block_interval_checkpointing(transformer, list(blocks), interval)
 
     def load_vae(self) -> ModelMixin:
         """The frozen VAE in float32 (loaded once), on ``self.device``."""

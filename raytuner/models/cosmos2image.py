@@ -97,6 +97,7 @@ class Cosmos2Image(ModelFamily):
     module_aliases: ClassVar[dict[str, tuple[str, ...]]] = {
         "Attention": ("CosmosAttention",),
     }
+    checkpoint_blocks: ClassVar[str] = "transformer_blocks"
     target_direction: ClassVar[float] = 1.0
     # Training never evaluates t where the pipeline cannot: its EDM sigmas run from 0.002 to 80.
     sigma_range: ClassVar[tuple[float, float]] = (SIGMA_MIN / (SIGMA_MIN + 1), SIGMA_MAX / (SIGMA_MAX + 1))

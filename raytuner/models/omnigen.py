@@ -82,6 +82,7 @@ class OmniGen(ModelFamily):
     module_aliases: ClassVar[dict[str, tuple[str, ...]]] = {
         "FeedForward": ("OmniGenFeedForward",),
     }
+    checkpoint_blocks: ClassVar[str] = "layers"
     target_direction: ClassVar[float] = -1.0
     text_components: ClassVar[tuple[str, ...]] = ("tokenizer",)
     prompt_tensors: ClassVar[tuple[str, ...]] = ("input_ids",)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from raytuner.batches.plan import BatchShape, EpochPlan, sample_generators
+from raytuner.batches.plan import BatchShape, sample_generators
 from raytuner.batches.reader import TrainingData
 from raytuner.models.base import ModelFamily
 from raytuner.train.step import MicroBatch
@@ -25,7 +25,6 @@ class StepFeed:
         family: ModelFamily,
         *,
         seed: int,
-        steps_per_epoch: int,
         rank: int,
         device: torch.device,
     ) -> None:
@@ -33,19 +32,17 @@ class StepFeed:
         self.shape = shape
         self.family = family
         self.seed = seed
-        self.steps_per_epoch = steps_per_epoch
         self.rank = rank
         self.device = device
-        self._plans: dict[int, EpochPlan] = {}
+        # Which epoch and batch each step reads (dataset start_step/end_step included).
+        self.steps = data.step_plans(shape, seed=seed)
 
-    def plan(self, epoch: int) -> EpochPlan:
-        if epoch not in self._plans:  # one epoch's plan kept at a time
-            self._plans = {epoch: self.data.plan(self.shape, seed=self.seed, epoch=epoch)}
-        return self._plans[epoch]
+    def epoch_of(self, step: int) -> int:
+        """The epoch that step ``step`` (0-based) trains in."""
+        return self.steps.epoch_of(step)
 
     def micro_batches(self, step: int) -> list[MicroBatch]:
-        epoch, index = divmod(step, self.steps_per_epoch)
-        batch = self.plan(epoch).batches[index]
+        batch = self.steps.batch(step)
         micro = []
         for micro_step in range(self.shape.accumulation):
             keys = batch.slice_for(self.shape, rank=self.rank, micro_step=micro_step)

@@ -39,7 +39,13 @@ from raytuner.train.layout import (
     place_under_shared_root,
     write_marker,
 )
-from raytuner.train.preflight import lr_schedule_problem, preflight, resume_path
+from raytuner.train.preflight import (
+    datasets_never_drawn,
+    datasets_schedule_problem,
+    lr_schedule_problem,
+    preflight,
+    resume_path,
+)
 from raytuner.train.settings import (
     RayOverrides,
     RayRequest,
@@ -141,6 +147,11 @@ def prepare_job(
     schedule_problem = lr_schedule_problem(run.training.optimization, steps, world_size=settings.num_workers)
     if schedule_problem:
         raise ConfigError([f"{display(run.sources['config'])}: {schedule_problem}"])
+    idle = datasets_schedule_problem(run, last_step=steps)
+    if idle:
+        raise ConfigError([idle])
+    for warning in datasets_never_drawn(run, last_step=steps):
+        logger.warning(warning)
     # The workers read the driver's marker back from the checkpoint root and from output_dir.
     marker = write_marker(
         [Location(uri=settings.storage_path).child(name), Location(uri=str(run.training.output_dir))]

@@ -78,7 +78,6 @@ class Worker:
             self.shape,
             self.model.family,
             seed=run.seed,
-            steps_per_epoch=job.steps_per_epoch,
             rank=rank,
             device=device,
         )
@@ -162,7 +161,7 @@ class Worker:
         step_seconds = time.perf_counter() - started
         metrics: dict[str, Any] = {
             "step": self.progress.step,
-            "epoch": (self.progress.step - 1) // self.job.steps_per_epoch,
+            "epoch": self.feed.epoch_of(self.progress.step - 1),
             "loss": result.loss,
             "lr": learning_rate,
             "grad_norm": result.grad_norm,

@@ -19,7 +19,7 @@ from raytuner.config import RunConfig
 from raytuner.models.base import ModelFamily
 from raytuner.models.registry import get_family
 from raytuner.quantize import adapter_spec, quantize_base, quantize_load_device
-from raytuner.upstream import supports_gradient_checkpointing
+from raytuner.upstream import BlockCheckpointing, supports_gradient_checkpointing
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,6 +29,8 @@ class AdaptedModel:
     network: LycorisNetwork
     parameters: list[torch.nn.Parameter]  # the adapter's trainable tensors
     report: AdapterReport
+    # gradient_checkpointing_interval > 1: which blocks are checkpointed, and how many calls each way.
+    checkpointing: BlockCheckpointing | None = None
 
 
 def build_model(run: RunConfig, *, device: torch.device, base_device: torch.device) -> AdaptedModel:
@@ -51,8 +53,11 @@ def build_model(run: RunConfig, *, device: torch.device, base_device: torch.devi
         device=base_device,
     ).requires_grad_(False)
     family.apply_attention(transformer, training.memory.attention_mechanism)
+    checkpointing = None
     if training.memory.gradient_checkpointing and supports_gradient_checkpointing(transformer):
-        transformer.enable_gradient_checkpointing()
+        checkpointing = family.enable_gradient_checkpointing(
+            transformer, interval=training.memory.gradient_checkpointing_interval
+        )
     transformer.train()
     assert run.lycoris is not None, "the config check requires a lycoris_config"
     network, report = build_adapter(
@@ -64,5 +69,10 @@ def build_model(run: RunConfig, *, device: torch.device, base_device: torch.devi
     network.to(device=device, dtype=torch.float32)
     parameters = [p for p in network.parameters() if p.requires_grad]
     return AdaptedModel(
-        family=family, transformer=transformer, network=network, parameters=parameters, report=report
+        family=family,
+        transformer=transformer,
+        network=network,
+        parameters=parameters,
+        report=report,
+        checkpointing=checkpointing,
     )

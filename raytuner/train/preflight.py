@@ -23,6 +23,7 @@ from raytuner.config.loader import load_config
 from raytuner.config.paths import display, has_scheme
 from raytuner.config.preflight import check_run
 from raytuner.config.run import RunConfig
+from raytuner.config.schedule import never_drawn, schedule_problem
 from raytuner.config.training import OptimizationSection
 from raytuner.evaluate.clip_score import clip_evaluation_problem
 from raytuner.evaluate.metrics import report_to_problem
@@ -60,11 +61,30 @@ def preflight(run: RunConfig, settings: RaySettings, *, command: Command = "trai
     """
     problems = check_run(run)  # dataset folders
     problems += cache_setting_problems(run)
+    # start_step/end_step against max_train_steps; with num_train_epochs, again once planned.
+    idle = datasets_schedule_problem(run, last_step=run.training.optimization.max_train_steps or None)
+    if idle:
+        problems.append(idle)
     problems += training_problems(run, settings)
     if command == "train":
         problems += hub_problems(run)  # push_to_hub: token, repo id
         problems += earlier_run_problems(run, settings)
     return problems
+
+
+def datasets_schedule_problem(run: RunConfig, *, last_step: int | None) -> str | None:
+    """A step of ``1..last_step`` with no training dataset in its start_step/end_step window."""
+    source = run.sources.get("data_backend_config")
+    where = display(source) if source is not None else "datasets"
+    return schedule_problem(run.datasets, where=where, last_step=last_step)
+
+
+def datasets_never_drawn(run: RunConfig, *, last_step: int) -> list[str]:
+    """Warnings for training datasets whose start_step comes after the run's last step."""
+    source = run.sources.get("data_backend_config")
+    return never_drawn(
+        run.datasets, where=display(source) if source is not None else "datasets", last_step=last_step
+    )
 
 
 def training_problems(run: RunConfig, settings: RaySettings) -> list[str]:

@@ -9,8 +9,9 @@ One checkpoint folder::
     raytuner_checkpoint.json           written last: step, world size, every file's size
 
 Rank 0 writes everything but the RNG files, which each worker writes for itself; Ray Train merges
-the workers' folders into one. The data position is the step itself: every epoch plan has the same
-number of global batches, so step ``s`` resumes at batch ``s % len(plan)`` of epoch ``s // len(plan)``.
+the workers' folders into one. The data position is the step itself: the epoch plans are a pure
+function of the step they start at (raytuner/batches/steps.py), so step ``s`` resumes at the batch
+the interrupted run would have trained next.
 A folder without its ``raytuner_checkpoint.json``, or with a file of the wrong size, is refused.
 """
 

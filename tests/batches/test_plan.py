@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,9 @@ from raytuner.batches.plan import (
     plan_epoch,
     sample_seed,
 )
+from raytuner.batches.reader import dataset_sampling
+from raytuner.config import load_config
+from tests.config.helpers import BASE_DATASETS, make_write_run
 
 
 def _samples(dataset_id: str, sizes: dict[str, int]) -> list[PlanSample]:
@@ -205,3 +209,74 @@ def test_sample_seed_depends_on_seed_key_and_step_only() -> None:
     assert sample_seed(8, "images/a.png", 10) != base
     assert sample_seed(7, "images/b.png", 10) != base
     assert sample_seed(7, "images/a.png", 11) != base
+
+
+def test_oversubscription_repeats_only_the_buckets_too_small_for_a_global_batch(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # 25 images in one bucket and 3 in another; 8 workers x 4 = a global batch of 32 (DATALOADER.md).
+    samples = _samples("images", {"1024x1024": 25, "832x1216": 3})
+    shape = BatchShape(per_worker=4, workers=8)
+    with pytest.raises(PlanError) as refused:
+        _plan(samples, shape=shape)
+    assert '"allow_dataset_oversubscription": true' in str(refused.value)
+    plan = _plan(samples, [DatasetSampling(dataset_id="images", oversubscribe=True)], shape)
+    # ceil(32 / 25) = 2 copies (repeats 1) and ceil(32 / 3) = 11 copies (repeats 10); nothing pruned.
+    assert plan.oversubscribed == (
+        "images 1024x1024: 25 samples, repeats 1",
+        "images 832x1216: 3 samples, repeats 10",
+    )
+    assert plan.pruned == ()
+    seen = Counter(key for batch in plan.batches for key in batch.keys)
+    for bucket, copies in (("1024x1024", 2), ("832x1216", 11)):
+        counts = [seen[s.key] for s in samples if s.bucket == bucket]
+        assert min(counts) >= copies and sum(counts) == 64  # each padded to two global batches
+    assert len(plan) == 4
+
+
+def test_oversubscription_leaves_buckets_that_fill_a_batch_alone() -> None:
+    oversubscribed = _plan(UNEVEN, [DatasetSampling(dataset_id="images", oversubscribe=True)])
+    plain = _plan(UNEVEN, prune_buckets=False)
+    # Only the 3-sample bucket changes: 2 copies (6 entries) instead of being pruned.
+    assert oversubscribed.oversubscribed == ("images 1216x832: 3 samples, repeats 1",)
+    assert Counter(b for b in oversubscribed.batches if b.bucket != "1216x832") == Counter(
+        b for b in plain.batches if b.bucket != "1216x832"
+    )
+    assert len([b for b in oversubscribed.batches if b.bucket == "1216x832"]) == 2
+
+
+def test_without_oversubscription_the_error_names_the_key_and_that_it_never_overrides_repeats() -> None:
+    samples = _samples("images", {"1024x1024": 1})
+    with pytest.raises(PlanError) as caught:
+        _plan(samples, [DatasetSampling(dataset_id="images", repeats=1)])
+    assert str(caught.value).endswith(
+        'remove this dataset\'s "repeats" (1) and set "allow_dataset_oversubscription": true to repeat its '
+        "images as needed"
+    )
+
+
+def test_allow_dataset_oversubscription_raises_the_repeats_of_datasets_that_set_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write = make_write_run(tmp_path, monkeypatch)
+    datasets = [
+        {**BASE_DATASETS[0], "id": "few"},
+        {**BASE_DATASETS[0], "id": "fixed", "repeats": 1},
+        *BASE_DATASETS[1:],
+    ]
+    run = load_config(write(datasets=datasets, config_updates={"allow_dataset_oversubscription": True}))
+    assert [(s.dataset_id, s.oversubscribe) for s in dataset_sampling(run)] == [
+        ("few", True),
+        ("fixed", False),
+    ]
+    default = load_config(write(datasets=datasets))
+    assert not any(s.oversubscribe for s in dataset_sampling(default))
+    samples = _samples("few", {"1024x1024": 3}) + _samples("fixed", {"1024x1024": 4})
+    shape = BatchShape(per_worker=2, workers=2)
+    with pytest.raises(
+        PlanError, match=r"^no images detected in dataset 'few'.*allow_dataset_oversubscription"
+    ):
+        plan_epoch(samples, dataset_sampling(default), shape, seed=1, epoch=0)
+    plan = plan_epoch(samples, dataset_sampling(run), shape, seed=1, epoch=0)
+    assert plan.oversubscribed == ("few 1024x1024: 3 samples, repeats 1",)
+    assert Counter(batch.dataset_id for batch in plan.batches) == {"few": 2, "fixed": 2}

@@ -127,7 +127,6 @@ NOT_YET_SUPPORTED: dict[str, Any] = {
     "validation_prompt_library": True,
     "eval_epoch_interval": 1,
     "loss_type": "huber",
-    "gradient_checkpointing_interval": 2,
     "validation_external_script": "render.sh",
     "input_perturbation": 0.1,
     "crepa_enabled": True,

@@ -49,12 +49,26 @@ class Setup:
         )
 
 
-def make_setup(model: Path, *, dtype: torch.dtype = torch.float32, seed: int = 3) -> Setup:
-    family = get_family("cosmos2image")(model, dtype=dtype)
+def make_setup(
+    model: Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 3,
+    family_name: str = "cosmos2image",
+    num_layers: int | None = None,
+) -> Setup:
+    """The tiny checkpoint of ``family_name`` with a seeded LoKr; ``num_layers`` rebuilds its
+    transformer with that many blocks, seeded (the tiny checkpoints have two)."""
+    family = get_family(family_name)(model, dtype=dtype)
     items = synthetic_images(4, width=64, height=64, seed=1)
     latents = family.encode_images(to_pixels([item.image for item in items]))
     conditioning = family.encode_prompts([item.caption for item in items])
-    transformer = family.load_transformer().requires_grad_(False)
+    transformer = family.load_transformer()
+    if num_layers is not None:
+        torch.manual_seed(seed)
+        config = {**transformer.config, "num_layers": num_layers}
+        transformer = type(transformer).from_config(config).to(dtype=dtype)
+    transformer.requires_grad_(False)
     assert LOKR is not None
     network, report = build_adapter(transformer, LOKR, module_aliases=family.module_aliases, seed=seed)
     network.to(dtype=torch.float32)

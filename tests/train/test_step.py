@@ -7,8 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from raytuner.config import ConfigError, load_config
+from raytuner.data.synthetic import synthetic_images, to_pixels
 from raytuner.train.ema import AdapterEMA
-from raytuner.train.step import adapter_disabled, micro_batch_loss, optimizer_step
+from raytuner.train.model import build_model
+from raytuner.train.step import MicroBatch, adapter_disabled, micro_batch_loss, optimizer_step
+from tests.config.helpers import make_write_run
 from tests.train.helpers import SCHEDULE, make_setup, micro, perturb
 
 
@@ -82,6 +86,71 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_cosmos_dir: Path) 
     for a, b in zip(plain.parameters, checkpointed.parameters, strict=True):
         assert a.grad is not None and b.grad is not None
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("family_name", ["cosmos2image", "omnigen"])
+def test_gradient_checkpointing_interval_checkpoints_every_nth_block_with_the_same_gradients(
+    family_name: str, tiny_cosmos_dir: Path, tiny_omnigen_dir: Path
+) -> None:
+    setup = make_setup(
+        tiny_cosmos_dir if family_name == "cosmos2image" else tiny_omnigen_dir,
+        family_name=family_name,
+        num_layers=5,
+    )
+    perturb(setup)
+    setup.transformer.train()
+    results = {}
+    # Five blocks: interval 2 checkpoints blocks 0, 2, 4; interval 3 blocks 0, 3; None all five.
+    for interval, checkpointed in ((None, 5), (2, 3), (3, 2)):
+        counter = setup.family.enable_gradient_checkpointing(setup.transformer, interval=interval)
+        setup.network.zero_grad(set_to_none=True)
+        loss = micro_batch_loss(setup.family, setup.transformer, setup.network, micro(setup, 0, 2), SCHEDULE)
+        loss.backward()
+        if counter is None:
+            assert setup.transformer.is_gradient_checkpointing
+        else:
+            assert (counter.checkpointed, counter.kept) == (checkpointed, 5 - checkpointed)
+        results[interval] = (loss.detach(), [p.grad for p in setup.parameters])
+    full_loss, full_grads = results[None]
+    assert sum(grad is not None for grad in full_grads) > len(full_grads) // 2
+    for interval in (2, 3):
+        loss, grads = results[interval]
+        torch.testing.assert_close(loss, full_loss, rtol=0, atol=0)
+        for a, b in zip(grads, full_grads, strict=True):
+            assert (a is None) == (b is None)
+            if a is not None and b is not None:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_checkpointing_interval_from_the_config_reaches_the_workers_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_cosmos_dir: Path
+) -> None:
+    write = make_write_run(tmp_path, monkeypatch)
+    updates = {"pretrained_model_name_or_path": str(tiny_cosmos_dir), "mixed_precision": "no"}
+    run = load_config(write(config_updates={**updates, "gradient_checkpointing_interval": 2}))
+    model = build_model(run, device=torch.device("cpu"), base_device=torch.device("cpu"))
+    assert model.checkpointing is not None and model.checkpointing.interval == 2
+    family = model.family
+    items = synthetic_images(2, width=64, height=64, seed=1)
+    batch = MicroBatch(
+        latents=family.encode_images(to_pixels([item.image for item in items])),
+        conditioning=family.collate_conditioning(family.encode_prompts([item.caption for item in items])),
+        generators=[torch.Generator().manual_seed(i) for i in range(2)],
+    )
+    micro_batch_loss(family, model.transformer, model.network, batch, SCHEDULE).backward()
+    # The tiny transformer's two blocks: block 0 checkpointed, block 1 kept.
+    assert (model.checkpointing.checkpointed, model.checkpointing.kept) == (1, 1)
+    # 1 is every block (SimpleTuner reads it as unset); without gradient_checkpointing, a warning.
+    every = load_config(write(config_updates={**updates, "gradient_checkpointing_interval": 1}))
+    assert (
+        build_model(every, device=torch.device("cpu"), base_device=torch.device("cpu")).checkpointing is None
+    )
+    off = load_config(
+        write(config_updates={"gradient_checkpointing_interval": 3, "gradient_checkpointing": False})
+    )
+    assert any("'gradient_checkpointing_interval' = 3 has no effect" in w for w in off.warnings)
+    with pytest.raises(ConfigError, match="'gradient_checkpointing_interval' = 0: expected"):
+        load_config(write(config_updates={"gradient_checkpointing_interval": 0}))
 
 
 def test_bf16_mixed_precision_trains_a_float32_adapter_on_a_bfloat16_base(tiny_cosmos_dir: Path) -> None:

@@ -4,7 +4,8 @@ One Cosmos2 configuration is trained several ways that must all give the same ad
 plan, each sample's noise, sigma and caption dropout depend only on (seed, sample, step):
 
 * 2 workers x batch 2 (the full run: EMA, validation, eval loss, checkpoints, every output);
-* 1 worker x batch 2 x 2 accumulation steps (the same global batch of 4);
+* 1 worker x batch 2 x 2 accumulation steps (the same global batch of 4), checkpointing every
+  2nd block (gradient_checkpointing_interval) and reading the dataset through its end_step schedule;
 * that run stopped at step 3 and resumed from ``latest``, and started again from a checkpoint path;
 * that run with a worker killed at step 5 and restarted by Ray Train from its last checkpoint.
 """
@@ -86,8 +87,19 @@ def two_workers(
 
 @pytest.fixture(scope="module")
 def one_worker_accumulating(ray_cluster, masked_cosmos_data: Data, tmp_path_factory) -> TrainOutcome:
+    # Two settings that must not change the adapter ride along: gradient checkpointing of every
+    # 2nd block only (gradient_checkpointing_interval), and an end_step on the training dataset
+    # at the last step, so the workers walk the scheduled plan (start_step/end_step) to the same
+    # batches as the plain plan.
+    images, *others = masked_cosmos_data.datasets
+    scheduled = Data(datasets=[{**images, "end_step": STEPS}, *others], model=masked_cosmos_data.model)
     return train(
-        tmp_path_factory.mktemp("one-worker"), masked_cosmos_data, workers=1, gradient_accumulation_steps=2
+        tmp_path_factory.mktemp("one-worker"),
+        scheduled,
+        workers=1,
+        gradient_accumulation_steps=2,
+        gradient_checkpointing=True,
+        gradient_checkpointing_interval=2,
     )
 
 
