@@ -49,7 +49,7 @@ class StepFeed:
         micro = []
         for micro_step in range(self.shape.accumulation):
             keys = batch.slice_for(self.shape, rank=self.rank, micro_step=micro_step)
-            latents, conditioning = self.data.batch(batch, keys, seed=self.seed, step=step)
+            latents, conditioning = self.data.batch(batch, keys, seed=self.seed, step=step, epoch=epoch)
             seeds = batch.seeds_for(
                 self.shape, rank=self.rank, micro_step=micro_step, seed=self.seed, step=step
             )
