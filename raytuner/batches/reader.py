@@ -155,8 +155,12 @@ class LatentCache:
         ]
         self.on_demand = on_demand
         self._content: dict[str, str] = dict(zip(samples, index.column("key").to_pylist(), strict=True))
+        self._samples_of: dict[str, list[str]] = {}
+        for sample, content in self._content.items():
+            self._samples_of.setdefault(content, []).append(sample)
         self._pending = {key for key, location in self._locations.items() if is_pending_shard(location.shard)}
         self._fresh: dict[str, dict[str, Any]] = {}  # the last batch's rows encoded and not written back
+        self._scanned: set[str] = set()  # written-back shards already merged
         if on_demand is not None and on_demand.every_epoch and len(self._pending) < len(samples):
             raise CacheError(
                 f"{folder}: dataset '{dataset_id}' sets vae_cache_clear_each_epoch, but its cache holds latents "
@@ -170,20 +174,28 @@ class LatentCache:
         return len(self._pending)
 
     def refresh(self) -> None:
-        """Merge the latents written back since this cache was opened (by any worker or run)."""
+        """Merge the latents written back since this cache was last read (by any worker or run).
+
+        One listing of the folder; only shards not seen before are opened.
+        """
         if not self._pending or (self.on_demand is not None and self.on_demand.every_epoch):
             return
-        known = {location.shard for location in self._locations.values()}
+        known = {location.shard for location in self._locations.values()} | self._scanned
         written = uncommitted_shards(
             self.folder, kind="latents", encoder_key=self.manifest.encoder_key, known=known, tidy=False
         )
-        for sample in sorted(self._pending):
-            found = written.get(self._content[sample])
-            if found is not None:
-                self._locations[sample] = CachedRowLocation(
-                    shard=found["shard"], row_group=found["row_group"], row=found["row"]
-                )
-                self._pending.discard(sample)
+        self._scanned.update(location["shard"] for location in written.values())
+        self._encoded(written)
+
+    def _encoded(self, written: Mapping[str, Mapping[str, Any]]) -> None:
+        """Point every pending sample of the content keys in ``written`` (key -> location) there."""
+        for content, found in written.items():
+            for sample in self._samples_of.get(content, ()):
+                if sample in self._pending:
+                    self._locations[sample] = CachedRowLocation(
+                        shard=found["shard"], row_group=found["row_group"], row=found["row"]
+                    )
+                    self._pending.discard(sample)
 
     def caption_key(self, key: str, *, seed: int, step: int) -> str:
         """The caption of a sample at a step: one of its caption-file lines, drawn from (seed, key, step).
@@ -220,34 +232,32 @@ class LatentCache:
                 f"{self.folder}: dataset '{self.dataset_id}': {len(self._pending)} image(s) were left for the "
                 "training workers to encode (vae_cache_ondemand); run `raytuner cache` without it to encode them"
             )
-        on_demand = self.on_demand
-        if on_demand.every_epoch:
+        if self.on_demand.every_epoch:
             rows = [self._redrawn(self._rows.row(self._locations[key]), key, epoch) for key in wanted]
-            encoded = on_demand.encoder.encode(
+            encoded = self.on_demand.encoder.encode(
                 rows, encoder_key=self.manifest.encoder_key, folder=self.folder
             )
             self._fresh = {key: latent_row(row) for key, row in zip(wanted, encoded, strict=True)}
             return
+        # Another worker may have encoded some since (a sample drawn again, with repeats).
+        self.refresh()
         # Identical files share one latent row: encoded once, and every sample of it points there.
-        by_content = {self._content[key]: key for key in wanted}
+        by_content = {self._content[key]: key for key in wanted if key in self._pending}
+        if not by_content:
+            return
         rows = [self._rows.row(self._locations[key]) for key in by_content.values()]
-        encoded = on_demand.encoder.encode(rows, encoder_key=self.manifest.encoder_key, folder=self.folder)
+        encoded = self.on_demand.encoder.encode(
+            rows, encoder_key=self.manifest.encoder_key, folder=self.folder
+        )
         for bucket, members in _by_bucket(encoded).items():
-            relative = f"bucket={bucket}/part-ondemand-{uuid.uuid4().hex}.parquet"
             shard, _ = write_shard(
                 self.folder,
-                relative,
+                f"bucket={bucket}/part-ondemand-{uuid.uuid4().hex}.parquet",
                 stages.latent_table(members),
                 encoder_key=self.manifest.encoder_key,
                 kind="latents",
             )
-            located = {loc["key"]: loc for loc in shard_locations([m["key"] for m in members], shard)}
-            for sample in [s for s in self._pending if self._content[s] in located]:
-                found = located[self._content[sample]]
-                self._locations[sample] = CachedRowLocation(
-                    shard=shard, row_group=found["row_group"], row=found["row"]
-                )
-                self._pending.discard(sample)
+            self._encoded({loc["key"]: loc for loc in shard_locations([m["key"] for m in members], shard)})
 
     def _redrawn(self, row: dict[str, Any], key: str, epoch: int) -> dict[str, Any]:
         """A pending row with its random crop drawn again for ``epoch`` (epoch 0 keeps the build's)."""

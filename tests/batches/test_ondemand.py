@@ -125,23 +125,28 @@ def test_latents_encoded_on_demand_are_the_up_front_caches_and_are_written_back(
     assert not list((caches.root / "on-demand" / "vae").glob("pending-*.parquet"))
 
 
-def test_a_killed_writer_leaves_nothing_a_reader_uses_and_pending_rows_need_the_encoder(
-    caches: Caches,
-) -> None:
-    run = caches.run("killed", vae_cache_ondemand=True)  # the dataset's own key
+def test_workers_share_what_each_wrote_back_and_a_killed_writer_leaves_nothing_used(caches: Caches) -> None:
+    run = caches.run("workers", vae_cache_ondemand=True)  # the dataset's own key
     build_latents_without_ray(run)
-    bucket = caches.root / "killed" / "vae" / "bucket=64x64"
+    bucket = caches.root / "workers" / "vae" / "bucket=64x64"
     bucket.mkdir(parents=True, exist_ok=True)
     # What a worker killed mid-write leaves: a temporary name, never renamed to a shard.
     leftover = bucket / ".part-ondemand-1.parquet.0123.tmp"
     leftover.write_bytes(b"PAR1 half a shard")
-    cache, encoder = _opened(run, caches.folder("killed"))
-    assert cache.pending == len(SIZES) and leftover.exists()  # a reader never deletes a writer's file
-    without = LatentCache("shapes", caches.folder("killed"))
+    first, first_encoder = _opened(run, caches.folder("workers"))
+    second, second_encoder = _opened(run, caches.folder("workers"))
+    assert first.pending == second.pending == len(SIZES)
+    without = LatentCache("shapes", caches.folder("workers"))
     keys = _batches(without)["64x64"]
     with pytest.raises(CacheError, match="left for the training workers to encode"):
         without.latents(keys)
-    assert encoder.encoded == 0
+    # Two workers meet the same images (repeats): the second reads what the first wrote back.
+    encoded = first.latents(keys[:2])
+    torch.testing.assert_close(second.latents(keys[:2]), encoded)
+    assert (first_encoder.encoded, second_encoder.encoded) == (2, 0)
+    second.latents(keys)
+    assert second_encoder.encoded == len(keys) - 2
+    assert leftover.exists()  # a reader never deletes a file another worker may be writing
 
 
 def test_clear_each_epoch_redraws_random_crops_per_epoch_and_writes_nothing_back(caches: Caches) -> None:
