@@ -68,7 +68,7 @@ def caches(tmp_path_factory: pytest.TempPathFactory, tiny_cosmos_dir: Path) -> C
 
 def _opened(run: RunConfig, folder: Location) -> tuple[LatentCache, WorkerEncoder]:
     dataset = run.enabled_datasets[0]
-    encoder = WorkerEncoder(run, device=torch.device("cpu"))
+    encoder = WorkerEncoder(run)  # this process's accelerator, as the build's VAE actors use
     return LatentCache(dataset.id, folder, on_demand=on_demand_of(run, dataset, encoder)), encoder
 
 
