@@ -26,7 +26,7 @@ from typing import Any
 import pyarrow as pa
 
 from raytuner.cache import format as fmt
-from raytuner.cache.rows import DatasetWork, latent_todo
+from raytuner.cache.rows import DatasetWork, LatentTodo, latent_todo
 from raytuner.cache.settings import EncoderIdentity
 from raytuner.config.datasets import DatasetConfig
 from raytuner.config.run import RunConfig
@@ -71,6 +71,28 @@ def encodes_on_workers(run: RunConfig, dataset: DatasetConfig) -> bool:
     )
 
 
+def _still_pending(item: DatasetWork, wanted: dict[str, LatentTodo]) -> dict[str, dict[str, Any]]:
+    """The committed pending rows of ``wanted`` keys whose image and mask files are where they were
+    (the content key holds the bytes and the crop, not where the file lives)."""
+    kept: dict[str, dict[str, Any]] = {}
+    for shard in sorted({location["shard"] for location in item.pending.values()}):
+        try:
+            files = fmt.read_shard_columns(item.cache, shard, ["key", "path", "mask_path"]).to_pylist()
+        except (OSError, pa.ArrowException):
+            continue  # gone or unreadable: its images get pending rows again
+        for row in files:
+            entry = wanted.get(row["key"])
+            location = item.pending.get(row["key"])
+            if (
+                entry is not None
+                and location is not None
+                and location["shard"] == shard
+                and (row["path"], row["mask_path"]) == (entry["path"], entry["mask_path"])
+            ):
+                kept[row["key"]] = location
+    return kept
+
+
 def is_pending_shard(relative: str) -> bool:
     return posixpath.basename(relative).startswith(PENDING_PREFIX)
 
@@ -105,15 +127,16 @@ def leave_to_workers(
 def defer_latents(item: DatasetWork, identity: EncoderIdentity, *, every_epoch: bool) -> None:
     """Give each image of ``item`` the build would encode a pending row (``item.pending``).
 
-    Pending rows of an earlier build are kept as they are; with ``every_epoch``
-    (vae_cache_clear_each_epoch) every image is pending, encoded ones included: their latents are
-    redone each epoch and never read from the cache.
+    A pending row of an earlier build that still reads the same file is kept where it is (a run
+    training from it may still read it); with ``every_epoch`` (vae_cache_clear_each_epoch) every
+    image is pending, encoded ones included: its latents are redone each epoch, never read.
     """
     if every_epoch:
         item.existing = {}
     wanted = latent_todo([item])
-    item.pending = {key: loc for key, loc in item.pending.items() if key in {e["key"] for e in wanted}}
-    todo = [entry for entry in wanted if entry["key"] not in item.pending]
+    kept = _still_pending(item, {entry["key"]: entry for entry in wanted})
+    todo = [entry for entry in wanted if entry["key"] not in kept]
+    item.pending = kept
     if todo:
         table = pa.Table.from_pylist([dict(entry) for entry in todo], schema=PENDING_SCHEMA)
         relative = f"{PENDING_PREFIX}{fmt.new_build_id()}-{uuid.uuid4().hex[:12]}.parquet"

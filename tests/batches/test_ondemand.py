@@ -128,6 +128,9 @@ def test_latents_encoded_on_demand_are_the_up_front_caches_and_are_written_back(
 def test_workers_share_what_each_wrote_back_and_a_killed_writer_leaves_nothing_used(caches: Caches) -> None:
     run = caches.run("workers", vae_cache_ondemand=True)  # the dataset's own key
     build_latents_without_ray(run)
+    pending = sorted((caches.root / "workers" / "vae").glob("pending-*.parquet"))
+    build_latents_without_ray(run)  # a build while a run trains keeps the pending rows it reads
+    assert sorted((caches.root / "workers" / "vae").glob("pending-*.parquet")) == pending
     bucket = caches.root / "workers" / "vae" / "bucket=64x64"
     bucket.mkdir(parents=True, exist_ok=True)
     # What a worker killed mid-write leaves: a temporary name, never renamed to a shard.
