@@ -10,12 +10,15 @@ from typing import Any
 import pytest
 import torch
 
+from raytuner import flow
 from raytuner.batches.ondemand import WorkerEncoder
+from raytuner.batches.plan import sample_generators, sample_seed
 from raytuner.batches.reader import LatentCache, on_demand_of
 from raytuner.cache.folders import adopt_orphans
 from raytuner.cache.format import CacheError, read_index, read_manifest
 from raytuner.cache.rows import latent_todo
 from raytuner.config import RunConfig
+from raytuner.models.registry import get_family
 from raytuner.storage import Location
 from tests.cache.helpers import (
     build_latents_without_ray,
@@ -72,6 +75,21 @@ def _opened(run: RunConfig, folder: Location) -> tuple[LatentCache, WorkerEncode
     return LatentCache(dataset.id, folder, on_demand=on_demand_of(run, dataset, encoder)), encoder
 
 
+def _loss(run: RunConfig, latents: torch.Tensor, keys: list[str]) -> torch.Tensor:
+    """The training step's loss on ``latents`` with the tiny transformer, noised by (seed, key, step 0)."""
+    family = get_family(run.training.model.model_family)(run.training.model.pretrained_model_name_or_path)
+    conditioning = family.collate_conditioning(family.encode_prompts(["a red circle"] * len(keys)))
+    seeds = tuple(sample_seed(run.seed, key, 0) for key in keys)
+    with torch.no_grad():
+        return family.training_loss(
+            family.load_transformer().eval(),
+            latents,
+            conditioning,
+            flow.FlowSchedule(),
+            generator=sample_generators(seeds),
+        ).loss
+
+
 def _batches(cache: LatentCache) -> dict[str, list[str]]:
     buckets: dict[str, list[str]] = {}
     for sample in cache.samples:
@@ -92,8 +110,10 @@ def test_latents_encoded_on_demand_are_the_up_front_caches_and_are_written_back(
     # The same samples in the same buckets: the plan of an on-demand cache is the up-front one's.
     assert cache.samples == up_front.samples and cache.pending == len(SIZES)
     for keys in _batches(cache).values():
-        # Same crop, same VAE, same settings: the training step sees the same latents (same loss).
-        torch.testing.assert_close(cache.latents(keys, epoch=0), up_front.latents(keys), atol=1e-5, rtol=1e-5)
+        # Same crop, same VAE, same settings: the training step sees the same latents, and loss.
+        encoded = cache.latents(keys, epoch=0)
+        torch.testing.assert_close(encoded, up_front.latents(keys), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_loss(run, encoded, keys), _loss(run, up_front.latents(keys), keys))
     assert encoder.encoded == len(SIZES) and cache.pending == 0
     for keys in _batches(cache).values():  # a later epoch reads what the first wrote back
         cache.latents(keys, epoch=1)
