@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+import uuid
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from raytuner.batches.ondemand import OnDemand, WorkerEncoder
 from raytuner.batches.plan import (
     BatchShape,
     DatasetSampling,
@@ -29,10 +31,22 @@ from raytuner.batches.plan import (
     sample_seed,
 )
 from raytuner.batches.steps import StepPlans
-from raytuner.cache.format import CacheError, Manifest, read_index, read_manifest, tensor_from_fields
+from raytuner.cache import stages
+from raytuner.cache.folders import uncommitted_shards
+from raytuner.cache.format import (
+    CacheError,
+    Manifest,
+    read_index,
+    read_manifest,
+    shard_locations,
+    tensor_from_fields,
+    write_shard,
+)
+from raytuner.cache.ondemand import encodes_on_workers, is_pending_shard
 from raytuner.cache.settings import latent_cache_location, text_cache_location
 from raytuner.config.datasets import DatasetConfig
 from raytuner.config.run import RunConfig
+from raytuner.data.buckets import crop_origin
 from raytuner.models.base import PromptConditioning
 from raytuner.storage import Location
 
@@ -102,9 +116,21 @@ def _locations(index: pa.Table, keys: Sequence[str]) -> dict[str, CachedRowLocat
 
 
 class LatentCache:
-    """One image dataset's committed latents (and loss masks, when it links a mask dataset)."""
+    """One image dataset's committed latents (and loss masks, when it links a mask dataset).
 
-    def __init__(self, dataset_id: str, folder: Location, *, mask_dataset: str | None = None) -> None:
+    Rows the build left pending (vae_cache_ondemand, vae_cache_clear_each_epoch) are encoded by
+    ``on_demand`` when a batch needs them; with vae_cache_ondemand the latents are written back as
+    a shard of their own, which this reader and later ones merge instead of encoding again.
+    """
+
+    def __init__(
+        self,
+        dataset_id: str,
+        folder: Location,
+        *,
+        mask_dataset: str | None = None,
+        on_demand: OnDemand | None = None,
+    ) -> None:
         self.dataset_id = dataset_id
         self.folder = folder
         self.manifest, index = _committed(folder, "latents")
@@ -128,6 +154,49 @@ class LatentCache:
             PlanSample(dataset_id=dataset_id, key=key, bucket=bucket)
             for key, bucket in zip(samples, index.column("bucket").to_pylist(), strict=True)
         ]
+        self.on_demand = on_demand
+        self._content: dict[str, str] = dict(zip(samples, index.column("key").to_pylist(), strict=True))
+        self._samples_of: dict[str, list[str]] = {}
+        for sample, content in self._content.items():
+            self._samples_of.setdefault(content, []).append(sample)
+        self._pending = {key for key, location in self._locations.items() if is_pending_shard(location.shard)}
+        self._fresh: dict[str, dict[str, Any]] = {}  # the last batch's rows encoded and not written back
+        self._scanned: set[str] = set()  # written-back shards already merged
+        if on_demand is not None and on_demand.every_epoch and len(self._pending) < len(samples):
+            raise CacheError(
+                f"{folder}: dataset '{dataset_id}' sets vae_cache_clear_each_epoch, but its cache holds latents "
+                "encoded up front; run `raytuner cache` to leave them to the training workers"
+            )
+        self.refresh()
+
+    @property
+    def pending(self) -> int:
+        """Samples whose latents are not in the cache (yet)."""
+        return len(self._pending)
+
+    def refresh(self) -> None:
+        """Merge the latents written back since this cache was last read (by any worker or run).
+
+        One listing of the folder; only shards not seen before are opened.
+        """
+        if not self._pending or (self.on_demand is not None and self.on_demand.every_epoch):
+            return
+        known = {location.shard for location in self._locations.values()} | self._scanned
+        written = uncommitted_shards(
+            self.folder, kind="latents", encoder_key=self.manifest.encoder_key, known=known, tidy=False
+        )
+        self._scanned.update(location["shard"] for location in written.values())
+        self._encoded(written)
+
+    def _encoded(self, written: Mapping[str, Mapping[str, Any]]) -> None:
+        """Point every pending sample of the content keys in ``written`` (key -> location) there."""
+        for content, found in written.items():
+            for sample in self._samples_of.get(content, ()):
+                if sample in self._pending:
+                    self._locations[sample] = CachedRowLocation(
+                        shard=found["shard"], row_group=found["row_group"], row=found["row"]
+                    )
+                    self._pending.discard(sample)
 
     def caption_key(self, key: str, *, seed: int, step: int) -> str:
         """The caption of a sample at a step: one of its caption-file lines, drawn from (seed, key, step).
@@ -139,26 +208,94 @@ class LatentCache:
 
     def row(self, key: str) -> dict[str, Any]:
         """The cached row of sample ``key`` (identical files read the same row)."""
+        if key in self._fresh:
+            return self._fresh[key]
         try:
             location = self._locations[key]
         except KeyError:
             raise CacheError(f"{self.folder}: no cached row {key}; run `raytuner cache` again") from None
         return self._rows.row(location)
 
-    def latents(self, keys: Sequence[str]) -> torch.Tensor:
+    def latents(self, keys: Sequence[str], *, epoch: int = 0) -> torch.Tensor:
         """``[len(keys), ...]`` float32 latents, in the order of ``keys`` (one bucket, one shape)."""
+        self._encode_pending(keys, epoch)
         arrays = [tensor_from_fields(self.row(key), "latent") for key in keys]
         return torch.from_numpy(np.stack(arrays).astype(np.float32, copy=False))
+
+    def _encode_pending(self, keys: Sequence[str], epoch: int) -> None:
+        """Encode the pending rows of ``keys``: kept for this batch (every epoch), or written back."""
+        self._fresh = {}
+        wanted = [key for key in dict.fromkeys(keys) if key in self._pending]
+        if not wanted:
+            return
+        if self.on_demand is None:
+            raise CacheError(
+                f"{self.folder}: dataset '{self.dataset_id}': {len(self._pending)} image(s) were left for the "
+                "training workers to encode (vae_cache_ondemand); run `raytuner cache` without it to encode them"
+            )
+        if self.on_demand.every_epoch:
+            rows = [self._redrawn(self._rows.row(self._locations[key]), key, epoch) for key in wanted]
+            encoded = self.on_demand.encoder.encode(
+                rows, encoder_key=self.manifest.encoder_key, folder=self.folder
+            )
+            self._fresh = {key: latent_row(row) for key, row in zip(wanted, encoded, strict=True)}
+            return
+        # Another worker may have encoded some since (a sample drawn again, with repeats).
+        self.refresh()
+        # Identical files share one latent row: encoded once, and every sample of it points there.
+        by_content = {self._content[key]: key for key in wanted if key in self._pending}
+        if not by_content:
+            return
+        rows = [self._rows.row(self._locations[key]) for key in by_content.values()]
+        encoded = self.on_demand.encoder.encode(
+            rows, encoder_key=self.manifest.encoder_key, folder=self.folder
+        )
+        for bucket, members in _by_bucket(encoded).items():
+            shard, _ = write_shard(
+                self.folder,
+                f"bucket={bucket}/part-ondemand-{uuid.uuid4().hex}.parquet",
+                stages.latent_table(members),
+                encoder_key=self.manifest.encoder_key,
+                kind="latents",
+            )
+            self._encoded({loc["key"]: loc for loc in shard_locations([m["key"] for m in members], shard)})
+
+    def _redrawn(self, row: dict[str, Any], key: str, epoch: int) -> dict[str, Any]:
+        """A pending row with its random crop drawn again for ``epoch`` (epoch 0 keeps the build's)."""
+        assert self.on_demand is not None
+        style = self.on_demand.crop_style
+        if epoch == 0 or style is None:
+            return row
+        left, top = crop_origin(
+            (row["inter_w"], row["inter_h"]),
+            (row["width"], row["height"]),
+            style,
+            crop_seed=sample_seed(self.on_demand.seed, f"{key}#crop", epoch),
+        )
+        return {**row, "left": left, "top": top}
 
     def loss_masks(self, keys: Sequence[str]) -> torch.Tensor | None:
         """``[len(keys), h, w]`` float32 loss masks on the latent grid; None for an unmasked dataset.
 
         A cache written with masks but read by a run that no longer links them trains unmasked.
+        Called after :meth:`latents` of the same keys, which encodes any that were pending.
         """
         if not self.masked:
             return None
         arrays = [tensor_from_fields(self.row(key), "loss_mask") for key in keys]
         return torch.from_numpy(np.stack(arrays).astype(np.float32, copy=False))
+
+
+def latent_row(encoded: dict[str, Any]) -> dict[str, Any]:
+    """An encoded row as a latent shard holds it (shapes as lists), for reading without a shard."""
+    return stages.latent_table([encoded]).to_pylist()[0]
+
+
+def _by_bucket(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["bucket"], []).append(row)
+    return groups
 
 
 class TextCache:
@@ -219,7 +356,10 @@ class TrainingData:
         """The epoch's plan; buckets left out by pruning are named in a warning (at epoch 0).
 
         ``first_step`` (the steps trained before the epoch) applies the datasets' schedules.
+        Latents other workers and runs wrote back since the last plan are merged first.
         """
+        for cache in self.latents.values():
+            cache.refresh()
         plan = plan_epoch(
             self.samples,
             self.sampling,
@@ -271,11 +411,12 @@ class TrainingData:
         ]
 
     def batch(
-        self, batch: GlobalBatch, keys: Sequence[str], *, seed: int, step: int
+        self, batch: GlobalBatch, keys: Sequence[str], *, seed: int, step: int, epoch: int = 0
     ) -> tuple[torch.Tensor, list[PromptConditioning]]:
-        """Latents and prompt conditioning (:meth:`caption_keys`) of ``keys`` at ``step``."""
+        """Latents and prompt conditioning (:meth:`caption_keys`) of ``keys`` at ``step`` of ``epoch``
+        (latents encoded on demand use the epoch's crop when vae_cache_clear_each_epoch redraws it)."""
         captions = self.caption_keys(batch, keys, seed=seed, step=step)
-        return self.latents[batch.dataset_id].latents(keys), self.text.conditioning(captions)
+        return self.latents[batch.dataset_id].latents(keys, epoch=epoch), self.text.conditioning(captions)
 
     def loss_masks(self, batch: GlobalBatch, keys: Sequence[str]) -> torch.Tensor | None:
         """The loss masks of ``keys`` (a rank's slice of ``batch``), or None when its dataset has none."""
@@ -313,12 +454,19 @@ def prunes_buckets(run: RunConfig) -> bool:
     return not run.training.data.disable_bucket_pruning
 
 
-def open_training_data(run: RunConfig) -> TrainingData:
-    """The committed caches of a run's training datasets (``dataset_type`` image), ready to plan and read."""
+def open_training_data(run: RunConfig, *, device: torch.device | None = None) -> TrainingData:
+    """The committed caches of a run's training datasets (``dataset_type`` image), ready to plan and read.
+
+    Images left pending by the build are encoded on ``device`` (default: this process's accelerator).
+    """
+    encoder = WorkerEncoder(run, device=device)
     return TrainingData(
         latents={
             dataset.id: LatentCache(
-                dataset.id, latent_cache_location(run, dataset), mask_dataset=dataset.conditioning_data
+                dataset.id,
+                latent_cache_location(run, dataset),
+                mask_dataset=dataset.conditioning_data,
+                on_demand=on_demand_of(run, dataset, encoder),
             )
             for dataset in training_datasets(run)
         },
@@ -326,6 +474,18 @@ def open_training_data(run: RunConfig) -> TrainingData:
         sampling=dataset_sampling(run),
         prune_buckets=prunes_buckets(run),
         caption_dropout=run.training.data.caption_dropout_probability,
+    )
+
+
+def on_demand_of(run: RunConfig, dataset: DatasetConfig, encoder: WorkerEncoder) -> OnDemand | None:
+    """How the workers encode a dataset's pending latents; None when the build encodes them all."""
+    if not encodes_on_workers(run, dataset):
+        return None
+    every_epoch = dataset.vae_cache_clear_each_epoch
+    # Only a random crop differs from one epoch to the next; bucket and intermediary size stay the build's.
+    redraw = every_epoch and dataset.crop and dataset.crop_style == "random"
+    return OnDemand(
+        encoder=encoder, every_epoch=every_epoch, crop_style="random" if redraw else None, seed=run.seed
     )
 
 

@@ -31,6 +31,7 @@ from raytuner.cache import format as fmt
 from raytuner.cache.folders import adopt_orphans, load_committed
 from raytuner.cache.format import CacheError
 from raytuner.cache.latents import commit_latents, encode_latents
+from raytuner.cache.ondemand import leave_to_workers, split_pending
 from raytuner.cache.placing import place_images, probe_listings
 from raytuner.cache.rows import DatasetWork, LatentRow
 from raytuner.cache.settings import (
@@ -114,10 +115,11 @@ def build_cache(
     text.commit(family_cls)
 
     for item in work:
-        item.stale_shards = {row["shard"] for row in item.existing.values()}
+        item.stale_shards = {row["shard"] for row in (*item.existing.values(), *item.pending.values())}
     # images/s is measured over the image pipeline alone (read, crop, VAE, write), actor start-up included.
     encode_started = time.monotonic()
-    encode_latents(run, family_cls, model_path, vae_identity, work, options.encoder_actors)
+    up_front = leave_to_workers(run, work, vae_identity)
+    encode_latents(run, family_cls, model_path, vae_identity, up_front, options.encoder_actors)
     encode_seconds = time.monotonic() - encode_started
     summaries = tuple(commit_latents(item, vae_identity) for item in work)
     return CacheSummary(
@@ -152,7 +154,9 @@ def open_latent_cache(
         rebuild=rebuild,
         what=f"dataset '{dataset.id}' cache_dir_vae",
     )
-    item.existing = {row["key"]: {k: row[k] for k in fmt.LOCATION_KEYS} for row in committed.values()}
+    item.existing, item.pending = split_pending(
+        {row["key"]: {k: row[k] for k in fmt.LOCATION_KEYS} for row in committed.values()}
+    )
     item.encoded_before = manifest.encoded if manifest is not None else 0
     if skips(dataset, "vae") or skips(dataset, "aspect"):
         if not committed:

@@ -59,7 +59,7 @@ def remove_cache_files(folder: Location) -> None:
         relative = posixpath.relpath(info.path, root)
         name = posixpath.basename(relative)
         if name in (fmt.MANIFEST_NAME, fmt.REPORT_NAME, discovery.DISCOVERY_INDEX) or (
-            name.endswith(".parquet") and (name.startswith(("index-", "part-")))
+            name.endswith(".parquet") and (name.startswith(("index-", "part-", "pending-")))
         ):
             filesystem.delete_file(info.path)
 
@@ -67,35 +67,55 @@ def remove_cache_files(folder: Location) -> None:
 def adopt_orphans(
     folder: Location, *, kind: str, encoder: EncoderIdentity, known: set[str]
 ) -> dict[str, dict[str, Any]]:
-    """Whole shards a killed build wrote but never committed: key -> location. Temporary files are removed."""
+    """Whole shards a killed build wrote but never committed: key -> location. Temporary files are removed.
+
+    Shards the training workers wrote back (vae_cache_ondemand) are adopted the same way.
+    """
+    adopted = uncommitted_shards(folder, kind=kind, encoder_key=encoder.key, known=known, tidy=True)
+    if adopted:
+        logger.info(
+            "%s: %d row(s) from an interrupted build or the training workers adopted", folder, len(adopted)
+        )
+    return adopted
+
+
+def uncommitted_shards(
+    folder: Location, *, kind: str, encoder_key: str, known: set[str], tidy: bool
+) -> dict[str, dict[str, Any]]:
+    """The rows of whole ``part-*`` shards of ``kind`` by ``encoder_key`` that no index lists: key -> location.
+
+    Only a build (``tidy``) removes temporary and unreadable files: a reader leaves them, as a
+    training worker may be writing one at that moment.
+    """
     filesystem, root = folder.resolve()
     adopted: dict[str, dict[str, Any]] = {}
     for info in list_files(folder):
         relative = posixpath.relpath(info.path, root)
         if is_temporary(relative):
-            filesystem.delete_file(info.path)
+            if tidy:
+                filesystem.delete_file(info.path)
             continue
         name = posixpath.basename(relative)
         if not (name.startswith("part-") and name.endswith(".parquet")) or relative in known:
             continue
         metadata = fmt.read_shard_metadata(folder, relative)
         if metadata is None:
-            logger.warning("%s: unreadable shard %s removed", folder, relative)
-            filesystem.delete_file(info.path)
+            if tidy:
+                logger.warning("%s: unreadable shard %s removed", folder, relative)
+                filesystem.delete_file(info.path)
             continue
         if (
-            metadata.get(fmt.ENCODER_KEY_METADATA, b"").decode() != encoder.key
+            metadata.get(fmt.ENCODER_KEY_METADATA, b"").decode() != encoder_key
             or metadata.get(fmt.KIND_METADATA, b"").decode() != kind
         ):
-            logger.warning(
-                "%s: shard %s was written by another encoder; left in place, not used", folder, relative
-            )
+            if tidy:
+                logger.warning(
+                    "%s: shard %s was written by another encoder; left in place, not used", folder, relative
+                )
             continue
         keys = fmt.read_shard_columns(folder, relative, ["key"]).column("key").to_pylist()
         for location in fmt.shard_locations(keys, relative):
             adopted[location["key"]] = location
-    if adopted:
-        logger.info("%s: %d row(s) from an interrupted build adopted", folder, len(adopted))
     return adopted
 
 

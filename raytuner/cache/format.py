@@ -5,7 +5,9 @@ One cache folder holds one kind of rows (``latents`` for one image dataset under
 
     raytuner_cache.json            the manifest, written last: the commit point
     index-<build>.parquet          key -> shard, row group, row (the live rows)
-    bucket=1024x1024/part-*.parquet    latent shards, one aspect bucket each
+    bucket=1024x1024/part-*.parquet    latent shards, one aspect bucket each (``part-ondemand-*``:
+                                   written back by training workers, see raytuner.cache.ondemand)
+    pending-*.parquet              images left for the training workers to encode (no latents)
     part-*.parquet                 text shards
 
 Every shard is written whole or not at all (a temporary name and a rename on local disks; an

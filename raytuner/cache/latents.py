@@ -121,7 +121,8 @@ def shared_latents(rows: Iterable[LatentRow]) -> list[list[str]]:
 def commit_latents(item: DatasetWork, identity: EncoderIdentity) -> DatasetSummary:
     """Commit one dataset's latent cache (index, then manifest), drop its unused shards, report it."""
     skipped = item.skipped + item.encode_skipped
-    locations = {**item.existing, **item.written}
+    # An encoded row wins over a pending one of the same key (raytuner.cache.ondemand).
+    locations = {**item.pending, **item.existing, **item.written}
     live = [row for row in item.rows.values() if row.key in locations]
     # One index row per file: identical files point at the same latent row, each with its sample key.
     index_rows = [
@@ -142,6 +143,10 @@ def commit_latents(item: DatasetWork, identity: EncoderIdentity) -> DatasetSumma
             "settings": asdict(item.settings),
             # Readers check this against conditioning_data: a run never trains unmasked by accident.
             **({"mask_dataset": item.mask.id} if item.mask is not None else {}),
+            # Images the training workers encode: their latents are not in this cache (yet).
+            **(
+                {"pending": len({row.key for row in live if row.key in item.pending})} if item.pending else {}
+            ),
         },
     )
     fmt.commit(item.cache, manifest, index)

@@ -101,6 +101,8 @@ class DatasetWork:
     skipped: list[SkippedFile] = field(default_factory=list)
     rows: dict[str, LatentRow] = field(default_factory=dict)  # sample key -> row
     existing: dict[str, dict[str, Any]] = field(default_factory=dict)  # content key -> location
+    # Rows the training workers encode (raytuner.cache.ondemand): content key -> pending row location.
+    pending: dict[str, dict[str, Any]] = field(default_factory=dict)
     stale_shards: set[str] = field(default_factory=set)
     written: dict[str, dict[str, Any]] = field(default_factory=dict)  # content key -> location
     bytes_by_bucket: Counter[str] = field(default_factory=Counter)

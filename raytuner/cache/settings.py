@@ -64,18 +64,27 @@ def model_path_of(run: RunConfig) -> str:
     )
 
 
-def encoder_identities(run: RunConfig, family: ModelFamily) -> tuple[EncoderIdentity, EncoderIdentity]:
-    model_path = model_path_of(run)
-    revision = run.training.model.revision
+def vae_identity(run: RunConfig, family: ModelFamily) -> EncoderIdentity:
+    """The identity of the VAE that fills the latent caches (checked again by an on-demand encoder)."""
     vae = component_identity(
-        model_path, family.vae_components, revision=revision, settings=family.latent_settings()
-    )
-    text = component_identity(
-        model_path, family.text_components, revision=revision, settings=family.text_settings()
+        model_path_of(run),
+        family.vae_components,
+        revision=run.training.model.revision,
+        settings=family.latent_settings(),
     )
     vae.update({"family": family.name, "component": "VAE"})
+    return EncoderIdentity.of(vae)
+
+
+def encoder_identities(run: RunConfig, family: ModelFamily) -> tuple[EncoderIdentity, EncoderIdentity]:
+    text = component_identity(
+        model_path_of(run),
+        family.text_components,
+        revision=run.training.model.revision,
+        settings=family.text_settings(),
+    )
     text.update({"family": family.name, "component": "text side"})
-    return EncoderIdentity.of(vae), EncoderIdentity.of(text)
+    return vae_identity(run, family), EncoderIdentity.of(text)
 
 
 def cache_encoders(run: RunConfig) -> Encoders:

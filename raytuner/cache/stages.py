@@ -23,6 +23,7 @@ from raytuner.storage import Location
 
 if TYPE_CHECKING:
     from raytuner.config.training import DataSection
+    from raytuner.models.base import ModelFamily
 
 
 def probe_batch(
@@ -150,40 +151,51 @@ class VaeEncoder:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         if self.unreadable is not None:
             raise self.unreadable
-        from raytuner.data.synthetic import to_pixels
-
         rows = rows_of(batch)
-        by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for index, row in enumerate(rows):
-            if not row["error"]:
-                by_shape[tuple(np.asarray(row["pixels"]).shape)].append(index)
-        latents: dict[int, np.ndarray] = {}
-        for indices in by_shape.values():
-            tensor = to_pixels([np.asarray(rows[i]["pixels"]) for i in indices])
-            encoded = self.family.encode_images(tensor).cpu().numpy().astype(np.float32)
-            for position, index in enumerate(indices):
-                latents[index] = encoded[position]
         call = uuid.uuid4().hex  # counts VAE calls in the summary
         out: dict[str, list[Any]] = defaultdict(list)
-        for index, row in enumerate(rows):
-            row.pop("pixels")
-            mask = np.asarray(row.pop("mask"))
+        for row in encode_cropped(self.family, rows):
             row["vae_call"] = call
-            latent = latents.get(index, np.zeros((0,), np.float32))
-            fields = fmt.tensor_fields("latent", latent)
-            if row.get("mask_path") and index in latents:
-                # The latent's own spatial size is the grid: no VAE scale factor to keep in step.
-                grid = (int(latent.shape[-2]), int(latent.shape[-1]))
-                fields.update(fmt.tensor_fields("loss_mask", mask_on_latent_grid(mask, grid)))
-            else:
-                fields.update({"loss_mask": b"", "loss_mask_shape": [], "loss_mask_dtype": ""})
-            # As text between stages: error rows have another rank, and Ray Data would make a ragged tensor.
-            for name in ("latent_shape", "loss_mask_shape"):
-                fields[name] = ",".join(str(n) for n in fields[name])
-            row.update(fields)
             for name, value in row.items():
                 out[name].append(value)
         return dict(out)
+
+
+def encode_cropped(family: ModelFamily, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """:func:`load_and_crop`'s rows through the VAE: each row's pixels and mask replaced by its
+    ``latent`` (and ``loss_mask``) fields, shapes as text. Rows with an ``error`` get empty ones.
+
+    The cache build's VAE actors and the training workers' on-demand encoder both encode here, so
+    a latent encoded on a worker is the one the build would have cached.
+    """
+    from raytuner.data.synthetic import to_pixels
+
+    by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for index, row in enumerate(rows):
+        if not row["error"]:
+            by_shape[tuple(np.asarray(row["pixels"]).shape)].append(index)
+    latents: dict[int, np.ndarray] = {}
+    for indices in by_shape.values():
+        tensor = to_pixels([np.asarray(rows[i]["pixels"]) for i in indices])
+        encoded = family.encode_images(tensor).cpu().numpy().astype(np.float32)
+        for position, index in enumerate(indices):
+            latents[index] = encoded[position]
+    for index, row in enumerate(rows):
+        row.pop("pixels")
+        mask = np.asarray(row.pop("mask"))
+        latent = latents.get(index, np.zeros((0,), np.float32))
+        fields = fmt.tensor_fields("latent", latent)
+        if row.get("mask_path") and index in latents:
+            # The latent's own spatial size is the grid: no VAE scale factor to keep in step.
+            grid = (int(latent.shape[-2]), int(latent.shape[-1]))
+            fields.update(fmt.tensor_fields("loss_mask", mask_on_latent_grid(mask, grid)))
+        else:
+            fields.update({"loss_mask": b"", "loss_mask_shape": [], "loss_mask_dtype": ""})
+        # As text between stages: error rows have another rank, and Ray Data would make a ragged tensor.
+        for name in ("latent_shape", "loss_mask_shape"):
+            fields[name] = ",".join(str(n) for n in fields[name])
+        row.update(fields)
+    return rows
 
 
 def write_latent_shards(
@@ -209,30 +221,7 @@ def write_latent_shards(
         else:
             groups[(row["dataset_id"], row["bucket"])].append(row)
     for (dataset_id, bucket), members in groups.items():
-        # A dataset's rows all have masks or none (every image of a masked dataset needs one).
-        masked = bool(members[0].get("mask_path"))
-        table = pa.Table.from_pylist(
-            [
-                {
-                    "key": m["key"],
-                    "dataset_id": m["dataset_id"],
-                    "source": m["source"],
-                    "bucket": m["bucket"],
-                    "width": m["width"],
-                    "height": m["height"],
-                    "original_width": m["original_w"],
-                    "original_height": m["original_h"],
-                    "crop_left": m["left"],
-                    "crop_top": m["top"],
-                    "latent": m["latent"],
-                    "latent_shape": [int(n) for n in str(m["latent_shape"]).split(",")],
-                    "latent_dtype": m["latent_dtype"],
-                    **(_mask_fields(m) if masked else {}),
-                }
-                for m in members
-            ],
-            schema=fmt.MASKED_LATENT_SCHEMA if masked else fmt.LATENT_SCHEMA,
-        )
+        table = latent_table(members)
         relative = f"bucket={bucket}/part-{build_id}-{uuid.uuid4().hex[:12]}.parquet"
         shard, size = fmt.write_shard(
             caches[dataset_id], relative, table, encoder_key=encoder_key_, kind="latents"
@@ -250,6 +239,34 @@ def write_latent_shards(
             }
         )
     return pa.Table.from_pylist(out, schema=SHARD_RESULT_SCHEMA)
+
+
+def latent_table(members: list[dict[str, Any]]) -> pa.Table:
+    """One latent shard's table: :func:`encode_cropped`'s rows of one dataset and bucket."""
+    # A dataset's rows all have masks or none (every image of a masked dataset needs one).
+    masked = bool(members[0].get("mask_path"))
+    return pa.Table.from_pylist(
+        [
+            {
+                "key": m["key"],
+                "dataset_id": m["dataset_id"],
+                "source": m["source"],
+                "bucket": m["bucket"],
+                "width": m["width"],
+                "height": m["height"],
+                "original_width": m["original_w"],
+                "original_height": m["original_h"],
+                "crop_left": m["left"],
+                "crop_top": m["top"],
+                "latent": m["latent"],
+                "latent_shape": [int(n) for n in str(m["latent_shape"]).split(",")],
+                "latent_dtype": m["latent_dtype"],
+                **(_mask_fields(m) if masked else {}),
+            }
+            for m in members
+        ],
+        schema=fmt.MASKED_LATENT_SCHEMA if masked else fmt.LATENT_SCHEMA,
+    )
 
 
 def _mask_fields(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -115,6 +115,9 @@ class DatasetConfig:
     write_batch_size: int = field(default=128, metadata=rule(ge=1))
     # A text_embeds dataset's captions per text-encoder pass; unset, config.json's.
     text_encoder_batch_size: int | None = field(default=None, metadata=rule(ge=1))
+    # Latents encoded by the training workers as batches need them (raytuner.cache.ondemand); the
+    # first writes them back into the cache, the second redoes them every epoch.
+    vae_cache_ondemand: bool = False
     vae_cache_clear_each_epoch: bool = False
     # Masked loss: an image dataset names its mask dataset; the mask dataset says what it holds.
     conditioning_data: str | None = None

@@ -42,11 +42,11 @@ class StepFeed:
         return self.steps.epoch_of(step)
 
     def micro_batches(self, step: int) -> list[MicroBatch]:
-        batch = self.steps.batch(step)
+        batch, epoch = self.steps.batch(step), self.steps.epoch_of(step)
         micro = []
         for micro_step in range(self.shape.accumulation):
             keys = batch.slice_for(self.shape, rank=self.rank, micro_step=micro_step)
-            latents, conditioning = self.data.batch(batch, keys, seed=self.seed, step=step)
+            latents, conditioning = self.data.batch(batch, keys, seed=self.seed, step=step, epoch=epoch)
             seeds = batch.seeds_for(
                 self.shape, rank=self.rank, micro_step=micro_step, seed=self.seed, step=step
             )

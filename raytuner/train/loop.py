@@ -72,7 +72,7 @@ class Worker:
             workers=world_size,
             accumulation=training.optimization.gradient_accumulation_steps,
         )
-        data = open_training_data(run)
+        data = open_training_data(run, device=device)
         self.feed = StepFeed(
             data,
             self.shape,

@@ -8,12 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from raytuner.cache import format as fmt
+from raytuner.cache import stages
 from raytuner.cache.build import open_latent_cache
 from raytuner.cache.latents import commit_latents
+from raytuner.cache.ondemand import leave_to_workers
 from raytuner.cache.placing import place_images
 from raytuner.cache.rows import DatasetWork, latent_todo
-from raytuner.cache.settings import EncoderIdentity, image_datasets
+from raytuner.cache.settings import EncoderIdentity, image_datasets, model_path_of, vae_identity
 from raytuner.cache.summary import DatasetSummary
 from raytuner.cache.text import TextWork
 from raytuner.config import RunConfig, load_config
@@ -139,12 +143,12 @@ TEXT_IDENTITY = EncoderIdentity.of({"component": "text side", "note": "no encode
 UNWRITTEN_SHARD = "bucket=unwritten/part-unwritten.parquet"
 
 
-def discover_without_ray(run: RunConfig) -> list[DatasetWork]:
+def discover_without_ray(run: RunConfig, identity: EncoderIdentity = VAE_IDENTITY) -> list[DatasetWork]:
     """The build's discovery and placement of every image dataset, with the files probed in this process."""
     family_cls = get_family(run.training.model.model_family)
     work = []
     for dataset in image_datasets(run):
-        item = open_latent_cache(run, dataset, family_cls, VAE_IDENTITY, rebuild=False)
+        item = open_latent_cache(run, dataset, family_cls, identity, rebuild=False)
         assert item.listing is not None
         location = discovery.dataset_location(dataset)
         probes = {
@@ -155,7 +159,7 @@ def discover_without_ray(run: RunConfig) -> list[DatasetWork]:
         }
         item.images, item.skipped = discovery.merge_probes(item.listing, probes)
         item.skipped = delete_problematic(item.listing, item.skipped)
-        place_images(item, seed=run.seed, vae_key=VAE_IDENTITY.key)
+        place_images(item, seed=run.seed, vae_key=identity.key)
         work.append(item)
     return work
 
@@ -177,3 +181,41 @@ def commit_without_encoding(run: RunConfig, work: Sequence[DatasetWork]) -> dict
         item.written = {location["key"]: location for location in fmt.shard_locations(keys, UNWRITTEN_SHARD)}
         summaries[item.dataset.id] = commit_latents(item, VAE_IDENTITY)
     return summaries
+
+
+# ---- the build's latent pass in this process (real VAE, no Ray) ------------------------------------------
+
+
+def real_vae_identity(run: RunConfig) -> EncoderIdentity:
+    family_cls = get_family(run.training.model.model_family)
+    return vae_identity(run, family_cls(model_path_of(run)))
+
+
+def build_latents_without_ray(run: RunConfig) -> list[DatasetSummary]:
+    """``raytuner cache``'s latent side for ``run`` in this process: discovery, placement, the pending
+    rows of the datasets the workers encode, the build's VAE stages for the others, then the commit."""
+    identity = real_vae_identity(run)
+    work = discover_without_ray(run, identity)
+    for item in work:
+        item.stale_shards = {row["shard"] for row in (*item.existing.values(), *item.pending.values())}
+    up_front = leave_to_workers(run, work, identity)
+    todo = latent_todo(up_front)
+    if todo:
+        sources = {item.dataset.id: discovery.dataset_location(item.dataset) for item in up_front}
+        cropped = [stages.load_and_crop(dict(entry), sources) for entry in todo]
+        encoder = stages.VaeEncoder(
+            run.training.model.model_family, model_path_of(run), None, sources, run.training.data
+        )
+        columns = {name: [row[name] for row in cropped] for name in cropped[0]}
+        shards = stages.write_latent_shards(
+            pa.Table.from_pydict(encoder(columns)),
+            {item.dataset.id: item.cache for item in up_front},
+            identity.key,
+            fmt.new_build_id(),
+        )
+        by_id = {item.dataset.id: item for item in up_front}
+        for result in shards.to_pylist():
+            assert not result["error"], result
+            for location in fmt.shard_locations(result["keys"], result["shard"]):
+                by_id[result["dataset_id"]].written[location["key"]] = location
+    return [commit_latents(item, identity) for item in work]

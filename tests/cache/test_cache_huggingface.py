@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 
 from raytuner.batches.reader import LatentCache, TextCache
@@ -58,6 +59,8 @@ def test_a_huggingface_dataset_is_cached_and_trained_like_a_folder(
         "caption_strategy": "instanceprompt",
         "instance_prompt": "🟫",
         "cache_dir_vae": str(tmp_path / "cache" / "vae-example"),
+        # Encoded by the training workers as batches need it, and written back into this cache.
+        "vae_cache_ondemand": True,
     }
     data = Data(
         datasets=[captioned, example, text_dataset(tmp_path / "cache" / "text")], model=tiny_cosmos_dir
@@ -69,7 +72,7 @@ def test_a_huggingface_dataset_is_cached_and_trained_like_a_folder(
         "checkpoint_step_interval": 100,
     }
     summary = run_cache(load_run(tmp_path / "run", data, **config), BuildOptions())
-    assert [(d.images, d.encoded, d.skipped) for d in summary.datasets] == [(2, 2, 1), (3, 3, 0)]
+    assert [(d.images, d.encoded, d.skipped) for d in summary.datasets] == [(2, 2, 1), (3, 0, 0)]
     report = json.loads((tmp_path / "cache" / "vae" / REPORT_NAME).read_text())
     assert report["source"] == f"huggingface:{folder}[train]"
     assert [entry["file"] for entry in report["skipped"]] == ["train/2"]
@@ -98,8 +101,21 @@ def test_a_huggingface_dataset_is_cached_and_trained_like_a_folder(
     assert len(text.conditioning(sorted(expected))) == 4
     example_latents = LatentCache("dreambooth", Location(uri=str(tmp_path / "cache" / "vae-example")))
     assert {bucket for bucket in (sample.bucket for sample in example_latents.samples)} == {"32x32"}
-    # A second build reads nothing new: the rows are known by the split's fingerprint.
-    again = run_cache(load_run(tmp_path / "run", data, **config), BuildOptions())
-    assert [(d.images, d.encoded) for d in again.datasets] == [(2, 0), (3, 0)]
     outcome = train(tmp_path / "run", data, workers=1, **config)
     assert outcome.steps == 2 and outcome.adapter.is_file()
+    # The worker wrote the latents of the example images it trained on back into their cache ...
+    written = {
+        key
+        for shard in (tmp_path / "cache" / "vae-example").rglob("part-ondemand-*.parquet")
+        for key in pq.read_table(shard, columns=["key"]).column("key").to_pylist()
+    }
+    folder = Location(uri=str(tmp_path / "cache" / "vae-example"))
+    manifest = read_manifest(folder)
+    assert manifest is not None
+    example_keys = set(read_index(folder, manifest).column("key").to_pylist())
+    assert written and written <= example_keys
+    # ... so a later build without vae_cache_ondemand encodes only the images training has not reached,
+    # and nothing of the other dataset: its rows are known by the split's fingerprint.
+    example.pop("vae_cache_ondemand")
+    plain = run_cache(load_run(tmp_path / "run", data, **config), BuildOptions())
+    assert [(d.images, d.encoded) for d in plain.datasets] == [(2, 0), (3, len(example_keys - written))]
