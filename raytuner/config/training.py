@@ -291,7 +291,8 @@ class ValidationSection:
     validation_negative_prompt: str = "blurry, cropped, ugly"
     validation_resolution: str = "256"
     validation_guidance: float = field(default=7.5, metadata=rule(ge=0))
-    validation_guidance_rescale: float = field(default=0.0, metadata=rule(ge=0, le=1))
+    # Read and ignored: these pipelines have no guidance rescale (compatibility table), so any number is fine.
+    validation_guidance_rescale: float | None = 0.0
     validation_num_inference_steps: int = field(default=30, metadata=rule(ge=1))
     validation_seed: int | None = field(default=None, metadata=rule(ge=0))
     validation_step_interval: int | None = field(default=100, metadata=rule(ge=0))  # 0: at the end only
