@@ -68,6 +68,10 @@ def test_a_huggingface_dataset_is_cached_and_trained_like_a_folder(
         "use_ema": False,
         "validation_step_interval": 100,
         "checkpoint_step_interval": 100,
+        # The worker's transformer blocks compiled (dynamo's cheapest backend): training, the eval
+        # loss and the closing validation render all run through them.
+        "dynamo_backend": "eager",
+        "dynamo_use_regional_compilation": True,
     }
     summary = run_cache(load_run(tmp_path / "run", data, **config), BuildOptions())
     assert [(d.images, d.encoded, d.skipped) for d in summary.datasets] == [(2, 2, 1), (3, 3, 0)]
@@ -87,6 +91,7 @@ def test_a_huggingface_dataset_is_cached_and_trained_like_a_folder(
     assert [(d.images, d.encoded) for d in again.datasets] == [(2, 0), (3, 0)]
     outcome = train(tmp_path / "run", data, workers=1, **config)
     assert outcome.steps == 2 and outcome.adapter.is_file()
+    assert list((outcome.output_dir / "validation").rglob("validation-*.png"))
 
 
 def test_simpletuners_omnigen_example_caches_and_trains_from_a_local_dataset(
