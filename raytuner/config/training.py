@@ -145,6 +145,16 @@ DynamoBackend = Literal[
     "tvm",
     "hpu_backend",
 ]
+# SimpleTuner reads Accelerate's enum names too (INDUCTOR, aot-eager) and none/disabled as off.
+DYNAMO_ALIASES: dict[str, str] = {
+    "none": "no",
+    "disabled": "no",
+    **{
+        spelling: name
+        for name in get_args(DynamoBackend)
+        for spelling in (name.upper(), name.replace("_", "-"))
+    },
+}
 # torch.compile's modes; SimpleTuner reads "auto" (and no value) as torch's default.
 DynamoMode = Literal["auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 # The ones raytuner runs: diffusers' default attention and the diffusers attention backends
@@ -285,9 +295,7 @@ class MemorySection:
         default="diffusers", metadata=rule(choices=ATTENTION_MECHANISMS)
     )
     # torch.compile of the base transformer on each worker, in place (raytuner/train/compile.py).
-    dynamo_backend: DynamoBackend | None = field(
-        default=None, metadata=rule(value_aliases={"none": "no", "disabled": "no"})
-    )
+    dynamo_backend: DynamoBackend | None = field(default=None, metadata=rule(value_aliases=DYNAMO_ALIASES))
     dynamo_mode: DynamoMode | None = None
     dynamo_fullgraph: bool = False
     dynamo_dynamic: bool = False

@@ -44,6 +44,9 @@ def test_what_cannot_be_compiled_is_refused_with_the_reason(
     run = load_config(write_run(config_updates={"dynamo_backend": "inductor", "dynamo_mode": "auto"}))
     assert run.training.memory.dynamo_backend == "inductor"
     assert not [w for w in run.warnings if "dynamo" in w]
+    for written, read in (("AOT_EAGER", "aot_eager"), ("aot-eager", "aot_eager"), ("none", "no")):
+        spelled = load_config(write_run(config_updates={"dynamo_backend": written}))
+        assert spelled.training.memory.dynamo_backend == read, written
     offloaded = dataclasses.replace(run.training.memory, enable_group_offload=True)
     assert "not with enable_group_offload" in str(compile_problem(offloaded))
     zero = load_config(write_run(config_updates={"dynamo_backend": "eager", "deepspeed_config": "zero2"}))
