@@ -22,6 +22,7 @@ from raytuner.cache.identity import component_identity, encoder_key
 from raytuner.config.datasets import DatasetConfig
 from raytuner.config.errors import ConfigError
 from raytuner.config.paths import display
+from raytuner.config.prompt_library import builtin_prompt_library
 from raytuner.config.run import RunConfig
 from raytuner.data import discovery
 from raytuner.data.buckets import BucketError, BucketSettings
@@ -220,6 +221,9 @@ def role_prompts(run: RunConfig) -> dict[str, Any]:
     validation: dict[str, str] = {}
     if training.validation.validation_prompt:
         validation["validation"] = training.validation.validation_prompt
+    if training.validation.validation_prompt_library:
+        # Before the user's library, so a user entry of the same nickname replaces a built-in one.
+        validation.update(builtin_prompt_library())
     if training.validation.user_prompt_library is not None:
         try:
             library = json.loads(Path(training.validation.user_prompt_library).read_text(encoding="utf-8"))

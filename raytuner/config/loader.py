@@ -20,7 +20,7 @@ from typing import Any
 from raytuner.config.datasets import DatasetConfig, default_text_embeds, parse_datasets
 from raytuner.config.deepspeed import DeepSpeedConfigError, parse_deepspeed
 from raytuner.config.errors import ConfigError
-from raytuner.config.fields import CoercionError, build, coerce, field_names, problem
+from raytuner.config.fields import FALSE_WORDS, TRUE_WORDS, CoercionError, build, coerce, field_names, problem
 from raytuner.config.formats import read_json, read_options
 from raytuner.config.keys import KeyFindings, sort_key
 from raytuner.config.lycoris import LycorisConfig, parse_lycoris
@@ -33,6 +33,7 @@ from raytuner.config.paths import (
     output_path,
 )
 from raytuner.config.placeholders import fill_dataset_placeholders, fill_env_placeholders
+from raytuner.config.prompt_library import library_selector
 from raytuner.config.redact import show_value
 from raytuner.config.run import RunConfig
 from raytuner.config.seed import draw_seed, read_recorded_seed, seed_file
@@ -156,8 +157,16 @@ def _sort_config_keys(
         elif (
             key == "validation_prompt_library"
             and isinstance(value, str)
-            and value.lower() not in ("true", "false")
+            and value.strip().lower() not in TRUE_WORDS | FALSE_WORDS
         ):
+            try:
+                selected = library_selector(value)
+            except ValueError as error:
+                findings.problems.append(problem(where, key, value, str(error)))
+                continue
+            if selected is not None:
+                values[key] = selected
+                continue
             # A path here is what SimpleTuner's user_prompt_library means; some quickstarts write it so.
             findings.notes.append(
                 f"{where}: 'validation_prompt_library' names a file; read as 'user_prompt_library'"

@@ -127,6 +127,38 @@ ATTENTION_MECHANISMS: tuple[str, ...] = (
     "native-npu",
     "native-xla",
 )
+# SimpleTuner's dynamo_backend values (Accelerate's DynamoBackend, lower-case); "no" is off. Which
+# ones run is torch's to say (torch._dynamo.list_backends), checked before a run starts.
+DynamoBackend = Literal[
+    "no",
+    "eager",
+    "aot_eager",
+    "inductor",
+    "aot_ts_nvfuser",
+    "nvprims_nvfuser",
+    "cudagraphs",
+    "ofi",
+    "fx2trt",
+    "onnxrt",
+    "tensorrt",
+    "aot_torchxla_trace_once",
+    "torchxla_trace_once",
+    "ipex",
+    "tvm",
+    "hpu_backend",
+]
+# SimpleTuner reads Accelerate's enum names too (INDUCTOR, aot-eager) and none/disabled as off.
+DYNAMO_ALIASES: dict[str, str] = {
+    "none": "no",
+    "disabled": "no",
+    **{
+        spelling: name
+        for name in get_args(DynamoBackend)
+        for spelling in (name.upper(), name.replace("_", "-"))
+    },
+}
+# torch.compile's modes; SimpleTuner reads "auto" (and no value) as torch's default.
+DynamoMode = Literal["auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 # The ones raytuner runs: diffusers' default attention and the diffusers attention backends
 # SimpleTuner maps its names to (raytuner/models/base.py: ATTENTION_BACKENDS). SLA, SageAttention
 # (SimpleTuner's own training/inference switch, sageattention_usage) and Metal flash attention are
@@ -272,6 +304,12 @@ class MemorySection:
     attention_mechanism: AttentionMechanism = field(
         default="diffusers", metadata=rule(choices=ATTENTION_MECHANISMS)
     )
+    # torch.compile of the base transformer on each worker, in place (raytuner/train/compile.py).
+    dynamo_backend: DynamoBackend | None = field(default=None, metadata=rule(value_aliases=DYNAMO_ALIASES))
+    dynamo_mode: DynamoMode | None = None
+    dynamo_fullgraph: bool = False
+    dynamo_dynamic: bool = False
+    dynamo_use_regional_compilation: bool = False
     enable_group_offload: bool = False
     group_offload_type: GroupOffloadType = "block_level"
     group_offload_blocks_per_group: int = field(default=1, metadata=rule(ge=1))
@@ -301,7 +339,8 @@ class ValidationSection:
     validation_negative_prompt: str = "blurry, cropped, ugly"
     validation_resolution: str = "256"
     validation_guidance: float = field(default=7.5, metadata=rule(ge=0))
-    validation_guidance_rescale: float = field(default=0.0, metadata=rule(ge=0, le=1))
+    # Read and ignored: these pipelines have no guidance rescale (compatibility table), so any number is fine.
+    validation_guidance_rescale: float | None = 0.0
     validation_num_inference_steps: int = field(default=30, metadata=rule(ge=1))
     validation_seed: int | None = field(default=None, metadata=rule(ge=0))
     validation_step_interval: int | None = field(default=100, metadata=rule(ge=0))  # 0: at the end only

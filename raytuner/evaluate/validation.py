@@ -188,7 +188,7 @@ def validation_settings(
     training = run.training
     if training.validation.validation_guidance_rescale:
         logger.warning(
-            "validation_guidance_rescale=%s is ignored: the %s pipeline has no guidance rescale",
+            "validation_guidance_rescale=%s is ignored: the %s diffusers pipeline takes no guidance_rescale argument",
             training.validation.validation_guidance_rescale,
             family.name,
         )

@@ -19,6 +19,7 @@ from raytuner.config import RunConfig
 from raytuner.models.base import ModelFamily
 from raytuner.models.registry import get_family
 from raytuner.quantize import adapter_spec, quantize_base, quantize_load_device
+from raytuner.train.compile import compile_transformer
 from raytuner.upstream import BlockCheckpointing, supports_gradient_checkpointing
 
 
@@ -67,6 +68,7 @@ def build_model(run: RunConfig, *, device: torch.device, base_device: torch.devi
         seed=run.seed,
     )
     network.to(device=device, dtype=torch.float32)
+    compile_transformer(transformer, training.memory)  # dynamo_backend; traced at the first forward
     parameters = [p for p in network.parameters() if p.requires_grad]
     return AdaptedModel(
         family=family,

@@ -32,6 +32,7 @@ from raytuner.evaluate.wandb_tracker import wandb_problem
 from raytuner.hub import hub_problems
 from raytuner.placement import local_facts
 from raytuner.quantize import quantization_problem
+from raytuner.train.compile import compile_problem
 from raytuner.train.deepspeed_plan import deepspeed_plan
 from raytuner.train.optim import (
     OptimizerError,
@@ -109,6 +110,9 @@ def training_problems(run: RunConfig, settings: RaySettings) -> list[str]:
     )  # base_model_precision
     if quantization:
         problems.append(f"{where}: {quantization}")
+    compiling = compile_problem(training.memory)  # dynamo_backend
+    if compiling:
+        problems.append(f"{where}: {compiling}")
     # With num_train_epochs the step count is known only once the epoch is planned; the schedule
     # is checked again then, against the real count.
     schedule_problem = lr_schedule_problem(

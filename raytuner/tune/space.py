@@ -91,6 +91,7 @@ CACHE_KEYS: dict[str, str] = {
     "validation_prompt": "the text cache (validation prompts are encoded with the captions)",
     "validation_negative_prompt": "the text cache (the negative prompt is encoded with the captions)",
     "user_prompt_library": "the text cache (its prompts are encoded with the captions)",
+    "validation_prompt_library": "the text cache (the built-in library is encoded with the captions)",
     "vae_batch_size": "nothing trained (it only paces the cache build)",
     "vae_cache_ondemand": "how the cache is built",
     "seed": "the epoch plan every trial shares (sweep 'seed' seeds the sampler instead)",

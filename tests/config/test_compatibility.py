@@ -124,7 +124,6 @@ NOT_YET_SUPPORTED: dict[str, Any] = {
     "enable_model_cpu_offload": True,
     "checkpointing_rolling_steps": 250,
     "delete_invalid_checkpoints": True,
-    "validation_prompt_library": True,
     "eval_epoch_interval": 1,
     "loss_type": "huber",
     "validation_external_script": "render.sh",

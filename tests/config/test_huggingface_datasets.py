@@ -7,10 +7,12 @@ from typing import Any
 
 import pytest
 
+from raytuner.cli import main
 from raytuner.config import load_config
 from raytuner.config.errors import ConfigError
 from tests.config.helpers import BASE_DATASETS, WriteRun
 from tests.hub_datasets import save_hub_dataset
+from tests.simpletuner_examples import OMNIGEN_LOKR, lay_out_example
 
 TEXT = BASE_DATASETS[1]
 # The image dataset of SimpleTuner's cosmos2image.lycoris-lokr example (its dataloader,
@@ -180,3 +182,23 @@ def test_the_simpletuner_examples_dataloaders_are_accepted(
     # omnigen's reference conditioning is its own missing feature, named, not this backend's.
     assert len(unsupported) == (1 if "conditioning" in example else 0)
     assert all("conditioning" in warning for warning in unsupported)
+
+
+def test_simpletuners_omnigen_example_passes_check_config(
+    tmp_path: Path,
+    tiny_omnigen_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """omnigen.lycoris-lokr as shipped, with its dataloader and its dataset saved under its hub id."""
+    monkeypatch.chdir(tmp_path)
+    config = lay_out_example(tmp_path, OMNIGEN_LOKR, model=tiny_omnigen_dir)
+    assert main(["check-config", "--config", str(config.relative_to(tmp_path))]) == 0
+    assert "ok: config/examples/omnigen.lycoris-lokr/config.json" in capsys.readouterr().out
+    run = load_config(config)
+    (dataset,) = [d for d in run.enabled_datasets if d.id == "reference-512"]
+    assert dataset.dataset_name == str(tmp_path / "keras-dreambooth/minercraft")
+    assert dataset.cache_dir_vae == str(tmp_path / "cache/vae/omnigen/reference-512")
+    assert run.training.model.base_model_precision == "int8-quanto"
+    assert run.lycoris is not None and run.lycoris.algo == "lokr"
+    assert not [w for w in run.warnings if "unknown key" in w]

@@ -25,6 +25,7 @@ from raytuner.cache.format import CacheError
 from raytuner.cache.settings import encoder_identities, model_path_of, text_cache_location
 from raytuner.cache.text import TextWork
 from raytuner.config import LycorisConfig, RunConfig, load_config
+from raytuner.config.prompt_library import builtin_prompt_library
 from raytuner.evaluate.validation import (
     ValidationPrompt,
     ValidationSettings,
@@ -409,7 +410,9 @@ def test_validation_prompts_and_settings_come_from_the_text_cache(
     tiny_cosmos_dir: Path, tmp_path: Path
 ) -> None:
     run = _run_files(tmp_path, tiny_cosmos_dir)
-    text = _build_text_cache(run)
+    # The cache step's own text work list, for a run that also renders the built-in library.
+    with_library = _run_files(tmp_path, tiny_cosmos_dir, validation_prompt_library=True)
+    text = _build_text_cache(with_library)
     family = _family("cosmos2image", tiny_cosmos_dir)
 
     prompts = validation_prompts(run, text)
@@ -439,6 +442,15 @@ def test_validation_prompts_and_settings_come_from_the_text_cache(
     )
     assert [image.path.name for image in images][:2] == ["unconditional-32x32.png", "unconditional-64x32.png"]
     assert {image.path.name for image in images} >= {"dog_run-64x32.png", "validation-32x32.png"}
+
+    # The built-in library: before the user's, encoded into the text cache with it.
+    builtin = builtin_prompt_library()
+    prompts = validation_prompts(with_library, text)
+    assert [p.nickname for p in prompts] == ["unconditional", *builtin, "cat", "dog/run", "validation"]
+    assert [p.prompt for p in prompts[1 : len(builtin) + 1]] == list(builtin.values())
+    encoded = family.encode_prompts(list(builtin.values())[:2])
+    for item, expected_item in zip(prompts[1:3], encoded, strict=True):
+        assert torch.equal(item.conditioning["prompt_embeds"], expected_item["prompt_embeds"])
 
     without_unconditional = _run_files(tmp_path, tiny_cosmos_dir, validation_disable_unconditional=True)
     assert [p.nickname for p in validation_prompts(without_unconditional, text)] == [
