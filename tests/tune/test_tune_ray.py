@@ -41,8 +41,7 @@ from tests.wandb_records import offline_runs
 
 pytestmark = pytest.mark.slow
 
-# 3 steps: ASHA's rungs are grace_period x reduction_factor^k up to max_t (the steps), so with 4
-# the second rung would be the last step, where a trial behind the base is "stopped" as it ends.
+# 3 steps: eval at steps 0, 2 and 3, and one ASHA rung (step 2) before the last step.
 STEPS = 3
 BASE_LEARNING_RATE = 3e-2
 CONFIG: dict[str, Any] = {
