@@ -66,6 +66,12 @@ class ResumableASHA(ASHAScheduler):
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
         self._load_once()
+        if not self._stop_last_trials and result.get(self._time_attr, 0) >= self._max_t:
+            # The trial's last report: it ends by itself, with its adapter written. When max_t is
+            # grace_period x reduction_factor^k, Ray's ASHA has a rung at max_t and would stop a
+            # trial behind it there, as it ends: "stopped early" after every step, and its adapter
+            # export cut short.
+            return self.CONTINUE
         action = super().on_trial_result(tune_controller, trial, result)
         if action == self.STOP:
             self._stopped_trials.add(trial.trial_id)

@@ -65,3 +65,26 @@ def test_a_new_sweep_starts_with_empty_rungs(tmp_path: Path) -> None:
     scheduler = ResumableASHA(state_file=tmp_path / "absent.pkl", **OPTIONS)
     assert second_trial_decision(scheduler) == TrialScheduler.CONTINUE
     assert (tmp_path / "absent.pkl").is_file()
+
+
+def test_a_trial_that_reaches_the_last_step_is_never_stopped_there(tmp_path: Path) -> None:
+    """With max_t = grace_period x reduction_factor, Ray's ASHA has a rung at the last step."""
+    options = {**OPTIONS, "max_t": 4}
+
+    def last_step_decision(scheduler: ASHAScheduler) -> str:
+        first, second = Trial("first"), Trial("second")
+        for trial in (first, second):
+            scheduler.on_trial_add(None, trial)
+        for step, loss in ((2, 1.0), (4, 0.6)):
+            scheduler.on_trial_result(None, first, {"step": step, "eval_loss": loss})
+        scheduler.on_trial_complete(None, first, {"step": 4, "eval_loss": 0.6})
+        # Ahead of the first trial at step 2, behind it at the last step.
+        assert (
+            scheduler.on_trial_result(None, second, {"step": 2, "eval_loss": 0.9}) == TrialScheduler.CONTINUE
+        )
+        return scheduler.on_trial_result(None, second, {"step": 4, "eval_loss": 0.7})
+
+    state = tmp_path / "sweep_scheduler_state.pkl"
+    assert last_step_decision(ResumableASHA(state_file=state, **options)) == TrialScheduler.CONTINUE
+    assert stopped_trials(state) == set()
+    assert last_step_decision(ASHAScheduler(**options)) == TrialScheduler.STOP  # Ray's own

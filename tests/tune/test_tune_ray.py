@@ -1,12 +1,13 @@
 """``raytuner tune`` end to end: real Ray Tune, Optuna and ASHA over tiny Cosmos2 training runs.
 
-One seeded 4-trial sweep, one trial at a time, serves every test here. It starts as
-``raytuner tune`` in a subprocess (a local Ray of its own), is interrupted (Ctrl+C) as its third
+One seeded 3-trial sweep, one trial at a time, serves every test here. It starts as
+``raytuner tune`` in a subprocess (a local Ray of its own), is interrupted (Ctrl+C) as its second
 trial starts, and is resumed by ``run_sweep`` in this process on the session's 2-node Ray, which
-finishes it. The scenario is built for early stopping: the base config has the highest learning
-rate in the range, so after 2 steps every other trial's eval loss is behind it and ASHA (reduction
-factor 2, first rung at step 2) stops it; TPE starts after 2 trials, so trials 3 and 4 are its
-suggestions given the first two results, made on either side of the interruption.
+finishes it. The scenario is built for early stopping: the base config (trial 1) has the highest
+learning rate in the range, and trial 2 (seed 0) has a learning rate about 40 times lower with
+its other values near the base's, so after 2 steps its eval loss is behind the base's and ASHA (reduction factor 2, its
+only rung at step 2 of 3) stops it. TPE starts after 1 trial, so trials 2 and 3 are its suggestions
+given the results before each, made on either side of the interruption.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from tests.wandb_records import offline_runs
 
 pytestmark = pytest.mark.slow
 
-STEPS = 6
+# 3 steps: eval at steps 0, 2 and 3, and one ASHA rung (step 2) before the last step.
+STEPS = 3
 BASE_LEARNING_RATE = 3e-2
 CONFIG: dict[str, Any] = {
     "train_batch_size": 2,
@@ -60,16 +62,16 @@ CONFIG: dict[str, Any] = {
 }
 SWEEP: dict[str, Any] = {
     "name": "test-sweep",
-    "num_samples": 4,
+    "num_samples": 3,
     "max_concurrent_trials": 1,
-    "seed": 5,
+    "seed": 0,
     "parameters": {
         "learning_rate": {"type": "loguniform", "low": 1e-4, "high": BASE_LEARNING_RATE},
         "factor": {"type": "choice", "values": [2, 4]},
         "flow_schedule_shift": {"type": "uniform", "low": 1.0, "high": 3.0},
     },
     "fixed": {"flow_schedule_auto_shift": False},
-    "sampler": {"n_startup_trials": 2},
+    "sampler": {"n_startup_trials": 1},
     "early_stopping": {"grace_period": 2, "reduction_factor": 2},
     "resources_per_trial": {"num_workers": 1},
 }
@@ -81,10 +83,10 @@ class Interruption:
 
     exit_code: int
     log: str
-    ended: list[Path]  # the trials that had ended, in the order they started
+    ended: list[Path]  # the trials that had ended (the first), in the order they started
     histories: list[str]  # their metrics.jsonl
     adapter_time: int  # the first trial's adapter's mtime (ns)
-    steps_logged_by_trial_3: set[int]  # when the signal went
+    steps_logged_by_trial_2: set[int]  # when the signal went
 
 
 @dataclass(frozen=True)
@@ -124,15 +126,15 @@ def data(cosmos_data: Data) -> Data:
 
 @pytest.fixture(scope="module")
 def interrupted_sweep(ray_cluster, data: Data, tmp_path_factory: pytest.TempPathFactory) -> Sweep:
-    """The sweep: interrupted as ``raytuner tune`` as trial 3 starts, resumed here to its end.
+    """The sweep: interrupted as ``raytuner tune`` as trial 2 starts, resumed here to its end.
 
-    The signal goes while trial 3's workers start (seconds), not between two of its steps (a
+    The signal goes while trial 2's workers start (seconds), not between two of its steps (a
     fraction of one): a trial resumed from a checkpoint is Ray Train's own restore of the trial's
     pinned run, tested in the training tests.
     """
     root = tmp_path_factory.mktemp("tune")
     config, sweep_file = write_sweep_files(root, data)
-    interruption = _interrupt_at_trial_3(config, sweep_file, tmp_path_factory)
+    interruption = _interrupt_at_trial_2(config, sweep_file, tmp_path_factory)
     messages = _Messages()
     logger = logging.getLogger("raytuner.tune.command")
     level = logger.level
@@ -164,7 +166,7 @@ class _Messages(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def _interrupt_at_trial_3(
+def _interrupt_at_trial_2(
     config: Path, sweep_file: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Interruption:
     root = config.parent
@@ -175,11 +177,11 @@ def _interrupt_at_trial_3(
     try:
         process = _launch(config, sweep_file, log, temp_dir)
 
-        def third_trial_starting() -> bool:
-            return len(_started_trials(trials_dir)) == 3
+        def second_trial_starting() -> bool:
+            return len(_started_trials(trials_dir)) == 2
 
-        _wait_for(third_trial_starting, process, log, poll=0.1)
-        logged = _logged_steps(_started_trials(trials_dir)[2])
+        _wait_for(second_trial_starting, process, log, poll=0.1)
+        logged = _logged_steps(_started_trials(trials_dir)[1])
         process.send_signal(signal.SIGINT)  # Ctrl+C
         exit_code = process.wait(timeout=180)
     finally:
@@ -187,14 +189,14 @@ def _interrupt_at_trial_3(
             process.kill()
         if remove_temp:
             shutil.rmtree(temp_dir, ignore_errors=True)
-    ended = _started_trials(trials_dir)[:2]
+    ended = _started_trials(trials_dir)[:1]
     return Interruption(
         exit_code=exit_code,
         log=log.read_text(),
         ended=ended,
         histories=[(trial / "logs" / "metrics.jsonl").read_text() for trial in ended],
         adapter_time=(ended[0] / ADAPTER_FILENAME).stat().st_mtime_ns,
-        steps_logged_by_trial_3=logged,
+        steps_logged_by_trial_2=logged,
     )
 
 
@@ -206,17 +208,17 @@ def assert_same_points(first: list[dict[str, Any]], second: list[dict[str, Any]]
             assert a[key] == pytest.approx(b[key], rel=1e-9), (key, first, second)
 
 
-def test_a_four_trial_sweep_writes_the_table_plots_best_config_and_adapter(interrupted_sweep: Sweep) -> None:
+def test_a_three_trial_sweep_writes_the_table_plots_best_config_and_adapter(interrupted_sweep: Sweep) -> None:
     outcome = interrupted_sweep.outcome
     assert not outcome.interrupted
     trials = outcome.outcomes
-    assert [trial.number for trial in trials] == [1, 2, 3, 4]
+    assert [trial.number for trial in trials] == [1, 2, 3]
     base = trials[0]
     assert base.point == {"learning_rate": BASE_LEARNING_RATE, "factor": 4, "flow_schedule_shift": 3.0}
     assert base.status == sweep_results.COMPLETED and base.steps == STEPS
     output_dir = outcome.output_dir
     rows = (output_dir / sweep_results.RESULTS_CSV).read_text().splitlines()
-    assert len(rows) == 1 + 4 and rows[0].startswith("trial,trial_id,status,learning_rate,factor")
+    assert len(rows) == 1 + 3 and rows[0].startswith("trial,trial_id,status,learning_rate,factor")
     assert (output_dir / sweep_results.CURVES_PNG).stat().st_size > 0
     assert (output_dir / sweep_results.IMPORTANCE_PNG).stat().st_size > 0
     for trial in trials:
@@ -276,7 +278,7 @@ def test_asha_stops_the_trials_that_fall_behind_at_the_first_rung(interrupted_sw
 def test_later_trials_are_tpe_suggestions_given_the_earlier_results(interrupted_sweep: Sweep) -> None:
     """Replaying the sweep's results into optuna's seeded TPE gives back the trials' points.
 
-    Trial 3 was suggested before the interruption and trial 4 after it: the resumed sampler
+    Trial 2 was suggested before the interruption and trial 3 after it: the resumed sampler
     continues the same seeded sequence.
     """
     import optuna
@@ -294,10 +296,10 @@ def test_later_trials_are_tpe_suggestions_given_the_earlier_results(interrupted_
     # Told other results, TPE proposes another last point: the suggestions follow the results.
     other = optuna.create_study(direction="minimize", sampler=sweep.sampler_instance())
     other.enqueue_trial(sweep.base_point)
-    for trial in interrupted_sweep.outcome.outcomes[:3]:
+    for trial in interrupted_sweep.outcome.outcomes[:2]:
         asked = other.ask(fixed_distributions=space)
         other.tell(asked, -trial.metric)
-    assert other.ask(fixed_distributions=space).params != interrupted_sweep.outcome.outcomes[3].point
+    assert other.ask(fixed_distributions=space).params != interrupted_sweep.outcome.outcomes[2].point
 
 
 def test_the_cache_is_encoded_once_and_no_trial_encodes_anything(interrupted_sweep: Sweep) -> None:
@@ -343,15 +345,15 @@ def _logged_steps(trial: Path) -> set[int]:
 
 
 def test_an_interrupted_sweep_resumes_where_it_stopped(interrupted_sweep: Sweep) -> None:
-    """Ctrl+C as trial 3 starts; the same sweep run again finishes it.
+    """Ctrl+C as trial 2 starts; the same sweep run again finishes it.
 
-    Trial 3 passes ASHA's first rung and is stopped at the second (step 4): resumed, it can only be
-    stopped there with ASHA's rungs from before the interruption (alone at a rung, a trial is
-    never behind). That trials 3 and 4 are the seeded TPE's suggestions given the results before
-    each, on either side of the interruption, is the TPE test above.
+    Trial 2, run after the interruption, is stopped at ASHA's rung (step 2): it can only be stopped
+    there with the base's result at that rung from before the interruption (alone at a rung, a
+    trial is never behind). That trials 2 and 3 are the seeded TPE's suggestions given the results
+    before each, on either side of the interruption, is the TPE test above.
     """
     interruption = interrupted_sweep.interruption
-    assert not interruption.steps_logged_by_trial_3
+    assert not interruption.steps_logged_by_trial_2
     assert interruption.exit_code == 130, interruption.log[-4000:]
     assert "run the same command again to resume it" in interruption.log
     assert "(resumed)" not in interruption.log
@@ -361,10 +363,10 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(interrupted_sweep: Sweep)
     assert [(trial / "logs" / "metrics.jsonl").read_text() for trial in ended] == interruption.histories
     assert (ended[0] / ADAPTER_FILENAME).stat().st_mtime_ns == interruption.adapter_time
     trials = interrupted_sweep.outcome.outcomes
-    assert [trial.output_dir.name for trial in trials[:2]] == [trial.name for trial in ended]
-    base, third = trials[0], trials[2]
-    assert third.status == sweep_results.STOPPED and third.steps == 4, [(t.status, t.steps) for t in trials]
-    assert dict(third.curve)[4] > dict(base.curve)[4]  # behind the base config at the second rung
+    assert [trial.output_dir.name for trial in trials[:1]] == [trial.name for trial in ended]
+    base, second = trials[0], trials[1]
+    assert second.status == sweep_results.STOPPED and second.steps == 2, [(t.status, t.steps) for t in trials]
+    assert dict(second.curve)[2] > dict(base.curve)[2]  # behind the base config at the rung
     rows = [
         row.split(",")
         for row in (interrupted_sweep.outcome.output_dir / sweep_results.RESULTS_CSV)
