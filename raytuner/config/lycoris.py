@@ -1,7 +1,9 @@
 """``LycorisConfig``: SimpleTuner's ``lycoris_config.json``, checked against the lycoris package.
 
-The valid algorithms, preset keys and per-algorithm options are read from ``lycoris`` itself
-(``lycoris.config_sdk``), so this follows whatever lycoris release is installed.
+The valid algorithms, preset keys and per-algorithm options are lycoris's own
+(``lycoris.config_sdk``), read from the copy raytuner ships (``raytuner.config.lycoris_registry``):
+checking a file imports neither lycoris nor torch, and a test fails when the copy no longer
+matches the installed lycoris release.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 from raytuner.config.fields import CoercionError, build, coerce, field_names, problem, rule, to_plain
 from raytuner.config.keys import KeyFindings, sort_key
+from raytuner.config.lycoris_registry import shipped_registry
 from raytuner.config.surface import did_you_mean
 
 TESTED_ALGO = "lokr"
@@ -114,17 +117,16 @@ class ParsedLycoris:
         return self.findings.warnings
 
 
-def _lycoris_registry() -> tuple[dict[str, Any], tuple[str, ...]]:
-    # Imported here: lycoris pulls in torch, which only runs that need LyCORIS should pay for.
-    from lycoris.config_sdk import ALGO_REGISTRY, VALID_PRESET_KEYS
-
-    return dict(ALGO_REGISTRY), tuple(VALID_PRESET_KEYS)
+def _lycoris_registry() -> tuple[dict[str, tuple[str, ...]], tuple[str, ...]]:
+    """lycoris's algorithms (-> the options each accepts) and its preset keys."""
+    registry = shipped_registry()
+    return registry.algorithms, registry.preset_keys
 
 
 def known_lycoris_keys() -> frozenset[str]:
     """Fields plus every option some lycoris algorithm accepts (passed through, not yet used)."""
     algos, _ = _lycoris_registry()
-    options = {option for spec in algos.values() for option in spec.supported_args}
+    options = {option for supported in algos.values() for option in supported}
     return (
         field_names(LycorisConfig)
         | frozenset(KEY_SPELLINGS)
@@ -205,7 +207,12 @@ def parse_lycoris(raw: Any, *, where: str, strict: bool) -> ParsedLycoris:
 
 
 def _parse_preset(
-    raw: Any, *, where: str, algos: dict[str, Any], preset_keys: tuple[str, ...], problems: list[str]
+    raw: Any,
+    *,
+    where: str,
+    algos: dict[str, tuple[str, ...]],
+    preset_keys: tuple[str, ...],
+    problems: list[str],
 ) -> PresetConfig | None:
     if raw is None or raw == {}:
         return None

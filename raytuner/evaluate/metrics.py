@@ -41,6 +41,10 @@ _GAUGES = {
     "step_time_s": ("raytuner_step_time_seconds", "seconds per optimiser step"),
     "data_wait_fraction": ("raytuner_data_wait_fraction", "share of the step spent waiting for data"),
     "step": ("raytuner_train_step", "optimiser steps done"),
+    "peak_memory_mib": (
+        "raytuner_peak_memory_mib",
+        "rank 0's peak memory, MiB: allocated on its GPU, else the process's resident set",
+    ),
 }
 
 
@@ -65,6 +69,12 @@ class RayGauges:
             key: Gauge(name, description=description, tag_keys=("run",))
             for key, (name, description) in _GAUGES.items()
         }
+
+    @property
+    def names(self) -> list[str]:
+        """The gauges' names as registered; Ray's metrics endpoint exports each as ``ray_<name>``
+        (``cluster/grafana/raytuner-dashboard.json`` queries them)."""
+        return [str(gauge.info["name"]) for gauge in self._gauges.values()]
 
     def set(self, metrics: Mapping[str, Any]) -> None:
         for key, gauge in self._gauges.items():

@@ -7,12 +7,13 @@ names its LoKr presets may target. The training loop only ever talks to this int
 
 from __future__ import annotations
 
+import importlib
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypedDict
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypedDict, TypeVar
 
 import torch
 from PIL import Image
@@ -29,6 +30,27 @@ if TYPE_CHECKING:
     from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
 logger = logging.getLogger(__name__)
+
+
+UpstreamT = TypeVar("UpstreamT")
+
+
+class UpstreamClass(Generic[UpstreamT]):
+    """A diffusers or transformers class a family names, imported the first time it is read.
+
+    The family classes are read without loading any model: the config checks ask them for
+    aliases, fixed schedules and advice. Importing diffusers takes seconds, so a family module
+    names its pipeline, transformer and VAE classes by module and name, and
+    ``Family.transformer_class`` imports the module then.
+    """
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module = module
+        self.name = name
+
+    def __get__(self, instance: object, owner: type | None = None) -> type[UpstreamT]:
+        upstream_class: type[UpstreamT] = getattr(importlib.import_module(self.module), self.name)
+        return upstream_class
 
 
 class AttentionBackendError(RaytunerError, RuntimeError):
@@ -120,9 +142,9 @@ class ModelFamily(ABC):
     # flavour -> default hub id; a local path given as pretrained_model_name_or_path always wins.
     flavours: ClassVar[Mapping[str, str]]
     default_flavour: ClassVar[str]
-    pipeline_class: ClassVar[type[DiffusionPipeline]]
-    transformer_class: ClassVar[type[ModelMixin]]
-    vae_class: ClassVar[type[ModelMixin]]
+    pipeline_class: ClassVar[UpstreamClass[DiffusionPipeline]]
+    transformer_class: ClassVar[UpstreamClass[ModelMixin]]
+    vae_class: ClassVar[UpstreamClass[ModelMixin]]
     # LyCORIS preset names as users write them -> the diffusers class names they mean.
     module_aliases: ClassVar[Mapping[str, Sequence[str]]] = {}
     # +1: the transformer predicts noise - x0; -1: it predicts x0 - noise.

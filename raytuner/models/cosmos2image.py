@@ -46,20 +46,29 @@ Upstream conventions followed (diffusers 0.42, ``pipelines/cosmos/pipeline_cosmo
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
-from diffusers.models.transformers.transformer_cosmos import CosmosTransformer3DModel
-from diffusers.pipelines.cosmos.pipeline_cosmos2_text2image import Cosmos2TextToImagePipeline
-from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from PIL import Image
-from transformers import AutoTokenizer, T5EncoderModel
 
-from raytuner.models.base import CardLicense, ConditioningBatch, Denoiser, ModelFamily, PromptConditioning
+from raytuner.models.base import (
+    CardLicense,
+    ConditioningBatch,
+    Denoiser,
+    ModelFamily,
+    PromptConditioning,
+    UpstreamClass,
+)
 from raytuner.models.registry import register_family
 from raytuner.models.safety import PassThroughSafetyChecker, load_safety_checker
 from raytuner.upstream import execution_device
+
+if TYPE_CHECKING:
+    # diffusers and transformers are imported where a model is loaded, not with the family: the
+    # config checks read this class and must not pay seconds of imports for it.
+    from diffusers.models.modeling_utils import ModelMixin
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+    from transformers import T5EncoderModel
 
 # Cosmos2TextToImagePipeline.__init__ registers these on its scheduler config.
 SIGMA_MAX = 80.0
@@ -89,9 +98,15 @@ class Cosmos2Image(ModelFamily):
         "14b": "nvidia/Cosmos-Predict2-14B-Text2Image",
     }
     default_flavour: ClassVar[str] = "2b"
-    pipeline_class = Cosmos2TextToImagePipeline
-    transformer_class = CosmosTransformer3DModel
-    vae_class = AutoencoderKLWan
+    pipeline_class: ClassVar[UpstreamClass[DiffusionPipeline]] = UpstreamClass(
+        "diffusers.pipelines.cosmos.pipeline_cosmos2_text2image", "Cosmos2TextToImagePipeline"
+    )
+    transformer_class: ClassVar[UpstreamClass[ModelMixin]] = UpstreamClass(
+        "diffusers.models.transformers.transformer_cosmos", "CosmosTransformer3DModel"
+    )
+    vae_class: ClassVar[UpstreamClass[ModelMixin]] = UpstreamClass(
+        "diffusers.models.autoencoders.autoencoder_kl_wan", "AutoencoderKLWan"
+    )
     # Cosmos2 blocks use diffusers' Attention; checkpoints with image context build their cross-attention
     # as the CosmosAttention subclass, which LyCORIS (exact class-name match) would otherwise skip.
     module_aliases: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -115,6 +130,8 @@ class Cosmos2Image(ModelFamily):
 
     def _load_text_side(self) -> tuple[Any, T5EncoderModel]:
         if self._text_encoder is None:
+            from transformers import AutoTokenizer, T5EncoderModel
+
             self._tokenizer = AutoTokenizer.from_pretrained(
                 self.model_path, subfolder="tokenizer", **self._load_kwargs()
             )

@@ -35,29 +35,43 @@ Upstream conventions followed (diffusers 0.42, ``pipelines/omnigen/pipeline_omni
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
-from diffusers.models.transformers.transformer_omnigen import OmniGenTransformer2DModel
-from diffusers.pipelines.omnigen.pipeline_omnigen import OmniGenPipeline
-from diffusers.pipelines.omnigen.processor_omnigen import OmniGenCollator, OmniGenMultiModalProcessor
-from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from PIL import Image
-from transformers import AutoTokenizer
 
 from raytuner import flow
-from raytuner.models.base import CardLicense, ConditioningBatch, Denoiser, ModelFamily, PromptConditioning
+from raytuner.models.base import (
+    CardLicense,
+    ConditioningBatch,
+    Denoiser,
+    ModelFamily,
+    PromptConditioning,
+    UpstreamClass,
+)
 from raytuner.models.registry import register_family
 from raytuner.upstream import lent_multimodal_processor
 
+if TYPE_CHECKING:
+    # diffusers and transformers are imported where a model is loaded, not with the family: the
+    # config checks read this class and must not pay seconds of imports for it.
+    from diffusers.models.modeling_utils import ModelMixin
+    from diffusers.pipelines.omnigen.processor_omnigen import OmniGenCollator, OmniGenMultiModalProcessor
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+
 PIXELS_PER_LATENT = 8  # the processor hard-codes 16 pixels per token: VAE x8 times patch 2
-# The negative prompt OmniGenPipeline always uses: __call__ has no negative_prompt argument.
-DEFAULT_NEGATIVE_PROMPT: str = (
-    inspect.signature(OmniGenMultiModalProcessor.__call__).parameters["negative_prompt"].default
-)
+
+
+@functools.cache
+def default_negative_prompt() -> str:
+    """The negative prompt OmniGenPipeline always uses: its ``__call__`` has no negative_prompt argument."""
+    from diffusers.pipelines.omnigen.processor_omnigen import OmniGenMultiModalProcessor
+
+    prompt: str = inspect.signature(OmniGenMultiModalProcessor.__call__).parameters["negative_prompt"].default
+    return prompt
 
 
 @register_family
@@ -75,9 +89,15 @@ class OmniGen(ModelFamily):
     )
     flavours: ClassVar[dict[str, str]] = {"v1": "Shitao/OmniGen-v1-diffusers"}
     default_flavour: ClassVar[str] = "v1"
-    pipeline_class = OmniGenPipeline
-    transformer_class = OmniGenTransformer2DModel
-    vae_class = AutoencoderKL
+    pipeline_class: ClassVar[UpstreamClass[DiffusionPipeline]] = UpstreamClass(
+        "diffusers.pipelines.omnigen.pipeline_omnigen", "OmniGenPipeline"
+    )
+    transformer_class: ClassVar[UpstreamClass[ModelMixin]] = UpstreamClass(
+        "diffusers.models.transformers.transformer_omnigen", "OmniGenTransformer2DModel"
+    )
+    vae_class: ClassVar[UpstreamClass[ModelMixin]] = UpstreamClass(
+        "diffusers.models.autoencoders.autoencoder_kl", "AutoencoderKL"
+    )
     # The OmniGen seed preset says FeedForward; diffusers names the class OmniGenFeedForward.
     module_aliases: ClassVar[dict[str, tuple[str, ...]]] = {
         "FeedForward": ("OmniGenFeedForward",),
@@ -89,13 +109,20 @@ class OmniGen(ModelFamily):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        from diffusers.pipelines.omnigen.processor_omnigen import OmniGenCollator
+
         self._processor: OmniGenMultiModalProcessor | None = None
-        self._collator = OmniGenCollator()  # the pipeline's processor builds its collator with defaults
+        self._collator: OmniGenCollator = (
+            OmniGenCollator()
+        )  # the pipeline's processor builds its collator with defaults
 
     # ---- parts ---------------------------------------------------------------------------------
 
     def processor(self) -> OmniGenMultiModalProcessor:
         if self._processor is None:
+            from diffusers.pipelines.omnigen.processor_omnigen import OmniGenMultiModalProcessor
+            from transformers import AutoTokenizer
+
             tokenizer = AutoTokenizer.from_pretrained(
                 self.model_path, subfolder="tokenizer", **self._load_kwargs()
             )
@@ -229,7 +256,7 @@ class OmniGen(ModelFamily):
         if disable_cfg:
             negative_ids = ids
         elif negative is None:
-            negative_ids = own.process_multi_modal_prompt(DEFAULT_NEGATIVE_PROMPT, None)["input_ids"]
+            negative_ids = own.process_multi_modal_prompt(default_negative_prompt(), None)["input_ids"]
         else:
             negative_ids = negative["input_ids"].tolist()
         with lent_multimodal_processor(

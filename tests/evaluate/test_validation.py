@@ -35,7 +35,7 @@ from raytuner.evaluate.validation import (
     validation_settings,
 )
 from raytuner.models.base import ModelFamily
-from raytuner.models.omnigen import DEFAULT_NEGATIVE_PROMPT
+from raytuner.models.omnigen import default_negative_prompt
 from raytuner.models.registry import get_family
 from raytuner.models.safety import PassThroughSafetyChecker
 from tests.cache.helpers import draw_images, image_dataset, text_dataset, write_run_files
@@ -192,7 +192,7 @@ def test_cosmos_image_from_cached_embeds_equals_the_pipeline_with_its_text_encod
 
 def test_omnigen_image_from_cached_ids_equals_the_pipeline_from_text(tiny_omnigen_dir: Path) -> None:
     family = _family("omnigen", tiny_omnigen_dir)
-    prompt, default_negative, negative = family.encode_prompts([PROMPT, DEFAULT_NEGATIVE_PROMPT, NEGATIVE])
+    prompt, default_negative, negative = family.encode_prompts([PROMPT, default_negative_prompt(), NEGATIVE])
     transformer = family.load_transformer()
     size = {"width": 64, "height": 32, "num_inference_steps": STEPS, "guidance_scale": 3.0}
     expected = family.build_pipeline(transformer)(
