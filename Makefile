@@ -40,7 +40,7 @@ PYTEST_RUN = status=$$?; if [ $$status -eq 5 ]; then echo "pytest collected no t
 
 # Everything (CI): lint, then every test, with the slowest listed.
 test: lint
-	@HF_HUB_OFFLINE=1 $(BIN)/pytest --durations=15; $(PYTEST_RUN)
+	@HF_HUB_OFFLINE=1 $(BIN)/pytest --durations=25; $(PYTEST_RUN)
 
 # The inner loop: the tests that start no Ray and run no end-to-end pipeline (see the markers in
 # pyproject.toml); no lint.
