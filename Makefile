@@ -13,6 +13,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install -c constraints.txt -e '.[dev,deepspeed,wandb,quantization]'
+	@# optimum-quanto compiles its CPU kernels (int2/int4 unpacking) into the environment the first
+	@# time a run needs them (~35 s on 2 cores); build them here, as a cluster image build would.
+	$(BIN)/python -c "from optimum.quanto.library.extensions import get_extension; get_extension('quanto_cpp').lib" \
+		|| echo "optimum-quanto's CPU kernels did not build here (no C++ compiler?): int2/int4 quanto on a CPU worker will try again"
 	touch $(STAMP)
 
 install: $(STAMP)
