@@ -128,3 +128,31 @@ def sort_key(
         # The table promises a field or an alias mapping the caller handles; reaching here is a bug.
         raise AssertionError(f"{scope} key '{key}' is {row.status} in the compatibility table but unhandled")
     return key in fields
+
+
+def sort_block_keys(
+    block: str,
+    value: dict[str, Any],
+    *,
+    fields: frozenset[str],
+    where: str,
+    place: str,
+    strict: bool,
+    findings: KeyFindings,
+) -> dict[str, Any]:
+    """The keys of a dataset entry's nested ``block`` object that are its fields; every other key is
+    classified (and reported) by the compatibility table as ``<block>.<key>``."""
+    return {
+        key: item
+        for key, item in value.items()
+        if sort_key(
+            f"{block}.{key}",
+            item,
+            scope="dataset",
+            where=where,
+            place=place,
+            fields=fields,
+            strict=strict,
+            findings=findings,
+        )
+    }

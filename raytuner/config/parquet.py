@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from raytuner.config.fields import problem
-from raytuner.config.keys import KeyFindings, sort_key
+from raytuner.config.keys import KeyFindings, sort_block_keys
 
 PARQUET_BLOCK = "parquet"
 # The table file formats read, by file name ending; anything else is read as Parquet, as in SimpleTuner.
@@ -59,20 +59,9 @@ def parse_parquet_block(
             problem(label, PARQUET_BLOCK, value, 'an object like {"path": "captions.parquet"}')
         )
         return None
-    kept: dict[str, Any] = {}
-    for key, item in value.items():
-        name = f"{PARQUET_BLOCK}.{key}"
-        if sort_key(
-            name,
-            item,
-            scope="dataset",
-            where=where,
-            place=place,
-            fields=PARQUET_KEYS,
-            strict=strict,
-            findings=findings,
-        ):
-            kept[key] = item
+    kept = sort_block_keys(
+        PARQUET_BLOCK, value, fields=PARQUET_KEYS, where=where, place=place, strict=strict, findings=findings
+    )
     before = len(findings.problems)
     path = kept.get("path")
     if not isinstance(path, str) or not path.strip():

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from raytuner.config.fields import problem
-from raytuner.config.keys import KeyFindings, sort_key
+from raytuner.config.keys import KeyFindings, sort_block_keys
 
 CROP_BUCKETS_KEY = "crop_aspect_buckets"
 CAPTION_SHUFFLE_BLOCK = "caption_shuffle"
@@ -133,20 +133,15 @@ def parse_caption_shuffle(
             )
         )
         return None
-    kept: dict[str, Any] = {}
-    for key, item in value.items():
-        name = f"{CAPTION_SHUFFLE_BLOCK}.{key}"
-        if sort_key(
-            name,
-            item,
-            scope="dataset",
-            where=where,
-            place=place,
-            fields=CAPTION_SHUFFLE_KEYS,
-            strict=strict,
-            findings=findings,
-        ):
-            kept[key] = item
+    kept = sort_block_keys(
+        CAPTION_SHUFFLE_BLOCK,
+        value,
+        fields=CAPTION_SHUFFLE_KEYS,
+        where=where,
+        place=place,
+        strict=strict,
+        findings=findings,
+    )
     before = len(findings.problems)
     for key in ("enable", "include_original"):
         if key in kept and not isinstance(kept[key], bool):
